@@ -1,0 +1,93 @@
+"""The ``dedupe-consumer`` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from dedupe_consumer import __version__
+from dedupe_consumer.errors import ConfigError, DedupeError
+
+app = typer.Typer(
+    help="Exactly-once effects for Kafka consumers: dedupe by event ID, commit after persist.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dedupe-consumer {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """Exactly-once effects for Kafka consumers."""
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML settings file.")],
+    handler: Annotated[str, typer.Option(help="Handler class, 'package.module:ClassName'.")],
+) -> None:
+    """Consume the configured topics and call HANDLER once per unseen event ID.
+
+    SIGTERM or SIGINT finishes the current event, persists, commits and exits 0.
+    """
+    from dedupe_consumer._loading import load_handler_class
+    from dedupe_consumer.config import Settings
+    from dedupe_consumer.consumer import DedupeConsumer
+    from dedupe_consumer.observability import configure_logging
+
+    try:
+        settings = Settings.from_toml(config)
+        handler_cls = load_handler_class(handler)
+        configure_logging(settings.observability.log_level, settings.observability.log_format)
+        DedupeConsumer(handler_cls(), settings).run()
+    except ConfigError as exc:
+        err.print(f"[bold red]configuration error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except DedupeError as exc:
+        err.print(f"[bold red]stopped:[/] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(min=1, help="How many events to produce.")] = 20_000,
+    duplicates: Annotated[
+        float, typer.Option(min=0.0, max=0.95, help="Share of events that repeat an ID.")
+    ] = 0.1,
+) -> None:
+    """Offline demo on librdkafka's embedded mock cluster: no broker needed."""
+    from dedupe_consumer.demo import run_demo
+
+    ok = run_demo(events=events, duplicates=duplicates)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def broker() -> None:
+    """Start a local single-node Kafka (KRaft, jars from Maven) until Ctrl-C."""
+    from dedupe_consumer.testing.cli_broker import run_broker_foreground
+
+    run_broker_foreground()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        sys.exit(130)

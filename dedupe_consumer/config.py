@@ -1,0 +1,251 @@
+"""Settings: a TOML file, overridden by ``DEDUPE_*`` environment variables.
+
+``Settings.from_toml(path)`` is the one way in. Every section forbids unknown
+keys, because a misspelt key that is silently ignored is how a consumer ends up
+with a 1-day retention nobody asked for. Errors are collected into a single
+:class:`~dedupe_consumer.errors.ConfigError` that names each key, the bad value
+and what is accepted.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from contextvars import ContextVar
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.functional_validators import BeforeValidator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
+from dedupe_consumer._durations import parse_duration
+from dedupe_consumer.errors import ConfigError
+from dedupe_consumer.ids import ID_SOURCE_FORMS, parse_id_source
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+LibrdkafkaValue = str | int | float | bool
+
+_toml_file: ContextVar[Path | None] = ContextVar("dedupe_toml_file", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field(description="host:port[,host:port...]")
+    group_id: str = Field(min_length=1, description="the consumer group id")
+    topics: list[str] = Field(min_length=1, description="a non-empty list of topic names")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="'earliest' or 'latest' (where a group with no commit starts)"
+    )
+    consumer: dict[str, LibrdkafkaValue] = Field(
+        default_factory=dict, description="extra librdkafka consumer properties"
+    )
+    producer: dict[str, LibrdkafkaValue] = Field(
+        default_factory=dict, description="extra librdkafka properties for the dead-letter producer"
+    )
+
+    @field_validator("consumer")
+    @classmethod
+    def _owned_properties(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
+        owned = {"enable.auto.commit", "enable.auto.offset.store", "group.id", "bootstrap.servers"}
+        clash = sorted(owned & value.keys())
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} cannot be set here: dedupe_consumer owns offset commits "
+                "(commit after persist) and takes group.id/bootstrap.servers from [kafka]"
+            )
+        return value
+
+
+class DedupeSettings(_Section):
+    id_source: str = Field("header:event-id", description=f"one of {ID_SOURCE_FORMS}")
+    on_missing_id: Literal["dead-letter", "fail", "hash"] = Field(
+        "dead-letter", description="'dead-letter', 'fail' or 'hash'"
+    )
+    on_conflict: Literal["skip", "dead-letter"] = Field(
+        "skip", description="'skip' or 'dead-letter' (same ID, different payload)"
+    )
+    retention: Duration = Field(
+        timedelta(days=7), description=f"how long an ID is remembered: {DURATION_FORMS}"
+    )
+
+    @field_validator("id_source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        parse_id_source(value)
+        return value
+
+    @field_validator("retention")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError(f"must be longer than zero: {DURATION_FORMS}")
+        return value
+
+
+class StoreSettings(_Section):
+    path: Path = Field(Path("./state"), description="a directory for the RocksDB store")
+    block_cache_mb: int = Field(64, ge=1, le=65536, description="an integer 1..65536 (MiB)")
+    sweep_keys: int = Field(
+        2000,
+        ge=1,
+        description="records the retention sweep examines per idle poll (an integer >= 1)",
+    )
+
+
+class ProcessingSettings(_Section):
+    batch_size: int = Field(500, ge=1, le=100_000, description="an integer 1..100000")
+    poll_timeout: Duration = Field(timedelta(seconds=1), description=DURATION_FORMS)
+    max_retries: int = Field(3, ge=0, le=100, description="an integer 0..100")
+    retry_backoff: Duration = Field(timedelta(milliseconds=200), description=DURATION_FORMS)
+    retry_backoff_max: Duration = Field(timedelta(seconds=10), description=DURATION_FORMS)
+    dead_letter_topic: str = Field(min_length=1, description="a topic name for dead letters")
+
+
+class ObservabilitySettings(_Section):
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="'debug', 'info', 'warning' or 'error'"
+    )
+    log_format: Literal["console", "json"] = Field("console", description="'console' or 'json'")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="a TCP port for /metrics on 127.0.0.1, or unset"
+    )
+
+
+class Settings(BaseSettings):
+    """All settings of one consumer. Build it with :meth:`from_toml` or keyword arguments."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DEDUPE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        nested_model_default_partial_update=True,
+    )
+
+    kafka: KafkaSettings
+    dedupe: DedupeSettings = Field(default_factory=DedupeSettings)  # type: ignore[arg-type]
+    store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
+    processing: ProcessingSettings
+    observability: ObservabilitySettings = Field(
+        default_factory=ObservabilitySettings  # type: ignore[arg-type]
+    )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Settings:
+        if self.processing.retry_backoff > self.processing.retry_backoff_max:
+            raise ValueError(
+                "processing.retry_backoff must not exceed processing.retry_backoff_max"
+            )
+        if self.processing.dead_letter_topic in self.kafka.topics:
+            raise ValueError(
+                "processing.dead_letter_topic must differ from every kafka.topics entry, "
+                "or dead letters would be consumed again"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _toml_file.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> Settings:
+        """Load ``path``, apply ``DEDUPE_*`` env overrides, then keyword ``overrides``.
+
+        Raises :class:`ConfigError` with one line per problem.
+        """
+        toml_path = Path(path)
+        if not toml_path.is_file():
+            raise ConfigError(f"config file {str(toml_path)!r} does not exist or is not a file")
+        try:
+            with toml_path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{toml_path}: not valid TOML: {exc}") from exc
+        token = _toml_file.set(toml_path)
+        try:
+            return cls.load(where=str(toml_path), **overrides)
+        finally:
+            _toml_file.reset(token)
+
+    @classmethod
+    def load(cls, *, where: str = "settings", **values: Any) -> Settings:
+        """Build from keyword values plus env, turning validation errors into ConfigError."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(explain(exc, where)) from None
+
+
+def _field_help(loc: tuple[int | str, ...]) -> str | None:
+    model: type[BaseModel] = Settings
+    info = None
+    for part in loc:
+        fields = model.model_fields
+        if not isinstance(part, str) or part not in fields:
+            return None
+        info = fields[part]
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return info.description if info is not None else None
+
+
+def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        info = model.model_fields.get(str(part))
+        if info is None or not (
+            isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+        ):
+            return []
+        model = info.annotation
+    return sorted(model.model_fields)
+
+
+def explain(exc: ValidationError, where: str) -> str:
+    """One line per error: key, bad value, what is accepted."""
+    lines = [f"invalid configuration in {where} (DEDUPE_* environment variables included):"]
+    for error in exc.errors():
+        loc = tuple(p for p in error["loc"] if p not in ("function-after",))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        kind = error["type"]
+        value = error.get("input")
+        if kind == "extra_forbidden":
+            accepted = ", ".join(_section_keys(loc)) or "none"
+            lines.append(
+                f"  - {key}: unknown key (value {value!r}); accepted keys here: {accepted}"
+            )
+            continue
+        if kind == "missing":
+            help_text = _field_help(loc)
+            hint = f": set it to {help_text}" if help_text else ""
+            lines.append(f"  - {key}: required but missing{hint}")
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
+        help_text = _field_help(loc)
+        own_words = kind == "value_error"  # our validators already say what is accepted
+        accepted = f" (accepted: {help_text})" if help_text and not own_words else ""
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"  - {key}{shown}: {message}{accepted}")
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""``DedupeConsumer``: the loop that drives the engine from a source.
+
+poll → ``Engine.process`` (decide, persist) → commit → repeat. The loop holds
+the offsets that are durable but not yet committed; a failed commit is logged
+and retried with the next batch, never fatal: the watermark in the store
+already covers those offsets (invariant 2), so a restart skips them anyway.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
+from typing import Protocol
+
+import structlog
+from confluent_kafka import KafkaException
+
+from dedupe_consumer._faults import fault_point
+from dedupe_consumer.config import Settings
+from dedupe_consumer.dead_letters import DeadLetterSink
+from dedupe_consumer.engine import BatchResult, Engine
+from dedupe_consumer.handler import Handler
+from dedupe_consumer.models import BatchStats, SourceMessage, TopicPartition
+from dedupe_consumer.observability import Metrics
+from dedupe_consumer.store import ProcessedStore, RocksStore
+
+log = structlog.get_logger("dedupe_consumer")
+
+
+class Source(Protocol):
+    """Where batches come from: the Kafka consumer, or a recording."""
+
+    def poll(self, max_messages: int, timeout_s: float) -> Sequence[SourceMessage]: ...
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Listener(Protocol):
+    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]: ...
+    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]: ...
+    def on_lost(self, tps: Sequence[TopicPartition]) -> None: ...
+
+
+SourceFactory = Callable[[_Listener], Source]
+
+
+class DedupeConsumer:
+    """Runs ``handler`` once per unseen event ID of ``settings.kafka.topics``.
+
+    ``source``, ``dead_letters`` and ``store`` default to Kafka, a Kafka
+    dead-letter topic and RocksDB at ``store.path``; the replay harness passes
+    its own, and the engine and this loop stay the same.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        settings: Settings,
+        *,
+        source: SourceFactory | None = None,
+        dead_letters: DeadLetterSink | None = None,
+        store: ProcessedStore | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._source_factory = source
+        self._dead_letters = dead_letters
+        self._store = store
+        self._pending: dict[TopicPartition, int] = {}
+        self._engine: Engine | None = None
+        self._stop = threading.Event()
+        self.totals = BatchStats()
+
+    # -- assignment listener ---------------------------------------------------------------
+
+    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]:
+        assert self._engine is not None
+        return self._engine.assign(tps)
+
+    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
+        assert self._engine is not None
+        self._engine.release(tps)
+        return {tp: self._pending.pop(tp) for tp in tps if tp in self._pending}
+
+    def on_lost(self, tps: Sequence[TopicPartition]) -> None:
+        assert self._engine is not None
+        self._engine.release(tps)
+        for tp in tps:
+            self._pending.pop(tp, None)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the event in hand, persist and commit what is decided, then return."""
+        self._stop.set()
+        if self._engine is not None:
+            self._engine.request_stop()
+
+    def run(
+        self,
+        *,
+        until: Callable[[BatchStats], bool] | None = None,
+        on_batch: Callable[[BatchResult], None] | None = None,
+        install_signal_handlers: bool = True,
+    ) -> BatchStats:
+        """Consume until stopped (SIGTERM/SIGINT, :meth:`stop`, or ``until(totals)``)."""
+        settings = self.settings
+        store = self._store or RocksStore(
+            settings.store.path,
+            retention_ms=int(settings.dedupe.retention.total_seconds() * 1000),
+            block_cache_mb=settings.store.block_cache_mb,
+        )
+        dead_letters = self._dead_letters
+        owned_dead_letters = None
+        if dead_letters is None:
+            from dedupe_consumer.kafka import KafkaDeadLetters
+
+            dead_letters = owned_dead_letters = KafkaDeadLetters(settings)
+        engine = self._engine = Engine(
+            self.handler, settings, store, dead_letters, metrics=self.metrics
+        )
+        if self._stop.is_set():
+            engine.request_stop()
+        restore = self._install_signals() if install_signal_handlers else None
+        if settings.observability.metrics_port is not None:
+            self.metrics.serve(settings.observability.metrics_port)
+        self.handler.setup()
+        source: Source | None = None
+        try:
+            source = self._open_source()
+            batch_size = settings.processing.batch_size
+            timeout_s = settings.processing.poll_timeout.total_seconds()
+            while not engine.stopping:
+                messages = source.poll(batch_size, timeout_s)
+                if not messages:
+                    engine.idle()
+                    self._commit(source)  # retry a commit that failed earlier
+                    if until is not None and until(self.totals):
+                        break
+                    continue
+                result = engine.process(messages)
+                self._pending.update(result.commits)
+                self._commit(source)
+                fault_point("after_commit")
+                self.totals.merge(result.stats)
+                if on_batch is not None:
+                    on_batch(result)
+                if result.error is not None:
+                    raise result.error
+                if until is not None and until(self.totals):
+                    break
+        finally:
+            if source is not None:
+                self._commit(source)
+                source.close()
+            store.close() if self._store is None else None
+            if owned_dead_letters is not None:
+                owned_dead_letters.close()
+            self.handler.teardown()
+            if restore is not None:
+                restore()
+            log.info(
+                "stopped",
+                consumed=self.totals.consumed,
+                handled=self.totals.handled,
+                duplicates=self.totals.duplicates,
+                replays=self.totals.replays,
+                dead_lettered=self.totals.dead_lettered,
+                conflicts=self.totals.conflicts,
+            )
+        return self.totals
+
+    def _open_source(self) -> Source:
+        if self._source_factory is not None:
+            return self._source_factory(self)
+        from dedupe_consumer.kafka import KafkaSource
+
+        return KafkaSource(self.settings, self, metrics=self.metrics)
+
+    def _commit(self, source: Source) -> None:
+        if not self._pending:
+            return
+        offsets = dict(self._pending)
+        for attempt in range(3):
+            try:
+                source.commit(offsets)
+            except KafkaException as exc:
+                self.metrics.commit_failures.inc()
+                log.warning(
+                    "commit_failed",
+                    error=str(exc),
+                    attempt=attempt + 1,
+                    note="offsets stay covered by the durable watermark",
+                )
+                time.sleep(0.1 * (attempt + 1))
+                continue
+            for tp, offset in offsets.items():
+                if self._pending.get(tp) == offset:
+                    del self._pending[tp]
+            return
+
+    def _install_signals(self) -> Callable[[], None] | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("stop_requested", signal=signal.Signals(signum).name)
+            self.stop()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+        return restore

@@ -1,0 +1,76 @@
+"""Dead letters: what did not become an effect, and why, kept outside the stream.
+
+A dead letter carries the original key, value and headers unchanged plus
+``dlq.*`` headers that say where it came from and why it was set aside, so it
+can be inspected or re-driven later without consulting any other system.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from dedupe_consumer.models import SourceMessage, header_pairs
+
+REASONS = (
+    "missing-id",
+    "invalid-payload",
+    "permanent-error",
+    "retries-exhausted",
+    "conflicting-duplicate",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason: str
+    event_id: str | None
+    error_class: str
+    error_message: str
+    attempts: int
+
+
+def dead_letter_headers(
+    message: SourceMessage, letter: DeadLetter
+) -> list[tuple[str, str | bytes | None]]:
+    """The original headers followed by the ``dlq.*`` headers."""
+    kind, ts = message.timestamp()
+    extra = {
+        "dlq.reason": letter.reason,
+        "dlq.original.topic": message.topic() or "",
+        "dlq.original.partition": str(message.partition()),
+        "dlq.original.offset": str(message.offset()),
+        "dlq.original.timestamp": str(ts if kind else -1),
+        "dlq.event.id": letter.event_id or "",
+        "dlq.error.class": letter.error_class,
+        "dlq.error.message": letter.error_message[:2000],
+        "dlq.attempts": str(letter.attempts),
+    }
+    return [*header_pairs(message), *((k, v.encode()) for k, v in extra.items())]
+
+
+class DeadLetterSink(Protocol):
+    def send(self, message: SourceMessage, letter: DeadLetter) -> None:
+        """Queue a dead letter; it need not be durable until :meth:`flush` returns."""
+
+    def flush(self) -> None:
+        """Block until every queued dead letter is durable, or raise DeadLetterError."""
+
+
+@dataclass(slots=True)
+class KeptDeadLetter:
+    message: SourceMessage
+    letter: DeadLetter
+
+
+class MemoryDeadLetters:
+    """Keeps dead letters in a list: the sink of replays, where no Kafka is involved."""
+
+    def __init__(self) -> None:
+        self.letters: list[KeptDeadLetter] = []
+
+    def send(self, message: SourceMessage, letter: DeadLetter) -> None:
+        self.letters.append(KeptDeadLetter(message, letter))
+
+    def flush(self) -> None:
+        return None

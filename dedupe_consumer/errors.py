@@ -1,0 +1,44 @@
+"""Every error the library raises on purpose.
+
+They live in one module so users can ``except dedupe_consumer.DedupeError`` and
+so that the handler-facing ones (:class:`RetryableError`, :class:`PermanentError`)
+are importable without pulling in Kafka or RocksDB.
+"""
+
+from __future__ import annotations
+
+
+class DedupeError(Exception):
+    """Base class of every error dedupe_consumer raises itself."""
+
+
+class ConfigError(DedupeError):
+    """Settings are unusable; raised at start-up, before anything is consumed."""
+
+
+class StoreError(DedupeError):
+    """The processed-ID store cannot be opened or written."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store: two writers would corrupt the dedupe state."""
+
+
+class DeadLetterError(DedupeError):
+    """A dead-letter record could not be made durable, so the batch must not be persisted."""
+
+
+class MissingEventIdError(DedupeError):
+    """An event has no usable ID and ``on_missing_id = "fail"`` asks us to stop."""
+
+
+class HandlerError(DedupeError):
+    """Base of the exceptions a handler raises to steer retries."""
+
+
+class RetryableError(HandlerError):
+    """A transient failure: the engine retries the event with backoff."""
+
+
+class PermanentError(HandlerError):
+    """The event can never succeed: it goes straight to the dead-letter topic."""

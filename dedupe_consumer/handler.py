@@ -1,0 +1,45 @@
+"""The user's side of the contract: subclass :class:`Handler`, implement ``handle``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+from dedupe_consumer.errors import PermanentError, RetryableError
+from dedupe_consumer.models import Event
+
+__all__ = ["Handler", "PermanentError", "RetryableError"]
+
+
+class Handler:
+    """Called once per unseen event ID, in partition order.
+
+    ``handle`` returning normally means the effect happened. Raise
+    :class:`RetryableError` for a transient failure (retried with backoff, as is
+    any unexpected exception) and :class:`PermanentError` when retrying cannot
+    help (the event goes to the dead-letter topic). Use ``event.id`` as the
+    idempotency key of any external call: it closes the one window plain mode
+    leaves open (a crash between your effect and the store write).
+    """
+
+    payload_model: ClassVar[type[BaseModel] | None] = None
+    """If set, each value is parsed into this model first; a value that does not
+    validate is dead-lettered with reason ``invalid-payload`` and never retried."""
+
+    def setup(self) -> None:
+        """Called once before the first event (open connections here, not in ``__init__``)."""
+
+    def handle(self, event: Event) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement handle(event)")
+
+    def teardown(self) -> None:
+        """Called once after the last batch was persisted and committed."""
+
+    def parse(self, value: bytes | None) -> Any:
+        """Parse the raw value into ``payload_model``; a ValueError marks it invalid."""
+        if self.payload_model is None:
+            return None
+        if value is None:
+            raise ValueError("value is absent but the handler declares a payload_model")
+        return self.payload_model.model_validate_json(value)

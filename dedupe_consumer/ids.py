@@ -1,0 +1,113 @@
+"""Event-ID extraction: where an event's identity comes from.
+
+The ID is what "at most once" is counted against, so a strategy must never
+invent one silently: when the configured place holds nothing usable it raises
+:class:`MissingId`, and the engine applies ``on_missing_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dedupe_consumer.models import SourceMessage, as_bytes, header_pairs
+
+ID_SOURCE_FORMS = "'header:<name>', 'key', 'json:/json/pointer' or 'hash'"
+MAX_ID_BYTES = 512
+"""IDs are RocksDB keys; an absurdly long one is almost always a wrong id_source."""
+
+
+class MissingId(Exception):
+    """The message has no usable event ID; ``str(exc)`` says why."""
+
+
+IdExtractor = Callable[[SourceMessage], str]
+
+
+def parse_id_source(spec: str) -> IdExtractor:
+    """Turn an ``id_source`` setting into an extractor; ``ValueError`` names the accepted forms."""
+    if spec == "key":
+        return key_id
+    if spec == "hash":
+        return hash_id
+    if spec.startswith("header:") and len(spec) > len("header:"):
+        return HeaderId(spec.removeprefix("header:"))
+    if spec.startswith("json:"):
+        return JsonPointerId(parse_json_pointer(spec.removeprefix("json:")))
+    raise ValueError(f"unknown id_source {spec!r}: use {ID_SOURCE_FORMS}")
+
+
+def _checked(raw: bytes | str | None, where: str) -> str:
+    if raw is None:
+        raise MissingId(f"{where} is absent")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode()
+        except UnicodeDecodeError as exc:
+            raise MissingId(f"{where} is not UTF-8") from exc
+    if not raw:
+        raise MissingId(f"{where} is empty")
+    if len(raw) > MAX_ID_BYTES:
+        raise MissingId(f"{where} is longer than {MAX_ID_BYTES} characters")
+    return raw
+
+
+def key_id(message: SourceMessage) -> str:
+    return _checked(message.key(), "message key")
+
+
+def hash_id(message: SourceMessage) -> str:
+    """sha256 of the raw value: identical payloads are the same event."""
+    value = as_bytes(message.value())
+    if value is None:
+        raise MissingId("message value is absent, nothing to hash")
+    return hashlib.sha256(value).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderId:
+    name: str
+
+    def __call__(self, message: SourceMessage) -> str:
+        found: bytes | None = None
+        present = False
+        for key, value in header_pairs(message):
+            if key == self.name:
+                found, present = value, True
+        return _checked(found if present else None, f"header {self.name!r}")
+
+
+def parse_json_pointer(pointer: str) -> tuple[str, ...]:
+    """RFC 6901: ``/a/b~1c`` is ``("a", "b/c")``."""
+    if not pointer.startswith("/"):
+        raise ValueError(
+            f"bad JSON pointer {pointer!r}: it must start with '/', e.g. 'json:/payment/id'"
+        )
+    return tuple(p.replace("~1", "/").replace("~0", "~") for p in pointer[1:].split("/"))
+
+
+@dataclass(frozen=True, slots=True)
+class JsonPointerId:
+    path: tuple[str, ...]
+
+    def __call__(self, message: SourceMessage) -> str:
+        where = "json:/" + "/".join(self.path)
+        value = message.value()
+        if value is None:
+            raise MissingId(f"{where}: message value is absent")
+        try:
+            node: object = json.loads(value)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MissingId(f"{where}: value is not JSON ({exc})") from exc
+        for part in self.path:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise MissingId(f"{where} is absent")
+        if isinstance(node, bool) or not isinstance(node, str | int):
+            raise MissingId(f"{where} is a {type(node).__name__}, not a string or integer")
+        return _checked(str(node), where)

@@ -1,0 +1,136 @@
+"""The data that flows through the engine: source messages, events, decisions.
+
+``SourceMessage`` is a structural protocol that a confluent-kafka ``Message``
+already satisfies, so the Kafka source hands its messages to the engine without
+copying them; the replay source implements the same seven methods. Only events
+that reach the handler are turned into an :class:`Event`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, Protocol
+
+RawHeaders = (
+    dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]] | None
+)
+"""Headers as confluent-kafka types them (at run time always a list of pairs)."""
+
+
+class TopicPartition(NamedTuple):
+    """A source partition: the unit of ordering, of the watermark and of dedupe scope."""
+
+    topic: str
+    partition: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]"
+
+
+class SourceMessage(Protocol):
+    """What the engine reads from a message (the confluent-kafka ``Message`` shape)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | str | None: ...
+    def value(self) -> bytes | str | None: ...
+    def headers(self) -> RawHeaders: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+class Decision(enum.StrEnum):
+    """How one consumed offset ended. Every offset ends as exactly one of these."""
+
+    HANDLED = "handled"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    """A duplicate ID whose payload digest differs from the first one seen."""
+    REPLAY = "replay"
+    """An offset at or below the partition's durable watermark: already decided."""
+    DEAD_LETTERED = "dead_lettered"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One unseen event, as the handler sees it."""
+
+    id: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+    timestamp: datetime | None
+    payload: Any = None
+    """The value parsed into the handler's ``payload_model``, or ``None`` without one."""
+    attempt: int = 1
+    """1 on the first call, 2 on the first retry, and so on."""
+
+    def header(self, name: str) -> bytes | None:
+        """The last header called ``name`` (Kafka allows repeats; the last one wins)."""
+        for key, value in reversed(self.headers):
+            if key == name:
+                return value
+        return None
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Counts of decisions; the sum of the decision counts equals ``consumed``."""
+
+    consumed: int = 0
+    handled: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    replays: int = 0
+    dead_lettered: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    def add(self, decision: Decision) -> None:
+        self.consumed += 1
+        if decision is Decision.HANDLED:
+            self.handled += 1
+        elif decision is Decision.DUPLICATE:
+            self.duplicates += 1
+        elif decision is Decision.CONFLICT:
+            self.conflicts += 1
+        elif decision is Decision.REPLAY:
+            self.replays += 1
+        else:
+            self.dead_lettered += 1
+
+    def merge(self, other: BatchStats) -> None:
+        self.consumed += other.consumed
+        self.handled += other.handled
+        self.duplicates += other.duplicates
+        self.conflicts += other.conflicts
+        self.replays += other.replays
+        self.dead_lettered += other.dead_lettered
+        for reason, count in other.by_reason.items():
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + count
+
+
+def message_timestamp(message: SourceMessage) -> datetime | None:
+    kind, ms = message.timestamp()
+    if kind == 0 or ms < 0:  # TIMESTAMP_NOT_AVAILABLE
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def header_pairs(message: SourceMessage) -> list[tuple[str, bytes | None]]:
+    """Headers as ``(name, bytes)`` pairs, in order, repeats kept."""
+    raw = message.headers()
+    if not raw:
+        return []
+    items = raw.items() if isinstance(raw, dict) else raw
+    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items]
+
+
+def as_bytes(data: bytes | str | None) -> bytes | None:
+    if data is None or isinstance(data, bytes):
+        return data
+    return data.encode()

@@ -1,0 +1,74 @@
+"""Prometheus metrics of one consumer.
+
+Labels are bounded: topic, partition, decision, reason. Never an event ID
+(one time series per ID would take the monitoring system down first).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from dedupe_consumer.models import BatchStats
+
+
+class Metrics:
+    """All metrics on their own registry, so several consumers can live in one process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "dedupe_events", "Consumed offsets by final decision", ["topic", "decision"], registry=r
+        )
+        self.dead_letters = Counter(
+            "dedupe_dead_letters", "Dead-lettered events by reason", ["topic", "reason"], registry=r
+        )
+        self.handler_retries = Counter(
+            "dedupe_handler_retries",
+            "Handler calls that failed and were retried",
+            ["topic"],
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            "dedupe_commit_failures", "Offset commits that failed (retried next batch)", registry=r
+        )
+        self.batch_seconds = Histogram(
+            "dedupe_batch_seconds", "Time from poll result to durable decision", registry=r
+        )
+        self.persist_seconds = Histogram(
+            "dedupe_persist_seconds",
+            "Synced store write per batch",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.watermark = Gauge(
+            "dedupe_watermark_offset",
+            "Highest offset with a durable decision",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.expired_deleted = Counter(
+            "dedupe_expired_records_deleted", "Records removed by the retention sweep", registry=r
+        )
+        self.poll_interval_exceeded = Counter(
+            "dedupe_max_poll_interval_exceeded",
+            "Batches that outlived max.poll.interval.ms (the group membership was lost)",
+            registry=r,
+        )
+
+    def record(self, topic: str, stats: BatchStats) -> None:
+        for decision, count in (
+            ("handled", stats.handled),
+            ("duplicate", stats.duplicates),
+            ("conflict", stats.conflicts),
+            ("replay", stats.replays),
+            ("dead_lettered", stats.dead_lettered),
+        ):
+            if count:
+                self.events.labels(topic, decision).inc(count)
+        for reason, count in stats.by_reason.items():
+            self.dead_letters.labels(topic, reason).inc(count)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Expose /metrics on ``host:port`` (loopback by default)."""
+        start_http_server(port, addr=host, registry=self.registry)

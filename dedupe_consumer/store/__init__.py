@@ -1,0 +1,6 @@
+"""The processed-ID store: what has been decided, per partition, durably."""
+
+from dedupe_consumer.store.base import ProcessedStore, Status, StoredDecision, Verdicts
+from dedupe_consumer.store.rocks import RocksStore
+
+__all__ = ["ProcessedStore", "RocksStore", "Status", "StoredDecision", "Verdicts"]
