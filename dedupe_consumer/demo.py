@@ -51,7 +51,9 @@ def _produce(producer: Producer, events: int, duplicates: float, seed: int) -> s
             ids.append(event_id)
         body = {"id": event_id, "amount_cents": 100 + (hash(event_id) % 9900), "currency": "EUR"}
         producer.produce(
-            TOPIC, key=event_id.encode(), value=json.dumps(body, sort_keys=True).encode(),
+            TOPIC,
+            key=event_id.encode(),
+            value=json.dumps(body, sort_keys=True).encode(),
             headers=[("event-id", event_id.encode())],
         )
         if n % 10_000 == 0:
@@ -74,19 +76,31 @@ def run_demo(events: int = 20_000, duplicates: float = 0.1, seed: int = 7) -> bo
 
     with tempfile.TemporaryDirectory(prefix="dedupe-demo-") as tmp:
         settings = Settings.load(
-            kafka={"bootstrap_servers": bootstrap, "group_id": "demo", "topics": [TOPIC],
-                   "consumer": {"log_level": 3}, "producer": {"log_level": 3}},
+            kafka={
+                "bootstrap_servers": bootstrap,
+                "group_id": "demo",
+                "topics": [TOPIC],
+                "consumer": {"log_level": 3},
+                "producer": {"log_level": 3},
+            },
             store={"path": str(Path(tmp) / "state")},
-            processing={"dead_letter_topic": f"{TOPIC}.dlq", "batch_size": 1000,
-                        "poll_timeout": "200ms"},
+            processing={
+                "dead_letter_topic": f"{TOPIC}.dlq",
+                "batch_size": 1000,
+                "poll_timeout": "200ms",
+            },
         )
         handler = CountingHandler()
         consumer = DedupeConsumer(handler, settings)
         started = time.monotonic()
         deadline = started + 120
         with Progress(
-            TextColumn("consuming"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=out, transient=True,
+            TextColumn("consuming"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=out,
+            transient=True,
         ) as bar:
             task = bar.add_task("consume", total=events)
 
@@ -101,12 +115,23 @@ def run_demo(events: int = 20_000, duplicates: float = 0.1, seed: int = 7) -> bo
 
     twice = sum(1 for c in handler.calls.values() if c > 1)
     table = Table(title="dedupe_consumer demo")
-    for column in ("consumed", "handled", "duplicates", "dead-lettered", "unique IDs", "seconds",
-                   "events/s"):
+    for column in (
+        "consumed",
+        "handled",
+        "duplicates",
+        "dead-lettered",
+        "unique IDs",
+        "seconds",
+        "events/s",
+    ):
         table.add_column(column, justify="right")
     table.add_row(
-        f"{totals.consumed:,}", f"{totals.handled:,}", f"{totals.duplicates:,}",
-        f"{totals.dead_lettered:,}", f"{len(unique):,}", f"{seconds:.2f}",
+        f"{totals.consumed:,}",
+        f"{totals.handled:,}",
+        f"{totals.duplicates:,}",
+        f"{totals.dead_lettered:,}",
+        f"{len(unique):,}",
+        f"{seconds:.2f}",
         f"{totals.consumed / seconds:,.0f}",
     )
     out.print(table)
@@ -114,6 +139,8 @@ def run_demo(events: int = 20_000, duplicates: float = 0.1, seed: int = 7) -> bo
     if ok:
         out.print("[bold green]OK[/]: every unique event ID was handled exactly once")
     else:
-        out.print(f"[bold red]FAILED[/]: handled {totals.handled} of {len(unique)} unique IDs; "
-                  f"{twice} IDs handled more than once")
+        out.print(
+            f"[bold red]FAILED[/]: handled {totals.handled} of {len(unique)} unique IDs; "
+            f"{twice} IDs handled more than once"
+        )
     return ok

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
-RawHeaders = (
-    dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]] | None
-)
+RawHeaders = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]] | None
 """Headers as confluent-kafka types them (at run time always a list of pairs)."""
 
 

@@ -1,0 +1,56 @@
+"""Feed a list of records to the consumer loop as Kafka would, restarts included.
+
+The source behaves like a consumer that was assigned every partition of the
+recording: it resumes each partition where the listener says, hands out
+batches in offset order, and can redeliver each batch once more, as a consumer
+restarted between persist and commit would see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.replay.records import Record
+
+
+class _Listener(Protocol):
+    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]: ...
+
+
+class ReplaySource:
+    def __init__(
+        self, records: Sequence[Record], listener: _Listener, *, redeliver_batches: bool = False
+    ) -> None:
+        self.redeliver_batches = redeliver_batches
+        self.committed: dict[TopicPartition, int] = {}
+        tps = list(dict.fromkeys(TopicPartition(r.topic_, r.partition_) for r in records))
+        resume = listener.on_assigned(tps)
+        self._records = [
+            r
+            for r in records
+            if r.offset_ >= (resume.get(TopicPartition(r.topic_, r.partition_)) or 0)
+        ]
+        self._position = 0
+        self._again: list[Record] | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        return self._position >= len(self._records) and self._again is None
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[Record]:
+        if self._again is not None:
+            batch, self._again = self._again, None
+            return batch
+        batch = self._records[self._position : self._position + max_messages]
+        self._position += len(batch)
+        if self.redeliver_batches and batch:
+            self._again = batch
+        return batch
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        self.committed.update(offsets)
+
+    def close(self) -> None:
+        return None
