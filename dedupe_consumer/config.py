@@ -95,6 +95,11 @@ class DedupeSettings(_Section):
 class StoreSettings(_Section):
     path: Path = Field(Path("./state"), description="a directory for the RocksDB store")
     block_cache_mb: int = Field(64, ge=1, le=65536, description="an integer 1..65536 (MiB)")
+    changelog: bool = Field(
+        True,
+        description="true or false: mirror decisions to a compacted Kafka topic so partition "
+        "state moves with the partition in a consumer group",
+    )
     sweep_keys: int = Field(
         2000,
         ge=1,

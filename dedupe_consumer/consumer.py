@@ -25,7 +25,7 @@ from dedupe_consumer.engine import BatchResult, Engine
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, SourceMessage, TopicPartition
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.store import ProcessedStore, RocksStore
+from dedupe_consumer.store import Changelog, ProcessedStore, RocksStore
 
 log = structlog.get_logger("dedupe_consumer")
 
@@ -121,8 +121,21 @@ class DedupeConsumer:
             from dedupe_consumer.kafka import KafkaDeadLetters
 
             dead_letters = owned_dead_letters = KafkaDeadLetters(settings)
+        changelog = None
+        if self._source_factory is None and settings.store.changelog:
+            changelog = Changelog(
+                settings.kafka.bootstrap_servers,
+                settings.kafka.group_id,
+                settings.dedupe.retention,
+                settings.kafka.producer,
+            )
         engine = self._engine = Engine(
-            self.handler, settings, store, dead_letters, metrics=self.metrics
+            self.handler,
+            settings,
+            store,
+            dead_letters,
+            metrics=self.metrics,
+            changelog=changelog,
         )
         if self._stop.is_set():
             engine.request_stop()
@@ -161,6 +174,8 @@ class DedupeConsumer:
             store.close() if self._store is None else None
             if owned_dead_letters is not None:
                 owned_dead_letters.close()
+            if changelog is not None:
+                changelog.close()
             self.handler.teardown()
             if restore is not None:
                 restore()

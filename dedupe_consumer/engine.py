@@ -35,7 +35,7 @@ from dedupe_consumer.models import (
     message_timestamp,
 )
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.store import ProcessedStore, Status, StoredDecision
+from dedupe_consumer.store import Changelog, ProcessedStore, Status, StoredDecision, Verdicts
 
 log = structlog.get_logger("dedupe_consumer.engine")
 
@@ -71,6 +71,7 @@ class Engine:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        changelog: Changelog | None = None,
     ) -> None:
         self.handler = handler
         self.settings = settings
@@ -78,6 +79,7 @@ class Engine:
         self.dead_letters = dead_letters
         self.metrics = metrics or Metrics()
         self.clock = clock
+        self.changelog = changelog
         self._extract = parse_id_source(settings.dedupe.id_source)
         self._watermarks: dict[TopicPartition, int | None] = {}
         self._stopping = threading.Event()
@@ -88,6 +90,10 @@ class Engine:
     def assign(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Take ownership of partitions; return where each should resume (watermark + 1)."""
         starts: dict[TopicPartition, int | None] = {}
+        if self.changelog is not None and tps:
+            self.changelog.ensure_topics({tp.topic for tp in tps})
+            for tp in tps:  # state travels with the partition: catch up before deciding
+                self.changelog.restore(tp, self.store, self.store.changelog_position(tp))
         for tp in tps:
             wm = self.store.watermark(tp)
             self._watermarks[tp] = wm
@@ -140,7 +146,8 @@ class Engine:
         if watermarks:
             self.dead_letters.flush()  # a dead-lettered decision must not outlive its letter
             persist_started = time.monotonic()
-            self.store.persist(decided, watermarks)
+            positions = self._write_changelog(decided, watermarks)
+            self.store.persist(decided, watermarks, positions)
             self.metrics.persist_seconds.observe(time.monotonic() - persist_started)
             for tp, offset in watermarks.items():
                 self._watermarks[tp] = offset
@@ -157,6 +164,23 @@ class Engine:
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         commits = {tp: offset + 1 for tp, offset in watermarks.items()}
         return BatchResult(stats, commits, error, handled_ids)
+
+    def _write_changelog(
+        self, decided: Verdicts, watermarks: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        """Make the batch durable in the changelog first; return positions safe to record.
+
+        A position only advances when our write directly follows what we already
+        applied; otherwise the next restore simply re-reads (idempotent).
+        """
+        if self.changelog is None:
+            return {}
+        delivered = self.changelog.write(decided, watermarks)
+        return {
+            tp: last + 1
+            for tp, (first, last) in delivered.items()
+            if self.store.changelog_position(tp) in (None, first)
+        }
 
     def idle(self) -> None:
         """Called when a poll returned nothing: let the retention sweep catch up."""

@@ -1,6 +1,15 @@
 """The processed-ID store: what has been decided, per partition, durably."""
 
 from dedupe_consumer.store.base import ProcessedStore, Status, StoredDecision, Verdicts
+from dedupe_consumer.store.changelog import Changelog, changelog_topic
 from dedupe_consumer.store.rocks import RocksStore
 
-__all__ = ["ProcessedStore", "RocksStore", "Status", "StoredDecision", "Verdicts"]
+__all__ = [
+    "Changelog",
+    "ProcessedStore",
+    "RocksStore",
+    "Status",
+    "StoredDecision",
+    "Verdicts",
+    "changelog_topic",
+]

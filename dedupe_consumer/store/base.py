@@ -56,8 +56,16 @@ class ProcessedStore(Protocol):
     ) -> list[StoredDecision | None]:
         """Decisions for ``ids`` (one multi-get); expired ones read as None."""
 
-    def persist(self, decisions: Verdicts, watermarks: Mapping[TopicPartition, int]) -> None:
-        """Write decisions and watermarks atomically with a synced WAL."""
+    def persist(
+        self,
+        decisions: Verdicts,
+        watermarks: Mapping[TopicPartition, int],
+        changelog_positions: Mapping[TopicPartition, int] | None = None,
+    ) -> None:
+        """Write decisions, watermarks and changelog positions atomically with a synced WAL."""
+
+    def changelog_position(self, tp: TopicPartition) -> int | None:
+        """Next changelog offset of ``tp`` not yet applied locally, or None."""
 
     def sweep_expired(self, now_ms: int, budget: int) -> int:
         """Examine at most ``budget`` records, delete the expired ones; return how many."""

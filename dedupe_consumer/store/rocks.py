@@ -43,6 +43,10 @@ def _watermark_key(tp: TopicPartition) -> bytes:
     return b"wm:" + _cf_name(tp).encode()
 
 
+def _changelog_key(tp: TopicPartition) -> bytes:
+    return b"cl:" + _cf_name(tp).encode()
+
+
 class RocksStore:
     """One RocksDB per consumer instance; see the module docstring for the layout."""
 
@@ -135,7 +139,16 @@ class RocksStore:
             out.append(decision if decision.decided_at_ms >= oldest else None)
         return out
 
-    def persist(self, decisions: Verdicts, watermarks: Mapping[TopicPartition, int]) -> None:
+    def changelog_position(self, tp: TopicPartition) -> int | None:
+        raw = self._meta.get(_changelog_key(tp))
+        return None if raw is None else int(_WATERMARK.unpack(raw)[0])
+
+    def persist(
+        self,
+        decisions: Verdicts,
+        watermarks: Mapping[TopicPartition, int],
+        changelog_positions: Mapping[TopicPartition, int] | None = None,
+    ) -> None:
         batch = WriteBatch(raw_mode=True)
         for tp, items in decisions.items():
             handle = self._db.get_column_family_handle(_cf_name(self._ensure(tp)))
@@ -144,6 +157,8 @@ class RocksStore:
         meta = self._db.get_column_family_handle(_META)
         for tp, offset in watermarks.items():
             batch.put(_watermark_key(tp), _WATERMARK.pack(offset), meta)
+        for tp, offset in (changelog_positions or {}).items():
+            batch.put(_changelog_key(tp), _WATERMARK.pack(offset), meta)
         try:
             self._db.write(batch, self._sync)
         except Exception as exc:

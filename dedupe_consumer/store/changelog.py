@@ -1,0 +1,242 @@
+"""The changelog: partition state that travels with the partition.
+
+Each source topic ``T`` of group ``G`` has a compacted topic
+``G.T.dedupe-changelog`` with the same partition count. Before a batch's
+decisions reach the local store they are produced there (key ``d:<event id>``
+= the 25-byte decision, key ``w`` = the watermark) and flushed with acks=all.
+Whichever instance is assigned the partition next restores from it before
+deciding anything, so a producer retry that lands after a rebalance is still
+a duplicate and the new owner resumes at the old owner's watermark even when
+the old owner's last commit failed.
+
+Each changelog partition has one writer at a time (the source partition's
+owner). The changelog also deletes by time (``retention.ms`` = dedupe
+retention + 1 day), so it is bounded like the local store.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+
+import structlog
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+)
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic  # admin re-exports it without __all__
+
+from dedupe_consumer.errors import StoreError
+from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.store.base import ProcessedStore, StoredDecision, Verdicts
+
+log = structlog.get_logger("dedupe_consumer.changelog")
+
+_WATERMARK_KEY = b"w"
+_DECISION_PREFIX = b"d:"
+_OFFSET = struct.Struct(">q")
+
+
+def changelog_topic(group_id: str, topic: str) -> str:
+    return f"{group_id}.{topic}.dedupe-changelog"
+
+
+class Changelog:
+    """Writes each batch's decisions to Kafka and restores a partition's state from it."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        group_id: str,
+        retention: timedelta,
+        producer_config: Mapping[str, str | int | float | bool] | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.group_id = group_id
+        self.retention = retention
+        self.timeout_s = timeout_s
+        conf: dict[str, str | int | float | bool] = {
+            "bootstrap.servers": bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 1,
+        }
+        conf.update(producer_config or {})
+        self._producer = Producer(conf)
+        self._ensured: set[str] = set()
+        self._delivered: dict[TopicPartition, tuple[int, int]] = {}
+        self._errors: list[str] = []
+
+    # -- topics ----------------------------------------------------------------------------
+
+    def ensure_topics(self, topics: Iterable[str]) -> None:
+        """Create missing changelog topics (compacted, time-bounded), one per source topic."""
+        todo = [t for t in topics if changelog_topic(self.group_id, t) not in self._ensured]
+        if not todo:
+            return
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+        metadata = admin.list_topics(timeout=self.timeout_s)
+        missing: dict[str, int] = {}
+        for topic in todo:
+            source = metadata.topics.get(topic)
+            if source is None or source.error is not None:
+                raise StoreError(f"source topic {topic!r} is not known to the cluster")
+            name = changelog_topic(self.group_id, topic)
+            if name in metadata.topics:
+                self._ensured.add(name)
+            else:
+                missing[name] = len(source.partitions)
+        if not missing:
+            return
+        retention_ms = int((self.retention + timedelta(days=1)).total_seconds() * 1000)
+        futures = admin.create_topics(
+            [
+                NewTopic(
+                    name,
+                    n,
+                    config={"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms)},
+                )
+                for name, n in missing.items()
+            ],
+            operation_timeout=self.timeout_s,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise StoreError(f"cannot create changelog topic {name!r}: {exc}") from exc
+            self._ensured.add(name)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self._errors.append(str(error))
+            return
+        topic = message.topic() or ""
+        source = TopicPartition(
+            topic.removeprefix(f"{self.group_id}.").removesuffix(".dedupe-changelog"),
+            message.partition() or 0,
+        )
+        offset = message.offset() or 0
+        low, high = self._delivered.get(source, (offset, offset))
+        self._delivered[source] = (min(low, offset), max(high, offset))
+
+    def write(
+        self, decisions: Verdicts, watermarks: Mapping[TopicPartition, int]
+    ) -> dict[TopicPartition, tuple[int, int]]:
+        """Produce and flush; return the (first, last) changelog offset written per partition."""
+        self._delivered = {}
+        for tp, items in decisions.items():
+            name = changelog_topic(self.group_id, tp.topic)
+            for event_id, decision in items:
+                self._producer.produce(
+                    name,
+                    key=_DECISION_PREFIX + event_id.encode(),
+                    value=decision.encode(),
+                    partition=tp.partition,
+                    on_delivery=self._on_delivery,
+                )
+        for tp, offset in watermarks.items():
+            self._producer.produce(
+                changelog_topic(self.group_id, tp.topic),
+                key=_WATERMARK_KEY,
+                value=_OFFSET.pack(offset),
+                partition=tp.partition,
+                on_delivery=self._on_delivery,
+            )
+        remaining = self._producer.flush(self.timeout_s)
+        errors, self._errors = self._errors, []
+        if remaining or errors:
+            raise StoreError(
+                f"changelog write failed ({remaining} undelivered, errors: {errors[:3]}); the "
+                "batch is not persisted or committed and will be redelivered"
+            )
+        return dict(self._delivered)
+
+    # -- restoring -------------------------------------------------------------------------
+
+    def restore(self, tp: TopicPartition, store: ProcessedStore, start: int | None) -> int:
+        """Apply changelog records of ``tp`` from ``start`` to the end; return the next offset."""
+        name = changelog_topic(self.group_id, tp.topic)
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                "group.id": f"{self.group_id}.restore.{uuid.uuid4()}",  # never used to commit
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+            }
+        )
+        try:
+            ktp = KafkaTopicPartition(name, tp.partition)
+            low, high = self._offsets(consumer, ktp)
+            begin = max(low, start if start is not None else OFFSET_BEGINNING)
+            if begin < 0:
+                begin = low
+            if begin >= high:
+                return max(high, start or 0)
+            consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
+            records: dict[str, StoredDecision] = {}
+            watermark: int | None = None
+            position = begin
+            deadline = time.monotonic() + self.timeout_s
+            while position < high:
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"changelog restore of {tp} stalled at offset {position} of {high}"
+                    )
+                messages = consumer.consume(1000, 1.0)
+                if messages:
+                    deadline = time.monotonic() + self.timeout_s
+                for m in messages:
+                    if m.error() is not None:
+                        continue
+                    position = (m.offset() or 0) + 1
+                    key, value = m.key() or b"", m.value() or b""
+                    if key == _WATERMARK_KEY:
+                        watermark = max(watermark or -1, _OFFSET.unpack(value)[0])
+                    elif key.startswith(_DECISION_PREFIX):
+                        records[key[len(_DECISION_PREFIX) :].decode()] = StoredDecision.decode(
+                            value
+                        )
+            local = store.watermark(tp)
+            wm = {tp: watermark} if watermark is not None and (local or -1) < watermark else {}
+            store.persist({tp: list(records.items())}, wm, {tp: high})
+            log.info(
+                "changelog_restored",
+                partition=str(tp),
+                records=len(records),
+                watermark=watermark,
+                changelog_offsets=(begin, high),
+            )
+            return high
+        finally:
+            consumer.close()
+
+    def _offsets(self, consumer: Consumer, ktp: KafkaTopicPartition) -> tuple[int, int]:
+        """Low/high offsets, waiting out a fresh topic's leader election."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                low, high = consumer.get_watermark_offsets(ktp, timeout=self.timeout_s)
+                return int(low), int(high)
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"cannot read changelog offsets of {ktp.topic}[{ktp.partition}]: {exc}"
+                    ) from exc
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        self._producer.flush(self.timeout_s)

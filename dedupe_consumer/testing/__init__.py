@@ -1,0 +1,31 @@
+"""Real Kafka brokers for tests, and the pytest plugin that hands them out.
+
+The framework's guarantees are about what a real broker does with offsets,
+groups and transactions, so its tests -- and its users' tests -- run against
+one: from ``$KAFKA_BOOTSTRAP_SERVERS``, a testcontainers container, or an
+Apache Kafka started from Maven Central jars (:class:`LocalKafka`).
+"""
+
+from dedupe_consumer.testing._local_kafka import (
+    KAFKA_VERSION,
+    BrokerUnavailableError,
+    LocalKafka,
+    resolve_kafka_libs,
+)
+from dedupe_consumer.testing._providers import (
+    ContainerKafka,
+    ExternalKafka,
+    KafkaBroker,
+    start_broker,
+)
+
+__all__ = [
+    "KAFKA_VERSION",
+    "BrokerUnavailableError",
+    "ContainerKafka",
+    "ExternalKafka",
+    "KafkaBroker",
+    "LocalKafka",
+    "resolve_kafka_libs",
+    "start_broker",
+]

@@ -1,0 +1,162 @@
+"""pytest fixtures for tests that need a real Kafka broker.
+
+Loaded through the ``pytest11`` entry point, so any project that installs
+``dedupe-consumer`` gets ``kafka_bootstrap`` and ``kafka_topic``. One broker
+serves the whole session (starting a JVM per test would dominate run time);
+isolation comes from every test getting fresh, uniquely named topics instead.
+
+Without a broker the tests are skipped -- unless ``DEDUPE_REQUIRE_REAL_KAFKA=1``
+(as in CI), where a skip would hide that the guarantees went untested, so the
+tests fail with the reason from every provider.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, Protocol
+
+import pytest
+
+from dedupe_consumer.testing._local_kafka import BrokerUnavailableError
+from dedupe_consumer.testing._providers import KafkaBroker, start_broker
+
+__all__ = [
+    "ENV_REQUIRE_REAL_KAFKA",
+    "TopicFactory",
+    "kafka_admin",
+    "kafka_bootstrap",
+    "kafka_broker",
+    "kafka_topic",
+    "unique_topic_name",
+]
+
+ENV_REQUIRE_REAL_KAFKA: Final = "DEDUPE_REQUIRE_REAL_KAFKA"
+_TOPIC_READY_TIMEOUT_S: Final = 30.0
+_MAX_PREFIX: Final = 120  # Kafka allows 249 characters; leave room for the suffix
+
+
+class TopicFactory(Protocol):
+    """Signature of the ``kafka_topic`` fixture's value."""
+
+    def __call__(
+        self,
+        partitions: int = 1,
+        config: Mapping[str, str] | None = None,
+        name: str | None = None,
+    ) -> str: ...
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"kafka: needs a real Kafka broker (fails, never skips, under {ENV_REQUIRE_REAL_KAFKA}=1)",
+    )
+
+
+def _require_real_kafka() -> bool:
+    return os.environ.get(ENV_REQUIRE_REAL_KAFKA, "").strip().lower() in {"1", "true", "yes"}
+
+
+def unique_topic_name(test_name: str) -> str:
+    """A legal, collision-free topic name that still says which test made it.
+
+    Only ``[A-Za-z0-9-]`` is kept: Kafka allows ``.`` and ``_`` too but warns
+    that they collide in metric names, and parametrised test ids bring
+    brackets and spaces.
+    """
+    prefix = re.sub(r"[^A-Za-z0-9-]+", "-", test_name).strip("-")[:_MAX_PREFIX] or "topic"
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[KafkaBroker]:
+    """The session's broker (see :func:`start_broker` for where it comes from)."""
+    try:
+        broker = start_broker()
+    except BrokerUnavailableError as exc:
+        if _require_real_kafka():
+            pytest.fail(f"{ENV_REQUIRE_REAL_KAFKA}=1 but {exc}", pytrace=False)
+        pytest.skip(f"{exc} (set {ENV_REQUIRE_REAL_KAFKA}=1 to fail instead of skipping)")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: KafkaBroker) -> str:
+    """``host:port`` of the session's broker, for ``bootstrap.servers``."""
+    return kafka_broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(kafka_bootstrap: str) -> Any:
+    """A ``confluent_kafka.admin.AdminClient`` on the session's broker."""
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+
+def _wait_for_topic(admin: Any, name: str, partitions: int, deadline: float) -> None:
+    """Wait until the broker's metadata shows every partition with a leader.
+
+    CreateTopics returns once the controller accepted the topic; the broker's
+    metadata cache, which producers and consumers read, may lag behind it.
+    """
+    while True:
+        metadata = admin.list_topics(topic=name, timeout=5)
+        topic = metadata.topics.get(name)
+        if (
+            topic is not None
+            and topic.error is None
+            and len(topic.partitions) == partitions
+            and all(p.leader >= 0 for p in topic.partitions.values())
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {name} not ready after {_TOPIC_READY_TIMEOUT_S:.0f} s")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def kafka_topic(kafka_admin: Any, request: pytest.FixtureRequest) -> Iterator[TopicFactory]:
+    """Factory creating topics for this test; they are deleted (best effort) afterwards."""
+    from confluent_kafka.cimpl import NewTopic  # admin re-exports it without __all__
+
+    created: list[str] = []
+
+    def create(
+        partitions: int = 1,
+        config: Mapping[str, str] | None = None,
+        name: str | None = None,
+    ) -> str:
+        topic = name or unique_topic_name(request.node.name)
+        futures = kafka_admin.create_topics(
+            [
+                NewTopic(
+                    topic,
+                    num_partitions=partitions,
+                    replication_factor=1,
+                    config=dict(config or {}),
+                )
+            ],
+            operation_timeout=_TOPIC_READY_TIMEOUT_S,
+        )
+        futures[topic].result(timeout=_TOPIC_READY_TIMEOUT_S)
+        created.append(topic)
+        _wait_for_topic(kafka_admin, topic, partitions, time.monotonic() + _TOPIC_READY_TIMEOUT_S)
+        return topic
+
+    yield create
+
+    if created:
+        # Keeps a long session's broker small; failures here must not turn a
+        # passed test red, so they are ignored.
+        for future in kafka_admin.delete_topics(created, operation_timeout=10).values():
+            with contextlib.suppress(Exception):
+                future.result(timeout=15)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite against a real Kafka broker.
+#
+# Installs the package with its test and dev extras, makes sure Java 17+ and
+# Maven are there (the local broker is Apache Kafka from Maven Central jars),
+# then runs pytest. The broker comes from KAFKA_BOOTSTRAP_SERVERS, else
+# testcontainers (if a Docker daemon answers), else the local jar broker.
+# With DEDUPE_REQUIRE_REAL_KAFKA=1 (CI) a test that cannot get a broker fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${need_apt[*]} (needed for the local Kafka broker)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "warning: ${need_apt[*]} missing; the local Kafka broker needs Java 17+ and Maven" >&2
+  fi
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+exec python3 -m pytest "$@"

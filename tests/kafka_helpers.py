@@ -1,0 +1,138 @@
+"""Helpers shared by the integration and fault tests (real broker)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from dedupe_consumer import Settings
+
+
+def produce_events(
+    bootstrap: str,
+    topic: str,
+    count: int,
+    duplicates: float = 0.1,
+    seed: int = 1,
+    ids: list[str] | None = None,
+) -> list[str]:
+    """Produce ``count`` events keyed and headed by event ID; returns the ID of each event."""
+    rng = random.Random(seed)
+    known = ids if ids is not None else []
+    sent: list[str] = []
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for _ in range(count):
+        if known and rng.random() < duplicates:
+            event_id = rng.choice(known)
+        else:
+            event_id = str(uuid.UUID(int=rng.getrandbits(128)))
+            known.append(event_id)
+        sent.append(event_id)
+        producer.produce(
+            topic,
+            key=event_id.encode(),
+            value=json.dumps({"id": event_id, "amount_cents": len(event_id)}).encode(),
+            headers=[("event-id", event_id.encode())],
+        )
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    return sent
+
+
+def produce_raw(bootstrap: str, topic: str, items: list[dict[str, Any]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for item in items:
+        producer.produce(topic, **item)
+    assert producer.flush(30) == 0
+
+
+def settings_for(
+    bootstrap: str, topic: str, store: Path, group: str | None = None, **sections: dict[str, Any]
+) -> Settings:
+    values: dict[str, Any] = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "group_id": group or f"g-{topic}",
+            "topics": [topic],
+            "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
+        },
+        "store": {"path": str(store)},
+        "processing": {
+            "dead_letter_topic": f"{topic}.dlq",
+            "poll_timeout": "200ms",
+            "retry_backoff": "10ms",
+            "retry_backoff_max": "50ms",
+        },
+    }
+    for name, section in sections.items():
+        merged = {**values.get(name, {}), **section}
+        if name == "kafka" and "consumer" in section:
+            merged["consumer"] = {**values["kafka"]["consumer"], **section["consumer"]}
+        values[name] = merged
+    return Settings.load(**values)
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        found = consumer.committed(
+            [TopicPartition(topic, p) for p in range(partitions)], timeout=30
+        )
+        return {tp.partition: tp.offset for tp in found}
+    finally:
+        consumer.close()
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "end-offsets"})
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+            for p in range(partitions)
+        }
+    finally:
+        consumer.close()
+
+
+def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30) -> list[Message]:
+    """Read ``expect`` messages from the start of ``topic`` (dead-letter inspection)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < expect and time.monotonic() < deadline:
+            for m in consumer.consume(100, 0.5):
+                if m.error() is None:
+                    out.append(m)
+        return out
+    finally:
+        consumer.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def admin(bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap})
