@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from dedupe_consumer import Settings
+from dedupe_consumer.models import header_pairs
 
 
 def produce_events(
@@ -123,6 +124,11 @@ def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30) -> 
         return out
     finally:
         consumer.close()
+
+
+def headers_of(message: Message) -> dict[str, bytes]:
+    """Headers as a dict (last one wins), ``None`` values as empty bytes."""
+    return {k: v or b"" for k, v in header_pairs(message)}
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -17,6 +17,7 @@ from dedupe_consumer.testing.pytest_plugin import TopicFactory
 from ..kafka_helpers import (
     committed_offsets,
     end_offsets,
+    headers_of,
     produce_events,
     produce_raw,
     read_all,
@@ -136,7 +137,7 @@ def test_bad_input_goes_to_dead_letter_topic_with_reason_headers(
     assert len(letters) == 3
     by_offset: dict[int, dict[str, bytes]] = {}
     for m in letters:
-        headers = {k: v or b"" for k, v in m.headers() or []}
+        headers = headers_of(m)
         by_offset[int(headers["dlq.original.offset"])] = headers
     assert by_offset[0]["dlq.reason"] == b"missing-id"
     assert by_offset[1]["dlq.reason"] == b"invalid-payload"
@@ -184,7 +185,7 @@ def test_poison_message_is_retried_then_dead_lettered_and_partition_keeps_flowin
     assert handler.attempts["poison"] == 3
     assert handler.ids == [f"ok{i}" for i in range(20)]
     [letter] = read_all(kafka_bootstrap, settings.processing.dead_letter_topic, 1)
-    headers = dict(letter.headers() or [])
+    headers = headers_of(letter)
     assert headers["dlq.reason"] == b"retries-exhausted"
     assert headers["dlq.attempts"] == b"3"
     assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 21}
