@@ -287,3 +287,23 @@ def test_handler_slower_than_max_poll_interval_is_reported_and_loses_nothing(
     assert exceeded is not None and exceeded >= 1, "membership loss went unreported"
     assert sorted(handler.ids) == sorted(sent)  # each exactly once, none lost
     assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 50}
+
+
+def test_partition_state_moves_to_a_new_instance_through_the_changelog(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = kafka_topic(partitions=2)
+    ids: list[str] = []
+    first = produce_events(kafka_bootstrap, topic, 400, duplicates=0.0, seed=21, ids=ids)
+    old = Recorder()
+    run_until(DedupeConsumer(old, settings_for(kafka_bootstrap, topic, tmp_path / "a")), 400)
+
+    # Producer retries of old IDs arrive after the partitions moved to an instance
+    # with an empty local store (another machine): the changelog restores what it needs.
+    second = produce_events(kafka_bootstrap, topic, 400, duplicates=0.5, seed=22, ids=ids)
+    new = Recorder()
+    moved = DedupeConsumer(new, settings_for(kafka_bootstrap, topic, tmp_path / "b"))
+    run_until(moved, 400)
+    assert not set(new.ids) & set(first)
+    assert sorted(old.ids + new.ids) == sorted(set(first + second))
+    assert moved.totals.duplicates == len(second) - len(set(second) - set(first))
