@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_handler", "after_persist", "after_commit")
+POINTS = ("after_claim", "after_handler", "after_persist", "after_commit")
 _target = os.environ.get("DEDUPE_FAULT_POINT")
 _remaining = int(os.environ.get("DEDUPE_FAULT_AFTER", "1"))
 

@@ -114,6 +114,19 @@ class ProcessingSettings(_Section):
     retry_backoff: Duration = Field(timedelta(milliseconds=200), description=DURATION_FORMS)
     retry_backoff_max: Duration = Field(timedelta(seconds=10), description=DURATION_FORMS)
     dead_letter_topic: str = Field(min_length=1, description="a topic name for dead letters")
+    mode: Literal["plain", "claim"] = Field(
+        "plain", description="'plain' (one synced write per batch) or 'claim' (two; see README)"
+    )
+    on_uncertain: Literal["retry", "skip", "dead-letter", "reconcile"] = Field(
+        "dead-letter",
+        description="'retry', 'skip', 'dead-letter' or 'reconcile' (claim mode: a claim "
+        "found in progress after a crash)",
+    )
+    claim_lease: Duration = Field(
+        timedelta(0),
+        description=f"{DURATION_FORMS}; an in-progress claim younger than this is waited "
+        "out before it is treated as uncertain (fences a zombie previous owner)",
+    )
 
 
 class ObservabilitySettings(_Section):

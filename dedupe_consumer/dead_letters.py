@@ -18,6 +18,7 @@ REASONS = (
     "permanent-error",
     "retries-exhausted",
     "conflicting-duplicate",
+    "uncertain",
 )
 
 

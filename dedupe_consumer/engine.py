@@ -1,4 +1,4 @@
-"""The one processing engine: batch → watermark/ID check → handle → persist.
+"""The one processing engine: batch → watermark/ID check → (claim) → handle → persist.
 
 Every way of using dedupe_consumer (the library, the sidecar, replays) feeds
 batches of :class:`~dedupe_consumer.models.SourceMessage` into
@@ -6,6 +6,18 @@ batches of :class:`~dedupe_consumer.models.SourceMessage` into
 about Kafka: it decides each offset, makes the decisions durable in one synced
 store write together with each partition's watermark, and only then returns the
 offsets that are safe to commit (invariant 1: commit after persist).
+
+A batch goes through four phases:
+
+1. *classify*: replays (offset <= watermark), IDs, one multi-get per partition,
+   duplicates and conflicts; no side effects yet;
+2. *claim* (claim mode only): persist an ``in-progress`` claim for every event
+   about to reach the handler, synced, so a crash during phase 3 leaves a
+   trace that becomes an *uncertain outcome* instead of a silent repeat;
+3. *walk*: each partition in offset order; handler calls, retries, dead
+   letters. A stop request ends the walk; only the walked prefix counts;
+4. *persist*: dead letters flushed, then the changelog, then one synced
+   WriteBatch with records, released claims, staged effects and watermarks.
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ import structlog
 from dedupe_consumer._faults import fault_point
 from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetter, DeadLetterSink
-from dedupe_consumer.errors import MissingEventIdError, PermanentError
+from dedupe_consumer.effects import Effects
+from dedupe_consumer.errors import ConfigError, MissingEventIdError, PermanentError
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.ids import MissingId, hash_id, parse_id_source
 from dedupe_consumer.models import (
@@ -35,7 +48,7 @@ from dedupe_consumer.models import (
     message_timestamp,
 )
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.store import Changelog, ProcessedStore, Status, StoredDecision, Verdicts
+from dedupe_consumer.store import Changelog, ProcessedStore, Status, StoredDecision, WriteSet
 
 log = structlog.get_logger("dedupe_consumer.engine")
 
@@ -59,6 +72,29 @@ class _Stop(Exception):
     """Internal: stop deciding; persist what was decided so far."""
 
 
+@dataclass(slots=True)
+class _Item:
+    """One message of the batch and what phase 1 found out about it."""
+
+    message: SourceMessage
+    offset: int
+    decision: Decision | None = None
+    """Known in phase 1 (replay, duplicate, conflict); None: ask the handler."""
+    event_id: str | None = None
+    digest: bytes = b""
+    letter: DeadLetter | None = None
+    fail: MissingEventIdError | None = None
+    prior: StoredDecision | None = None
+    """An in-progress claim found in the store: an uncertain outcome."""
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: Status
+    reason: str = ""
+    effects: dict[bytes, bytes | None] = field(default_factory=dict)
+
+
 class Engine:
     """Decides offsets. Not thread-safe: one engine per consumer loop."""
 
@@ -80,10 +116,20 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.changelog = changelog
+        self.claims = settings.processing.mode == "claim"
         self._extract = parse_id_source(settings.dedupe.id_source)
         self._watermarks: dict[TopicPartition, int | None] = {}
         self._stopping = threading.Event()
         self._sweep_budget = settings.store.sweep_keys
+        if (
+            self.claims
+            and settings.processing.on_uncertain == "reconcile"
+            and type(handler).reconcile is Handler.reconcile
+        ):
+            raise ConfigError(
+                "processing.on_uncertain = 'reconcile' needs the handler to implement "
+                f"reconcile(event) -> bool; {type(handler).__name__} does not"
+            )
 
     # -- assignment ------------------------------------------------------------------------
 
@@ -118,228 +164,323 @@ class Engine:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    # -- the batch -------------------------------------------------------------------------
-
-    def process(self, messages: Sequence[SourceMessage]) -> BatchResult:
-        started = time.monotonic()
-        now_ms = int(self.clock() * 1000)
-        by_tp: dict[TopicPartition, list[SourceMessage]] = {}
-        for message in messages:
-            tp = TopicPartition(message.topic() or "", message.partition() or 0)
-            if tp in self._watermarks:  # a revoked partition's leftovers belong to its new owner
-                by_tp.setdefault(tp, []).append(message)
-
-        decided: dict[TopicPartition, list[tuple[str, StoredDecision]]] = {}
-        watermarks: dict[TopicPartition, int] = {}
-        handled_ids: list[str] = []
-        error: BaseException | None = None
-        per_topic: dict[str, BatchStats] = {}
-        try:
-            for tp, batch in by_tp.items():
-                topic_stats = per_topic.setdefault(tp.topic, BatchStats())
-                self._decide_partition(
-                    tp, batch, now_ms, topic_stats, decided, watermarks, handled_ids
-                )
-        except _Stop as stop:
-            error = stop.__cause__
-
-        if watermarks:
-            self.dead_letters.flush()  # a dead-lettered decision must not outlive its letter
-            persist_started = time.monotonic()
-            positions = self._write_changelog(decided, watermarks)
-            self.store.persist(decided, watermarks, positions)
-            self.metrics.persist_seconds.observe(time.monotonic() - persist_started)
-            for tp, offset in watermarks.items():
-                self._watermarks[tp] = offset
-                self.metrics.watermark.labels(tp.topic, str(tp.partition)).set(offset)
-            fault_point("after_persist")
-            written = sum(len(v) for v in decided.values())
-            deleted = self.store.sweep_expired(now_ms, 2 * written + 64)
-            if deleted:
-                self.metrics.expired_deleted.inc(deleted)
-        stats = BatchStats()
-        for topic, topic_stats in per_topic.items():
-            self.metrics.record(topic, topic_stats)
-            stats.merge(topic_stats)
-        self.metrics.batch_seconds.observe(time.monotonic() - started)
-        commits = {tp: offset + 1 for tp, offset in watermarks.items()}
-        return BatchResult(stats, commits, error, handled_ids)
-
-    def _write_changelog(
-        self, decided: Verdicts, watermarks: dict[TopicPartition, int]
-    ) -> dict[TopicPartition, int]:
-        """Make the batch durable in the changelog first; return positions safe to record.
-
-        A position only advances when our write directly follows what we already
-        applied; otherwise the next restore simply re-reads (idempotent).
-        """
-        if self.changelog is None:
-            return {}
-        delivered = self.changelog.write(decided, watermarks)
-        return {
-            tp: last + 1
-            for tp, (first, last) in delivered.items()
-            if self.store.changelog_position(tp) in (None, first)
-        }
-
     def idle(self) -> None:
         """Called when a poll returned nothing: let the retention sweep catch up."""
         deleted = self.store.sweep_expired(int(self.clock() * 1000), self._sweep_budget)
         if deleted:
             self.metrics.expired_deleted.inc(deleted)
 
-    def _decide_partition(
-        self,
-        tp: TopicPartition,
-        batch: list[SourceMessage],
-        now_ms: int,
-        stats: BatchStats,
-        decided: dict[TopicPartition, list[tuple[str, StoredDecision]]],
-        watermarks: dict[TopicPartition, int],
-        handled_ids: list[str],
-    ) -> None:
+    # -- the batch -------------------------------------------------------------------------
+
+    def process(self, messages: Sequence[SourceMessage]) -> BatchResult:
+        started = time.monotonic()
+        now_ms = int(self.clock() * 1000)
+        plan: dict[TopicPartition, list[_Item]] = {}
+        for message in messages:
+            tp = TopicPartition(message.topic() or "", message.partition() or 0)
+            if tp in self._watermarks:  # a revoked partition's leftovers belong to its new owner
+                plan.setdefault(tp, []).append(_Item(message, message.offset() or 0))
+        for tp, items in plan.items():
+            self._classify(tp, items, now_ms)
+
+        claimed = self._claim(plan, now_ms) if self.claims else WriteSet()
+
+        write = WriteSet()
+        per_topic: dict[str, BatchStats] = {}
+        handled_ids: list[str] = []
+        error: BaseException | None = None
+        try:
+            for tp, items in plan.items():
+                stats = per_topic.setdefault(tp.topic, BatchStats())
+                self._walk(tp, items, now_ms, stats, write, handled_ids)
+        except _Stop as stop:
+            error = stop.__cause__
+        # Claims of events that were never decided must not read as uncertain later.
+        for tp, claims in claimed.decisions.items():
+            decided = {event_id for event_id, _ in write.decisions.get(tp, [])}
+            undecided = [event_id for event_id, _ in claims if event_id not in decided]
+            if undecided:
+                write.released[tp] = undecided
+
+        if write:
+            self._persist(write)
+            for tp, offset in write.watermarks.items():
+                self._watermarks[tp] = offset
+                self.metrics.watermark.labels(tp.topic, str(tp.partition)).set(offset)
+            fault_point("after_persist")
+            written = sum(len(v) for v in write.decisions.values())
+            deleted = self.store.sweep_expired(now_ms, 2 * written + 64)
+            if deleted:
+                self.metrics.expired_deleted.inc(deleted)
+        total = BatchStats()
+        for topic, stats in per_topic.items():
+            self.metrics.record(topic, stats)
+            total.merge(stats)
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        commits = {tp: offset + 1 for tp, offset in write.watermarks.items()}
+        return BatchResult(total, commits, error, handled_ids)
+
+    # -- phase 1: classify -----------------------------------------------------------------
+
+    def _classify(self, tp: TopicPartition, items: list[_Item], now_ms: int) -> None:
         wm = self._watermarks.get(tp)
-        fresh: list[tuple[SourceMessage, str | None, str | None]] = []  # msg, id, missing-reason
-        for message in batch:
-            offset = message.offset() or 0
-            if wm is not None and offset <= wm:
-                stats.add(Decision.REPLAY)
+        fresh: list[_Item] = []
+        for item in items:
+            if wm is not None and item.offset <= wm:
+                item.decision = Decision.REPLAY
                 continue
             try:
-                fresh.append((message, self._extract(message), None))
+                item.event_id = self._extract(item.message)
             except MissingId as why:
-                fresh.append((message, None, str(why)))
+                self._on_missing_id(item, str(why))
+            if item.event_id is not None:
+                item.digest = payload_digest(as_bytes(item.message.value()))
+                fresh.append(item)
         if not fresh:
             return
-
-        unique = list(dict.fromkeys(eid for _, eid, _ in fresh if eid is not None))
+        unique = list(dict.fromkeys(i.event_id for i in fresh if i.event_id is not None))
         found = dict(zip(unique, self.store.lookup(tp, unique, now_ms), strict=True))
-        records = decided.setdefault(tp, [])
-        for message, eid, missing in fresh:
-            if self._stopping.is_set():
-                raise _Stop
-            offset = message.offset() or 0
-            if eid is None:
-                eid = self._on_missing_id(message, missing or "no id")
-                if eid is None:
-                    stats.add(Decision.DEAD_LETTERED)
-                    stats.by_reason["missing-id"] = stats.by_reason.get("missing-id", 0) + 1
-                    watermarks[tp] = offset
-                    continue
-                if eid not in found:
-                    found[eid] = self.store.lookup(tp, [eid], now_ms)[0]
-            value = as_bytes(message.value())
-            digest = payload_digest(value)
-            prior = found.get(eid)
-            if prior is not None:
-                self._on_seen(message, eid, digest, prior, stats)
-                watermarks[tp] = offset
+        first_offset: dict[str, tuple[int, bytes]] = {}
+        for item in fresh:
+            event_id = item.event_id
+            assert event_id is not None
+            if event_id in first_offset:  # seen earlier in this batch
+                offset, digest = first_offset[event_id]
+                self._on_seen(item, offset, digest)
                 continue
-            status, reason = self._handle(message, eid, value)
-            stats.add(Decision.HANDLED if status is Status.HANDLED else Decision.DEAD_LETTERED)
-            if reason:
-                stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
-            else:
-                handled_ids.append(eid)
-            record = StoredDecision(status, offset, now_ms, digest)
-            found[eid] = record
-            records.append((eid, record))
-            watermarks[tp] = offset
+            first_offset[event_id] = (item.offset, item.digest)
+            prior = found.get(event_id)
+            if prior is None:
+                continue
+            if prior.status is Status.IN_PROGRESS:
+                item.prior = prior  # uncertain: the walk applies processing.on_uncertain
+                continue
+            self._on_seen(item, prior.offset, prior.digest)
 
-    def _on_missing_id(self, message: SourceMessage, why: str) -> str | None:
+    def _on_missing_id(self, item: _Item, why: str) -> None:
+        message = item.message
         policy = self.settings.dedupe.on_missing_id
         if policy == "hash":
             try:
-                return hash_id(message)
+                item.event_id = hash_id(message)
+                return
             except MissingId as missing:
                 why = f"{why}; {missing}"
         elif policy == "fail":
-            error = MissingEventIdError(
+            item.fail = MissingEventIdError(
                 f"{message.topic()}[{message.partition()}]@{message.offset()}: {why} "
                 f"(id_source={self.settings.dedupe.id_source!r}, on_missing_id='fail')"
             )
-            raise _Stop from error
-        log.warning(
-            "missing_event_id",
-            topic=message.topic(),
-            partition=message.partition(),
-            offset=message.offset(),
-            reason=why,
-        )
-        self.dead_letters.send(message, DeadLetter("missing-id", None, "MissingId", why, 0))
-        return None
-
-    def _on_seen(
-        self,
-        message: SourceMessage,
-        eid: str,
-        digest: bytes,
-        prior: StoredDecision,
-        stats: BatchStats,
-    ) -> None:
-        if prior.digest == digest:
-            stats.add(Decision.DUPLICATE)
+            item.decision = Decision.DEAD_LETTERED  # never reached: the walk stops first
             return
-        stats.add(Decision.CONFLICT)
-        log.warning(
-            "conflicting_duplicate",
-            event_id=eid,
-            topic=message.topic(),
-            partition=message.partition(),
-            offset=message.offset(),
-            first_offset=prior.offset,
-        )
-        if self.settings.dedupe.on_conflict == "dead-letter":
-            self.dead_letters.send(
-                message,
-                DeadLetter(
-                    "conflicting-duplicate",
-                    eid,
-                    "ConflictingDuplicate",
-                    f"event id already decided at offset {prior.offset} with another payload",
-                    0,
-                ),
-            )
+        item.decision = Decision.DEAD_LETTERED
+        item.letter = DeadLetter("missing-id", None, "MissingId", why, 0)
 
-    def _handle(self, message: SourceMessage, eid: str, value: bytes | None) -> tuple[Status, str]:
-        """Call the handler with retries. Returns (status, dead-letter reason or '')."""
+    def _on_seen(self, item: _Item, first_offset: int, first_digest: bytes) -> None:
+        if item.digest == first_digest:
+            item.decision = Decision.DUPLICATE
+            return
+        item.decision = Decision.CONFLICT
+        if self.settings.dedupe.on_conflict == "dead-letter":
+            item.letter = DeadLetter(
+                "conflicting-duplicate",
+                item.event_id,
+                "ConflictingDuplicate",
+                f"event id already decided at offset {first_offset} with another payload",
+                0,
+            )
+        item.prior = StoredDecision(Status.HANDLED, first_offset, 0, first_digest)
+
+    # -- phase 2: claim --------------------------------------------------------------------
+
+    def _claim(self, plan: dict[TopicPartition, list[_Item]], now_ms: int) -> WriteSet:
+        claims = WriteSet()
+        for tp, items in plan.items():
+            todo = [
+                (i.event_id, StoredDecision(Status.IN_PROGRESS, i.offset, now_ms, i.digest))
+                for i in items
+                if i.decision is None and i.event_id is not None
+            ]
+            if todo:
+                claims.decisions[tp] = todo
+        if claims:
+            self._persist(claims)  # a second synced write: the price of knowing
+            fault_point("after_claim")
+        return claims
+
+    # -- phase 3: walk ---------------------------------------------------------------------
+
+    def _walk(
+        self,
+        tp: TopicPartition,
+        items: list[_Item],
+        now_ms: int,
+        stats: BatchStats,
+        write: WriteSet,
+        handled_ids: list[str],
+    ) -> None:
+        records = write.decisions.setdefault(tp, [])
+        effects: dict[bytes, bytes | None] = {}
         try:
-            payload = self.handler.parse(value)
-        except ValueError as invalid:
-            return self._dead_letter(message, eid, "invalid-payload", invalid, 0)
-        processing = self.settings.processing
-        base = Event(
-            id=eid,
-            topic=message.topic() or "",
-            partition=message.partition() or 0,
-            offset=message.offset() or 0,
+            for item in items:
+                if self._stopping.is_set():
+                    raise _Stop
+                if item.fail is not None:
+                    raise _Stop from item.fail
+                if item.decision is not None:
+                    self._walk_decided(item, stats)
+                else:
+                    outcome = self._decide(tp, item, stats, effects)
+                    assert item.event_id is not None
+                    records.append(
+                        (
+                            item.event_id,
+                            StoredDecision(outcome.status, item.offset, now_ms, item.digest),
+                        )
+                    )
+                    effects.update(outcome.effects)
+                    if outcome.reason:
+                        stats.by_reason[outcome.reason] = stats.by_reason.get(outcome.reason, 0) + 1
+                        stats.add(Decision.DEAD_LETTERED)
+                    else:
+                        stats.add(Decision.HANDLED)
+                        handled_ids.append(item.event_id)
+                write.watermarks[tp] = item.offset
+        finally:
+            if effects:
+                write.effects[tp] = list(effects.items())
+
+    def _walk_decided(self, item: _Item, stats: BatchStats) -> None:
+        assert item.decision is not None
+        message = item.message
+        if item.decision is Decision.CONFLICT:
+            log.warning(
+                "conflicting_duplicate",
+                event_id=item.event_id,
+                topic=message.topic(),
+                partition=message.partition(),
+                offset=item.offset,
+                first_offset=item.prior.offset if item.prior else None,
+            )
+        if item.letter is not None:
+            if item.letter.reason == "missing-id":
+                log.warning(
+                    "missing_event_id",
+                    topic=message.topic(),
+                    partition=message.partition(),
+                    offset=item.offset,
+                    reason=item.letter.error_message,
+                )
+                stats.by_reason["missing-id"] = stats.by_reason.get("missing-id", 0) + 1
+            self.dead_letters.send(message, item.letter)
+        stats.add(item.decision)
+
+    def _decide(
+        self,
+        tp: TopicPartition,
+        item: _Item,
+        stats: BatchStats,
+        batch_effects: dict[bytes, bytes | None],
+    ) -> _Outcome:
+        """Handle one unseen (or uncertain) event; returns how it ended."""
+        assert item.event_id is not None
+        if item.prior is not None:  # an in-progress claim from a process that died
+            stats.uncertain += 1
+            return self._resolve_uncertain(tp, item, batch_effects)
+        return self._handle(tp, item, batch_effects)
+
+    def _resolve_uncertain(
+        self, tp: TopicPartition, item: _Item, batch_effects: dict[bytes, bytes | None]
+    ) -> _Outcome:
+        assert item.prior is not None and item.event_id is not None
+        policy = self.settings.processing.on_uncertain
+        lease_ms = int(self.settings.processing.claim_lease.total_seconds() * 1000)
+        age_ms = int(self.clock() * 1000) - item.prior.decided_at_ms
+        if age_ms < lease_ms and self._stopping.wait((lease_ms - age_ms) / 1000):
+            raise _Stop  # another owner may still hold the claim: wait out its lease
+        self.metrics.uncertain.labels(tp.topic, policy).inc()
+        log.warning(
+            "uncertain_outcome",
+            event_id=item.event_id,
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=item.offset,
+            claimed_at_offset=item.prior.offset,
+            claim_age_ms=age_ms,
+            policy=policy,
+        )
+        if policy == "skip":
+            return _Outcome(Status.HANDLED)
+        if policy == "dead-letter":
+            return self._dead_letter(
+                item,
+                "uncertain",
+                "UncertainOutcome",
+                "a claim was found in progress: the handler may or may not have completed",
+                0,
+            )
+        if policy == "reconcile":
+            event = self._event(tp, item, payload=None, effects=None)
+            if self.handler.reconcile(event):
+                return _Outcome(Status.HANDLED)
+        return self._handle(tp, item, batch_effects)
+
+    def _event(
+        self, tp: TopicPartition, item: _Item, payload: object, effects: Effects | None
+    ) -> Event:
+        message = item.message
+        assert item.event_id is not None
+        return Event(
+            id=item.event_id,
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=item.offset,
             key=as_bytes(message.key()),
-            value=value,
+            value=as_bytes(message.value()),
             headers=tuple(header_pairs(message)),
             timestamp=message_timestamp(message),
             payload=payload,
+            effects=effects,
         )
+
+    def _handle(
+        self, tp: TopicPartition, item: _Item, batch_effects: dict[bytes, bytes | None]
+    ) -> _Outcome:
+        """Call the handler with retries."""
+        try:
+            payload = self.handler.parse(as_bytes(item.message.value()))
+        except ValueError as invalid:
+            return self._dead_letter(
+                item, "invalid-payload", type(invalid).__name__, str(invalid), 0
+            )
+        processing = self.settings.processing
         attempts = processing.max_retries + 1
+        base = self._event(tp, item, payload, None)
         for attempt in range(1, attempts + 1):
-            event = base if attempt == 1 else replace(base, attempt=attempt)
+            effects = Effects(lambda key: self.store.effect(tp, key), batch_effects)
+            event = replace(base, attempt=attempt, effects=effects)
             try:
                 self.handler.handle(event)
             except PermanentError as permanent:
-                return self._dead_letter(message, eid, "permanent-error", permanent, attempt)
+                return self._dead_letter(
+                    item, "permanent-error", type(permanent).__name__, str(permanent), attempt
+                )
             except Exception as failure:
                 if attempt == attempts:
-                    return self._dead_letter(message, eid, "retries-exhausted", failure, attempt)
-                self.metrics.handler_retries.labels(event.topic).inc()
+                    return self._dead_letter(
+                        item, "retries-exhausted", type(failure).__name__, str(failure), attempt
+                    )
+                self.metrics.handler_retries.labels(tp.topic).inc()
                 delay = min(
                     processing.retry_backoff.total_seconds() * 2 ** (attempt - 1),
                     processing.retry_backoff_max.total_seconds(),
                 )
                 log.warning(
                     "handler_retry",
-                    event_id=eid,
-                    topic=event.topic,
-                    partition=event.partition,
-                    offset=event.offset,
+                    event_id=event.id,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    offset=item.offset,
                     attempt=attempt,
                     error=f"{type(failure).__name__}: {failure}",
                     retry_in_s=delay,
@@ -348,23 +489,39 @@ class Engine:
                     raise _Stop from None
             else:
                 fault_point("after_handler")
-                return Status.HANDLED, ""
+                return _Outcome(Status.HANDLED, effects=effects.staged)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _dead_letter(
-        self, message: SourceMessage, eid: str, reason: str, error: BaseException, attempts: int
-    ) -> tuple[Status, str]:
+        self, item: _Item, reason: str, error_class: str, error_message: str, attempts: int
+    ) -> _Outcome:
+        message = item.message
         log.error(
             "dead_lettered",
-            event_id=eid,
+            event_id=item.event_id,
             reason=reason,
             topic=message.topic(),
             partition=message.partition(),
-            offset=message.offset(),
-            error=f"{type(error).__name__}: {error}",
+            offset=item.offset,
+            error=f"{error_class}: {error_message}",
             attempts=attempts,
         )
         self.dead_letters.send(
-            message, DeadLetter(reason, eid, type(error).__name__, str(error), attempts)
+            message, DeadLetter(reason, item.event_id, error_class, error_message, attempts)
         )
-        return Status.DEAD_LETTERED, reason
+        return _Outcome(Status.DEAD_LETTERED, reason)
+
+    # -- phase 4: persist ------------------------------------------------------------------
+
+    def _persist(self, write: WriteSet) -> None:
+        self.dead_letters.flush()  # a dead-lettered decision must not outlive its letter
+        started = time.monotonic()
+        if self.changelog is not None:
+            # The changelog first: it must never be behind what any instance did.
+            for tp, (first, last) in self.changelog.write(write).items():
+                # Advance only when our write follows what we applied; otherwise the next
+                # restore re-reads (idempotent).
+                if self.store.changelog_position(tp) in (None, first):
+                    write.changelog_positions[tp] = last + 1
+        self.store.persist(write)
+        self.metrics.persist_seconds.observe(time.monotonic() - started)

@@ -33,6 +33,15 @@ class Handler:
     def handle(self, event: Event) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement handle(event)")
 
+    def reconcile(self, event: Event) -> bool:
+        """Claim mode, ``on_uncertain = "reconcile"``: did this event's effect happen?
+
+        Called for an event whose claim was found in progress after a crash. Ask
+        the downstream system (by ``event.id``): True means it happened (recorded
+        as handled, no call), False means it did not (``handle`` is called).
+        """
+        raise NotImplementedError
+
     def teardown(self) -> None:
         """Called once after the last batch was persisted and committed."""
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from dedupe_consumer.effects import Effects
 
 RawHeaders = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]] | None
 """Headers as confluent-kafka types them (at run time always a list of pairs)."""
@@ -67,6 +70,24 @@ class Event:
     """The value parsed into the handler's ``payload_model``, or ``None`` without one."""
     attempt: int = 1
     """1 on the first call, 2 on the first retry, and so on."""
+    effects: Effects | None = field(default=None, compare=False, repr=False)
+    """This call's transactional effects; see :meth:`stage`."""
+
+    def stage(self, key: bytes | str, value: bytes | str | None) -> None:
+        """Stage a write that commits atomically with this event's dedupe record.
+
+        Both or neither: if the process dies before the batch is persisted, the
+        write is lost together with the record and the event is handled again.
+        """
+        if self.effects is None:
+            raise RuntimeError("this event was not created by the engine: nothing to stage into")
+        self.effects.stage(key, value)
+
+    def staged(self, key: bytes | str) -> bytes | None:
+        """Read a staged value of this partition (this call's, the batch's, or persisted)."""
+        if self.effects is None:
+            raise RuntimeError("this event was not created by the engine: nothing to read")
+        return self.effects.get(key)
 
     def header(self, name: str) -> bytes | None:
         """The last header called ``name`` (Kafka allows repeats; the last one wins)."""
@@ -87,6 +108,8 @@ class BatchStats:
     replays: int = 0
     dead_lettered: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+    uncertain: int = 0
+    """Claims found in progress (claim mode); counted apart: each also ends as a decision."""
 
     def add(self, decision: Decision) -> None:
         self.consumed += 1
@@ -108,6 +131,7 @@ class BatchStats:
         self.conflicts += other.conflicts
         self.replays += other.replays
         self.dead_lettered += other.dead_lettered
+        self.uncertain += other.uncertain
         for reason, count in other.by_reason.items():
             self.by_reason[reason] = self.by_reason.get(reason, 0) + count
 

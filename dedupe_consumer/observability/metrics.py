@@ -50,6 +50,12 @@ class Metrics:
         self.expired_deleted = Counter(
             "dedupe_expired_records_deleted", "Records removed by the retention sweep", registry=r
         )
+        self.uncertain = Counter(
+            "dedupe_uncertain_outcomes",
+            "Claims found in progress after a crash, by the policy that resolved them",
+            ["topic", "policy"],
+            registry=r,
+        )
         self.poll_interval_exceeded = Counter(
             "dedupe_max_poll_interval_exceeded",
             "Batches that outlived max.poll.interval.ms (the group membership was lost)",

@@ -1,6 +1,6 @@
 """The processed-ID store: what has been decided, per partition, durably."""
 
-from dedupe_consumer.store.base import ProcessedStore, Status, StoredDecision, Verdicts
+from dedupe_consumer.store.base import ProcessedStore, Status, StoredDecision, WriteSet
 from dedupe_consumer.store.changelog import Changelog, changelog_topic
 from dedupe_consumer.store.rocks import RocksStore
 
@@ -10,6 +10,6 @@ __all__ = [
     "RocksStore",
     "Status",
     "StoredDecision",
-    "Verdicts",
+    "WriteSet",
     "changelog_topic",
 ]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from dedupe_consumer.models import TopicPartition
@@ -20,6 +20,8 @@ from dedupe_consumer.models import TopicPartition
 class Status(enum.IntEnum):
     HANDLED = 1
     DEAD_LETTERED = 2
+    IN_PROGRESS = 3
+    """A claim (claim mode): the handler may have run; its outcome is not known yet."""
 
 
 _RECORD = struct.Struct(">BQQ8s")  # status, offset, decided_at_ms, payload digest
@@ -43,8 +45,30 @@ class StoredDecision:
         return cls(Status(status), offset, decided_at_ms, digest)
 
 
-Verdicts = Mapping[TopicPartition, Sequence[tuple[str, StoredDecision]]]
-"""New decisions per partition, in offset order."""
+@dataclass(slots=True)
+class WriteSet:
+    """Everything one batch makes durable, in one atomic, synced write."""
+
+    decisions: dict[TopicPartition, list[tuple[str, StoredDecision]]] = field(default_factory=dict)
+    """New records per partition (decisions or claims), in offset order."""
+    released: dict[TopicPartition, list[str]] = field(default_factory=dict)
+    """Claims withdrawn because their event was not decided (stop mid-batch)."""
+    effects: dict[TopicPartition, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)
+    """Writes staged by handlers (``event.stage``); ``None`` deletes."""
+    watermarks: dict[TopicPartition, int] = field(default_factory=dict)
+    changelog_positions: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.decisions
+            or self.released
+            or self.effects
+            or self.watermarks
+            or self.changelog_positions
+        )
+
+    def partitions(self) -> set[TopicPartition]:
+        return {*self.decisions, *self.released, *self.effects, *self.watermarks}
 
 
 class ProcessedStore(Protocol):
@@ -56,13 +80,11 @@ class ProcessedStore(Protocol):
     ) -> list[StoredDecision | None]:
         """Decisions for ``ids`` (one multi-get); expired ones read as None."""
 
-    def persist(
-        self,
-        decisions: Verdicts,
-        watermarks: Mapping[TopicPartition, int],
-        changelog_positions: Mapping[TopicPartition, int] | None = None,
-    ) -> None:
-        """Write decisions, watermarks and changelog positions atomically with a synced WAL."""
+    def persist(self, write: WriteSet) -> None:
+        """Apply ``write`` atomically with a synced WAL."""
+
+    def effect(self, tp: TopicPartition, key: bytes) -> bytes | None:
+        """A value a handler staged for ``tp`` (transactional effects)."""
 
     def changelog_position(self, tp: TopicPartition) -> int | None:
         """Next changelog offset of ``tp`` not yet applied locally, or None."""

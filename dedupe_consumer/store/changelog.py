@@ -3,7 +3,8 @@
 Each source topic ``T`` of group ``G`` has a compacted topic
 ``G.T.dedupe-changelog`` with the same partition count. Before a batch's
 decisions reach the local store they are produced there (key ``d:<event id>``
-= the 25-byte decision, key ``w`` = the watermark) and flushed with acks=all.
+= the 25-byte decision or claim, ``e:<key>`` = a staged effect, ``w`` = the
+watermark; a ``None`` value deletes) and flushed with acks=all.
 Whichever instance is assigned the partition next restores from it before
 deciding anything, so a producer retry that lands after a rebalance is still
 a duplicate and the new owner resumes at the old owner's watermark even when
@@ -37,12 +38,13 @@ from confluent_kafka.cimpl import NewTopic  # admin re-exports it without __all_
 
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store.base import ProcessedStore, StoredDecision, Verdicts
+from dedupe_consumer.store.base import ProcessedStore, StoredDecision, WriteSet
 
 log = structlog.get_logger("dedupe_consumer.changelog")
 
 _WATERMARK_KEY = b"w"
 _DECISION_PREFIX = b"d:"
+_EFFECT_PREFIX = b"e:"
 _OFFSET = struct.Struct(">q")
 
 
@@ -133,29 +135,20 @@ class Changelog:
         low, high = self._delivered.get(source, (offset, offset))
         self._delivered[source] = (min(low, offset), max(high, offset))
 
-    def write(
-        self, decisions: Verdicts, watermarks: Mapping[TopicPartition, int]
-    ) -> dict[TopicPartition, tuple[int, int]]:
-        """Produce and flush; return the (first, last) changelog offset written per partition."""
+    def write(self, write: WriteSet) -> dict[TopicPartition, tuple[int, int]]:
+        """Produce ``write`` and flush; return the (first, last) offset written per partition."""
         self._delivered = {}
-        for tp, items in decisions.items():
-            name = changelog_topic(self.group_id, tp.topic)
+        for tp, items in write.decisions.items():
             for event_id, decision in items:
-                self._producer.produce(
-                    name,
-                    key=_DECISION_PREFIX + event_id.encode(),
-                    value=decision.encode(),
-                    partition=tp.partition,
-                    on_delivery=self._on_delivery,
-                )
-        for tp, offset in watermarks.items():
-            self._producer.produce(
-                changelog_topic(self.group_id, tp.topic),
-                key=_WATERMARK_KEY,
-                value=_OFFSET.pack(offset),
-                partition=tp.partition,
-                on_delivery=self._on_delivery,
-            )
+                self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
+        for tp, ids in write.released.items():
+            for event_id in ids:
+                self._send(tp, _DECISION_PREFIX + event_id.encode(), None)
+        for tp, changes in write.effects.items():
+            for key, value in changes:
+                self._send(tp, _EFFECT_PREFIX + key, value)
+        for tp, offset in write.watermarks.items():
+            self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
         remaining = self._producer.flush(self.timeout_s)
         errors, self._errors = self._errors, []
         if remaining or errors:
@@ -164,6 +157,20 @@ class Changelog:
                 "batch is not persisted or committed and will be redelivered"
             )
         return dict(self._delivered)
+
+    def _send(self, tp: TopicPartition, key: bytes, value: bytes | None) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    changelog_topic(self.group_id, tp.topic),
+                    key=key,
+                    value=value,
+                    partition=tp.partition,
+                    on_delivery=self._on_delivery,
+                )
+                return
+            except BufferError:  # local queue full on a huge batch: drain and go on
+                self._producer.poll(0.1)
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -187,7 +194,9 @@ class Changelog:
             if begin >= high:
                 return max(high, start or 0)
             consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
-            records: dict[str, StoredDecision] = {}
+            restored = WriteSet()
+            records: dict[str, StoredDecision | None] = {}
+            effects: dict[bytes, bytes | None] = {}
             watermark: int | None = None
             position = begin
             deadline = time.monotonic() + self.timeout_s
@@ -203,7 +212,7 @@ class Changelog:
                     if m.error() is not None:
                         continue
                     position = (m.offset() or 0) + 1
-                    key, value = m.key() or b"", m.value() or b""
+                    key, value = m.key() or b"", m.value() or b""  # None value: a tombstone
                     if key == _WATERMARK_KEY:
                         watermark = max(watermark or -1, _OFFSET.unpack(value)[0])
                     elif key.startswith(_DECISION_PREFIX):
@@ -211,8 +220,13 @@ class Changelog:
                             value
                         )
             local = store.watermark(tp)
-            wm = {tp: watermark} if watermark is not None and (local or -1) < watermark else {}
-            store.persist({tp: list(records.items())}, wm, {tp: high})
+            if watermark is not None and (local or -1) < watermark:
+                restored.watermarks[tp] = watermark
+            restored.decisions[tp] = [(i, d) for i, d in records.items() if d is not None]
+            restored.released[tp] = [i for i, d in records.items() if d is None]
+            restored.effects[tp] = list(effects.items())
+            restored.changelog_positions[tp] = high
+            store.persist(restored)
             log.info(
                 "changelog_restored",
                 partition=str(tp),

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from rocksdict import (
     BlockBasedOptions,
     Cache,
+    ColumnFamily,
     DBCompressionType,
     Options,
     Rdict,
@@ -28,15 +29,15 @@ from rocksdict import (
 
 from dedupe_consumer.errors import StoreError, StoreLockedError
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store.base import StoredDecision, Verdicts
+from dedupe_consumer.store.base import StoredDecision, WriteSet
 
 _META = "meta"
 _WATERMARK = struct.Struct(">q")
 
 
-def _cf_name(tp: TopicPartition) -> str:
+def _cf_name(tp: TopicPartition, *, effects: bool = False) -> str:
     # ':' cannot appear in a Kafka topic name, so the name is unambiguous.
-    return f"p:{tp.topic}:{tp.partition}"
+    return f"{'e' if effects else 'p'}:{tp.topic}:{tp.partition}"
 
 
 def _watermark_key(tp: TopicPartition) -> bytes:
@@ -80,6 +81,7 @@ class RocksStore:
             raise StoreError(f"cannot open store {str(self.path)!r}: {exc}") from exc
         self._meta = self._db.get_column_family(_META)
         self._families: dict[TopicPartition, Rdict] = {}
+        self._effect_families: dict[TopicPartition, Rdict] = {}
         self._sweep_cursor: dict[str, bytes | None] = {}
 
     def _prepare_directory(self) -> None:
@@ -106,16 +108,21 @@ class RocksStore:
         opts.set_compression_type(DBCompressionType.lz4())
         return opts
 
-    def _family(self, tp: TopicPartition) -> Rdict:
-        family = self._families.get(tp)
+    def _family(self, tp: TopicPartition, *, effects: bool = False) -> Rdict:
+        cache = self._effect_families if effects else self._families
+        family = cache.get(tp)
         if family is None:
-            name = _cf_name(tp)
+            name = _cf_name(tp, effects=effects)
             try:
                 family = self._db.get_column_family(name)
             except Exception:
                 family = self._db.create_column_family(name, self._options())
-            self._families[tp] = family
+            cache[tp] = family
         return family
+
+    def _handle(self, tp: TopicPartition, *, effects: bool = False) -> ColumnFamily:
+        self._family(tp, effects=effects)
+        return self._db.get_column_family_handle(_cf_name(tp, effects=effects))
 
     # -- ProcessedStore -------------------------------------------------------------------
 
@@ -143,30 +150,40 @@ class RocksStore:
         raw = self._meta.get(_changelog_key(tp))
         return None if raw is None else int(_WATERMARK.unpack(raw)[0])
 
-    def persist(
-        self,
-        decisions: Verdicts,
-        watermarks: Mapping[TopicPartition, int],
-        changelog_positions: Mapping[TopicPartition, int] | None = None,
-    ) -> None:
+    def persist(self, write: WriteSet) -> None:
         batch = WriteBatch(raw_mode=True)
-        for tp, items in decisions.items():
-            handle = self._db.get_column_family_handle(_cf_name(self._ensure(tp)))
+        for tp, items in write.decisions.items():
+            handle = self._handle(tp)
             for event_id, decision in items:
                 batch.put(event_id.encode(), decision.encode(), handle)
+        for tp, ids in write.released.items():
+            handle = self._handle(tp)
+            for event_id in ids:
+                batch.delete(event_id.encode(), handle)
+        for tp, changes in write.effects.items():
+            handle = self._handle(tp, effects=True)
+            for key, value in changes:
+                if value is None:
+                    batch.delete(key, handle)
+                else:
+                    batch.put(key, value, handle)
         meta = self._db.get_column_family_handle(_META)
-        for tp, offset in watermarks.items():
+        for tp, offset in write.watermarks.items():
             batch.put(_watermark_key(tp), _WATERMARK.pack(offset), meta)
-        for tp, offset in (changelog_positions or {}).items():
+        for tp, offset in write.changelog_positions.items():
             batch.put(_changelog_key(tp), _WATERMARK.pack(offset), meta)
         try:
             self._db.write(batch, self._sync)
         except Exception as exc:
             raise StoreError(f"cannot write to store {str(self.path)!r}: {exc}") from exc
 
-    def _ensure(self, tp: TopicPartition) -> TopicPartition:
-        self._family(tp)
-        return tp
+    def effect(self, tp: TopicPartition, key: bytes) -> bytes | None:
+        value: bytes | None = self._family(tp, effects=True).get(key)
+        return value
+
+    def effects(self, tp: TopicPartition) -> Iterator[tuple[bytes, bytes]]:
+        """Every staged effect of ``tp``, in key order (for inspection and tests)."""
+        yield from self._family(tp, effects=True).items()
 
     def sweep_expired(self, now_ms: int, budget: int) -> int:
         """Examine up to ``budget`` records, round-robin over partitions, delete expired.
@@ -215,6 +232,7 @@ class RocksStore:
     def close(self) -> None:
         # Column-family handles keep the DB (and its LOCK) alive: drop them first.
         self._families.clear()
+        self._effect_families.clear()
         self._sweep_cursor.clear()
         del self._meta
         self._db.close()

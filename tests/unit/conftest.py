@@ -24,6 +24,7 @@ def rec(
     partition: int = 0,
     body: dict[str, Any] | None = None,
     value: bytes | None = None,
+    key: bytes | None = None,
 ) -> Record:
     headers: list[tuple[str, str | bytes | None]] = (
         [] if event_id is None else [("event-id", event_id.encode())]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import RocksStore, Status, StoredDecision
+from dedupe_consumer.store import RocksStore, Status, StoredDecision, WriteSet
 
 TP = TopicPartition("t", 3)
 NOW = 1_800_000_000_000
@@ -51,7 +51,7 @@ def test_second_process_fails_fast_with_clear_message(tmp_path: Path) -> None:
 
 def test_records_and_watermark_survive_reopen_with_families(tmp_path: Path) -> None:
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
-    store.persist({TP: [("a", decision(7)), ("b", decision(8))]}, {TP: 8})
+    store.persist(WriteSet({TP: [("a", decision(7)), ("b", decision(8))]}, watermarks={TP: 8}))
     store.close()
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     try:
@@ -67,7 +67,9 @@ def test_records_and_watermark_survive_reopen_with_families(tmp_path: Path) -> N
 def test_sweep_is_bounded_per_call_and_wraps(tmp_path: Path) -> None:
     store = RocksStore(tmp_path / "s", retention_ms=1000)
     try:
-        store.persist({TP: [(f"id{i:04d}", decision(i)) for i in range(300)]}, {TP: 299})
+        store.persist(
+            WriteSet({TP: [(f"id{i:04d}", decision(i)) for i in range(300)]}, watermarks={TP: 299})
+        )
         later = NOW + 5000
         assert store.sweep_expired(later, 100) == 100
         assert store.sweep_expired(later, 100) == 100
@@ -92,3 +94,25 @@ def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
         target = tmp_path / "ro" / "s"
     with pytest.raises(Exception, match="cannot create store directory"):
         RocksStore(target, retention_ms=1000)
+
+
+def test_effects_and_released_claims_in_one_write(tmp_path: Path) -> None:
+    store = RocksStore(tmp_path / "s", retention_ms=10**9)
+    try:
+        claim = StoredDecision(Status.IN_PROGRESS, 1, NOW, b"\x00" * 8)
+        store.persist(WriteSet({TP: [("a", claim), ("b", claim)]}))
+        store.persist(
+            WriteSet(
+                {TP: [("a", decision(1))]},
+                released={TP: ["b"]},
+                effects={TP: [(b"ledger:a", b"100"), (b"gone", None)]},
+                watermarks={TP: 1},
+            )
+        )
+        a, b = store.lookup(TP, ["a", "b"], NOW)
+        assert a is not None and a.status is Status.HANDLED
+        assert b is None
+        assert store.effect(TP, b"ledger:a") == b"100"
+        assert list(store.effects(TP)) == [(b"ledger:a", b"100")]
+    finally:
+        store.close()
