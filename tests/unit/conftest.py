@@ -35,7 +35,7 @@ def rec(
         TOPIC,
         partition,
         offset,
-        event_id.encode() if event_id else None,
+        key if key is not None else (event_id.encode() if event_id else None),
         value,
         headers,
         1_700_000_000_000 + offset,
