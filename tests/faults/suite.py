@@ -1,0 +1,323 @@
+"""The kill suite: a real consumer process, SIGKILLed again and again, on a real broker.
+
+Shared by ``tests/faults/test_kill_suite.py`` (CI: a few kills per mode) and
+``bench/crash_soak.py`` (hundreds). For one mode it produces the data set,
+then starts ``python -m dedupe_consumer run`` and kills it with SIGKILL, either
+at a random moment or at a named fault point after a random number of hits,
+restarting it each time; a last run finishes the topic and is stopped with
+SIGTERM. The effects (an append-only file outside the store, or the store's
+own staged counters) are then checked against what was produced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from dedupe_consumer.models import TopicPartition, header_pairs
+from dedupe_consumer.store import RocksStore
+
+REPO = Path(__file__).resolve().parents[2]
+PARTITIONS = 4
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    mode: str = "plain"
+    on_uncertain: str = "dead-letter"
+    handler: str = "tests.faults.handlers:AppendHandler"
+    transactional: bool = False
+
+    @property
+    def points(self) -> list[str]:
+        base = ["after_handler", "after_persist", "after_commit"]
+        return ["after_claim", *base] if self.mode == "claim" else base
+
+
+MODES = [
+    Mode("plain"),
+    Mode("claim+retry", "claim", "retry"),
+    Mode("claim+skip", "claim", "skip"),
+    Mode("claim+dead-letter", "claim", "dead-letter"),
+    Mode("claim+reconcile", "claim", "reconcile", "tests.faults.handlers:ReconcilingHandler"),
+    Mode("transactional", handler="tests.faults.handlers:LedgerHandler", transactional=True),
+]
+
+
+@dataclass
+class Outcome:
+    mode: str
+    kills: int = 0
+    events: int = 0
+    unique: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicate_effects: dict[str, int] = field(default_factory=dict)
+    uncertain: set[str] = field(default_factory=set)
+    dead_lettered: set[str] = field(default_factory=set)
+    exit_codes: list[int] = field(default_factory=list)
+    max_batch: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "kills": self.kills,
+            "events": self.events,
+            "lost": len(self.lost),
+            "duplicate effects": len(self.duplicate_effects),
+            "uncertain outcomes": len(self.uncertain),
+        }
+
+
+def produce(bootstrap: str, topic: str, events: int, duplicates: float, seed: int) -> list[str]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result()
+    rng = random.Random(seed)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    ids: list[str] = []
+    sent: list[str] = []
+    for _ in range(events):
+        if ids and rng.random() < duplicates:
+            event_id = ids[rng.randrange(len(ids))]
+        else:
+            event_id = str(uuid.UUID(int=rng.getrandbits(128)))
+            ids.append(event_id)
+        sent.append(event_id)
+        while True:
+            try:
+                producer.produce(
+                    topic,
+                    key=event_id,
+                    value=f'{{"id":"{event_id}"}}',
+                    headers=[("event-id", event_id.encode())],
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(60) == 0
+    return sent
+
+
+def write_config(workdir: Path, bootstrap: str, topic: str, mode: Mode, batch: int) -> Path:
+    path = workdir / "consumer.toml"
+    path.write_text(f"""
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{topic}-group"
+topics = ["{topic}"]
+[kafka.consumer]
+"session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 500
+"group.instance.id" = "{topic}-member"   # static membership: a restart rejoins at once
+[store]
+path = "{workdir / "state"}"
+[processing]
+batch_size = {batch}
+poll_timeout = "100ms"
+dead_letter_topic = "{topic}.dlq"
+mode = "{mode.mode}"
+on_uncertain = "{mode.on_uncertain}"
+[observability]
+log_level = "warning"
+log_format = "json"
+""")
+    return path
+
+
+def _start(
+    config: Path, effects: Path, handler: str, fault: str | None, after: int, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DEDUPE_TEST_EFFECTS": str(effects)}
+    env.pop("DEDUPE_FAULT_POINT", None)
+    if fault is not None:
+        env["DEDUPE_FAULT_POINT"] = fault
+        env["DEDUPE_FAULT_AFTER"] = str(after)
+    with log.open("ab") as err:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dedupe_consumer",
+                "run",
+                "--config",
+                str(config),
+                "--handler",
+                handler,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        found = consumer.committed(
+            [KafkaTopicPartition(topic, p) for p in range(PARTITIONS)], timeout=30
+        )
+        return {tp.partition: tp.offset for tp in found}
+    finally:
+        consumer.close()
+
+
+def _ends(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "suite-ends"})
+    try:
+        return {
+            p: consumer.get_watermark_offsets(KafkaTopicPartition(topic, p), timeout=30)[1]
+            for p in range(PARTITIONS)
+        }
+    finally:
+        consumer.close()
+
+
+def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"dlq-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    ids: set[str] = set()
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return ids
+        parts = [KafkaTopicPartition(topic, p) for p in metadata.partitions]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+        if not any(ends.values()):
+            return ids
+        consumer.assign([KafkaTopicPartition(topic, p, 0) for p in ends])
+        seen = dict.fromkeys(ends, 0)
+        deadline = time.monotonic() + 30
+        while any(seen[p] < ends[p] for p in ends) and time.monotonic() < deadline:
+            for m in consumer.consume(500, 0.5):
+                if m.error() is None:
+                    seen[m.partition() or 0] = (m.offset() or 0) + 1
+                    ids.add((dict(header_pairs(m)).get("dlq.event.id") or b"").decode())
+        return ids
+    finally:
+        consumer.close()
+
+
+def _uncertain_ids(log: Path) -> set[str]:
+    found: set[str] = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if '"uncertain_outcome"' in line:
+            try:
+                found.add(json.loads(line)["event_id"])
+            except (ValueError, KeyError):
+                continue
+    return found
+
+
+def _effects_of(path: Path) -> Counter[str]:
+    return Counter(path.read_text().split()) if path.exists() else Counter()
+
+
+def run_mode(
+    bootstrap: str,
+    workdir: Path,
+    mode: Mode,
+    *,
+    events: int,
+    duplicates: float,
+    kills: int,
+    seed: int,
+    batch: int = 100,
+    timeout_s: float = 240,
+) -> Outcome:
+    """Produce, kill ``kills`` times, finish, and check; returns what was measured."""
+    rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    topic = f"suite-{mode.name.replace('+', '-')}-{uuid.uuid4().hex[:8]}"
+    sent = produce(bootstrap, topic, events, duplicates, seed)
+    unique = set(sent)
+    config = write_config(workdir, bootstrap, topic, mode, batch)
+    effects, log = workdir / "effects", workdir / "consumer.log"
+    outcome = Outcome(mode.name, events=events, unique=len(unique), max_batch=batch)
+    deadline = time.monotonic() + timeout_s
+
+    def done() -> bool:
+        return _committed(bootstrap, f"{topic}-group", topic) == _ends(bootstrap, topic)
+
+    for k in range(kills):
+        if time.monotonic() > deadline:
+            break
+        random_moment = k % 3 == 2
+        point = None if random_moment else mode.points[k % len(mode.points)]
+        proc = _start(config, effects, mode.handler, point, rng.randint(1, 6), log)
+        if random_moment:
+            time.sleep(rng.uniform(1.0, 2.5))  # ~1 s of start-up, then mid-batch
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        code = proc.wait(timeout=120)
+        outcome.exit_codes.append(code)
+        if code == -signal.SIGKILL:
+            outcome.kills += 1
+        if done():
+            break
+
+    final = _start(config, effects, mode.handler, None, 1, log)
+    try:
+        while not done() and time.monotonic() < deadline + 120:
+            time.sleep(0.5)
+    finally:
+        final.send_signal(signal.SIGTERM)
+        outcome.exit_codes.append(final.wait(timeout=60))
+
+    outcome.uncertain = _uncertain_ids(log)
+    outcome.dead_lettered = _dead_lettered(bootstrap, f"{topic}.dlq")
+    if mode.transactional:
+        counts: Counter[str] = Counter()
+        store = RocksStore(workdir / "state", retention_ms=10**12)
+        try:
+            for p in range(PARTITIONS):
+                for key, value in store.effects(TopicPartition(topic, p)):
+                    counts[key.decode().removeprefix("count:")] += int(value)
+        finally:
+            store.close()
+    else:
+        counts = _effects_of(effects)
+    outcome.lost = sorted(unique - set(counts) - outcome.dead_lettered)
+    if outcome.lost:
+        calls = _effects_of(effects)
+        store = RocksStore(workdir / "state", retention_ms=10**12)
+        try:
+            now = int(time.time() * 1000)
+            for p in range(PARTITIONS):
+                tp = TopicPartition(topic, p)
+                found = [d for d in store.lookup(tp, outcome.lost, now) if d is not None]
+                if found:
+                    outcome.notes.append(
+                        f"p{p}: {len(found)} lost have records {Counter(d.status.name for d in found)}"
+                        f" offsets {min(d.offset for d in found)}..{max(d.offset for d in found)}"
+                        f" wm={store.watermark(tp)}"
+                    )
+        finally:
+            store.close()
+        outcome.notes.append(
+            f"lost IDs with a handler call: {sum(1 for i in outcome.lost if i in calls)}"
+        )
+        outcome.notes.append(f"exit codes {outcome.exit_codes}")
+    outcome.duplicate_effects = {i: n for i, n in counts.items() if n > 1}
+    return outcome
