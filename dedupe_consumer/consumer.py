@@ -127,6 +127,7 @@ class DedupeConsumer:
                 settings.kafka.bootstrap_servers,
                 settings.kafka.group_id,
                 settings.dedupe.retention,
+                f"dedupe-consumer.{settings.kafka.group_id}.{store.instance_id}",
                 settings.kafka.producer,
             )
         engine = self._engine = Engine(

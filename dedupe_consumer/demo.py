@@ -83,7 +83,8 @@ def run_demo(events: int = 20_000, duplicates: float = 0.1, seed: int = 7) -> bo
                 "consumer": {"log_level": 3},
                 "producer": {"log_level": 3},
             },
-            store={"path": str(Path(tmp) / "state")},
+            # One instance, and the mock cluster has no transactions: no changelog needed.
+            store={"path": str(Path(tmp) / "state"), "changelog": False},
             processing={
                 "dead_letter_topic": f"{TOPIC}.dlq",
                 "batch_size": 1000,

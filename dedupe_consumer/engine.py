@@ -519,9 +519,11 @@ class Engine:
         if self.changelog is not None:
             # The changelog first: it must never be behind what any instance did.
             for tp, (first, last) in self.changelog.write(write).items():
-                # Advance only when our write follows what we applied; otherwise the next
-                # restore re-reads (idempotent).
-                if self.store.changelog_position(tp) in (None, first):
-                    write.changelog_positions[tp] = last + 1
+                # Advance only when our write directly follows what we applied (a
+                # transaction marker may sit in between); otherwise the next restore
+                # re-reads from the old position, which is idempotent.
+                position = self.store.changelog_position(tp)
+                if position is None or position <= first <= position + 1:
+                    write.changelog_positions[tp] = last + 2  # after our commit marker
         self.store.persist(write)
         self.metrics.persist_seconds.observe(time.monotonic() - started)

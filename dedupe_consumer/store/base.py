@@ -72,6 +72,10 @@ class WriteSet:
 
 
 class ProcessedStore(Protocol):
+    @property
+    def instance_id(self) -> str:
+        """A stable ID of this store (and so of this consumer instance), made on first open."""
+
     def watermark(self, tp: TopicPartition) -> int | None:
         """Highest offset of ``tp`` whose decision is durable, or None if never seen."""
 

@@ -25,7 +25,6 @@ from datetime import timedelta
 
 import structlog
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -60,6 +59,7 @@ class Changelog:
         bootstrap_servers: str,
         group_id: str,
         retention: timedelta,
+        transactional_id: str,
         producer_config: Mapping[str, str | int | float | bool] | None = None,
         timeout_s: float = 30.0,
     ) -> None:
@@ -69,12 +69,21 @@ class Changelog:
         self.timeout_s = timeout_s
         conf: dict[str, str | int | float | bool] = {
             "bootstrap.servers": bootstrap_servers,
-            "enable.idempotence": True,
-            "acks": "all",
             "linger.ms": 1,
         }
         conf.update(producer_config or {})
+        # One transaction per batch: a crash mid-batch leaves nothing visible. The id is
+        # stable per store, so a restarted instance fences and aborts its own leftovers.
+        conf["transactional.id"] = transactional_id
         self._producer = Producer(conf)
+        try:
+            self._producer.init_transactions(timeout_s)
+        except KafkaException as exc:
+            raise StoreError(
+                f"cannot start the changelog producer (transactional.id {transactional_id!r}): "
+                f"{exc}; the broker must support transactions (transaction.state.log.* set for "
+                "its size), or set store.changelog = false for a single-instance consumer"
+            ) from exc
         self._ensured: set[str] = set()
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
@@ -136,27 +145,38 @@ class Changelog:
         self._delivered[source] = (min(low, offset), max(high, offset))
 
     def write(self, write: WriteSet) -> dict[TopicPartition, tuple[int, int]]:
-        """Produce ``write`` and flush; return the (first, last) offset written per partition."""
+        """Produce ``write`` in one transaction; return the (first, last) offset per partition."""
         self._delivered = {}
-        for tp, items in write.decisions.items():
-            for event_id, decision in items:
-                self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
-        for tp, ids in write.released.items():
-            for event_id in ids:
-                self._send(tp, _DECISION_PREFIX + event_id.encode(), None)
-        for tp, changes in write.effects.items():
-            for key, value in changes:
-                self._send(tp, _EFFECT_PREFIX + key, value)
-        for tp, offset in write.watermarks.items():
-            self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
-        remaining = self._producer.flush(self.timeout_s)
-        errors, self._errors = self._errors, []
-        if remaining or errors:
+        self._errors = []
+        try:
+            self._producer.begin_transaction()
+            for tp, items in write.decisions.items():
+                for event_id, decision in items:
+                    self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
+            for tp, ids in write.released.items():
+                for event_id in ids:
+                    self._send(tp, _DECISION_PREFIX + event_id.encode(), None)
+            for tp, changes in write.effects.items():
+                for key, value in changes:
+                    self._send(tp, _EFFECT_PREFIX + key, value)
+            for tp, offset in write.watermarks.items():
+                self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
+            self._producer.commit_transaction(self.timeout_s)
+        except KafkaException as exc:
+            self._abort()
             raise StoreError(
-                f"changelog write failed ({remaining} undelivered, errors: {errors[:3]}); the "
-                "batch is not persisted or committed and will be redelivered"
-            )
+                f"changelog transaction failed: {exc}; the batch is not persisted or committed "
+                "and will be redelivered"
+            ) from exc
+        if self._errors:
+            raise StoreError(f"changelog delivery failed: {self._errors[:3]}")
         return dict(self._delivered)
+
+    def _abort(self) -> None:
+        try:
+            self._producer.abort_transaction(self.timeout_s)
+        except KafkaException as exc:
+            log.error("changelog_abort_failed", error=str(exc))
 
     def _send(self, tp: TopicPartition, key: bytes, value: bytes | None) -> None:
         while True:
@@ -175,66 +195,73 @@ class Changelog:
     # -- restoring -------------------------------------------------------------------------
 
     def restore(self, tp: TopicPartition, store: ProcessedStore, start: int | None) -> int:
-        """Apply changelog records of ``tp`` from ``start`` to the end; return the next offset."""
+        """Apply committed changelog records of ``tp`` from ``start`` to the end.
+
+        Reads with ``isolation.level=read_committed`` up to the partition end that
+        librdkafka reports (which is after any transaction marker): a batch whose
+        transaction was cut short by a crash is invisible, so a decision is never
+        restored without its effects and watermark. Returns the next offset.
+        """
         name = changelog_topic(self.group_id, tp.topic)
         consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap_servers,
                 "group.id": f"{self.group_id}.restore.{uuid.uuid4()}",  # never used to commit
                 "enable.auto.commit": False,
-                "enable.partition.eof": False,
+                "enable.partition.eof": True,
+                "isolation.level": "read_committed",
             }
         )
         try:
             ktp = KafkaTopicPartition(name, tp.partition)
             low, high = self._offsets(consumer, ktp)
-            begin = max(low, start if start is not None else OFFSET_BEGINNING)
-            if begin < 0:
-                begin = low
+            begin = low if start is None else max(low, start)
             if begin >= high:
                 return max(high, start or 0)
             consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
-            restored = WriteSet()
             records: dict[str, StoredDecision | None] = {}
             effects: dict[bytes, bytes | None] = {}
             watermark: int | None = None
-            position = begin
+            end: int | None = None
             deadline = time.monotonic() + self.timeout_s
-            while position < high:
+            while end is None:
                 if time.monotonic() > deadline:
                     raise StoreError(
-                        f"changelog restore of {tp} stalled at offset {position} of {high}"
+                        f"changelog restore of {tp} stalled (read from {begin}, end {high}): "
+                        "an open transaction of a previous owner may still be pending"
                     )
-                messages = consumer.consume(1000, 1.0)
-                if messages:
-                    deadline = time.monotonic() + self.timeout_s
-                for m in messages:
-                    if m.error() is not None:
+                for m in consumer.consume(1000, 1.0):
+                    error = m.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            end = m.offset() or 0
                         continue
-                    position = (m.offset() or 0) + 1
-                    key, value = m.key() or b"", m.value() or b""  # None value: a tombstone
-                    if key == _WATERMARK_KEY:
+                    deadline = time.monotonic() + self.timeout_s
+                    key, value = m.key() or b"", m.value()  # a None value is a tombstone
+                    if key == _WATERMARK_KEY and value is not None:
                         watermark = max(watermark or -1, _OFFSET.unpack(value)[0])
                     elif key.startswith(_DECISION_PREFIX):
-                        records[key[len(_DECISION_PREFIX) :].decode()] = StoredDecision.decode(
-                            value
-                        )
+                        event_id = key[len(_DECISION_PREFIX) :].decode()
+                        records[event_id] = None if value is None else StoredDecision.decode(value)
+                    elif key.startswith(_EFFECT_PREFIX):
+                        effects[key[len(_EFFECT_PREFIX) :]] = value
+            restored = WriteSet(changelog_positions={tp: end})
             local = store.watermark(tp)
-            if watermark is not None and (local or -1) < watermark:
+            if watermark is not None and (local is None or local < watermark):
                 restored.watermarks[tp] = watermark
             restored.decisions[tp] = [(i, d) for i, d in records.items() if d is not None]
             restored.released[tp] = [i for i, d in records.items() if d is None]
             restored.effects[tp] = list(effects.items())
-            restored.changelog_positions[tp] = high
             store.persist(restored)
             log.info(
                 "changelog_restored",
                 partition=str(tp),
                 records=len(records),
+                effects=len(effects),
                 watermark=watermark,
-                changelog_offsets=(begin, high),
+                changelog_offsets=(begin, end),
             )
-            return high
+            return end
         finally:
             consumer.close()
 

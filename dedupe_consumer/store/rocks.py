@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store.base import StoredDecision, WriteSet
 
 _META = "meta"
+_INSTANCE_KEY = b"instance-id"
 _WATERMARK = struct.Struct(">q")
 
 
@@ -125,6 +127,14 @@ class RocksStore:
         return self._db.get_column_family_handle(_cf_name(tp, effects=effects))
 
     # -- ProcessedStore -------------------------------------------------------------------
+
+    @property
+    def instance_id(self) -> str:
+        raw = self._meta.get(_INSTANCE_KEY)
+        if raw is None:
+            raw = uuid.uuid4().hex.encode()
+            self._meta.put(_INSTANCE_KEY, raw, self._sync)
+        return bytes(raw).decode()
 
     def watermark(self, tp: TopicPartition) -> int | None:
         raw = self._meta.get(_watermark_key(tp))

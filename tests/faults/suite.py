@@ -308,8 +308,9 @@ def run_mode(
                 tp = TopicPartition(topic, p)
                 found = [d for d in store.lookup(tp, outcome.lost, now) if d is not None]
                 if found:
+                    statuses = Counter(d.status.name for d in found)
                     outcome.notes.append(
-                        f"p{p}: {len(found)} lost have records {Counter(d.status.name for d in found)}"
+                        f"p{p}: {len(found)} lost have records {statuses}"
                         f" offsets {min(d.offset for d in found)}..{max(d.offset for d in found)}"
                         f" wm={store.watermark(tp)}"
                     )
