@@ -86,6 +86,19 @@ def broker() -> None:
     run_broker_foreground()
 
 
+def _register_commands() -> None:
+    """Commands that live next to the feature they drive (replay/, sidecar/)."""
+    from dedupe_consumer.replay.commands import record, replay
+    from dedupe_consumer.sidecar.command import sidecar
+
+    app.command()(record)
+    app.command()(replay)
+    app.command()(sidecar)
+
+
+_register_commands()
+
+
 def main() -> None:
     try:
         app()
