@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TIMESTAMP_NOT_AVAILABLE = 0
 TIMESTAMP_CREATE_TIME = 1
+TIMESTAMP_LOG_APPEND_TIME = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +20,8 @@ class Record:
     value_: bytes | None = None
     headers_: list[tuple[str, str | bytes | None]] = field(default_factory=list)
     timestamp_ms: int | None = None
+    timestamp_type_: int = TIMESTAMP_CREATE_TIME
+    """Kept so a re-produced or replayed message says where its timestamp came from."""
 
     def topic(self) -> str:
         return self.topic_
@@ -39,5 +43,5 @@ class Record:
 
     def timestamp(self) -> tuple[int, int]:
         if self.timestamp_ms is None:
-            return (0, -1)
-        return (TIMESTAMP_CREATE_TIME, self.timestamp_ms)
+            return (TIMESTAMP_NOT_AVAILABLE, -1)
+        return (self.timestamp_type_, self.timestamp_ms)

@@ -133,7 +133,8 @@ def test_store_that_cannot_be_written_stops_with_a_clear_error_and_commits_nothi
         store.close()
     committed = committed_offsets(kafka_bootstrap, f"{topic}-group", topic, 2)
     for p in range(2):
-        durable = -1 if watermarks[p] is None else watermarks[p]
+        wm = watermarks[p]
+        durable = -1 if wm is None else wm
         assert committed[p] <= durable + 1, (p, committed, watermarks)
     assert any(c > 0 for c in committed.values()), "progress was committed before the failure"
     assert sum(effects_of(effects).values()) < 20000, "it should have stopped mid-stream"
