@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from dedupe_consumer import Settings
@@ -84,10 +84,17 @@ def settings_for(
 def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
-        found = consumer.committed(
-            [TopicPartition(topic, p) for p in range(partitions)], timeout=30
-        )
-        return {tp.partition: tp.offset for tp in found}
+        for attempt in range(20):  # the group coordinator may be moving or loading
+            try:
+                found = consumer.committed(
+                    [TopicPartition(topic, p) for p in range(partitions)], timeout=30
+                )
+                return {tp.partition: tp.offset for tp in found}
+            except KafkaException:
+                if attempt == 19:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
     finally:
         consumer.close()
 

@@ -31,6 +31,8 @@ from confluent_kafka.cimpl import NewTopic
 from dedupe_consumer.models import TopicPartition, header_pairs
 from dedupe_consumer.store import RocksStore
 
+from ..kafka_helpers import committed_offsets, end_offsets
+
 REPO = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
 
@@ -84,12 +86,21 @@ class Outcome:
         }
 
 
-def produce(bootstrap: str, topic: str, events: int, duplicates: float, seed: int) -> list[str]:
+def produce(
+    bootstrap: str,
+    topic: str,
+    events: int,
+    duplicates: float,
+    seed: int,
+    ids: list[str] | None = None,
+) -> list[str]:
+    """Produce events (creating the topic on first use); ``ids`` are earlier IDs to repeat."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result()
+    if ids is None:
+        admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result()
     rng = random.Random(seed)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
-    ids: list[str] = []
+    ids = ids if ids is not None else []
     sent: list[str] = []
     for _ in range(events):
         if ids and rng.random() < duplicates:
@@ -166,28 +177,6 @@ def _start(
         )
 
 
-def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        found = consumer.committed(
-            [KafkaTopicPartition(topic, p) for p in range(PARTITIONS)], timeout=30
-        )
-        return {tp.partition: tp.offset for tp in found}
-    finally:
-        consumer.close()
-
-
-def _ends(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "suite-ends"})
-    try:
-        return {
-            p: consumer.get_watermark_offsets(KafkaTopicPartition(topic, p), timeout=30)[1]
-            for p in range(PARTITIONS)
-        }
-    finally:
-        consumer.close()
-
-
 def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
     consumer = Consumer(
         {
@@ -258,24 +247,31 @@ def run_mode(
     deadline = time.monotonic() + timeout_s
 
     def done() -> bool:
-        return _committed(bootstrap, f"{topic}-group", topic) == _ends(bootstrap, topic)
+        return committed_offsets(bootstrap, f"{topic}-group", topic, PARTITIONS) == end_offsets(
+            bootstrap, topic, PARTITIONS
+        )
 
+    known = list(dict.fromkeys(sent))
     for k in range(kills):
         if time.monotonic() > deadline:
             break
+        if done():  # drained before the kills ran out: more traffic, more kills
+            sent += produce(
+                bootstrap, topic, max(1000, events // 4), duplicates, seed + k, ids=known
+            )
         random_moment = k % 3 == 2
         point = None if random_moment else mode.points[k % len(mode.points)]
         proc = _start(config, effects, mode.handler, point, rng.randint(1, 6), log)
         if random_moment:
-            time.sleep(rng.uniform(1.0, 2.5))  # ~1 s of start-up, then mid-batch
+            time.sleep(rng.uniform(0.5, 2.0))  # during start-up, restore or a batch
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
         code = proc.wait(timeout=120)
         outcome.exit_codes.append(code)
         if code == -signal.SIGKILL:
             outcome.kills += 1
-        if done():
-            break
+    unique = set(sent)
+    outcome.events, outcome.unique = len(sent), len(unique)
 
     final = _start(config, effects, mode.handler, None, 1, log)
     try:
