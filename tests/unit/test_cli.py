@@ -1,0 +1,57 @@
+"""The command line: bad input stops at start-up with a message that names the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from dedupe_consumer.cli import app
+
+from .test_settings import GOOD
+
+runner = CliRunner()
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD.replace("batch_size = 500", "batch_size = 0"))
+    result = runner.invoke(app, ["run", "--config", str(config), "--handler", "x.y:Z"])
+    assert result.exit_code == 2
+    assert "processing.batch_size = 0" in result.output
+    assert "1..100000" in result.output
+
+
+def test_bad_handler_reference_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    result = runner.invoke(app, ["run", "--config", str(config), "--handler", "no_colon"])
+    assert result.exit_code == 2
+    assert "expected 'package.module:ClassName'" in result.output
+    result = runner.invoke(app, ["run", "--config", str(config), "--handler", "json:loads"])
+    assert result.exit_code == 2
+    assert "is not a dedupe_consumer.Handler subclass" in result.output
+
+
+def test_offline_demo_checks_handled_equals_unique() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dedupe_consumer",
+            "demo",
+            "--events",
+            "3000",
+            "--duplicates",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every unique event ID was handled exactly once" in proc.stdout
+    assert "3,000" in proc.stdout
