@@ -23,21 +23,21 @@ class Effects:
     the same batch, then the store. A call that fails discards its writes.
     """
 
-    __slots__ = ("_batch", "_read", "staged")
+    __slots__ = ("_read", "batch", "staged")
 
     def __init__(
         self, read: Callable[[bytes], bytes | None], batch: dict[bytes, bytes | None]
     ) -> None:
         self._read = read
-        self._batch = batch
+        self.batch = batch
         self.staged: dict[bytes, bytes | None] = {}
 
     def get(self, key: bytes | str) -> bytes | None:
         k = _bytes(key)
         if k in self.staged:
             return self.staged[k]
-        if k in self._batch:
-            return self._batch[k]
+        if k in self.batch:
+            return self.batch[k]
         return self._read(k)
 
     def stage(self, key: bytes | str, value: bytes | str | None) -> None:

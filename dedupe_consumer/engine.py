@@ -121,6 +121,7 @@ class Engine:
         self._watermarks: dict[TopicPartition, int | None] = {}
         self._stopping = threading.Event()
         self._sweep_budget = settings.store.sweep_keys
+        self._walk_effects: Effects | None = None
         if (
             self.claims
             and settings.processing.on_uncertain == "reconcile"
@@ -175,11 +176,18 @@ class Engine:
     def process(self, messages: Sequence[SourceMessage]) -> BatchResult:
         started = time.monotonic()
         now_ms = int(self.clock() * 1000)
-        plan: dict[TopicPartition, list[_Item]] = {}
+        grouped: dict[tuple[str | None, int | None], list[_Item]] = {}
         for message in messages:
-            tp = TopicPartition(message.topic() or "", message.partition() or 0)
+            key = (message.topic(), message.partition())
+            items = grouped.get(key)
+            if items is None:
+                items = grouped[key] = []
+            items.append(_Item(message, message.offset() or 0))
+        plan: dict[TopicPartition, list[_Item]] = {}
+        for (topic, partition), items in grouped.items():
+            tp = TopicPartition(topic or "", partition or 0)
             if tp in self._watermarks:  # a revoked partition's leftovers belong to its new owner
-                plan.setdefault(tp, []).append(_Item(message, message.offset() or 0))
+                plan[tp] = items
         for tp, items in plan.items():
             self._classify(tp, items, now_ms)
 
@@ -443,6 +451,15 @@ class Engine:
             effects=effects,
         )
 
+    def _effects(self, tp: TopicPartition, batch_effects: dict[bytes, bytes | None]) -> Effects:
+        """One Effects per partition walk, reset per call: not one object per event."""
+        effects = self._walk_effects
+        if effects is None or effects.batch is not batch_effects:
+            effects = self._walk_effects = Effects(
+                lambda key: self.store.effect(tp, key), batch_effects
+            )
+        return effects
+
     def _handle(
         self, tp: TopicPartition, item: _Item, batch_effects: dict[bytes, bytes | None]
     ) -> _Outcome:
@@ -455,10 +472,11 @@ class Engine:
             )
         processing = self.settings.processing
         attempts = processing.max_retries + 1
-        base = self._event(tp, item, payload, None)
+        effects = self._effects(tp, batch_effects)
+        base = self._event(tp, item, payload, effects)
         for attempt in range(1, attempts + 1):
-            effects = Effects(lambda key: self.store.effect(tp, key), batch_effects)
-            event = replace(base, attempt=attempt, effects=effects)
+            effects.staged = {}  # a failed attempt's writes are dropped here
+            event = base if attempt == 1 else replace(base, attempt=attempt)
             try:
                 self.handler.handle(event)
             except PermanentError as permanent:

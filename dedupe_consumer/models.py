@@ -54,9 +54,13 @@ class Decision(enum.StrEnum):
     DEAD_LETTERED = "dead_lettered"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """One unseen event, as the handler sees it."""
+    """One unseen event, as the handler sees it.
+
+    Not frozen on purpose: a frozen dataclass pays an ``object.__setattr__`` per
+    field on every construction, and one Event is built per handled message.
+    """
 
     id: str
     topic: str
@@ -148,6 +152,9 @@ def header_pairs(message: SourceMessage) -> list[tuple[str, bytes | None]]:
     raw = message.headers()
     if not raw:
         return []
+    if isinstance(raw, list):
+        # confluent-kafka (and the replay Record) give (str, bytes | None) pairs: no copy.
+        return raw  # type: ignore[return-value]
     items = raw.items() if isinstance(raw, dict) else raw
     return [(k, v.encode() if isinstance(v, str) else v) for k, v in items]
 

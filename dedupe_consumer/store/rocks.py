@@ -35,6 +35,7 @@ from dedupe_consumer.store.base import StoredDecision, WriteSet
 _META = "meta"
 _INSTANCE_KEY = b"instance-id"
 _WATERMARK = struct.Struct(">q")
+_DECIDED_AT = struct.Struct(">Q")  # StoredDecision bytes 9..17
 
 
 def _cf_name(tp: TopicPartition, *, effects: bool = False) -> str:
@@ -220,7 +221,7 @@ class RocksStore:
                 it.seek(cursor)
             seen = 0
             while it.valid() and seen < budget:
-                if StoredDecision.decode(it.value()).decided_at_ms < oldest:
+                if _DECIDED_AT.unpack_from(it.value(), 9)[0] < oldest:  # no full decode
                     batch.delete(it.key(), handle)
                     deleted += 1
                 seen += 1
