@@ -15,6 +15,12 @@ _LEVELS = {
 }
 
 
+def _stderr_logger(*args: object) -> structlog.PrintLogger:
+    # Resolve sys.stderr per logger, not once: a test runner may swap and close the
+    # stream it had when configure_logging ran.
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
     """Configure structlog globally; logs go to stderr so stdout stays for reports."""
     renderer: structlog.typing.Processor = (
@@ -31,6 +37,6 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

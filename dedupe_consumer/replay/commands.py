@@ -1,17 +1,365 @@
-"""``dedupe-consumer record`` and ``replay`` (placeholders until issue 5 lands)."""
+"""``dedupe-consumer record`` and ``dedupe-consumer replay``.
+
+Exit codes, shared by both commands so scripts can tell a failed test from a
+broken invocation: 0 ok; 1 the replay found an ID handled more than once or a
+lost event (or Kafka failed mid-way); 2 bad arguments, configuration or
+recording. Progress bars and logs go to stderr, reports to stdout, so
+``--json`` output can be piped.
+"""
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
 import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+
+    from dedupe_consumer.replay.report import ReplayReport
+
+_SHOWN: int = 10
+"""How many offending IDs / lost events the text report lists."""
 
 
-def record() -> None:
-    """Record a topic to a JSON Lines file."""
-    typer.echo("record is not built yet (issue 5)", err=True)
+def record(
+    bootstrap_servers: Annotated[
+        str, typer.Option("--bootstrap-servers", "-b", help="Kafka bootstrap servers, host:port.")
+    ],
+    topic: Annotated[str, typer.Option("--topic", "-t", help="Topic to record.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Recording file (JSON Lines); '.gz' for gzip.")
+    ],
+    partition: Annotated[
+        list[int] | None,
+        typer.Option("--partition", "-p", help="Record only this partition (repeatable)."),
+    ] = None,
+    start: Annotated[
+        str,
+        typer.Option(
+            "--from", help="'earliest', 'latest' or an ISO-8601 time (no zone means UTC)."
+        ),
+    ] = "earliest",
+    max_messages: Annotated[
+        int | None, typer.Option("--max-messages", min=1, help="Stop after N messages.")
+    ] = None,
+    until_end: Annotated[
+        bool,
+        typer.Option("--until-end", help="Stop at the end offsets taken when recording starts."),
+    ] = False,
+    properties: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--property",
+            "-X",
+            help="Extra librdkafka consumer property KEY=VALUE (repeatable), e.g. for SASL.",
+        ),
+    ] = None,
+) -> None:
+    """Record a topic to a JSON Lines file (see docs/recording-format.md).
+
+    Reads with assign(), never joins a consumer group and never commits. Without
+    --until-end or --max-messages it records until Ctrl-C, then keeps what it has.
+    """
+    from dedupe_consumer.observability import configure_logging
+    from dedupe_consumer.replay.format import RecordingError
+    from dedupe_consumer.replay.recorder import parse_start, record_topic
+
+    err = Console(stderr=True)
+    configure_logging("warning")
+    try:
+        start_at = parse_start(start)
+        extra = _properties(properties)
+    except ValueError as exc:
+        _usage(err, str(exc))
+    stop = threading.Event()
+    try:
+        with _progress(err, "recording") as update, _stop_on_signals(stop):
+            summary = record_topic(
+                bootstrap_servers,
+                topic,
+                out,
+                partitions=partition,
+                start=start_at,
+                max_messages=max_messages,
+                until_end=until_end,
+                properties=extra,
+                stop=stop,
+                progress=update,
+            )
+    except (RecordingError, ValueError) as exc:
+        _usage(err, str(exc))
+    except Exception as exc:  # Kafka failed mid-way; the .partial file is kept
+        _failed(err, exc)
+    how = {"end": "end offsets reached", "max-messages": "--max-messages reached"}.get(
+        summary.stopped_by, "stopped on request"
+    )
+    err.print(
+        f"recorded {summary.messages:,} message(s) of {topic!r} to {out} ({how})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def replay(
+    file: Annotated[Path, typer.Argument(help="Recording file (.jsonl or .jsonl.gz).")],
+    handler: Annotated[
+        str | None,
+        typer.Option(
+            help="Handler class 'package.module:ClassName': replay through the engine, no Kafka."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="TOML settings for the engine (store.path is replaced)."
+        ),
+    ] = None,
+    inject_duplicates: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of events sent again later with new offsets."),
+    ] = 0.0,
+    redeliver_batches: Annotated[
+        bool,
+        typer.Option(help="Deliver every batch twice, as a restart before commit would."),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for --inject-duplicates.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    to_topic: Annotated[
+        str | None,
+        typer.Option(help="Instead: re-produce the recording to this (existing) topic."),
+    ] = None,
+    bootstrap_servers: Annotated[
+        str | None,
+        typer.Option("--bootstrap-servers", "-b", help="Kafka bootstrap servers (--to-topic)."),
+    ] = None,
+    properties: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--property", "-X", help="Extra librdkafka producer property KEY=VALUE (--to-topic)."
+        ),
+    ] = None,
+) -> None:
+    """Replay a recording through a handler (exit 1 on a double handling or a lost
+    event), or re-produce it into a topic with --to-topic."""
+    err = Console(stderr=True)
+    if (handler is None) == (to_topic is None):
+        _usage(err, "give exactly one of --handler (replay through the engine) or --to-topic")
+    if to_topic is not None:
+        engine_only = {
+            "--config": config is not None,
+            "--inject-duplicates": inject_duplicates != 0.0,
+            "--redeliver-batches": redeliver_batches,
+            "--json": as_json,
+        }
+        misplaced = [name for name, given in engine_only.items() if given]
+        if misplaced:
+            _usage(err, f"{', '.join(misplaced)} only apply with --handler")
+        if bootstrap_servers is None:
+            _usage(err, "--to-topic needs --bootstrap-servers")
+        _produce(err, file, to_topic, bootstrap_servers, properties)
+        return
+    if bootstrap_servers is not None or properties:
+        _usage(err, "--bootstrap-servers and --property only apply with --to-topic")
+    assert handler is not None
+    report = _replay_through_engine(
+        err, file, handler, config, inject_duplicates, redeliver_batches, seed
+    )
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        _print_report(Console(), report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _replay_through_engine(
+    err: Console,
+    file: Path,
+    handler_spec: str,
+    config: Path | None,
+    inject_duplicates: float,
+    redeliver_batches: bool,
+    seed: int,
+) -> ReplayReport:
+    from dedupe_consumer._loading import load_handler_class
+    from dedupe_consumer.config import Settings
+    from dedupe_consumer.errors import ConfigError
+    from dedupe_consumer.observability import configure_logging
+    from dedupe_consumer.replay.format import RecordingError
+    from dedupe_consumer.replay.harness import replay_recording
+
+    try:
+        settings = Settings.from_toml(config) if config is not None else None
+        handler_cls = load_handler_class(handler_spec)
+    except ConfigError as exc:
+        _usage(err, f"configuration error: {exc}")
+    if settings is not None:
+        configure_logging(settings.observability.log_level, settings.observability.log_format)
+    else:
+        configure_logging("warning")
+    try:
+        with _progress(err, "replaying") as update:
+            return replay_recording(
+                handler_cls,
+                file,
+                settings=settings,
+                inject_duplicates=inject_duplicates,
+                redeliver_batches=redeliver_batches,
+                seed=seed,
+                progress=update,
+            )
+    except (RecordingError, ConfigError, ValueError) as exc:
+        _usage(err, str(exc))
+
+
+def _produce(
+    err: Console, file: Path, topic: str, bootstrap_servers: str, properties: list[str] | None
+) -> None:
+    from dedupe_consumer.replay.format import RecordingError
+    from dedupe_consumer.replay.producer import produce_recording
+
+    try:
+        extra = _properties(properties)
+        with _progress(err, f"producing to {topic}") as update:
+            summary = produce_recording(
+                file, topic, bootstrap_servers, properties=extra, progress=update
+            )
+    except (RecordingError, ValueError) as exc:
+        _usage(err, str(exc))
+    except Exception as exc:
+        _failed(err, exc)
+    where = "original partitions" if summary.kept_partitions else "partitions chosen by key"
+    err.print(
+        f"produced {summary.messages:,} message(s) to {topic!r} ({where})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _print_report(out: Console, report: ReplayReport) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"replay of {report.topic}", caption=report.recording, show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dead_letter_reasons.items()))
+    rows: list[tuple[str, object]] = [
+        ("events", report.events),
+        ("  of which injected duplicates", report.injected),
+        ("deliveries (with redeliveries)", report.deliveries),
+        ("handled", report.handled),
+        ("duplicates", report.duplicates),
+        ("replays (below watermark)", report.replays),
+        ("conflicting duplicates", report.conflicting),
+        ("dead-lettered" + (f" ({reasons})" if reasons else ""), report.dead_lettered),
+        ("events without an ID", report.missing_id),
+        ("unique IDs", len(report.unique_ids)),
+        ("IDs handled", len(report.handled_ids)),
+        ("IDs handled more than once", len(report.handled_more_than_once)),
+        ("lost events", len(report.lost)),
+        ("seconds", f"{report.seconds:.2f}"),
+    ]
+    for what, count in rows:
+        table.add_row(what, f"{count:,}" if isinstance(count, int) else str(count))
+    out.print(table)
+    for event_id, calls in list(report.handled_more_than_once.items())[:_SHOWN]:
+        note = " (in several partitions)" if event_id in report.ids_in_several_partitions else ""
+        out.print(f"  handled {calls}x: {event_id}{note}", highlight=False)
+    for lost in report.lost[:_SHOWN]:
+        out.print(
+            f"  lost: partition {lost.partition} offset {lost.offset} id {lost.event_id}: "
+            f"{lost.reason}",
+            highlight=False,
+        )
+    if report.error:
+        out.print(f"[bold red]stopped early:[/] {report.error}", highlight=False)
+    if report.ok:
+        out.print("[bold green]OK[/]: no event ID handled more than once, no event lost")
+    else:
+        out.print(
+            f"[bold red]FAILED[/]: {len(report.handled_more_than_once)} ID(s) handled more "
+            f"than once, {len(report.lost)} event(s) lost"
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _properties(pairs: list[str] | None) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--property {pair!r}: expected KEY=VALUE")
+        found[key.strip()] = value
+    return found
+
+
+@contextmanager
+def _progress(err: Console, label: str) -> Iterator[Callable[[int, int | None], None]]:
+    """A rich progress bar on stderr; yields ``update(done, total)``."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    bar: RichProgress = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,  # no bar frames in CI logs or captured output
+    )
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int | None) -> None:
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """The first SIGINT/SIGTERM asks for a clean stop; a second one is not caught."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    for s in signals:
+        signal.signal(s, on_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _usage(err: Console, message: str) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
-def replay() -> None:
-    """Replay a recording through a handler, or into a topic."""
-    typer.echo("replay is not built yet (issue 5)", err=True)
-    raise typer.Exit(2)
+def _failed(err: Console, exc: BaseException) -> NoReturn:
+    err.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)

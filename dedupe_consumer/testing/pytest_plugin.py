@@ -1,7 +1,8 @@
 """pytest fixtures for tests that need a real Kafka broker.
 
 Loaded through the ``pytest11`` entry point, so any project that installs
-``dedupe-consumer`` gets ``kafka_bootstrap`` and ``kafka_topic``. One broker
+``dedupe-consumer`` gets ``kafka_bootstrap`` and ``kafka_topic`` -- and
+``replay``, which needs no broker at all (see its docstring). One broker
 serves the whole session (starting a JVM per test would dominate run time);
 isolation comes from every test getting fresh, uniquely named topics instead.
 
@@ -13,25 +14,34 @@ tests fail with the reason from every provider.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any, Final, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import pytest
 
 from dedupe_consumer.testing._local_kafka import BrokerUnavailableError
 from dedupe_consumer.testing._providers import KafkaBroker, start_broker
 
+if TYPE_CHECKING:
+    from dedupe_consumer.config import Settings
+    from dedupe_consumer.handler import Handler
+    from dedupe_consumer.replay.report import ReplayReport
+
 __all__ = [
     "ENV_REQUIRE_REAL_KAFKA",
+    "ReplayRunner",
     "TopicFactory",
     "kafka_admin",
     "kafka_bootstrap",
     "kafka_broker",
     "kafka_topic",
+    "replay",
     "unique_topic_name",
 ]
 
@@ -49,6 +59,21 @@ class TopicFactory(Protocol):
         config: Mapping[str, str] | None = None,
         name: str | None = None,
     ) -> str: ...
+
+
+class ReplayRunner(Protocol):
+    """Signature of the ``replay`` fixture's value (``replay_recording`` minus its tmp dirs)."""
+
+    def __call__(
+        self,
+        handler: Handler | type[Handler],
+        path: str | Path,
+        *,
+        settings: Settings | None = None,
+        inject_duplicates: float = 0.0,
+        redeliver_batches: bool = False,
+        seed: int = 0,
+    ) -> ReplayReport: ...
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -160,3 +185,47 @@ def kafka_topic(kafka_admin: Any, request: pytest.FixtureRequest) -> Iterator[To
         for future in kafka_admin.delete_topics(created, operation_timeout=10).values():
             with contextlib.suppress(Exception):
                 future.result(timeout=15)
+
+
+@pytest.fixture
+def replay(tmp_path: Path, request: pytest.FixtureRequest) -> ReplayRunner:
+    """Replay a recording through a handler with the real engine; no broker needed.
+
+    Returns :func:`dedupe_consumer.replay.replay_recording` with each call's
+    RocksDB store in a fresh directory under ``tmp_path`` (kept by pytest for
+    a failed test, so its state can be inspected). A relative ``path`` that
+    does not exist from the working directory is looked up next to the test
+    file, so a test and its recording can live together and run from anywhere::
+
+        def test_payments_once(replay):
+            report = replay(ChargeHandler, "payments.jsonl", inject_duplicates=0.2, seed=1)
+            assert report.handled_ids == report.unique_ids
+    """
+    from dedupe_consumer.replay.harness import replay_recording
+
+    runs = itertools.count()
+
+    def run(
+        handler: Handler | type[Handler],
+        path: str | Path,
+        *,
+        settings: Settings | None = None,
+        inject_duplicates: float = 0.0,
+        redeliver_batches: bool = False,
+        seed: int = 0,
+    ) -> ReplayReport:
+        where = Path(path)
+        beside_test = request.path.parent / where
+        if not where.is_absolute() and not where.exists() and beside_test.exists():
+            where = beside_test
+        return replay_recording(
+            handler,
+            where,
+            settings=settings,
+            inject_duplicates=inject_duplicates,
+            redeliver_batches=redeliver_batches,
+            seed=seed,
+            state_dir=tmp_path / f"replay-{next(runs)}",
+        )
+
+    return run

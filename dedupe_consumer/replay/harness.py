@@ -1,0 +1,271 @@
+"""Replay a recording through a handler with the real engine and loop, no Kafka.
+
+The point of a replay is to test *the code that runs in production*, so this
+module builds a :class:`~dedupe_consumer.consumer.DedupeConsumer` -- the same
+loop and engine as ``dedupe-consumer run`` -- and swaps only its edges: a
+:class:`~dedupe_consumer.replay.source.ReplaySource` instead of Kafka, an
+in-memory dead-letter sink, and a RocksDB store in a temporary directory.
+(The changelog is only built for the Kafka source, so none is needed.)
+
+Two stressors turn a plain recording into a harder test:
+
+* ``inject_duplicates``: a seeded share of the events is sent again after the
+  partition's last offset with new offsets, exactly what a producer retry
+  looks like to a consumer;
+* ``redeliver_batches``: every batch is delivered twice, as a consumer
+  restarted between persisting and committing would see it.
+
+The handler is wrapped in a counter of *successful* calls per ID, which is the
+ground truth the report checks "once per ID" against.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from dedupe_consumer.config import Settings
+from dedupe_consumer.consumer import DedupeConsumer
+from dedupe_consumer.dead_letters import MemoryDeadLetters
+from dedupe_consumer.engine import BatchResult
+from dedupe_consumer.errors import DedupeError
+from dedupe_consumer.handler import Handler
+from dedupe_consumer.ids import MissingId, hash_id, parse_id_source
+from dedupe_consumer.models import Event, SourceMessage, TopicPartition
+from dedupe_consumer.replay.format import read_recording
+from dedupe_consumer.replay.records import Record
+from dedupe_consumer.replay.report import ReplayReport, audit
+from dedupe_consumer.replay.source import ReplaySource
+from dedupe_consumer.store import RocksStore
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(decided, total)`` after each batch."""
+
+
+class CountingHandler(Handler):
+    """Delegates everything to ``inner`` and counts its successful ``handle`` calls per ID."""
+
+    def __init__(self, inner: Handler) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def setup(self) -> None:
+        self.inner.setup()
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+    def parse(self, value: bytes | None) -> Any:
+        return self.inner.parse(value)
+
+    def handle(self, event: Event) -> None:
+        self.inner.handle(event)
+        self.calls[event.id] += 1  # only a call that returned is an effect that happened
+
+
+class ReconcilingCountingHandler(CountingHandler):
+    """:class:`CountingHandler` for a handler that implements ``reconcile``.
+
+    A separate class because the engine refuses ``on_uncertain = "reconcile"``
+    for a handler class that does not override ``reconcile``; a wrapper that
+    always overrode it would hide that configuration error.
+    """
+
+    def reconcile(self, event: Event) -> bool:
+        return self.inner.reconcile(event)
+
+
+def counting(handler: Handler) -> CountingHandler:
+    """Wrap ``handler`` so the engine sees the same capabilities it has."""
+    if type(handler).reconcile is Handler.reconcile:
+        return CountingHandler(handler)
+    return ReconcilingCountingHandler(handler)
+
+
+def with_injected_duplicates(
+    records: Sequence[Record], fraction: float, seed: int
+) -> tuple[list[Record], int]:
+    """``records`` plus copies of a seeded ``fraction`` of them, as producer retries.
+
+    Each copy keeps key, value, headers and timestamp and gets the next free
+    offset of its partition, so it arrives after everything already recorded.
+    Returns the new list and the number of copies.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"inject_duplicates must be between 0 and 1, got {fraction}")
+    count = round(len(records) * fraction)
+    if count == 0:
+        return list(records), 0
+    rng = random.Random(seed)
+    next_offset: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic_, r.partition_)
+        next_offset[tp] = max(next_offset.get(tp, 0), r.offset_ + 1)
+    copies: list[Record] = []
+    for original in rng.sample(list(records), count):  # sample order: retries come shuffled
+        tp = TopicPartition(original.topic_, original.partition_)
+        copies.append(replace(original, offset_=next_offset[tp]))
+        next_offset[tp] += 1
+    return [*records, *copies], count
+
+
+def replay_settings(topic: str, store_path: Path, settings: Settings | None = None) -> Settings:
+    """The settings a replay runs with.
+
+    Given ``settings`` are kept (ID source, policies, mode, batch size...) except
+    for what must not leak out of a replay: the store moves to ``store_path``
+    and no metrics port is opened. Without them: defaults, plus fast retries --
+    a replay has no downstream system that needs time to recover.
+    """
+    if settings is not None:
+        return settings.model_copy(
+            update={
+                "store": settings.store.model_copy(update={"path": store_path}),
+                "observability": settings.observability.model_copy(update={"metrics_port": None}),
+            }
+        )
+    return Settings.load(
+        where="replay settings",
+        kafka={"bootstrap_servers": "replay", "group_id": "replay", "topics": [topic]},
+        processing={
+            "dead_letter_topic": "replay.dlq" if topic != "replay.dlq" else "replay.dlq.dlq",
+            "retry_backoff": "1ms",
+            "retry_backoff_max": "10ms",
+        },
+        store={"path": str(store_path)},
+    )
+
+
+def event_ids(records: Sequence[SourceMessage], settings: Settings) -> list[str | None]:
+    """Each record's event ID as the engine will see it (None: the record has none)."""
+    extract = parse_id_source(settings.dedupe.id_source)
+    found: list[str | None] = []
+    for record in records:
+        try:
+            found.append(extract(record))
+            continue
+        except MissingId:
+            pass
+        if settings.dedupe.on_missing_id == "hash":
+            try:
+                found.append(hash_id(record))
+                continue
+            except MissingId:
+                pass
+        found.append(None)
+    return found
+
+
+def replay_recording(
+    handler_or_class: Handler | type[Handler],
+    path: str | Path,
+    *,
+    settings: Settings | None = None,
+    inject_duplicates: float = 0.0,
+    redeliver_batches: bool = False,
+    seed: int = 0,
+    state_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> ReplayReport:
+    """Feed the recording at ``path`` through the engine and report what happened.
+
+    ``handler_or_class``: a handler, or a handler class to instantiate without
+    arguments. ``state_dir``: where the throwaway RocksDB store goes (a fresh
+    temporary directory by default; it must not already hold a store). Raises
+    :class:`~dedupe_consumer.replay.RecordingError` for an unreadable recording.
+    """
+    started = time.monotonic()
+    recording = read_recording(path)
+    fed, injected = with_injected_duplicates(recording.records, inject_duplicates, seed)
+    inner = handler_or_class() if isinstance(handler_or_class, type) else handler_or_class
+    handler = counting(inner)
+    with ExitStack() as stack:
+        if state_dir is None:
+            state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="dedupe-replay-"))
+        store_path = Path(state_dir) / "state"
+        if store_path.exists() and any(store_path.iterdir()):
+            # Decisions left by an earlier replay would turn this one's events into
+            # duplicates and the report into fiction.
+            raise ValueError(f"{store_path} already holds a store: give each replay a fresh one")
+        effective = replay_settings(recording.header.topic, store_path, settings)
+        ids = event_ids(fed, effective)
+        store = RocksStore(
+            store_path,
+            retention_ms=int(effective.dedupe.retention.total_seconds() * 1000),
+            block_cache_mb=effective.store.block_cache_mb,
+        )
+        stack.callback(store.close)
+        dead_letters = MemoryDeadLetters()
+        sources: list[ReplaySource] = []
+
+        def open_source(listener: Any) -> ReplaySource:
+            source = ReplaySource(fed, listener, redeliver_batches=redeliver_batches)
+            sources.append(source)
+            return source
+
+        total = len(fed) * (2 if redeliver_batches else 1)
+        decided = 0
+
+        def on_batch(result: BatchResult) -> None:
+            nonlocal decided
+            decided += result.stats.consumed
+            if progress is not None:
+                progress(decided, total)
+
+        if progress is not None:
+            progress(0, total)
+        consumer = DedupeConsumer(
+            handler, effective, source=open_source, dead_letters=dead_letters, store=store
+        )
+        error: str | None = None
+        try:
+            consumer.run(
+                until=lambda _totals: sources[0].exhausted,
+                on_batch=on_batch,
+                install_signal_handlers=False,
+            )
+        except DedupeError as exc:  # e.g. on_missing_id = "fail": report what it cost
+            error = f"{type(exc).__name__}: {exc}"
+
+        now_ms = int(time.time() * 1000)
+
+        def durable(tp: TopicPartition, event_ids_: Sequence[str]) -> list[bool]:
+            return [found is not None for found in store.lookup(tp, event_ids_, now_ms)]
+
+        committed = sources[0].committed if sources else {}
+        checked = audit(fed, ids, handler.calls, dead_letters.letters, committed, durable)
+
+    partitions_of: dict[str, set[int]] = {}
+    for record, event_id in zip(fed, ids, strict=True):
+        if event_id is not None:
+            partitions_of.setdefault(event_id, set()).add(record.partition_)
+    totals = consumer.totals
+    return ReplayReport(
+        recording=str(path),
+        topic=recording.header.topic,
+        events=len(fed),
+        injected=injected,
+        deliveries=totals.consumed,
+        handled=totals.handled,
+        duplicates=totals.duplicates,
+        replays=totals.replays,
+        conflicting=totals.conflicts,
+        dead_lettered=totals.dead_lettered,
+        missing_id=checked.missing_id,
+        unique_ids=checked.unique_ids,
+        handled_ids=checked.handled_ids,
+        dead_lettered_ids=checked.dead_lettered_ids,
+        handled_more_than_once=checked.handled_more_than_once,
+        lost=checked.lost,
+        dead_letter_reasons=dict(totals.by_reason),
+        ids_in_several_partitions={i for i, ps in partitions_of.items() if len(ps) > 1},
+        error=error,
+        seconds=time.monotonic() - started,
+    )

@@ -1,0 +1,129 @@
+"""Re-produce a recording into a topic: ``dedupe-consumer replay FILE --to-topic T``.
+
+This is for integration tests of a *real* consumer (any consumer, not only
+ours): the recorded traffic goes back to a broker with its keys, values,
+headers (order and repeats kept) and timestamps.
+
+Partitions: when the target topic has at least as many partitions as the
+recorded one, each message goes to its original partition, so per-partition
+order and the key-to-partition mapping are exactly as recorded. Otherwise the
+original partition may not exist, and the partitioner chooses by key. We use
+``murmur2_random``, the Java client's algorithm, so keys land where a Java
+producer would put them (librdkafka's own default hashes differently).
+
+The producer is idempotent with ``acks=all``: a retried send must not become
+a duplicate the recording never had, or the test would measure the replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from dedupe_consumer.errors import DedupeError
+from dedupe_consumer.replay.format import RecordingReader
+
+Progress = Callable[[int, int | None], None]
+
+OWNED_PROPERTIES: Final = frozenset({"bootstrap.servers", "enable.idempotence", "acks"})
+_TIMEOUT_S: Final = 30.0
+
+
+class ProduceError(DedupeError):
+    """The target topic is unusable, or a message could not be delivered."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProduceSummary:
+    topic: str
+    messages: int
+    kept_partitions: bool
+    """True: every message went to its recorded partition; False: the partitioner chose."""
+
+
+def produce_recording(
+    path: str | Path,
+    topic: str,
+    bootstrap_servers: str,
+    *,
+    properties: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> ProduceSummary:
+    """Produce every message of the recording at ``path`` to ``topic`` and wait for acks."""
+    clash = sorted(OWNED_PROPERTIES & set(properties or {}))
+    if clash:
+        raise ValueError(
+            f"{', '.join(clash)} cannot be set: re-producing must be idempotent with acks=all"
+        )
+    producer = Producer(
+        {
+            "partitioner": "murmur2_random",
+            "linger.ms": 5,
+            # Asking for the target's metadata must not create it with broker defaults.
+            "allow.auto.create.topics": False,
+            **(properties or {}),
+            "bootstrap.servers": bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+        }
+    )
+    failures: list[KafkaError] = []
+
+    def on_delivery(error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            failures.append(error)
+
+    with RecordingReader(path) as reader:
+        target = _partition_count(producer, topic)
+        keep = target >= reader.header.partitions
+        sent = 0
+        for record in reader:
+            kind, ms = record.timestamp()
+            extra: dict[str, Any] = {"timestamp": ms} if kind else {}
+            if keep:
+                extra["partition"] = record.partition_
+            while True:
+                try:
+                    producer.produce(
+                        topic,
+                        key=record.key_,
+                        value=record.value_,
+                        headers=record.headers(),
+                        on_delivery=on_delivery,
+                        **extra,
+                    )
+                    break
+                except BufferError:  # local queue full: let deliveries drain, then retry
+                    producer.poll(0.1)
+            sent += 1
+            producer.poll(0)
+            if failures:
+                break
+            if progress is not None and sent % 1000 == 0:
+                progress(sent, None)
+        remaining = producer.flush(_TIMEOUT_S)
+    if failures:
+        raise ProduceError(f"delivery to {topic!r} failed: {failures[0]}")
+    if remaining:
+        raise ProduceError(
+            f"{remaining} message(s) to {topic!r} not acknowledged after {_TIMEOUT_S:.0f} s"
+        )
+    if progress is not None:
+        progress(sent, sent)
+    return ProduceSummary(topic, sent, keep)
+
+
+def _partition_count(producer: Producer, topic: str) -> int:
+    metadata = producer.list_topics(topic, timeout=_TIMEOUT_S)
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        why = found.error if found is not None and found.error is not None else "not found"
+        raise ProduceError(
+            f"target topic {topic!r} is unusable ({why}); create it first, with at least "
+            "as many partitions as the recording to keep every message in its partition"
+        )
+    return len(found.partitions)
