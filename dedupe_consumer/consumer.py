@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import Protocol
 
 import structlog
 from confluent_kafka import KafkaException
@@ -23,28 +22,12 @@ from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetterSink
 from dedupe_consumer.engine import BatchResult, Engine
 from dedupe_consumer.handler import Handler
-from dedupe_consumer.models import BatchStats, SourceMessage, TopicPartition
+from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.sources import Source, SourceFactory
 from dedupe_consumer.store import Changelog, ProcessedStore, RocksStore
 
 log = structlog.get_logger("dedupe_consumer")
-
-
-class Source(Protocol):
-    """Where batches come from: the Kafka consumer, or a recording."""
-
-    def poll(self, max_messages: int, timeout_s: float) -> Sequence[SourceMessage]: ...
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
-    def close(self) -> None: ...
-
-
-class _Listener(Protocol):
-    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]: ...
-    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]: ...
-    def on_lost(self, tps: Sequence[TopicPartition]) -> None: ...
-
-
-SourceFactory = Callable[[_Listener], Source]
 
 
 class DedupeConsumer:

@@ -9,7 +9,6 @@ for after the engine has persisted the decisions they cover.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
 
 import structlog
 from confluent_kafka import (
@@ -24,19 +23,9 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from dedupe_consumer.config import Settings
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.sources import AssignmentListener
 
 log = structlog.get_logger("dedupe_consumer.kafka")
-
-
-class AssignmentListener(Protocol):
-    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]:
-        """Return the offset to resume each partition from (None: the committed offset)."""
-
-    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
-        """Return offsets that must be committed before the partitions go."""
-
-    def on_lost(self, tps: Sequence[TopicPartition]) -> None:
-        """The partitions are gone already: nothing may be committed for them."""
 
 
 def _tps(partitions: Sequence[KafkaTopicPartition]) -> list[TopicPartition]:

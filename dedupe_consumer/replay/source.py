@@ -9,19 +9,19 @@ restarted between persist and commit would see it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
 
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.replay.records import Record
-
-
-class _Listener(Protocol):
-    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]: ...
+from dedupe_consumer.sources import AssignmentListener
 
 
 class ReplaySource:
     def __init__(
-        self, records: Sequence[Record], listener: _Listener, *, redeliver_batches: bool = False
+        self,
+        records: Sequence[Record],
+        listener: AssignmentListener,
+        *,
+        redeliver_batches: bool = False,
     ) -> None:
         self.redeliver_batches = redeliver_batches
         self.committed: dict[TopicPartition, int] = {}

@@ -11,6 +11,7 @@ from dedupe_consumer import DedupeConsumer
 from dedupe_consumer.dead_letters import MemoryDeadLetters
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.replay import Record, ReplaySource
+from dedupe_consumer.sources import AssignmentListener
 from dedupe_consumer.store import RocksStore
 
 from .conftest import TOPIC, Recorder, make_settings, rec
@@ -19,8 +20,10 @@ from .conftest import TOPIC, Recorder, make_settings, rec
 class FlakyCommits(ReplaySource):
     """A source whose broker refuses the first ``failures`` commits."""
 
-    def __init__(self, records: Sequence[Record], listener: object, failures: int) -> None:
-        super().__init__(records, listener)  # type: ignore[arg-type]
+    def __init__(
+        self, records: Sequence[Record], listener: AssignmentListener, failures: int
+    ) -> None:
+        super().__init__(records, listener)
         self.failures = failures
         self.attempts = 0
 
@@ -36,7 +39,7 @@ def test_failed_commits_are_retried_and_never_fatal(tmp_path: Path) -> None:
     records = [rec(i, f"id{i % 40}") for i in range(60)]
     sources: list[FlakyCommits] = []
 
-    def source(listener: object) -> FlakyCommits:
+    def source(listener: AssignmentListener) -> FlakyCommits:
         sources.append(FlakyCommits(records, listener, failures=4))
         return sources[0]
 
@@ -62,8 +65,8 @@ def test_redelivered_batches_are_replays_not_handler_calls(tmp_path: Path) -> No
     handler = Recorder()
     holder: list[ReplaySource] = []
 
-    def source(listener: object) -> ReplaySource:
-        holder.append(ReplaySource(records, listener, redeliver_batches=True))  # type: ignore[arg-type]
+    def source(listener: AssignmentListener) -> ReplaySource:
+        holder.append(ReplaySource(records, listener, redeliver_batches=True))
         return holder[0]
 
     store = RocksStore(tmp_path / "state", retention_ms=10**9)

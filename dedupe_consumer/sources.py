@@ -1,0 +1,37 @@
+"""The two contracts between the consumer loop and wherever batches come from.
+
+A *source* (the Kafka consumer, a recording) hands out batches and takes
+commits; the loop is the *assignment listener* it tells about partitions
+coming and going. Keeping both here lets the Kafka source, the replay source
+and the loop agree without importing each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from dedupe_consumer.models import SourceMessage, TopicPartition
+
+
+class AssignmentListener(Protocol):
+    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]:
+        """Return the offset to resume each partition from (None: the committed offset)."""
+
+    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
+        """Return offsets that must be committed before the partitions go."""
+
+    def on_lost(self, tps: Sequence[TopicPartition]) -> None:
+        """The partitions are gone already: nothing may be committed for them."""
+
+
+class Source(Protocol):
+    """Where batches come from: the Kafka consumer, or a recording."""
+
+    def poll(self, max_messages: int, timeout_s: float) -> Sequence[SourceMessage]: ...
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+    def close(self) -> None: ...
+
+
+SourceFactory = Callable[[AssignmentListener], Source]
+"""Builds a source for a listener (the loop); called once per run."""
