@@ -28,6 +28,7 @@ from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
 from dedupe_consumer._durations import parse_duration
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import ID_SOURCE_FORMS, parse_id_source
+from dedupe_consumer.sidecar.settings import SidecarSettings
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 LibrdkafkaValue = str | int | float | bool
@@ -156,6 +157,9 @@ class Settings(BaseSettings):
     processing: ProcessingSettings
     observability: ObservabilitySettings = Field(
         default_factory=ObservabilitySettings  # type: ignore[arg-type]
+    )
+    sidecar: SidecarSettings | None = Field(
+        None, description="a [sidecar] section (only `dedupe-consumer sidecar` reads it), or unset"
     )
 
     @model_validator(mode="after")

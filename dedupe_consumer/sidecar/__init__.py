@@ -1,1 +1,11 @@
-"""Sidecar mode: consume, dedupe, POST each unique event to a local HTTP endpoint."""
+"""Sidecar mode: consume, dedupe, POST each unique event once to a local HTTP endpoint.
+
+* :mod:`~dedupe_consumer.sidecar.settings`: the ``[sidecar]`` section (imported
+  by :mod:`dedupe_consumer.config`, so this package imports nothing heavy here).
+* :mod:`~dedupe_consumer.sidecar.headers`: an event as HTTP headers.
+* :mod:`~dedupe_consumer.sidecar.handler`: ``HttpForwardHandler``, one POST per attempt.
+* :mod:`~dedupe_consumer.sidecar.health`: ``/healthz``, ``/readyz``, ``/metrics``.
+* :mod:`~dedupe_consumer.sidecar.runner`: ``Sidecar``, the wiring of the above
+  around the library's ``DedupeConsumer``.
+* :mod:`~dedupe_consumer.sidecar.command`: ``dedupe-consumer sidecar``.
+"""

@@ -1,0 +1,168 @@
+"""``HttpForwardHandler``: a :class:`~dedupe_consumer.Handler` that POSTs each event.
+
+The sidecar is not a second consumer loop: it is this handler driven by the
+ordinary :class:`~dedupe_consumer.DedupeConsumer`, so deduplication, the
+watermark, dead letters and commit-after-persist are the library's, tested
+once. One call to :meth:`HttpForwardHandler.handle` is one attempt:
+
+* a 2xx answer means delivered;
+* a permanent answer (``sidecar.permanent_statuses`` minus
+  ``retryable_statuses``, by default 4xx except 408/429) raises
+  :class:`PermanentError`: the engine dead-letters the event with the status
+  and the start of the body in ``dlq.error.message``;
+* anything else (5xx, 408, 429, no answer) raises :class:`RetryableError`: the
+  engine calls the handler again for the *same* event after its backoff, so the
+  partition waits and its order is kept. The engine's wait ends at once on
+  SIGTERM, and then only the events decided so far are persisted and committed.
+
+A ``Retry-After`` answer is honoured up to ``retry_backoff_max``: the part of
+it that exceeds the engine's next backoff is waited here, on an event that
+:meth:`interrupt` sets, so a stop request never waits for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import httpx
+import structlog
+from prometheus_client import CollectorRegistry
+
+from dedupe_consumer import __version__
+from dedupe_consumer.errors import PermanentError, RetryableError
+from dedupe_consumer.handler import Handler
+from dedupe_consumer.models import Event
+from dedupe_consumer.sidecar.headers import request_headers
+from dedupe_consumer.sidecar.metrics import SidecarMetrics
+from dedupe_consumer.sidecar.settings import SidecarSettings
+
+log = structlog.get_logger("dedupe_consumer.sidecar")
+
+SNIPPET_CHARS = 500
+"""How much of an error answer's body goes into the dead letter."""
+
+
+def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delay-seconds or an HTTP-date; None if unusable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _snippet(response: httpx.Response) -> str:
+    """At most :data:`SNIPPET_CHARS` characters of the body, without reading all of it."""
+    chunks: list[bytes] = []
+    size = 0
+    with contextlib.suppress(httpx.HTTPError):  # a broken body still leaves the status
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= 4 * SNIPPET_CHARS:  # UTF-8: at most 4 bytes per character
+                break
+    text = b"".join(chunks).decode("utf-8", errors="replace").strip()
+    return text[:SNIPPET_CHARS] if text else "(empty body)"
+
+
+class HttpForwardHandler(Handler):
+    """POST each unique event to ``settings.target_url``; see the module docstring."""
+
+    def __init__(self, settings: SidecarSettings, *, metrics: SidecarMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or SidecarMetrics(CollectorRegistry())
+        self._client: httpx.Client | None = None
+        self._interrupted = threading.Event()
+
+    def setup(self) -> None:
+        """One pooled client for the whole run: a keep-alive connection per target.
+
+        ``trust_env=False``: the target is local, and a cluster-wide
+        ``HTTP_PROXY`` must not send events through a proxy.
+        """
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(self.settings.timeout.total_seconds()),
+            follow_redirects=False,
+            trust_env=False,
+            headers={"User-Agent": f"dedupe-consumer/{__version__} sidecar"},
+        )
+
+    def teardown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def interrupt(self) -> None:
+        """End a ``Retry-After`` wait now (the consumer is stopping)."""
+        self._interrupted.set()
+
+    def handle(self, event: Event) -> None:
+        client = self._client
+        if client is None:
+            raise RuntimeError("HttpForwardHandler.setup() was not called")
+        started = time.monotonic()
+        delivered = False
+        try:
+            with client.stream(
+                "POST",
+                self.settings.target_url,
+                content=event.value or b"",
+                headers=request_headers(event, self.settings),
+            ) as response:
+                status = response.status_code
+                if 200 <= status < 300:
+                    delivered = True  # the status line decides; the body cannot undo it
+                    for _ in response.iter_raw():  # read to the end: the connection is reused
+                        pass
+                else:
+                    reason = f" {response.reason_phrase}" if response.reason_phrase else ""
+                    message = f"HTTP {status}{reason}: {_snippet(response)}"
+                    retry_after = retry_after_s(response.headers.get("Retry-After"))
+        except httpx.TransportError as failure:
+            if not delivered:  # refused, reset, timed out: no answer
+                # Retryable, all of them: a timed-out POST may have taken effect, which
+                # the Idempotency-Key covers; and one that can never be sent ends as
+                # retries-exhausted, so no transient fault is dead-lettered on the spot.
+                self._observe("error", started)
+                raise RetryableError(f"no answer: {type(failure).__name__}: {failure}") from failure
+            log.debug("answer_body_unreadable", event_id=event.id, error=str(failure))
+        self._observe(str(status), started)
+        if delivered:
+            return
+        if self.settings.is_permanent(status):
+            raise PermanentError(message)
+        if retry_after is not None and event.attempt <= self.settings.max_retries:
+            self._wait_retry_after(event, retry_after)
+        raise RetryableError(message)
+
+    def _wait_retry_after(self, event: Event, retry_after: float) -> None:
+        """Make the pause before the next attempt ``min(Retry-After, retry_backoff_max)``."""
+        wanted = min(retry_after, self.settings.retry_backoff_max.total_seconds())
+        extra = wanted - self.settings.backoff_s(event.attempt)  # the engine waits the rest
+        if extra <= 0:
+            return
+        log.info(
+            "retry_after",
+            event_id=event.id,
+            topic=event.topic,
+            partition=event.partition,
+            offset=event.offset,
+            retry_after_s=retry_after,
+            waiting_s=round(wanted, 3),
+        )
+        self._interrupted.wait(extra)
+
+    def _observe(self, status: str, started: float) -> None:
+        self.metrics.requests.labels(status).inc()
+        self.metrics.request_seconds.observe(time.monotonic() - started)

@@ -1,0 +1,195 @@
+"""The ``[sidecar]`` settings section: where to POST, how to retry, where to listen.
+
+It lives next to the feature and is imported by :mod:`dedupe_consumer.config`
+as the optional ``Settings.sidecar`` section. Because config.py imports this
+module, this module must not import config.py back: the ``Duration`` type is
+therefore declared here from the same parser, so durations are written and
+rejected exactly as everywhere else (``"200ms"``, ``"10s"``).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic.functional_validators import BeforeValidator
+
+from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
+from dedupe_consumer._durations import parse_duration
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+STATUS_FORMS = "a list of HTTP status codes (e.g. 404) or classes (e.g. '4xx'), not 2xx"
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An HTTP header name (RFC 9110 ``token``)."""
+_FIELD_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+"""Printable ASCII without edge spaces: survives any HTTP stack unchanged."""
+
+
+def _status_pattern(value: object) -> str:
+    """Normalise ``404``, ``"404"`` or ``"4xx"`` to ``"404"`` / ``"4xx"``."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected {STATUS_FORMS}")
+    text = str(value).strip().lower()
+    if re.fullmatch(r"[1-5]xx", text) is None and not (
+        text.isdigit() and len(text) == 3 and 100 <= int(text) <= 599
+    ):
+        raise ValueError(f"bad status {value!r}: expected {STATUS_FORMS}")
+    if text.startswith("2"):
+        raise ValueError(f"status {value!r} is a success; expected {STATUS_FORMS}")
+    return text
+
+
+StatusPattern = Annotated[str, BeforeValidator(_status_pattern)]
+
+
+def status_matches(status: int, patterns: tuple[str, ...]) -> bool:
+    """Whether ``status`` is one of ``patterns`` (exact codes or ``Nxx`` classes)."""
+    code = str(status)
+    return any(p == code or (p.endswith("xx") and p[0] == code[0]) for p in patterns)
+
+
+class SidecarSettings(BaseModel):
+    """``[sidecar]``: deliver each unique event once to a local HTTP endpoint.
+
+    ``max_retries``, ``retry_backoff`` and ``retry_backoff_max`` replace the
+    ``[processing]`` keys of the same names in sidecar mode: the engine's own
+    retry loop does the retrying (see :mod:`dedupe_consumer.sidecar.runner`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_url: str = Field(
+        description="an http:// or https:// URL that receives one POST per unique event, "
+        "e.g. 'http://127.0.0.1:8080/events'"
+    )
+    timeout: Duration = Field(
+        timedelta(seconds=10),
+        description=f"the limit on each of connect, send and wait for the answer, above zero: "
+        f"{DURATION_FORMS}",
+    )
+    max_retries: int = Field(
+        10,
+        ge=0,
+        le=100,
+        description="an integer 0..100: retries after the first attempt for 5xx, 408, 429 and "
+        "connection errors, before the event is dead-lettered (replaces processing.max_retries)",
+    )
+    retry_backoff: Duration = Field(
+        timedelta(milliseconds=200),
+        description=f"the first retry's delay, doubled each retry: {DURATION_FORMS}",
+    )
+    retry_backoff_max: Duration = Field(
+        timedelta(seconds=10),
+        description=f"the longest delay between retries, also the cap on Retry-After: "
+        f"{DURATION_FORMS}",
+    )
+    permanent_statuses: tuple[StatusPattern, ...] = Field(
+        ("4xx",),
+        description=f"{STATUS_FORMS}: answers that can never succeed, dead-lettered at once",
+    )
+    retryable_statuses: tuple[StatusPattern, ...] = Field(
+        ("408", "429"),
+        description=f"{STATUS_FORMS}: retried even when permanent_statuses matches them "
+        "(every other non-2xx answer is retried too)",
+    )
+    bearer_token: SecretStr | None = Field(
+        None,
+        description="a token sent as 'Authorization: Bearer <token>' (printable ASCII), "
+        "or unset; prefer the DEDUPE_SIDECAR__BEARER_TOKEN environment variable",
+    )
+    content_type: str = Field(
+        "application/octet-stream",
+        description="a media type sent as Content-Type when the event has no "
+        "'content-type' Kafka header, e.g. 'application/json'",
+    )
+    header_prefix: str = Field(
+        "Kafka-Header-",
+        description="a non-empty HTTP header name prefix for forwarded Kafka headers "
+        "(letters, digits and !#$%&'*+-.^_`|~)",
+    )
+    listen_host: str = Field(
+        "127.0.0.1",
+        description="an address for /healthz, /readyz and /metrics; '0.0.0.0' to let "
+        "Kubernetes probes and Prometheus reach them",
+    )
+    listen_port: int = Field(
+        9400, ge=0, le=65535, description="a TCP port 0..65535 (0: any free port)"
+    )
+
+    @field_validator("target_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"bad target_url {value!r}: expected an http:// or https:// URL with a host, "
+                "e.g. 'http://127.0.0.1:8080/events'"
+            )
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError(f"must be longer than zero: {DURATION_FORMS}")
+        return value
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and _FIELD_VALUE.fullmatch(value.get_secret_value()) is None:
+            raise ValueError(
+                "the bearer token must be non-empty printable ASCII without edge spaces "
+                "(it is sent in an HTTP header)"
+            )
+        return value
+
+    @field_validator("content_type")
+    @classmethod
+    def _header_safe_type(cls, value: str) -> str:
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise ValueError(
+                f"bad content_type {value!r}: expected a media type in printable ASCII, "
+                "e.g. 'application/json'"
+            )
+        return value
+
+    @field_validator("header_prefix")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        if _TOKEN.fullmatch(value) is None:
+            raise ValueError(
+                f"bad header_prefix {value!r}: expected a non-empty HTTP header name prefix "
+                "(letters, digits and !#$%&'*+-.^_`|~), e.g. 'Kafka-Header-'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> SidecarSettings:
+        if self.retry_backoff > self.retry_backoff_max:
+            raise ValueError("sidecar.retry_backoff must not exceed sidecar.retry_backoff_max")
+        return self
+
+    def is_permanent(self, status: int) -> bool:
+        """A non-2xx answer that retrying cannot fix: dead-letter it."""
+        return status_matches(status, self.permanent_statuses) and not status_matches(
+            status, self.retryable_statuses
+        )
+
+    def backoff_s(self, attempt: int) -> float:
+        """The engine's delay after failed ``attempt`` (same formula as ``Engine._handle``)."""
+        return min(
+            self.retry_backoff.total_seconds() * 2.0 ** (attempt - 1),
+            self.retry_backoff_max.total_seconds(),
+        )
