@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dedupe_consumer import __version__
 from dedupe_consumer.errors import ConfigError, DedupeError
@@ -56,10 +57,12 @@ def run(
         configure_logging(settings.observability.log_level, settings.observability.log_format)
         DedupeConsumer(handler_cls(), settings).run()
     except ConfigError as exc:
-        err.print(f"[bold red]configuration error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]configuration error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except DedupeError as exc:
-        err.print(f"[bold red]stopped:[/] {type(exc).__name__}: {exc}", highlight=False)
+        err.print(
+            f"[bold red]stopped:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False
+        )
         raise typer.Exit(1) from None
 
 

@@ -13,7 +13,7 @@ import tomllib
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.functional_validators import BeforeValidator
@@ -219,30 +219,32 @@ class Settings(BaseSettings):
             raise ConfigError(explain(exc, where)) from None
 
 
+def _section_model(annotation: object) -> type[BaseModel] | None:
+    """The settings model behind a field's annotation, looking through ``X | None``."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _field_help(loc: tuple[int | str, ...]) -> str | None:
-    model: type[BaseModel] = Settings
-    info = None
+    model: type[BaseModel] | None = Settings
+    description = None
     for part in loc:
-        fields = model.model_fields
-        if not isinstance(part, str) or part not in fields:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
             return None
-        info = fields[part]
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-    return info.description if info is not None else None
+        info = model.model_fields[part]
+        description = info.description
+        model = _section_model(info.annotation)
+    return description
 
 
 def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
-    model: type[BaseModel] = Settings
+    model: type[BaseModel] | None = Settings
     for part in loc[:-1]:
-        info = model.model_fields.get(str(part))
-        if info is None or not (
-            isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
-        ):
-            return []
-        model = info.annotation
-    return sorted(model.model_fields)
+        info = model.model_fields.get(str(part)) if model is not None else None
+        model = _section_model(info.annotation) if info is not None else None
+    return sorted(model.model_fields) if model is not None else []
 
 
 def explain(exc: ValidationError, where: str) -> str:

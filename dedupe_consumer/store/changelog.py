@@ -62,6 +62,7 @@ class Changelog:
         transactional_id: str,
         producer_config: Mapping[str, str | int | float | bool] | None = None,
         timeout_s: float = 30.0,
+        startup_timeout_s: float = 300.0,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.group_id = group_id
@@ -76,14 +77,21 @@ class Changelog:
         # stable per store, so a restarted instance fences and aborts its own leftovers.
         conf["transactional.id"] = transactional_id
         self._producer = Producer(conf)
-        try:
-            self._producer.init_transactions(timeout_s)
-        except KafkaException as exc:
-            raise StoreError(
-                f"cannot start the changelog producer (transactional.id {transactional_id!r}): "
-                f"{exc}; the broker must support transactions (transaction.state.log.* set for "
-                "its size), or set store.changelog = false for a single-instance consumer"
-            ) from exc
+        deadline = time.monotonic() + startup_timeout_s
+        while True:  # the broker may not be up yet (a pod starting before Kafka): wait
+            try:
+                self._producer.init_transactions(timeout_s)
+                break
+            except KafkaException as exc:
+                if exc.args[0].fatal() or time.monotonic() > deadline:
+                    raise StoreError(
+                        f"cannot start the changelog producer (transactional.id "
+                        f"{transactional_id!r}): {exc}; the broker must be reachable and "
+                        "support transactions (transaction.state.log.* set for its size), or "
+                        "set store.changelog = false for a single-instance consumer"
+                    ) from exc
+                log.warning("changelog_waiting_for_broker", error=str(exc))
+                time.sleep(1.0)
         self._ensured: set[str] = set()
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
