@@ -1,13 +1,16 @@
-"""Throughput of dedupe_consumer next to a raw confluent-kafka consumer, in one run.
+"""Throughput of dedupe_consumer next to a raw consumer and the alternatives, in one run.
 
     python -m bench.compare --events 1000000 --duplicates 0.1
 
-Starts (or uses ``--bootstrap``) a real broker, produces the data set once
-(event-ID header, ~200-byte JSON body keyed by event ID, 8 partitions), then
-runs each contender in its own process over the same topic with its own
-consumer group and prints one table: messages/s, ratio to raw, peak RSS and
-whether handled == unique IDs. Rates are measured from the first message to
-the last, so the group join is not counted for anyone.
+Starts a real broker (``dedupe_consumer.testing.start_broker``, or uses
+``--bootstrap``), produces the data set once (event-ID header, 200-byte JSON
+body keyed by event ID, 8 partitions), then runs each contender in its own
+process over the same topic with its own consumer group, and prints one table:
+messages/s, ratio to the raw consumer, peak RSS of the consumer process, and
+whether every unique ID was handled exactly once. Rates are measured from the
+first message in hand to the last offset committed, so nobody's group join
+counts. Redis and PostgreSQL are started for their rows only, on loopback, and
+every server, broker and temporary directory is gone when the run ends.
 """
 
 from __future__ import annotations
@@ -15,228 +18,423 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import random
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
-PARTITIONS = 8
+from bench import _machine
+from bench._child import Report
+from bench._data import BODY_BYTES, PARTITIONS, DataSet, delete_topics_containing, produce
+from bench._services import ServiceError, peak_rss_mb, postgres_server, redis_server
+
+REPO = Path(__file__).resolve().parents[1]
+QUIX_VENV = Path(
+    os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "dedupe-consumer", "bench-quix-venv"
+)
+Service = Literal["redis", "postgres"]
 
 
-def produce(bootstrap: str, topic: str, events: int, duplicates: float, seed: int) -> int:
-    """Produce the data set; return the number of unique IDs."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result()
-    rng = random.Random(seed)
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 50,
-            "batch.size": 1_000_000,
-            "compression.type": "lz4",
-        }
-    )
-    ids: list[str] = []
-    padding = "x" * 90
-    with Progress(transient=True) as bar:
-        task = bar.add_task("producing", total=events)
-        for n in range(events):
-            if ids and rng.random() < duplicates:
-                event_id = ids[rng.randrange(len(ids))]
-            else:
-                event_id = str(uuid.UUID(int=rng.getrandbits(128)))
-                ids.append(event_id)
-            body = (
-                f'{{"id":"{event_id}","amount_cents":{n % 10000},"currency":"EUR",'
-                f'"note":"{padding}"}}'
-            )
-            while True:
-                try:
-                    producer.produce(
-                        topic, key=event_id, value=body, headers=[("event-id", event_id.encode())]
-                    )
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            if n % 20_000 == 0:
-                producer.poll(0)
-                bar.update(task, completed=n)
-        producer.flush(120)
-    return len(ids)
+@dataclass(frozen=True, slots=True)
+class Contender:
+    key: str
+    """Name for ``--only`` / ``--skip``."""
+    label: str
+    """Row name in the table."""
+    module: str
+    args: tuple[str, ...] = ()
+    service: Service | None = None
+    quix: bool = False
+    """Runs under the Quix virtualenv's interpreter (see bench/setup.sh)."""
+    dedupes: bool = True
+    profilable: bool = False
 
 
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+CONTENDERS: tuple[Contender, ...] = (
+    Contender(
+        "raw", "raw confluent-kafka (commit per batch)", "bench.contenders.raw", dedupes=False
+    ),
+    Contender(
+        "plain",
+        "dedupe_consumer plain",
+        "bench.contenders.dedupe",
+        ("--mode", "plain", "--changelog", "true"),
+        profilable=True,
+    ),
+    Contender(
+        "claim",
+        "dedupe_consumer claim",
+        "bench.contenders.dedupe",
+        ("--mode", "claim", "--changelog", "true"),
+        profilable=True,
+    ),
+    Contender(
+        "plain-nochangelog",
+        "dedupe_consumer plain, store.changelog=false",
+        "bench.contenders.dedupe",
+        ("--mode", "plain", "--changelog", "false"),
+        profilable=True,
+    ),
+    Contender(
+        "quix",
+        "Quix Streams, RocksDB state (at-least-once)",
+        "bench.contenders.quix",
+        ("--guarantee", "at-least-once"),
+        quix=True,
+    ),
+    Contender(
+        "quix-eos",
+        "Quix Streams, RocksDB state (exactly-once)",
+        "bench.contenders.quix",
+        ("--guarantee", "exactly-once"),
+        quix=True,
+    ),
+    Contender(
+        "redis",
+        "Redis SET NX EX per message",
+        "bench.contenders.redis_setnx",
+        service="redis",
+    ),
+    Contender(
+        "postgres",
+        "PostgreSQL INSERT ON CONFLICT per message",
+        "bench.contenders.postgres_insert",
+        service="postgres",
+    ),
+)
+
+# Goals from the issue, checked (not asserted) at the end of each run:
+# (dedupe row, other row, minimum ratio of their rates).
+TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("plain", "raw", 0.5),
+    ("plain", "quix", 3.0),
+    ("plain", "quix-eos", 3.0),
+    ("plain", "redis", 10.0),
+    ("plain", "postgres", 10.0),
+)
 
 
-def run_raw(bootstrap: str, topic: str, events: int) -> dict[str, Any]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"raw-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    seen = 0
-    first = 0.0
-    while seen < events:
-        batch = consumer.consume(500, 1.0)
-        if not batch:
-            continue
-        if not first:
-            first = time.perf_counter()
-        for m in batch:  # touch every message like a handler would
-            m.value()
-            m.headers()
-        seen += len(batch)
-        consumer.commit(asynchronous=False)
-    elapsed = time.perf_counter() - first
-    consumer.close()
-    return {"consumed": seen, "handled": seen, "seconds": elapsed}
+@dataclass(slots=True)
+class Outcome:
+    contender: Contender
+    report: Report | None = None
+    error: str = ""
+    notes: list[str] = field(default_factory=list)
 
-
-def run_dedupe(bootstrap: str, topic: str, events: int, changelog: bool) -> dict[str, Any]:
-    from dedupe_consumer import DedupeConsumer, Event, Handler, Settings
-    from dedupe_consumer.engine import BatchResult
-    from dedupe_consumer.observability import configure_logging
-
-    class NoOp(Handler):
-        def handle(self, event: Event) -> None:
+    @property
+    def rate(self) -> float | None:
+        if self.report is None:
             return None
+        return self.report["consumed"] / self.report["seconds"]
 
-    configure_logging("warning")
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        settings = Settings.load(
-            kafka={
-                "bootstrap_servers": bootstrap,
-                "group_id": f"dedupe-{uuid.uuid4()}",
-                "topics": [topic],
-            },
-            store={"path": tmp, "changelog": changelog},
-            processing={"dead_letter_topic": f"{topic}.dlq", "batch_size": 500},
+
+def quix_python() -> Path:
+    """The interpreter of the Quix virtualenv (``BENCH_QUIX_PYTHON`` overrides)."""
+    override = os.environ.get("BENCH_QUIX_PYTHON")
+    return Path(override) if override else QUIX_VENV / "bin" / "python"
+
+
+@contextmanager
+def _service(kind: Service | None, outcome: Outcome) -> Iterator[list[str]]:
+    """Start the contender's server, yield its CLI arguments, note its footprint, stop it."""
+    if kind is None:
+        yield []
+        return
+    server: AbstractContextManager[tuple[str, subprocess.Popen[bytes]]] = (
+        redis_server() if kind == "redis" else postgres_server()
+    )
+    with server as (address, proc):
+        yield ["--redis-url", address] if kind == "redis" else ["--dsn", address]
+        if kind == "redis":
+            outcome.notes.append(f"+ redis-server {peak_rss_mb(proc.pid):.0f} MB, no persistence")
+        else:
+            outcome.notes.append("+ PostgreSQL server, fsync on, 1 commit per message")
+
+
+def run_contender(
+    contender: Contender,
+    *,
+    bootstrap: str,
+    data: DataSet,
+    group: str,
+    batch: int,
+    workdir: Path,
+    timeout: float,
+    profile_dir: Path | None,
+) -> Outcome:
+    """Run one contender in its own process; never raises, failures become the row."""
+    outcome = Outcome(contender)
+    python = str(quix_python()) if contender.quix else sys.executable
+    if contender.quix and not Path(python).exists():
+        outcome.error = f"no Quix virtualenv at {python}: run bench/setup.sh"
+        return outcome
+    own = workdir / contender.key
+    own.mkdir()
+    cmd = [
+        python,
+        "-m",
+        contender.module,
+        "--bootstrap",
+        bootstrap,
+        "--topic",
+        data.topic,
+        "--events",
+        str(data.events),
+        "--group",
+        group,
+        "--batch",
+        str(batch),
+        "--workdir",
+        str(own),
+        *contender.args,
+    ]
+    if profile_dir is not None and contender.profilable:
+        cmd += ["--profile", str(profile_dir / contender.key)]
+        outcome.notes.append("profiled (slower)")
+    if contender.quix:
+        outcome.notes.append(f"confluent-kafka {_quix_kafka_version(python)} (quixstreams pin)")
+    stdout_path, stderr_path = own / "stdout.log", own / "stderr.log"
+    try:
+        with (
+            _service(contender.service, outcome) as service_args,
+            stdout_path.open("w") as out,
+            stderr_path.open("w") as err,
+        ):
+            proc = subprocess.run(
+                cmd + service_args,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                timeout=timeout,
+                check=False,
+            )
+    except ServiceError as exc:
+        outcome.error = f"server did not start: {exc}"
+        return outcome
+    except subprocess.TimeoutExpired:
+        outcome.error = f"timed out after {timeout:.0f}s"
+        return outcome
+    lines = stdout_path.read_text().strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = " | ".join(stderr_path.read_text(errors="replace").strip().splitlines()[-3:])
+        outcome.error = f"exit code {proc.returncode}: {tail[-400:]}"
+        return outcome
+    try:
+        report: Report = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        outcome.error = f"no report line on stdout, last line was {lines[-1][:200]!r}"
+        return outcome
+    outcome.report = report
+    return outcome
+
+
+_quix_versions: dict[str, str] = {}
+
+
+def _quix_kafka_version(python: str) -> str:
+    if python not in _quix_versions:
+        probe = subprocess.run(
+            [
+                python,
+                "-c",
+                "import confluent_kafka as c; print(c.version(), 'librdkafka', c.libversion()[0])",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
-        consumer = DedupeConsumer(NoOp(), settings)
-        first = 0.0
-
-        def on_batch(result: BatchResult) -> None:
-            nonlocal first
-            if not first:
-                first = time.perf_counter()
-
-        totals = consumer.run(until=lambda t: t.consumed >= events, on_batch=on_batch)
-        elapsed = time.perf_counter() - first
-    return {"consumed": totals.consumed, "handled": totals.handled, "seconds": elapsed}
+        _quix_versions[python] = probe.stdout.strip() or "?"
+    return _quix_versions[python]
 
 
-CONTENDERS: dict[str, Callable[[str, str, int], dict[str, Any]]] = {
-    "raw confluent-kafka (commit per batch)": run_raw,
-    "dedupe_consumer plain": lambda b, t, n: run_dedupe(b, t, n, changelog=True),
-    "dedupe_consumer plain, no changelog": lambda b, t, n: run_dedupe(b, t, n, changelog=False),
-}
+def _correctness(outcome: Outcome, data: DataSet) -> str:
+    if outcome.report is None:
+        return f"FAILED: {outcome.error}"
+    r = outcome.report
+    if r["consumed"] < data.events:
+        return f"NO: consumed {r['consumed']:,} of {data.events:,}"
+    if not outcome.contender.dedupes:
+        return "n/a (no dedupe)"
+    if r["handled"] == data.unique:
+        return "yes"
+    return f"NO: handled {r['handled']:,}, unique {data.unique:,}"
 
 
-def child(name: str, bootstrap: str, topic: str, events: int) -> None:
-    result = CONTENDERS[name](bootstrap, topic, events)
-    result["peak_rss_mb"] = _peak_rss_mb()
-    print(json.dumps(result))
+def _rows(outcomes: list[Outcome], data: DataSet) -> list[tuple[str, ...]]:
+    raw = next((o.rate for o in outcomes if o.contender.key == "raw"), None)
+    rows: list[tuple[str, ...]] = []
+    for o in outcomes:
+        rate = o.rate
+        rows.append(
+            (
+                o.contender.label,
+                "-" if rate is None else f"{rate:,.0f}",
+                "-" if rate is None or not raw else f"{rate / raw:.2f}",
+                "-" if o.report is None else f"{o.report['peak_rss_mb']:.0f}",
+                _correctness(o, data),
+                "; ".join(o.notes),
+            )
+        )
+    return rows
+
+
+def _targets(outcomes: list[Outcome]) -> list[str]:
+    rates = {o.contender.key: o.rate for o in outcomes}
+    labels = {o.contender.key: o.contender.label for o in outcomes}
+    lines = []
+    for mine, theirs, goal in TARGETS:
+        a, b = rates.get(mine), rates.get(theirs)
+        if a is None or b is None:
+            continue
+        ratio = a / b
+        verdict = "met" if ratio >= goal else "MISSED"
+        lines.append(
+            f"{labels[mine]} vs {labels[theirs]}: {ratio:.2f}x (goal >= {goal:g}x): {verdict}"
+        )
+    return lines
+
+
+COLUMNS = ("contender", "msg/s", "x raw", "peak RSS MB", "handled == unique", "notes")
+
+
+def report(
+    console: Console,
+    outcomes: list[Outcome],
+    data: DataSet,
+    machine: list[tuple[str, str]],
+    elapsed: float,
+) -> str:
+    """Print the rich table, then return (and print) the Markdown version for the README."""
+    title = (
+        f"{data.events:,} events, {data.unique:,} unique IDs ({data.duplicates:.0%} duplicates), "
+        f"{PARTITIONS} partitions, {BODY_BYTES}-byte values"
+    )
+    table = Table(title=title)
+    for column in COLUMNS:
+        table.add_column(column, justify="right" if column in ("msg/s", "x raw") else "left")
+    rows = _rows(outcomes, data)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    targets = _targets(outcomes)
+    for line in targets:
+        console.print(("[green]" if line.endswith(": met") else "[red]") + line)
+    md = [f"**{title}**", ""]
+    md += [f"- {label}: {value}" for label, value in machine]
+    md += [f"- whole run: {elapsed:.0f}s", ""]
+    md += ["| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---:|---|---|"]
+    md += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    if targets:
+        md += ["", *[f"- {line}" for line in targets]]
+    text = "\n".join(md)
+    print("\n" + text)
+    return text
+
+
+def _select(only: str | None, skip: str | None) -> list[Contender]:
+    known = {c.key for c in CONTENDERS}
+    wanted = set(only.split(",")) if only else known
+    unwanted = set(skip.split(",")) if skip else set()
+    unknown = (wanted | unwanted) - known
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {sorted(unknown)}; known: {sorted(known)}")
+    return [c for c in CONTENDERS if c.key in wanted and c.key not in unwanted]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--duplicates", type=float, default=0.1)
-    parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+    parser.add_argument("--batch", type=int, default=500, help="messages per poll, every row")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--topic", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--bootstrap", help="use this broker (default: $KAFKA_BOOTSTRAP_SERVERS or start one)"
+    )
+    parser.add_argument(
+        "--only", help="comma-separated contenders: " + ",".join(c.key for c in CONTENDERS)
+    )
+    parser.add_argument("--skip", help="comma-separated contenders to leave out")
+    parser.add_argument(
+        "--timeout", type=float, help="seconds per contender (default 300 + 2 ms per event)"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="profile the dedupe_consumer rows with pyinstrument into DIR"
+    )
+    parser.add_argument("--markdown", type=Path, help="also write the Markdown report here")
     args = parser.parse_args()
-    if args.child:
-        child(args.child, args.bootstrap, args.topic, args.events)
-        return
+    contenders = _select(args.only, args.skip)
+    timeout = args.timeout or 300 + 0.002 * args.events
 
-    out = Console()
-    broker = None
-    bootstrap = args.bootstrap
-    if not bootstrap:
-        from dedupe_consumer.testing import start_broker
+    from dedupe_consumer.observability import configure_logging
+    from dedupe_consumer.testing import ExternalKafka, KafkaBroker, start_broker
 
-        broker = start_broker()
-        bootstrap = broker.bootstrap_servers
+    configure_logging("warning")  # the broker providers log; keep stdout for the report
+    # Wide enough for the notes column even when stdout is a file or a pipe.
+    console = Console(width=max(160, Console().width))
+    started = time.perf_counter()
+    token = uuid.uuid4().hex[:8]
+    broker: KafkaBroker = ExternalKafka(args.bootstrap) if args.bootstrap else start_broker()
+    owned = not isinstance(broker, ExternalKafka)
+    outcomes: list[Outcome] = []
+    profile_dir = args.profile.resolve() if args.profile else None
     try:
-        topic = f"bench-{uuid.uuid4().hex[:8]}"
-        started = time.perf_counter()
-        unique = produce(bootstrap, topic, args.events, args.duplicates, args.seed)
-        out.print(
-            f"produced {args.events:,} events ({unique:,} unique IDs, {PARTITIONS} "
-            f"partitions) in {time.perf_counter() - started:.1f}s to {topic}"
-        )
-        results: dict[str, dict[str, Any]] = {}
-        for name in CONTENDERS:
-            out.print(f"running: {name}")
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.compare",
-                    "--child",
-                    name,
-                    "--bootstrap",
-                    bootstrap,
-                    "--topic",
-                    topic,
-                    "--events",
-                    str(args.events),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=Path(__file__).resolve().parents[1],
+        with tempfile.TemporaryDirectory(prefix=f"bench-{token}-") as tmp:
+            machine = _machine.describe(
+                tmp,
+                {
+                    "Kafka broker": "local (dedupe_consumer.testing)" if owned else "external",
+                    "redis-server": _machine.binary_version(["redis-server", "--version"]),
+                },
             )
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            t0 = time.perf_counter()
+            data = produce(
+                broker.bootstrap_servers, f"bench-{token}", args.events, args.duplicates, args.seed
+            )
+            console.print(
+                f"produced {data.events:,} events ({data.unique:,} unique IDs) to {data.topic} "
+                f"in {time.perf_counter() - t0:.1f}s"
+            )
+            for contender in contenders:
+                console.print(f"running: {contender.label} ...", end=" ")
+                t0 = time.perf_counter()
+                outcome = run_contender(
+                    contender,
+                    bootstrap=broker.bootstrap_servers,
+                    data=data,
+                    group=f"bench-{token}-{contender.key}",
+                    batch=args.batch,
+                    workdir=Path(tmp),
+                    timeout=timeout,
+                    profile_dir=profile_dir,
+                )
+                outcomes.append(outcome)
+                rate = outcome.rate
+                console.print(
+                    f"{time.perf_counter() - t0:.1f}s, "
+                    + (f"{rate:,.0f} msg/s" if rate is not None else f"[red]{outcome.error}")
+                )
     finally:
-        if broker is not None:
-            broker.stop()
-
-    raw_rate = (
-        results[next(iter(CONTENDERS))]["consumed"] / results[next(iter(CONTENDERS))]["seconds"]
-    )
-    table = Table(
-        title=f"{args.events:,} events, {args.duplicates:.0%} duplicates, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    )
-    for column in ("contender", "msg/s", "x raw", "peak RSS MB", "handled == unique"):
-        table.add_column(column, justify="right" if column != "contender" else "left")
-    lines = [
-        "| contender | msg/s | x raw | peak RSS MB | handled == unique |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for name, r in results.items():
-        rate = r["consumed"] / r["seconds"]
-        correct = "n/a (no dedupe)" if name.startswith("raw") else str(r["handled"] == unique)
-        row = (name, f"{rate:,.0f}", f"{rate / raw_rate:.2f}", f"{r['peak_rss_mb']:.0f}", correct)
-        table.add_row(*row)
-        lines.append("| " + " | ".join(row) + " |")
-    out.print(table)
-    print("\n".join(lines))
+        if not owned:  # our own broker goes with its data; someone else's keeps no litter
+            try:
+                delete_topics_containing(broker.bootstrap_servers, f"bench-{token}")
+            except Exception as exc:  # must not hide the error that ended the run
+                print(f"warning: could not delete this run's topics: {exc}", file=sys.stderr)
+        broker.stop()
+    text = report(console, outcomes, data, machine, time.perf_counter() - started)
+    if args.markdown is not None:
+        args.markdown.write_text(text + "\n")
+    if profile_dir is not None:
+        console.print(f"profiles: {profile_dir}/<contender>.txt and .html")
 
 
 if __name__ == "__main__":
