@@ -35,6 +35,7 @@ def test_kills_lose_nothing_and_repeat_only_inside_the_documented_window(
     )
     print(out.row())
     assert out.kills >= 3, f"only {out.kills} kills landed: {out.exit_codes}"
+    assert out.stalls == 0, out.notes
     assert out.exit_codes[-1] == 0, "the final run must stop cleanly on SIGTERM"
     assert all(c in (0, -signal.SIGKILL) for c in out.exit_codes), out.exit_codes
 
