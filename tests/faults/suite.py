@@ -12,11 +12,9 @@ own staged counters) are then checked against what was produced.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -32,8 +30,8 @@ from dedupe_consumer.models import TopicPartition, header_pairs
 from dedupe_consumer.store import RocksStore
 
 from ..kafka_helpers import committed_offsets, end_offsets
+from ._process import effects_of, log_of, start_consumer, write_config
 
-REPO = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
 
 
@@ -126,59 +124,6 @@ def produce(
     return sent
 
 
-def write_config(workdir: Path, bootstrap: str, topic: str, mode: Mode, batch: int) -> Path:
-    path = workdir / "consumer.toml"
-    path.write_text(f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "{topic}-group"
-topics = ["{topic}"]
-[kafka.consumer]
-"session.timeout.ms" = 6000
-"heartbeat.interval.ms" = 500
-"group.instance.id" = "{topic}-member"   # static membership: a restart rejoins at once
-[store]
-path = "{workdir / "state"}"
-[processing]
-batch_size = {batch}
-poll_timeout = "100ms"
-dead_letter_topic = "{topic}.dlq"
-mode = "{mode.mode}"
-on_uncertain = "{mode.on_uncertain}"
-[observability]
-log_level = "warning"
-log_format = "json"
-""")
-    return path
-
-
-def _start(
-    config: Path, effects: Path, handler: str, fault: str | None, after: int, log: Path
-) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DEDUPE_TEST_EFFECTS": str(effects)}
-    env.pop("DEDUPE_FAULT_POINT", None)
-    if fault is not None:
-        env["DEDUPE_FAULT_POINT"] = fault
-        env["DEDUPE_FAULT_AFTER"] = str(after)
-    with log.open("ab") as err:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dedupe_consumer",
-                "run",
-                "--config",
-                str(config),
-                "--handler",
-                handler,
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-
-
 def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
     consumer = Consumer(
         {
@@ -221,10 +166,6 @@ def _uncertain_ids(log: Path) -> set[str]:
     return found
 
 
-def _effects_of(path: Path) -> Counter[str]:
-    return Counter(path.read_text().split()) if path.exists() else Counter()
-
-
 def run_mode(
     bootstrap: str,
     workdir: Path,
@@ -243,8 +184,16 @@ def run_mode(
     topic = f"suite-{mode.name.replace('+', '-')}-{uuid.uuid4().hex[:8]}"
     sent = produce(bootstrap, topic, events, duplicates, seed)
     unique = set(sent)
-    config = write_config(workdir, bootstrap, topic, mode, batch)
-    effects, log = workdir / "effects", workdir / "consumer.log"
+    config = write_config(
+        workdir,
+        bootstrap,
+        topic,
+        batch=batch,
+        mode=mode.mode,
+        on_uncertain=mode.on_uncertain,
+        static_member=True,
+    )
+    effects, log = workdir / "effects", log_of(config)
     outcome = Outcome(mode.name, events=events, unique=len(unique), max_batch=batch)
     deadline = time.monotonic() + timeout_s
 
@@ -263,7 +212,9 @@ def run_mode(
             )
         random_moment = k % 3 == 2
         point = None if random_moment else mode.points[k % len(mode.points)]
-        proc = _start(config, effects, mode.handler, point, rng.randint(1, 6), log)
+        proc = start_consumer(
+            config, effects, handler=mode.handler, fault=point, after=rng.randint(1, 6)
+        )
         if random_moment:
             time.sleep(rng.uniform(0.5, 2.0))  # during start-up, restore or a batch
             if proc.poll() is None:
@@ -284,7 +235,7 @@ def run_mode(
     unique = set(sent)
     outcome.events, outcome.unique = len(sent), len(unique)
 
-    final = _start(config, effects, mode.handler, None, 1, log)
+    final = start_consumer(config, effects, handler=mode.handler)
     try:
         while not done() and time.monotonic() < deadline + 120:
             time.sleep(0.5)
@@ -304,10 +255,10 @@ def run_mode(
         finally:
             store.close()
     else:
-        counts = _effects_of(effects)
+        counts = effects_of(effects)
     outcome.lost = sorted(unique - set(counts) - outcome.dead_lettered)
     if outcome.lost:
-        calls = _effects_of(effects)
+        calls = effects_of(effects)
         store = RocksStore(workdir / "state", retention_ms=10**12)
         try:
             now = int(time.time() * 1000)

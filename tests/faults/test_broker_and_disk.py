@@ -18,7 +18,7 @@ from dedupe_consumer.store import RocksStore
 from dedupe_consumer.testing import LocalKafka
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
-from .test_crash import effects_of, start, write_config
+from ._process import effects_of, log_tail, start_consumer, write_config
 
 pytestmark = pytest.mark.kafka
 
@@ -44,7 +44,7 @@ def test_broker_stopped_and_restarted_mid_run_loses_nothing(
     ids: list[str] = []
     sent = produce_events(bootstrap, topic, 3000, duplicates=0.1, seed=31, ids=ids)
     config, effects = write_config(tmp_path, bootstrap, topic), tmp_path / "effects"
-    proc = start(config, effects)
+    proc = start_consumer(config, effects)
     try:
         wait_for(lambda: sum(effects_of(effects).values()) > 300, 60, "progress")
         own_broker.stop_process(graceful=False)  # the broker machine dies
@@ -63,8 +63,8 @@ def test_broker_stopped_and_restarted_mid_run_loses_nothing(
         )
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr.decode()[-3000:]
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, log_tail(config)
     calls = effects_of(effects)
     assert set(calls) == set(sent)
     assert [i for i, n in calls.items() if n > 1] == []  # no crash: no repeated call
@@ -108,10 +108,9 @@ def test_store_that_cannot_be_written_stops_with_a_clear_error_and_commits_nothi
     assert callable(kafka_topic)
     topic = kafka_topic(partitions=2)
     produce_events(kafka_bootstrap, topic, 20000, duplicates=0.1, seed=33)
-    config = write_config(tmp_path, kafka_bootstrap, topic)
-    config.write_text(config.read_text().replace(str(tmp_path / "state"), str(small_disk / "s")))
+    config = write_config(tmp_path, kafka_bootstrap, topic, store=small_disk / "s")
     effects = tmp_path / "effects"  # not on the small disk
-    proc = start(config, effects)
+    proc = start_consumer(config, effects)
     try:
         wait_for(lambda: sum(effects_of(effects).values()) > 200, 60, "progress")
         filler = fill(small_disk)
@@ -119,8 +118,8 @@ def test_store_that_cannot_be_written_stops_with_a_clear_error_and_commits_nothi
     finally:
         if proc.poll() is None:
             proc.kill()
-        _, stderr_bytes = proc.communicate(timeout=30)
-    stderr = stderr_bytes.decode()
+            proc.wait(timeout=30)
+    stderr = log_tail(config, 20_000)
     assert code == 1, stderr[-3000:]
     assert "cannot write to store" in stderr, stderr[-3000:]
     assert "No space left on device" in stderr, stderr[-3000:]

@@ -8,11 +8,8 @@ it with SIGTERM and checks the effects file against what was produced.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,68 +17,15 @@ import pytest
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
+from ._process import effects_of, log_tail, start_consumer, write_config
 
 pytestmark = pytest.mark.kafka
-REPO = Path(__file__).resolve().parents[2]
 BATCH = 50
-
-
-def write_config(tmp_path: Path, bootstrap: str, topic: str) -> Path:
-    path = tmp_path / "consumer.toml"
-    path.write_text(
-        f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "{topic}-group"
-topics = ["{topic}"]
-[kafka.consumer]
-"session.timeout.ms" = 6000
-"heartbeat.interval.ms" = 500
-[store]
-path = "{tmp_path / "state"}"
-[processing]
-batch_size = {BATCH}
-poll_timeout = "200ms"
-dead_letter_topic = "{topic}.dlq"
-[observability]
-log_level = "warning"
-"""
-    )
-    return path
-
-
-def start(
-    config: Path, effects: Path, fault: str | None = None, after: int = 1
-) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DEDUPE_TEST_EFFECTS": str(effects)}
-    env.pop("DEDUPE_FAULT_POINT", None)
-    if fault is not None:
-        env["DEDUPE_FAULT_POINT"] = fault
-        env["DEDUPE_FAULT_AFTER"] = str(after)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dedupe_consumer",
-            "run",
-            "--config",
-            str(config),
-            "--handler",
-            "tests.faults.handlers:AppendHandler",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def effects_of(path: Path) -> Counter[str]:
-    return Counter(path.read_text().split()) if path.exists() else Counter()
 
 
 def finish(
     proc: subprocess.Popen[bytes],
+    config: Path,
     effects: Path,
     unique: set[str],
     bootstrap: str,
@@ -101,8 +45,8 @@ def finish(
         )
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr.decode()[-3000:]
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, log_tail(config)
 
 
 @pytest.mark.parametrize("point", ["after_persist", "after_commit"])
@@ -111,14 +55,15 @@ def test_crash_after_persist_or_commit_never_repeats_a_handler_call(
 ) -> None:
     topic = kafka_topic(partitions=2)
     sent = produce_events(kafka_bootstrap, topic, 1000, duplicates=0.1, seed=11)
-    config, effects = write_config(tmp_path, kafka_bootstrap, topic), tmp_path / "effects"
+    config = write_config(tmp_path, kafka_bootstrap, topic, batch=BATCH)
+    effects = tmp_path / "effects"
 
-    crashed = start(config, effects, fault=point, after=4)
+    crashed = start_consumer(config, effects, fault=point, after=4)
     assert crashed.wait(timeout=90) == -signal.SIGKILL
     before = effects_of(effects)
     assert 0 < sum(before.values()) < len(set(sent)), "the crash should land mid-stream"
 
-    finish(start(config, effects), effects, set(sent), kafka_bootstrap, topic, 2)
+    finish(start_consumer(config, effects), config, effects, set(sent), kafka_bootstrap, topic, 2)
     calls = effects_of(effects)
     assert set(calls) == set(sent)
     assert [i for i, n in calls.items() if n > 1] == []
@@ -129,11 +74,12 @@ def test_crash_between_handler_and_persist_repeats_at_most_that_batch(
 ) -> None:
     topic = kafka_topic(partitions=1)
     sent = produce_events(kafka_bootstrap, topic, 1000, duplicates=0.1, seed=12)
-    config, effects = write_config(tmp_path, kafka_bootstrap, topic), tmp_path / "effects"
+    config = write_config(tmp_path, kafka_bootstrap, topic, batch=BATCH)
+    effects = tmp_path / "effects"
 
-    crashed = start(config, effects, fault="after_handler", after=3 * BATCH + 7)
+    crashed = start_consumer(config, effects, fault="after_handler", after=3 * BATCH + 7)
     assert crashed.wait(timeout=90) == -signal.SIGKILL
-    finish(start(config, effects), effects, set(sent), kafka_bootstrap, topic, 1)
+    finish(start_consumer(config, effects), config, effects, set(sent), kafka_bootstrap, topic, 1)
 
     calls = effects_of(effects)
     assert set(calls) == set(sent)  # nothing lost

@@ -1,0 +1,100 @@
+"""A consumer as a real process: its config, its start, its effects file.
+
+Shared by every fault test and the crash soak, so they all kill the same thing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+APPEND_HANDLER = "tests.faults.handlers:AppendHandler"
+
+
+def write_config(
+    workdir: Path,
+    bootstrap: str,
+    topic: str,
+    *,
+    batch: int = 50,
+    mode: str = "plain",
+    on_uncertain: str = "dead-letter",
+    static_member: bool = False,
+    store: Path | None = None,
+) -> Path:
+    """A consumer config in ``workdir``; logs are JSON so tests can read them."""
+    member = f'"group.instance.id" = "{topic}-member"\n' if static_member else ""
+    path = workdir / "consumer.toml"
+    path.write_text(f"""
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{topic}-group"
+topics = ["{topic}"]
+[kafka.consumer]
+"session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 500
+{member}
+[store]
+path = "{store or workdir / "state"}"
+[processing]
+batch_size = {batch}
+poll_timeout = "100ms"
+dead_letter_topic = "{topic}.dlq"
+mode = "{mode}"
+on_uncertain = "{on_uncertain}"
+[observability]
+log_level = "warning"
+log_format = "json"
+""")
+    return path
+
+
+def start_consumer(
+    config: Path,
+    effects: Path,
+    *,
+    handler: str = APPEND_HANDLER,
+    fault: str | None = None,
+    after: int = 1,
+) -> subprocess.Popen[bytes]:
+    """``python -m dedupe_consumer run``; stderr appends to ``consumer.log`` beside the config."""
+    env = {**os.environ, "DEDUPE_TEST_EFFECTS": str(effects)}
+    env.pop("DEDUPE_FAULT_POINT", None)
+    if fault is not None:
+        env["DEDUPE_FAULT_POINT"] = fault
+        env["DEDUPE_FAULT_AFTER"] = str(after)
+    with log_of(config).open("ab") as err:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dedupe_consumer",
+                "run",
+                "--config",
+                str(config),
+                "--handler",
+                handler,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def log_of(config: Path) -> Path:
+    return config.parent / "consumer.log"
+
+
+def log_tail(config: Path, limit: int = 3000) -> str:
+    path = log_of(config)
+    return path.read_text(errors="replace")[-limit:] if path.exists() else ""
+
+
+def effects_of(path: Path) -> Counter[str]:
+    """How often each event ID took effect (one line per handler call)."""
+    return Counter(path.read_text().split()) if path.exists() else Counter()
