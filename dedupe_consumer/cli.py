@@ -7,11 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from dedupe_consumer import __version__
-from dedupe_consumer.errors import ConfigError, DedupeError
+from dedupe_consumer._cli_support import reporting_errors
 
 app = typer.Typer(
     help="Exactly-once effects for Kafka consumers: dedupe by event ID, commit after persist.",
@@ -19,7 +17,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, soft_wrap=True)  # error lines stay greppable
 
 
 def _version(value: bool) -> None:
@@ -51,19 +48,11 @@ def run(
     from dedupe_consumer.consumer import DedupeConsumer
     from dedupe_consumer.observability import configure_logging
 
-    try:
+    with reporting_errors():
         settings = Settings.from_toml(config)
         handler_cls = load_handler_class(handler)
         configure_logging(settings.observability.log_level, settings.observability.log_format)
         DedupeConsumer(handler_cls(), settings).run()
-    except ConfigError as exc:
-        err.print(f"[bold red]configuration error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-    except DedupeError as exc:
-        err.print(
-            f"[bold red]stopped:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False
-        )
-        raise typer.Exit(1) from None
 
 
 @app.command()

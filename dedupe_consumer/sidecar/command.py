@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from dedupe_consumer.errors import ConfigError, DedupeError
+from dedupe_consumer._cli_support import reporting_errors
 
 
 def sidecar(
@@ -28,17 +26,7 @@ def sidecar(
     from dedupe_consumer.observability import configure_logging
     from dedupe_consumer.sidecar.runner import Sidecar
 
-    err = Console(stderr=True)
-    try:
+    with reporting_errors():
         settings = Settings.from_toml(config)
         configure_logging(settings.observability.log_level, settings.observability.log_format)
         Sidecar(settings).run()
-    except ConfigError as exc:
-        # escape(): messages name sections like "[sidecar]", which rich reads as markup.
-        err.print(f"[bold red]configuration error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-    except DedupeError as exc:
-        err.print(
-            f"[bold red]stopped:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False
-        )
-        raise typer.Exit(1) from None
