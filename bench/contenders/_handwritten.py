@@ -1,0 +1,66 @@
+"""The consume loop teams write by hand around an external "seen IDs" store.
+
+For each message: read the ``event-id`` header, ask the store whether the ID
+is new with one blocking round trip, call the handler only if it is; after the
+batch, commit the offsets synchronously. Nothing is pipelined or batched,
+because hand-written code almost never is, and that is the point of the
+comparison: the cost of one network round trip (and, for PostgreSQL, one
+durable transaction) per message.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from confluent_kafka import Consumer
+
+from bench._child import Stopwatch
+
+Headers = list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None] | None
+
+
+def event_id_of(headers: Headers) -> str:
+    """The last ``event-id`` header, as dedupe_consumer's ``header:event-id`` reads it."""
+    found: str | bytes | None = None
+    pairs = headers.items() if isinstance(headers, dict) else headers or ()
+    for name, value in pairs:
+        if name == "event-id":
+            found = value
+    if not found:
+        raise ValueError("message has no event-id header")
+    return found if isinstance(found, str) else found.decode()
+
+
+def consume_loop(args: argparse.Namespace, is_new: Callable[[str], bool]) -> tuple[int, int, float]:
+    """Run the loop over ``args.topic``; return (consumed, handled, seconds)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": args.bootstrap,
+            "group.id": args.group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([args.topic])
+    clock = Stopwatch()
+    consumed = handled = 0
+    try:
+        while consumed < args.events:
+            # Never ask for more than is left (see raw.py).
+            batch = consumer.consume(min(args.batch, args.events - consumed), 1.0)
+            if not batch:
+                continue
+            clock.start_once()
+            for message in batch:
+                if message.error():
+                    raise RuntimeError(f"consume error: {message.error()}")
+                if is_new(event_id_of(message.headers())):
+                    message.value()  # the (no-op) handler
+                    handled += 1
+            consumed += len(batch)
+            consumer.commit(asynchronous=False)
+            clock.lap()
+    finally:
+        consumer.close()
+    return consumed, handled, clock.seconds
