@@ -9,6 +9,7 @@ for after the engine has persisted the decisions they cover.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import structlog
 from confluent_kafka import (
@@ -28,6 +29,10 @@ from dedupe_consumer.sources import AssignmentListener
 log = structlog.get_logger("dedupe_consumer.kafka")
 
 
+def _kafka_offsets(offsets: Mapping[TopicPartition, int]) -> list[KafkaTopicPartition]:
+    return [KafkaTopicPartition(tp.topic, tp.partition, o) for tp, o in offsets.items()]
+
+
 def _tps(partitions: Sequence[KafkaTopicPartition]) -> list[TopicPartition]:
     return [TopicPartition(p.topic, p.partition) for p in partitions]
 
@@ -42,7 +47,7 @@ class KafkaSource:
         self.listener = listener
         self.metrics = metrics or Metrics()
         kafka = settings.kafka
-        conf: dict[str, str | int | float | bool] = {
+        conf: dict[str, Any] = {
             "bootstrap.servers": kafka.bootstrap_servers,
             "group.id": kafka.group_id,
             "auto.offset.reset": kafka.auto_offset_reset,
@@ -51,6 +56,9 @@ class KafkaSource:
         conf.update(kafka.consumer)
         conf["enable.auto.commit"] = False
         conf["enable.auto.offset.store"] = False
+        conf["on_commit"] = self._on_commit
+        self._issued: dict[TopicPartition, int] = {}
+        self._recommit = False
         strategy = str(conf.get("partition.assignment.strategy", ""))
         self.cooperative = "cooperative" in strategy
         self.max_poll_interval_ms = int(conf.get("max.poll.interval.ms", 300_000))
@@ -78,6 +86,10 @@ class KafkaSource:
             # max(committed, watermark + 1): another instance may have gone further.
             if start is not None and (done < 0 or start > done):
                 p.offset = start
+                # Decided but not committed (a crash between persist and commit): commit
+                # it now, or an idle partition would show that lag forever.
+                self._issued[TopicPartition(p.topic, p.partition)] = start
+                self._recommit = True
             else:
                 p.offset = done if done >= 0 else OFFSET_INVALID
         log.info("assigned", partitions={f"{p.topic}[{p.partition}]": p.offset for p in partitions})
@@ -87,19 +99,38 @@ class KafkaSource:
             consumer.assign(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
-        pending = self.listener.on_revoked(_tps(partitions))
-        if pending:
-            self.commit(pending)
-        log.info("revoked", partitions=[f"{p.topic}[{p.partition}]" for p in partitions])
+        tps = _tps(partitions)
+        self._issued.update(self.listener.on_revoked(tps))
+        self._commit_now(tps)  # the next owner starts from here: make sure it is committed
+        for tp in tps:
+            self._issued.pop(tp, None)
+        log.info("revoked", partitions=[str(tp) for tp in tps])
 
     def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
-        self.listener.on_lost(_tps(partitions))
-        log.warning("partitions_lost", partitions=[f"{p.topic}[{p.partition}]" for p in partitions])
+        tps = _tps(partitions)
+        self.listener.on_lost(tps)
+        for tp in tps:
+            self._issued.pop(tp, None)  # not ours any more: nothing may be committed
+        log.warning("partitions_lost", partitions=[str(tp) for tp in tps])
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
+        if error is not None:
+            self._recommit = True
+            self.metrics.commit_failures.inc()
+            log.warning(
+                "commit_failed",
+                error=str(error),
+                note="offsets stay covered by the durable watermark; committed again on the "
+                "next idle poll, revocation or close",
+            )
 
     # -- batches and commits ---------------------------------------------------------------
 
     def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
         messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
+        if not messages and self._recommit and self._issued:
+            self._recommit = False  # an async commit failed (a rebalance, say): say it again
+            self._consumer.commit(offsets=_kafka_offsets(self._issued), asynchronous=True)
         if not any(m.error() for m in messages):
             return messages
         good: list[Message] = []
@@ -123,11 +154,25 @@ class KafkaSource:
         return good
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Synchronous commit; raises KafkaException on failure (the caller retries)."""
-        self._consumer.commit(
-            offsets=[KafkaTopicPartition(tp.topic, tp.partition, o) for tp, o in offsets.items()],
-            asynchronous=False,
-        )
+        """Asynchronous commit, issued after the decisions it covers are durable.
+
+        Waiting for the broker's answer would cost a round trip per batch and buy
+        nothing: a lost commit only means redelivered offsets that the watermark
+        skips. Revocation and close commit synchronously.
+        """
+        self._issued.update(offsets)
+        self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=True)
+
+    def _commit_now(self, tps: Sequence[TopicPartition] | None = None) -> None:
+        offsets = {tp: o for tp, o in self._issued.items() if tps is None or tp in tps}
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=False)
+        except KafkaException as exc:
+            self.metrics.commit_failures.inc()
+            log.warning("commit_failed", error=str(exc), note="covered by the durable watermark")
 
     def close(self) -> None:
+        self._commit_now()
         self._consumer.close()

@@ -307,3 +307,39 @@ def test_partition_state_moves_to_a_new_instance_through_the_changelog(
     assert not set(new.ids) & set(first)
     assert sorted(old.ids + new.ids) == sorted(set(first + second))
     assert moved.totals.duplicates == len(second) - len(set(second) - set(first))
+
+
+def test_watermark_ahead_of_the_committed_offset_is_committed_without_new_traffic(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    from confluent_kafka import TopicPartition as KafkaTopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    topic = kafka_topic(partitions=1)
+    sent = produce_events(kafka_bootstrap, topic, 100, duplicates=0.0, seed=41)
+    settings = settings_for(kafka_bootstrap, topic, tmp_path / "state")
+    handler = Recorder()
+    run_until(DedupeConsumer(handler, settings), 100)
+    # As if the process died between persist and commit: the group is 60 offsets behind.
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    request = ConsumerGroupTopicPartitions(
+        settings.kafka.group_id, [KafkaTopicPartition(topic, 0, 40)]
+    )
+    for future in admin.alter_consumer_group_offsets([request]).values():
+        future.result(timeout=30)
+    assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 40}
+
+    again = Recorder()
+    consumer = DedupeConsumer(again, settings)
+    deadline = time.monotonic() + 60
+    consumer.run(
+        until=lambda t: (
+            committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 100}
+            or time.monotonic() > deadline
+        ),
+        install_signal_handlers=False,
+    )
+    assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 100}
+    assert again.ids == []  # resumed after the watermark: nothing redelivered to the handler
+    assert sorted(handler.ids) == sorted(sent)
