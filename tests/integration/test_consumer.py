@@ -196,7 +196,8 @@ def test_two_consumers_with_a_rebalance_in_the_middle_lose_no_event(
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path, strategy: str
 ) -> None:
     topic = kafka_topic(partitions=4)
-    sent = produce_events(kafka_bootstrap, topic, 3000, duplicates=0.1, seed=5)
+    ids: list[str] = []
+    sent = produce_events(kafka_bootstrap, topic, 3000, duplicates=0.1, seed=5, ids=ids)
     kafka = {"consumer": {"partition.assignment.strategy": strategy}}
     group = f"{topic}-{strategy}"
     handlers = [Recorder(), Recorder()]
@@ -221,10 +222,14 @@ def test_two_consumers_with_a_rebalance_in_the_middle_lose_no_event(
     threads[0].start()
     wait_for(lambda: len(handlers[0].ids) > 300, 60, "the first consumer to make progress")
     threads[1].start()  # joins the group: partitions move mid-stream
-    # Duplicates in the second wave repeat second-wave IDs only: until partition state
-    # travels with the partition (changelog, see docs/architecture.md), a re-publish of
-    # an ID decided by the previous owner is unknown to the new owner's store.
-    sent += produce_events(kafka_bootstrap, topic, 3000, duplicates=0.1, seed=6)
+    wait_for(
+        lambda: members_with_partitions(kafka_bootstrap, group) == 2,
+        60,
+        "both consumers to own partitions",
+    )
+    # The second wave repeats first-wave IDs too: the changelog has moved the old
+    # owner's decisions to the new owner, so they are still duplicates.
+    sent += produce_events(kafka_bootstrap, topic, 3000, duplicates=0.1, seed=6, ids=ids)
     unique = set(sent)
     wait_for(
         lambda: set(handlers[0].ids) | set(handlers[1].ids) >= unique,
@@ -248,6 +253,14 @@ def test_two_consumers_with_a_rebalance_in_the_middle_lose_no_event(
     assert set(all_calls) == unique
     # A clean rebalance commits on revoke, so the new owner starts after the old one.
     assert len(all_calls) == len(unique)
+
+
+def members_with_partitions(bootstrap: str, group: str) -> int:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    description = admin.describe_consumer_groups([group])[group].result(timeout=30)
+    return sum(1 for m in description.members if m.assignment.topic_partitions)
 
 
 class SlowFirstHandler(Recorder):
