@@ -203,13 +203,18 @@ class DedupeConsumer:
                     del self._pending[tp]
             return
 
+    def _stop_on_signal(self, signum: int) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        self.stop()
+
     def _install_signals(self) -> Callable[[], None] | None:
         if threading.current_thread() is not threading.main_thread():
             return None
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("stop_requested", signal=signal.Signals(signum).name)
-            self.stop()
+            # A signal handler runs between two bytecodes of the main thread, which may
+            # hold the log writer's or an Event's lock: do the work on another thread.
+            threading.Thread(target=self._stop_on_signal, args=(signum,), daemon=True).start()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 

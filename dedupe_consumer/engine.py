@@ -167,7 +167,12 @@ class Engine:
 
     def idle(self) -> None:
         """Called when a poll returned nothing: let the retention sweep catch up."""
-        deleted = self.store.sweep_expired(int(self.clock() * 1000), self._sweep_budget)
+        if self._watermarks:
+            share = max(1, self._sweep_budget // len(self._watermarks))
+            self._sweep(int(self.clock() * 1000), dict.fromkeys(self._watermarks, share))
+
+    def _sweep(self, now_ms: int, budgets: dict[TopicPartition, int]) -> None:
+        deleted = self.store.sweep_expired(now_ms, budgets)
         if deleted:
             self.metrics.expired_deleted.inc(deleted)
 
@@ -216,10 +221,10 @@ class Engine:
                 self._watermarks[tp] = offset
                 self.metrics.watermark.labels(tp.topic, str(tp.partition)).set(offset)
             fault_point("after_persist")
-            written = sum(len(v) for v in write.decisions.values())
-            deleted = self.store.sweep_expired(now_ms, 2 * written + 64)
-            if deleted:
-                self.metrics.expired_deleted.inc(deleted)
+            # Each partition sweeps twice what it wrote: deletion keeps pace with inserts
+            # wherever the load lands (invariant 5).
+            budgets = {tp: 2 * len(records) + 32 for tp, records in write.decisions.items()}
+            self._sweep(now_ms, budgets)
         total = BatchStats()
         for topic, stats in per_topic.items():
             self.metrics.record(topic, stats)
@@ -256,10 +261,12 @@ class Engine:
                 offset, digest = first_offset[event_id]
                 self._on_seen(item, offset, digest)
                 continue
-            first_offset[event_id] = (item.offset, item.digest)
             prior = found.get(event_id)
             if prior is None:
+                first_offset[event_id] = (item.offset, item.digest)
                 continue
+            # Later copies in this batch compare with the decided record, not with us.
+            first_offset[event_id] = (prior.offset, prior.digest)
             if prior.status is Status.IN_PROGRESS:
                 item.prior = prior  # uncertain: the walk applies processing.on_uncertain
                 continue
@@ -307,7 +314,9 @@ class Engine:
             todo = [
                 (i.event_id, StoredDecision(Status.IN_PROGRESS, i.offset, now_ms, i.digest))
                 for i in items
-                if i.decision is None and i.event_id is not None
+                # An uncertain event keeps its old claim: releasing it on a stop would
+                # erase the only evidence that its handler may have run.
+                if i.decision is None and i.event_id is not None and i.prior is None
             ]
             if todo:
                 claims.decisions[tp] = todo
@@ -353,7 +362,9 @@ class Engine:
                     else:
                         stats.add(Decision.HANDLED)
                         handled_ids.append(item.event_id)
-                write.watermarks[tp] = item.offset
+                current = self._watermarks.get(tp)
+                if current is None or item.offset > current:  # never backwards
+                    write.watermarks[tp] = item.offset
         finally:
             if effects:
                 write.effects[tp] = list(effects.items())

@@ -99,7 +99,7 @@ class JsonPointerId:
             raise MissingId(f"{where}: message value is absent")
         try:
             node: object = json.loads(value)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise MissingId(f"{where}: value is not JSON ({exc})") from exc
         for part in self.path:
             if isinstance(node, dict) and part in node:

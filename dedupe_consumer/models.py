@@ -144,7 +144,10 @@ def message_timestamp(message: SourceMessage) -> datetime | None:
     kind, ms = message.timestamp()
     if kind == 0 or ms < 0:  # TIMESTAMP_NOT_AVAILABLE
         return None
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):  # a producer-set time past year 9999
+        return None
 
 
 def header_pairs(message: SourceMessage) -> list[tuple[str, bytes | None]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -93,7 +93,7 @@ class ProcessedStore(Protocol):
     def changelog_position(self, tp: TopicPartition) -> int | None:
         """Next changelog offset of ``tp`` not yet applied locally, or None."""
 
-    def sweep_expired(self, now_ms: int, budget: int) -> int:
-        """Examine at most ``budget`` records, delete the expired ones; return how many."""
+    def sweep_expired(self, now_ms: int, budgets: Mapping[TopicPartition, int]) -> int:
+        """Examine up to ``budgets[tp]`` records of each partition, delete the expired ones."""
 
     def close(self) -> None: ...

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from rocksdict import (
@@ -196,33 +196,41 @@ class RocksStore:
         """Every staged effect of ``tp``, in key order (for inspection and tests)."""
         yield from self._family(tp, effects=True).items()
 
-    def sweep_expired(self, now_ms: int, budget: int) -> int:
-        """Examine up to ``budget`` records, round-robin over partitions, delete expired.
+    def sweep_expired(self, now_ms: int, budgets: Mapping[TopicPartition, int]) -> int:
+        """Examine up to ``budgets[tp]`` records of each partition; delete the expired ones.
 
-        A cursor per partition walks the key space and wraps. The engine passes
-        twice the number of records it just wrote, so the sweep outpaces inserts
-        and the steady-state size stays near ``insert rate x 1.5 x retention``
-        whatever the total traffic (invariant 5).
+        A cursor per partition walks its key space and wraps, so every record is
+        looked at again after ``records / budget`` calls. The engine gives each
+        partition twice what it just wrote, so the sweep outpaces inserts where
+        they happen and steady-state size stays near ``insert rate x 1.5 x
+        retention`` whatever the total traffic (invariant 5).
         """
-        if not self._families:
-            return 0
-        budget = max(1, budget // len(self._families))
         oldest = now_ms - self.retention_ms
         deleted = 0
         batch = WriteBatch(raw_mode=True)
-        for tp, family in self._families.items():
+        for tp, budget in budgets.items():
             name = _cf_name(tp)
-            handle = self._db.get_column_family_handle(name)
-            it = family.iter()
+            handle = self._handle(tp)
+            it = self._family(tp).iter()
             cursor = self._sweep_cursor.get(name)
             if cursor is None:
                 it.seek_to_first()
             else:
                 it.seek(cursor)
             seen = 0
-            while it.valid() and seen < budget:
+            wrapped = cursor is None
+            while seen < budget:
+                if not it.valid():
+                    if wrapped:
+                        break
+                    it.seek_to_first()  # wrap once, up to where this call started
+                    wrapped = True
+                    continue
+                key = it.key()
+                if cursor is not None and wrapped and key >= cursor:
+                    break
                 if _DECIDED_AT.unpack_from(it.value(), 9)[0] < oldest:  # no full decode
-                    batch.delete(it.key(), handle)
+                    batch.delete(key, handle)
                     deleted += 1
                 seen += 1
                 it.next()

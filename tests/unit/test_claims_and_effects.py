@@ -181,3 +181,19 @@ def test_failed_attempt_discards_its_staged_writes(rig: RigFactory) -> None:
     r.engine.process([rec(0, "a", key=b"acct")])
     assert r.store is not None
     assert r.store.effect(TP0, b"balance:acct") == b"10"
+
+
+def test_a_stop_never_erases_the_claim_of_an_uncertain_event(rig: RigFactory) -> None:
+    import threading
+
+    r = rig(
+        CrashingHandler("b"),
+        processing={"mode": "claim", "on_uncertain": "skip", "claim_lease": "5s"},
+    )
+    engine = crash_then_redeliver(r)
+    threading.Timer(0.3, engine.request_stop).start()  # SIGTERM during the lease wait
+    result = engine.process(BATCH)
+    assert result.commits == {}
+    assert r.store is not None
+    found = r.store.lookup(TP0, ["a", "b", "c"], int(r.clock() * 1000))
+    assert [f.status if f else None for f in found] == [Status.IN_PROGRESS] * 3

@@ -195,7 +195,7 @@ def test_retention_expiry_forgets_old_ids_and_sweep_removes_them(rig: RigFactory
     assert still.stats.duplicates == 1
     r.clock.now += timedelta(minutes=2).total_seconds()
     assert r.store is not None
-    deleted = r.store.sweep_expired(int(r.clock.now * 1000), 1000)
+    deleted = r.store.sweep_expired(int(r.clock.now * 1000), {TP0: 1000})
     assert deleted == 50
     later = r.engine.process([rec(51, "id1")])
     assert later.stats.handled == 1  # expired: treated as never seen
@@ -239,3 +239,44 @@ def test_messages_of_unassigned_partitions_are_left_to_their_owner(rig: RigFacto
     result = r.engine.process([rec(0, "a", partition=1), rec(0, "b", partition=0)])
     assert result.commits == {TP0: 1}
     assert r.handler.ids == ["b"]  # type: ignore[attr-defined]
+
+
+def test_watermark_never_moves_backwards(rig: RigFactory) -> None:
+    r = rig()
+    r.engine.process([rec(i, f"id{i}") for i in range(20)])
+    old = r.engine.process([rec(3, "id3"), rec(4, "id4"), rec(5, "id5")])  # a rewind
+    assert old.stats.replays == 3
+    assert old.commits == {}
+    assert r.store is not None and r.store.watermark(TP0) == 19
+
+
+def test_in_batch_copies_compare_with_the_stored_record(rig: RigFactory) -> None:
+    r = rig(dedupe={"on_conflict": "dead-letter"})
+    r.engine.process([rec(0, "k", body={"v": 1})])
+    result = r.engine.process([rec(1, "k", body={"v": 2}), rec(2, "k", body={"v": 1})])
+    assert (result.stats.conflicts, result.stats.duplicates) == (1, 1)
+    assert [d.message.offset() for d in r.dead.letters] == [1]
+
+
+def test_poison_values_do_not_stall_the_partition(rig: RigFactory) -> None:
+    from dedupe_consumer.replay import Record
+
+    r = rig(dedupe={"id_source": "json:/id"})
+    deep = b"[" * 100_000 + b"]" * 100_000
+    far_future = Record(TOPIC, 0, 1, None, b'{"id": "x"}', [], 253_402_300_800_000 * 10)
+    result = r.engine.process([Record(TOPIC, 0, 0, None, deep, []), far_future])
+    assert result.stats.dead_lettered == 1 and result.stats.handled == 1
+    assert r.dead.letters[0].letter.reason == "missing-id"
+    assert r.handler.calls[0].timestamp is None  # type: ignore[attr-defined]
+    assert result.commits == {TP0: 2}
+
+
+def test_retention_sweep_keeps_a_hot_partition_bounded(rig: RigFactory) -> None:
+    r = rig(dedupe={"retention": "10s"})
+    r.engine.process([rec(0, "cold", partition=p) for p in (1, 2, 3)])  # 4 families known
+    for n in range(150):  # 100 new IDs a second into partition 0 of 4 assigned
+        r.clock.now += 1
+        r.engine.process([rec(n * 100 + i, f"id{n}-{i}") for i in range(100)])
+    assert r.store is not None
+    stored = sum(1 for _ in r.store._family(TP0).keys())  # noqa: SIM118 (rocksdict)
+    assert stored <= 100 * 10 * 2, stored  # ~ rate x retention x 1.5, not 15,000

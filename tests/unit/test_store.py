@@ -71,10 +71,10 @@ def test_sweep_is_bounded_per_call_and_wraps(tmp_path: Path) -> None:
             WriteSet({TP: [(f"id{i:04d}", decision(i)) for i in range(300)]}, watermarks={TP: 299})
         )
         later = NOW + 5000
-        assert store.sweep_expired(later, 100) == 100
-        assert store.sweep_expired(later, 100) == 100
-        assert store.sweep_expired(later, 500) == 100
-        assert store.sweep_expired(later, 500) == 0
+        assert store.sweep_expired(later, {TP: 100}) == 100
+        assert store.sweep_expired(later, {TP: 100}) == 100
+        assert store.sweep_expired(later, {TP: 500}) == 100
+        assert store.sweep_expired(later, {TP: 500}) == 0
         assert store.watermark(TP) == 299  # watermarks never expire
     finally:
         store.close()
