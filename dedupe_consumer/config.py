@@ -40,6 +40,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "socket.", "client.", "broker.")
+"""librdkafka properties that say how to reach and authenticate to the brokers."""
+
+
 class KafkaSettings(_Section):
     bootstrap_servers: str = Field(description="host:port[,host:port...]")
     group_id: str = Field(min_length=1, description="the consumer group id")
@@ -53,6 +57,17 @@ class KafkaSettings(_Section):
     producer: dict[str, LibrdkafkaValue] = Field(
         default_factory=dict, description="extra librdkafka properties for the dead-letter producer"
     )
+
+    def connection(self) -> dict[str, LibrdkafkaValue]:
+        """How to reach and authenticate to the brokers, for every client we create.
+
+        Security settings live in ``[kafka.consumer]`` (``security.protocol``,
+        ``sasl.*``, ``ssl.*``...); the dead-letter and changelog producers, the
+        restore consumer and admin clients need the same ones to reach the
+        cluster, and none of the consumer-behaviour ones.
+        """
+        picked = {k: v for k, v in self.consumer.items() if k.startswith(CONNECTION_PREFIXES)}
+        return {**picked, "bootstrap.servers": self.bootstrap_servers}
 
     @field_validator("consumer")
     @classmethod

@@ -107,7 +107,7 @@ class DedupeConsumer:
         changelog = None
         if self._source_factory is None and settings.store.changelog:
             changelog = Changelog(
-                settings.kafka.bootstrap_servers,
+                settings.kafka.connection(),
                 settings.kafka.group_id,
                 settings.dedupe.retention,
                 f"dedupe-consumer.{settings.kafka.group_id}.{store.instance_id}",

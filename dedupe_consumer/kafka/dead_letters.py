@@ -17,7 +17,7 @@ class KafkaDeadLetters:
         self.topic = settings.processing.dead_letter_topic
         self.flush_timeout_s = flush_timeout_s
         conf: dict[str, str | int | float | bool] = {
-            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            **settings.kafka.connection(),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
@@ -33,14 +33,19 @@ class KafkaDeadLetters:
 
     def send(self, message: SourceMessage, letter: DeadLetter) -> None:
         kind, ts = message.timestamp()
-        self._producer.produce(
-            self.topic,
-            value=message.value(),
-            key=message.key(),
-            headers=dead_letter_headers(message, letter),
-            timestamp=ts if kind and ts > 0 else 0,
-            on_delivery=self._delivered,
-        )
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic,
+                    value=message.value(),
+                    key=message.key(),
+                    headers=dead_letter_headers(message, letter),
+                    timestamp=ts if kind and ts > 0 else 0,
+                    on_delivery=self._delivered,
+                )
+                break
+            except BufferError:  # the local queue is full (a burst of poison): drain it
+                self._producer.poll(0.1)
         self._queued += 1
         self._producer.poll(0)
 

@@ -143,8 +143,9 @@ class KafkaSource:
                 log.error(
                     "max_poll_interval_exceeded",
                     max_poll_interval_ms=self.max_poll_interval_ms,
-                    consequence="group membership lost; partitions are re-assigned and resume "
-                    "after the durable watermark, so no event is lost or handled twice",
+                    consequence="group membership lost; the partitions are re-assigned and "
+                    "resume after the durable watermark, so nothing is lost; with several "
+                    "instances, a new owner may repeat handler calls of the batch in flight",
                     fix="lower processing.batch_size or raise max.poll.interval.ms",
                 )
             elif error.fatal():

@@ -38,10 +38,6 @@ class Readiness:
 ReadyCheck = Callable[[], Readiness]
 
 
-CONNECTION_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "client.", "broker.")
-"""librdkafka properties that say how to reach and authenticate to the brokers."""
-
-
 class BrokerCheck:
     """Is a broker answering? One DescribeCluster request, remembered for ``cache_s``.
 
@@ -54,7 +50,7 @@ class BrokerCheck:
     def __init__(
         self, config: Mapping[str, str | int | float | bool], *, timeout_s: float = 2.0
     ) -> None:
-        self._config = {k: v for k, v in config.items() if k.startswith(CONNECTION_PREFIXES)}
+        self._config = dict(config)  # KafkaSettings.connection(): reach and authenticate only
         self._timeout_s = timeout_s
         self.cache_s = 2.0
         self._admin: Any = None

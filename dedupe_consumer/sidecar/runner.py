@@ -130,13 +130,7 @@ class Sidecar:
         self.metrics = Metrics()
         self.handler = HttpForwardHandler(sidecar, metrics=SidecarMetrics(self.metrics.registry))
         self.consumer = SidecarConsumer(self.handler, effective, metrics=self.metrics)
-        self.broker = BrokerCheck(
-            {
-                **settings.kafka.consumer,
-                **settings.kafka.producer,
-                "bootstrap.servers": settings.kafka.bootstrap_servers,
-            }
-        )
+        self.broker = BrokerCheck(settings.kafka.connection())
         try:
             self.health = HealthServer(
                 sidecar.listen_host,

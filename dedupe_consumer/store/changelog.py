@@ -33,7 +33,7 @@ from confluent_kafka import (
 )
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic  # admin re-exports it without __all__
+from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it without __all__
 
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.models import TopicPartition
@@ -56,7 +56,7 @@ class Changelog:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        connection: Mapping[str, str | int | float | bool],
         group_id: str,
         retention: timedelta,
         transactional_id: str,
@@ -64,14 +64,11 @@ class Changelog:
         timeout_s: float = 30.0,
         startup_timeout_s: float = 300.0,
     ) -> None:
-        self.bootstrap_servers = bootstrap_servers
+        self.connection = dict(connection)
         self.group_id = group_id
         self.retention = retention
         self.timeout_s = timeout_s
-        conf: dict[str, str | int | float | bool] = {
-            "bootstrap.servers": bootstrap_servers,
-            "linger.ms": 1,
-        }
+        conf: dict[str, str | int | float | bool] = {**self.connection, "linger.ms": 1}
         conf.update(producer_config or {})
         # One transaction per batch: a crash mid-batch leaves nothing visible. The id is
         # stable per store, so a restarted instance fences and aborts its own leftovers.
@@ -103,18 +100,35 @@ class Changelog:
         todo = [t for t in topics if changelog_topic(self.group_id, t) not in self._ensured]
         if not todo:
             return
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+        admin = AdminClient(dict(self.connection))
         metadata = admin.list_topics(timeout=self.timeout_s)
         missing: dict[str, int] = {}
+        grow: dict[str, int] = {}
         for topic in todo:
             source = metadata.topics.get(topic)
             if source is None or source.error is not None:
                 raise StoreError(f"source topic {topic!r} is not known to the cluster")
             name = changelog_topic(self.group_id, topic)
-            if name in metadata.topics:
-                self._ensured.add(name)
-            else:
+            existing = metadata.topics.get(name)
+            if existing is None:
                 missing[name] = len(source.partitions)
+            elif len(existing.partitions) < len(source.partitions):
+                grow[name] = len(source.partitions)  # the source topic gained partitions
+            else:
+                self._ensured.add(name)
+        if grow:
+            grown = admin.create_partitions(
+                [NewPartitions(name, n) for name, n in grow.items()],
+                operation_timeout=self.timeout_s,
+            )
+            for name, future in grown.items():
+                try:
+                    future.result()
+                except KafkaException as exc:
+                    raise StoreError(
+                        f"cannot add partitions to changelog topic {name!r}: {exc}"
+                    ) from exc
+                self._ensured.add(name)
         if not missing:
             return
         retention_ms = int((self.retention + timedelta(days=1)).total_seconds() * 1000)
@@ -213,7 +227,7 @@ class Changelog:
         name = changelog_topic(self.group_id, tp.topic)
         consumer = Consumer(
             {
-                "bootstrap.servers": self.bootstrap_servers,
+                **self.connection,
                 "group.id": f"{self.group_id}.restore.{uuid.uuid4()}",  # never used to commit
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

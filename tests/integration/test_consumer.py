@@ -356,3 +356,32 @@ def test_watermark_ahead_of_the_committed_offset_is_committed_without_new_traffi
     assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 100}
     assert again.ids == []  # resumed after the watermark: nothing redelivered to the handler
     assert sorted(handler.ids) == sorted(sent)
+
+
+def test_changelog_grows_with_the_source_topic(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewPartitions
+
+    from dedupe_consumer.store import changelog_topic
+
+    topic = kafka_topic(partitions=2)
+    first = produce_events(kafka_bootstrap, topic, 100, duplicates=0.0, seed=51)
+    settings = settings_for(kafka_bootstrap, topic, tmp_path / "state")
+    handler = Recorder()
+    run_until(DedupeConsumer(handler, settings), 100)
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_partitions([NewPartitions(topic, 4)])[topic].result(timeout=30)
+    wait_for(
+        lambda: len(admin.list_topics(topic, timeout=10).topics[topic].partitions) == 4,
+        30,
+        "the source topic to have 4 partitions",
+    )
+    second = produce_events(kafka_bootstrap, topic, 200, duplicates=0.0, seed=52)
+    run_until(DedupeConsumer(handler, settings), 200)
+
+    name = changelog_topic(settings.kafka.group_id, topic)
+    assert len(admin.list_topics(name, timeout=10).topics[name].partitions) == 4
+    assert sorted(handler.ids) == sorted(first + second)
