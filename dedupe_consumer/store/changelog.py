@@ -51,6 +51,48 @@ def changelog_topic(group_id: str, topic: str) -> str:
     return f"{group_id}.{topic}.dedupe-changelog"
 
 
+_RESTORE_CHUNK = 100_000
+"""Records held in memory during a restore before they are applied to the store."""
+
+
+class _Restored:
+    """Changelog records read but not yet applied, latest value per key."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.records: dict[str, StoredDecision | None] = {}
+        self.effects: dict[bytes, bytes | None] = {}
+        self.watermark: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self.effects)
+
+    def add(self, key: bytes, value: bytes | None) -> None:
+        """One changelog record; a ``None`` value is a tombstone."""
+        if key == _WATERMARK_KEY and value is not None:
+            self.watermark = max(self.watermark or -1, _OFFSET.unpack(value)[0])
+        elif key.startswith(_DECISION_PREFIX):
+            event_id = key[len(_DECISION_PREFIX) :].decode()
+            self.records[event_id] = None if value is None else StoredDecision.decode(value)
+        elif key.startswith(_EFFECT_PREFIX):
+            self.effects[key[len(_EFFECT_PREFIX) :]] = value
+
+    def apply(self, store: ProcessedStore, position: int) -> int:
+        """Write what was read, and the changelog position it reaches; then forget it."""
+        tp = self.tp
+        write = WriteSet(changelog_positions={tp: position})
+        local = store.watermark(tp)
+        if self.watermark is not None and (local is None or local < self.watermark):
+            write.watermarks[tp] = self.watermark
+        write.decisions[tp] = [(i, d) for i, d in self.records.items() if d is not None]
+        write.released[tp] = [i for i, d in self.records.items() if d is None]
+        write.effects[tp] = list(self.effects.items())
+        store.persist(write)
+        count = len(self)
+        self.records, self.effects, self.watermark = {}, {}, None
+        return count
+
+
 class Changelog:
     """Writes each batch's decisions to Kafka and restores a partition's state from it."""
 
@@ -241,9 +283,9 @@ class Changelog:
             if begin >= high:
                 return max(high, start or 0)
             consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
-            records: dict[str, StoredDecision | None] = {}
-            effects: dict[bytes, bytes | None] = {}
-            watermark: int | None = None
+            pending = _Restored(tp)
+            applied = 0
+            position = begin
             end: int | None = None
             deadline = time.monotonic() + self.timeout_s
             while end is None:
@@ -259,28 +301,17 @@ class Changelog:
                             end = m.offset() or 0
                         continue
                     deadline = time.monotonic() + self.timeout_s
-                    key, value = m.key() or b"", m.value()  # a None value is a tombstone
-                    if key == _WATERMARK_KEY and value is not None:
-                        watermark = max(watermark or -1, _OFFSET.unpack(value)[0])
-                    elif key.startswith(_DECISION_PREFIX):
-                        event_id = key[len(_DECISION_PREFIX) :].decode()
-                        records[event_id] = None if value is None else StoredDecision.decode(value)
-                    elif key.startswith(_EFFECT_PREFIX):
-                        effects[key[len(_EFFECT_PREFIX) :]] = value
-            restored = WriteSet(changelog_positions={tp: end})
-            local = store.watermark(tp)
-            if watermark is not None and (local is None or local < watermark):
-                restored.watermarks[tp] = watermark
-            restored.decisions[tp] = [(i, d) for i, d in records.items() if d is not None]
-            restored.released[tp] = [i for i, d in records.items() if d is None]
-            restored.effects[tp] = list(effects.items())
-            store.persist(restored)
+                    pending.add(m.key() or b"", m.value())
+                    position = (m.offset() or 0) + 1
+                if len(pending) >= _RESTORE_CHUNK:
+                    # Bounded memory: apply what was read so far. Re-reading from the
+                    # recorded position after a crash is idempotent.
+                    applied += pending.apply(store, position)
+            applied += pending.apply(store, end)
             log.info(
                 "changelog_restored",
                 partition=str(tp),
-                records=len(records),
-                effects=len(effects),
-                watermark=watermark,
+                records=applied,
                 changelog_offsets=(begin, end),
             )
             return end

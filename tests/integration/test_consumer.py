@@ -302,9 +302,15 @@ def test_handler_slower_than_max_poll_interval_is_reported_and_loses_nothing(
     assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 50}
 
 
+@pytest.mark.parametrize("chunk", [100_000, 37], ids=["one-chunk", "many-chunks"])
 def test_partition_state_moves_to_a_new_instance_through_the_changelog(
-    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+    kafka_bootstrap: str,
+    kafka_topic: TopicFactory,
+    tmp_path: Path,
+    chunk: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr("dedupe_consumer.store.changelog._RESTORE_CHUNK", chunk)
     topic = kafka_topic(partitions=2)
     ids: list[str] = []
     first = produce_events(kafka_bootstrap, topic, 400, duplicates=0.0, seed=21, ids=ids)
