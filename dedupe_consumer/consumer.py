@@ -113,6 +113,12 @@ class DedupeConsumer:
                 f"dedupe-consumer.{settings.kafka.group_id}.{store.instance_id}",
                 settings.kafka.producer,
             )
+        walk_budget_s = None
+        if self._source_factory is None:
+            # Keep polling well inside max.poll.interval.ms: a slow batch is cut and its
+            # rest re-read, instead of costing the group membership.
+            poll_interval_ms = int(settings.kafka.consumer.get("max.poll.interval.ms", 300_000))
+            walk_budget_s = 0.6 * poll_interval_ms / 1000
         engine = self._engine = Engine(
             self.handler,
             settings,
@@ -120,6 +126,7 @@ class DedupeConsumer:
             dead_letters,
             metrics=self.metrics,
             changelog=changelog,
+            walk_budget_s=walk_budget_s,
         )
         if self._stop.is_set():
             engine.request_stop()
@@ -143,6 +150,8 @@ class DedupeConsumer:
                 result = engine.process(messages)
                 self._pending.update(result.commits)
                 self._commit(source)
+                if result.rewind:
+                    source.seek(result.rewind)
                 fault_point("after_commit")
                 self.totals.merge(result.stats)
                 if on_batch is not None:

@@ -66,10 +66,16 @@ class BatchResult:
     error: BaseException | None = None
     """Set when the batch stopped early on a fatal condition (after persisting the prefix)."""
     handled_ids: list[str] = field(default_factory=list)
+    rewind: dict[TopicPartition, int] = field(default_factory=dict)
+    """Where to re-read partitions whose messages were not all decided (a cut walk)."""
 
 
 class _Stop(Exception):
     """Internal: stop deciding; persist what was decided so far."""
+
+
+class _Cut(_Stop):
+    """Internal: the walk ran out of time; persist the prefix, re-read the rest."""
 
 
 @dataclass(slots=True)
@@ -108,8 +114,13 @@ class Engine:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         changelog: Changelog | None = None,
+        walk_budget_s: float | None = None,
     ) -> None:
         self.handler = handler
+        self.walk_budget_s = walk_budget_s
+        """How long one batch may spend in handlers before the rest is re-read: the
+        Kafka source sets it below ``max.poll.interval.ms`` so that a slow batch
+        keeps the group membership (a single call longer than that still loses it)."""
         self.settings = settings
         self.store = store
         self.dead_letters = dead_letters
@@ -122,6 +133,7 @@ class Engine:
         self._stopping = threading.Event()
         self._sweep_budget = settings.store.sweep_keys
         self._walk_effects: Effects | None = None
+        self._walk_deadline: float | None = None
         if (
             self.claims
             and settings.processing.on_uncertain == "reconcile"
@@ -202,10 +214,23 @@ class Engine:
         per_topic: dict[str, BatchStats] = {}
         handled_ids: list[str] = []
         error: BaseException | None = None
+        rewind: dict[TopicPartition, int] = {}
+        self._walk_deadline = (
+            None if self.walk_budget_s is None else time.monotonic() + self.walk_budget_s
+        )
         try:
             for tp, items in plan.items():
                 stats = per_topic.setdefault(tp.topic, BatchStats())
                 self._walk(tp, items, now_ms, stats, write, handled_ids)
+        except _Cut:
+            rewind = _undecided(plan, write)
+            self.metrics.walks_cut.inc()
+            log.warning(
+                "batch_cut",
+                rewind={str(tp): o for tp, o in rewind.items()},
+                reason="handlers ran past the walk budget; the rest is re-read so "
+                "the consumer keeps its group membership",
+            )
         except _Stop as stop:
             error = stop.__cause__
         # Claims of events that were never decided must not read as uncertain later.
@@ -231,7 +256,7 @@ class Engine:
             total.merge(stats)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         commits = {tp: offset + 1 for tp, offset in write.watermarks.items()}
-        return BatchResult(total, commits, error, handled_ids)
+        return BatchResult(total, commits, error, handled_ids, rewind)
 
     # -- phase 1: classify -----------------------------------------------------------------
 
@@ -342,6 +367,8 @@ class Engine:
             for item in items:
                 if self._stopping.is_set():
                     raise _Stop
+                if self._walk_deadline is not None and time.monotonic() > self._walk_deadline:
+                    raise _Cut
                 if item.fail is not None:
                     raise _Stop from item.fail
                 if item.decision is not None:
@@ -556,3 +583,17 @@ class Engine:
                     write.changelog_positions[tp] = last + 2  # after our commit marker
         self.store.persist(write)
         self.metrics.persist_seconds.observe(time.monotonic() - started)
+
+
+def _undecided(
+    plan: dict[TopicPartition, list[_Item]], write: WriteSet
+) -> dict[TopicPartition, int]:
+    """The first offset of each partition that the walk did not decide."""
+    rewind: dict[TopicPartition, int] = {}
+    for tp, items in plan.items():
+        last = write.watermarks.get(tp)
+        if last is None:
+            rewind[tp] = items[0].offset
+        elif last < items[-1].offset:
+            rewind[tp] = last + 1
+    return rewind

@@ -30,6 +30,9 @@ class Source(Protocol):
 
     def poll(self, max_messages: int, timeout_s: float) -> Sequence[SourceMessage]: ...
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+    def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Deliver these partitions again from these offsets (the rest of a cut batch)."""
+
     def close(self) -> None: ...
 
 

@@ -164,6 +164,10 @@ class KafkaSource:
         self._issued.update(offsets)
         self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=True)
 
+    def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
+        for ktp in _kafka_offsets(offsets):
+            self._consumer.seek(ktp)
+
     def _commit_now(self, tps: Sequence[TopicPartition] | None = None) -> None:
         offsets = {tp: o for tp, o in self._issued.items() if tps is None or tp in tps}
         if not offsets:

@@ -56,6 +56,11 @@ class Metrics:
             ["topic", "policy"],
             registry=r,
         )
+        self.walks_cut = Counter(
+            "dedupe_batches_cut",
+            "Batches whose handlers ran past the walk budget; the rest was re-read",
+            registry=r,
+        )
         self.poll_interval_exceeded = Counter(
             "dedupe_max_poll_interval_exceeded",
             "Batches that outlived max.poll.interval.ms (the group membership was lost)",

@@ -34,6 +34,7 @@ class ReplaySource:
         ]
         self._position = 0
         self._again: list[Record] | None = None
+        self._last: list[Record] = []
 
     @property
     def exhausted(self) -> bool:
@@ -42,15 +43,27 @@ class ReplaySource:
     def poll(self, max_messages: int, timeout_s: float) -> list[Record]:
         if self._again is not None:
             batch, self._again = self._again, None
+            self._last = batch
             return batch
         batch = self._records[self._position : self._position + max_messages]
         self._position += len(batch)
+        self._last = batch
         if self.redeliver_batches and batch:
             self._again = batch
         return batch
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self.committed.update(offsets)
+
+    def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Hand the undecided rest of the last batch out again, as a Kafka seek would."""
+        again = [
+            r
+            for r in self._last
+            if r.offset_ >= offsets.get(TopicPartition(r.topic_, r.partition_), r.offset_ + 1)
+        ]
+        if again and self._again is None:
+            self._again = again
 
     def close(self) -> None:
         return None

@@ -391,3 +391,35 @@ def test_changelog_grows_with_the_source_topic(
     name = changelog_topic(settings.kafka.group_id, topic)
     assert len(admin.list_topics(name, timeout=10).topics[name].partitions) == 4
     assert sorted(handler.ids) == sorted(first + second)
+
+
+class OneSecondHandler(Recorder):
+    def handle(self, event: Event) -> None:
+        time.sleep(1.0)
+        super().handle(event)
+
+
+def test_a_slow_batch_is_cut_before_max_poll_interval_and_keeps_the_membership(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = kafka_topic(partitions=1)
+    sent = produce_events(kafka_bootstrap, topic, 12, duplicates=0.0, seed=61)
+    settings = settings_for(
+        kafka_bootstrap,
+        topic,
+        tmp_path / "state",
+        kafka={"consumer": {"max.poll.interval.ms": 7000}},
+        processing={"batch_size": 12},  # 12 s of handler time in one batch > 7 s
+    )
+    handler = OneSecondHandler()
+    consumer = DedupeConsumer(handler, settings)
+    run_until(consumer, 12, timeout_s=90)
+    registry = consumer.metrics.registry
+    assert (registry.get_sample_value("dedupe_batches_cut_total") or 0) >= 1
+    assert (registry.get_sample_value("dedupe_max_poll_interval_exceeded_total") or 0) == 0
+    assert sorted(handler.ids) == sorted(sent)  # each once
+    wait_for(
+        lambda: committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 12},
+        30,
+        "the offsets to be committed",
+    )

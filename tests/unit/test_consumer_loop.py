@@ -78,3 +78,27 @@ def test_redelivered_batches_are_replays_not_handler_calls(tmp_path: Path) -> No
         store.close()
     assert handler.ids == [f"id{i}" for i in range(30)]
     assert (totals.consumed, totals.replays) == (60, 30)
+
+
+def test_replay_source_seek_hands_out_the_rest_of_the_last_batch(tmp_path: Path) -> None:
+    records = [rec(i, f"id{i}") for i in range(6)] + [
+        rec(i, f"q{i}", partition=1) for i in range(3)
+    ]
+
+    class Listener:
+        def on_assigned(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
+            return {}
+
+        def on_revoked(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+            return {}
+
+        def on_lost(self, tps: Sequence[TopicPartition]) -> None:
+            return None
+
+    source = ReplaySource(records, Listener())
+    first = source.poll(100, 0)
+    assert len(first) == 9
+    source.seek({TopicPartition(TOPIC, 0): 4})
+    again = source.poll(100, 0)
+    assert [(r.partition(), r.offset()) for r in again] == [(0, 4), (0, 5)]
+    assert source.poll(100, 0) == [] and source.exhausted

@@ -280,3 +280,27 @@ def test_retention_sweep_keeps_a_hot_partition_bounded(rig: RigFactory) -> None:
     assert r.store is not None
     stored = sum(1 for _ in r.store._family(TP0).keys())  # noqa: SIM118 (rocksdict)
     assert stored <= 100 * 10 * 2, stored  # ~ rate x retention x 1.5, not 15,000
+
+
+def test_a_walk_past_its_budget_is_cut_and_the_rest_re_read(rig: RigFactory) -> None:
+    import time as _time
+
+    def slow(event: Event) -> None:
+        _time.sleep(0.05)
+
+    r = rig(Recorder(slow))
+    r.engine.walk_budget_s = 0.12
+    batch = [rec(i, f"id{i}") for i in range(10)] + [rec(0, "p1", partition=1)]
+    first = r.engine.process(batch)
+    decided = first.commits[TP0]
+    assert 1 <= decided < 10
+    assert first.rewind == {TP0: decided, TopicPartition(TOPIC, 1): 0}
+    assert r.store is not None and r.store.watermark(TP0) == decided - 1
+    r.engine.walk_budget_s = None
+    rest = [
+        m for m in batch if m.offset() >= first.rewind.get(TopicPartition(TOPIC, m.partition()), 99)
+    ]
+    second = r.engine.process(rest)
+    assert second.rewind == {}
+    handled = sorted(r.handler.ids)  # type: ignore[attr-defined]
+    assert handled == sorted([*(f"id{i}" for i in range(10)), "p1"])
