@@ -53,6 +53,9 @@ class _TimedSource:
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self._inner.commit(offsets)
 
+    def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
+        self._inner.seek(offsets)
+
     def close(self) -> None:
         self._inner.close()
 
