@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Annotated
+
+from pydantic.functional_validators import BeforeValidator
 
 _UNITS = {
     "ms": 0.001,
@@ -54,3 +57,7 @@ def format_duration(value: timedelta) -> str:
         if ms and ms % size == 0:
             return f"{ms // size}{unit}"
     return f"{ms}ms"
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+"""A settings field type: a human duration, parsed once at start-up."""

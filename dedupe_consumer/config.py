@@ -13,10 +13,9 @@ import tomllib
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.functional_validators import BeforeValidator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,12 +24,11 @@ from pydantic_settings import (
 )
 
 from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
-from dedupe_consumer._durations import parse_duration
+from dedupe_consumer._durations import Duration
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import ID_SOURCE_FORMS, parse_id_source
 from dedupe_consumer.sidecar.settings import SidecarSettings
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 LibrdkafkaValue = str | int | float | bool
 
 _toml_file: ContextVar[Path | None] = ContextVar("dedupe_toml_file", default=None)

@@ -2,9 +2,9 @@
 
 It lives next to the feature and is imported by :mod:`dedupe_consumer.config`
 as the optional ``Settings.sidecar`` section. Because config.py imports this
-module, this module must not import config.py back: the ``Duration`` type is
-therefore declared here from the same parser, so durations are written and
-rejected exactly as everywhere else (``"200ms"``, ``"10s"``).
+module, this module must not import config.py back; both take the ``Duration``
+type from ``_durations``, so durations are written and rejected exactly alike
+(``"200ms"``, ``"10s"``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from pydantic import (
 from pydantic.functional_validators import BeforeValidator
 
 from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
-from dedupe_consumer._durations import parse_duration
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+from dedupe_consumer._durations import Duration
 
 STATUS_FORMS = "a list of HTTP status codes (e.g. 404) or classes (e.g. '4xx'), not 2xx"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
