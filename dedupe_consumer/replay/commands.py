@@ -146,6 +146,14 @@ def replay(
             "--property", "-X", help="Extra librdkafka producer property KEY=VALUE (--to-topic)."
         ),
     ] = None,
+    ignore_dlq_partition: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-dlq-partition",
+            help="(--to-topic) Let the partitioner place dead letters instead of sending each "
+            "back to its dlq.original.partition (that bypasses its dedupe state).",
+        ),
+    ] = False,
 ) -> None:
     """Replay a recording through a handler (exit 1 on a double handling or a lost
     event), or re-produce it into a topic with --to-topic."""
@@ -164,10 +172,13 @@ def replay(
             _usage(err, f"{', '.join(misplaced)} only apply with --handler")
         if bootstrap_servers is None:
             _usage(err, "--to-topic needs --bootstrap-servers")
-        _produce(err, file, to_topic, bootstrap_servers, properties)
+        _produce(err, file, to_topic, bootstrap_servers, properties, not ignore_dlq_partition)
         return
-    if bootstrap_servers is not None or properties:
-        _usage(err, "--bootstrap-servers and --property only apply with --to-topic")
+    if bootstrap_servers is not None or properties or ignore_dlq_partition:
+        _usage(
+            err,
+            "--bootstrap-servers, --property and --ignore-dlq-partition only apply with --to-topic",
+        )
     assert handler is not None
     report = _replay_through_engine(
         err, file, handler, config, inject_duplicates, redeliver_batches, seed
@@ -221,7 +232,12 @@ def _replay_through_engine(
 
 
 def _produce(
-    err: Console, file: Path, topic: str, bootstrap_servers: str, properties: list[str] | None
+    err: Console,
+    file: Path,
+    topic: str,
+    bootstrap_servers: str,
+    properties: list[str] | None,
+    keep_dead_letter_partition: bool,
 ) -> None:
     from dedupe_consumer.replay.format import RecordingError
     from dedupe_consumer.replay.producer import produce_recording
@@ -230,13 +246,23 @@ def _produce(
         extra = _properties(properties)
         with _progress(err, f"producing to {topic}") as update:
             summary = produce_recording(
-                file, topic, bootstrap_servers, properties=extra, progress=update
+                file,
+                topic,
+                bootstrap_servers,
+                properties=extra,
+                progress=update,
+                keep_dead_letter_partition=keep_dead_letter_partition,
             )
     except (RecordingError, ValueError) as exc:
         _usage(err, str(exc))
     except Exception as exc:
         _failed(err, exc)
     where = "original partitions" if summary.kept_partitions else "partitions chosen by key"
+    if summary.dead_letter_partitions:
+        where += (
+            f"; {summary.dead_letter_partitions:,} dead letter(s) back to their "
+            "dlq.original.partition"
+        )
     err.print(
         f"produced {summary.messages:,} message(s) to {topic!r} ({where})",
         highlight=False,

@@ -4,12 +4,18 @@ This is for integration tests of a *real* consumer (any consumer, not only
 ours): the recorded traffic goes back to a broker with its keys, values,
 headers (order and repeats kept) and timestamps.
 
-Partitions: when the target topic has at least as many partitions as the
-recorded one, each message goes to its original partition, so per-partition
-order and the key-to-partition mapping are exactly as recorded. Otherwise the
-original partition may not exist, and the partitioner chooses by key. We use
-``murmur2_random``, the Java client's algorithm, so keys land where a Java
-producer would put them (librdkafka's own default hashes differently).
+Partitions: a message that carries a ``dlq.original.partition`` header (a
+recording of a dead-letter topic, redriven by hand) goes back to that
+partition, because dedupe state is kept per partition: the same event ID on
+another partition would be handled again. If the target has no such partition
+the produce fails instead of guessing; ``keep_dead_letter_partition=False``
+(``--ignore-dlq-partition``) turns this off. Otherwise, when the target topic
+has at least as many partitions as the recorded one, each message goes to its
+original partition, so per-partition order and the key-to-partition mapping
+are exactly as recorded. Otherwise the original partition may not exist, and
+the partitioner chooses by key. We use ``murmur2_random``, the Java client's
+algorithm, so keys land where a Java producer would put them (librdkafka's own
+default hashes differently).
 
 The producer is idempotent with ``acks=all``: a retried send must not become
 a duplicate the recording never had, or the test would measure the replay.
@@ -17,7 +23,7 @@ a duplicate the recording never had, or the test would measure the replay.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -43,6 +49,20 @@ class ProduceSummary:
     messages: int
     kept_partitions: bool
     """True: every message went to its recorded partition; False: the partitioner chose."""
+    dead_letter_partitions: int = 0
+    """Messages sent back to the partition named by their ``dlq.original.partition`` header."""
+
+
+DEAD_LETTER_PARTITION_HEADER: Final = "dlq.original.partition"
+
+
+def dead_letter_partition(headers: Sequence[tuple[str, str | bytes | None]]) -> int | None:
+    """The source partition a dead letter came from, or None for an ordinary message."""
+    for name, value in reversed(headers):  # ours are appended after the original headers
+        if name == DEAD_LETTER_PARTITION_HEADER and value is not None:
+            text = value if isinstance(value, str) else value.decode("ascii", "replace")
+            return int(text) if text.isascii() and text.isdigit() else None
+    return None
 
 
 def produce_recording(
@@ -52,6 +72,7 @@ def produce_recording(
     *,
     properties: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    keep_dead_letter_partition: bool = True,
 ) -> ProduceSummary:
     """Produce every message of the recording at ``path`` to ``topic`` and wait for acks."""
     clash = sorted(OWNED_PROPERTIES & set(properties or {}))
@@ -80,11 +101,23 @@ def produce_recording(
     with RecordingReader(path) as reader:
         target = _partition_count(producer, topic)
         keep = target >= reader.header.partitions
-        sent = 0
+        sent = redriven = 0
         for record in reader:
             kind, ms = record.timestamp()
             extra: dict[str, Any] = {"timestamp": ms} if kind else {}
-            if keep:
+            headers = record.headers()
+            original = dead_letter_partition(headers) if keep_dead_letter_partition else None
+            if original is not None:
+                if original >= target:
+                    raise ProduceError(
+                        f"record at offset {record.offset_} is a dead letter from partition "
+                        f"{original}, but {topic!r} has only {target} partition(s): sending it "
+                        "elsewhere would bypass its dedupe state; add partitions, or pass "
+                        "--ignore-dlq-partition to let the partitioner choose"
+                    )
+                extra["partition"] = original
+                redriven += 1
+            elif keep:
                 extra["partition"] = record.partition_
             while True:
                 try:
@@ -92,7 +125,7 @@ def produce_recording(
                         topic,
                         key=record.key_,
                         value=record.value_,
-                        headers=record.headers(),
+                        headers=headers,
                         on_delivery=on_delivery,
                         **extra,
                     )
@@ -114,7 +147,7 @@ def produce_recording(
         )
     if progress is not None:
         progress(sent, sent)
-    return ProduceSummary(topic, sent, keep)
+    return ProduceSummary(topic, sent, keep, redriven)
 
 
 def _partition_count(producer: Producer, topic: str) -> int:

@@ -20,7 +20,7 @@ import structlog
 from confluent_kafka import Consumer, Message, Producer
 from typer.testing import CliRunner
 
-from dedupe_consumer import DedupeConsumer, Event, Handler
+from dedupe_consumer import DedupeConsumer, Event, Handler, PermanentError
 from dedupe_consumer.cli import app
 from dedupe_consumer.models import header_pairs
 from dedupe_consumer.replay import Record, read_recording, record_topic, replay_recording
@@ -31,7 +31,9 @@ from ..kafka_helpers import (
     admin,
     committed_offsets,
     end_offsets,
+    headers_of,
     produce_events,
+    produce_raw,
     read_all,
     settings_for,
     wait_for,
@@ -387,3 +389,68 @@ def test_replay_of_a_recorded_topic_matches_the_real_consumer(
     assert stressed.handled_ids == stressed.unique_ids == set(sent)
     assert stressed.injected == 180
     assert stressed.replays == stressed.events == 780
+
+
+class RejectPoison(Handler):
+    def handle(self, event: Event) -> None:
+        if event.id.startswith("poison"):
+            raise PermanentError("rejected on purpose")
+
+
+def test_redriving_a_recorded_dead_letter_topic_keeps_each_letters_original_partition(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """Dedupe state is per partition: a redriven dead letter must go back where it came from."""
+    topic = kafka_topic(partitions=3)
+    dlq = kafka_topic(partitions=1, name=f"{topic}.dlq")
+    items: list[dict[str, Any]] = [
+        {"key": f"ok-{n}".encode(), "value": b"{}", "partition": n % 3,
+         "headers": [("event-id", f"ok-{n}".encode())]}
+        for n in range(6)
+    ]  # fmt: skip
+    items += [
+        {"key": b"k", "value": b"{}", "partition": 2, "headers": [("event-id", b"poison-2")]},
+        {"key": b"k", "value": b"{}", "partition": 1, "headers": [("event-id", b"poison-1")]},
+    ]
+    produce_raw(kafka_bootstrap, topic, items)
+    consumer = DedupeConsumer(RejectPoison(), settings_for(kafka_bootstrap, topic, tmp_path / "s"))
+    deadline = time.monotonic() + 60
+    consumer.run(
+        until=lambda t: t.consumed >= len(items) or time.monotonic() > deadline,
+        install_signal_handlers=False,
+    )
+    assert consumer.totals.dead_lettered == 2
+
+    out = tmp_path / "dlq.jsonl"
+    record_cli("-b", kafka_bootstrap, "-t", dlq, "--until-end", "-o", str(out))
+    target = kafka_topic(partitions=3)
+    result = CliRunner().invoke(
+        app, ["replay", str(out), "--to-topic", target, "-b", kafka_bootstrap]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 dead letter(s) back to their dlq.original.partition" in result.stderr
+    placed = {
+        headers_of(m)["event-id"]: m.partition() for m in read_all(kafka_bootstrap, target, 2)
+    }
+    assert placed == {b"poison-2": 2, b"poison-1": 1}
+
+    too_few = kafka_topic(partitions=2)
+    refused = CliRunner().invoke(
+        app, ["replay", str(out), "--to-topic", too_few, "-b", kafka_bootstrap]
+    )
+    assert refused.exit_code == 1
+    assert "dead letter from partition 2" in refused.stderr
+    assert "--ignore-dlq-partition" in refused.stderr
+    forced = CliRunner().invoke(
+        app,
+        [
+            "replay",
+            str(out),
+            "--to-topic",
+            too_few,
+            "-b",
+            kafka_bootstrap,
+            "--ignore-dlq-partition",
+        ],
+    )
+    assert forced.exit_code == 0, forced.output
