@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
@@ -131,6 +134,15 @@ def replay(
         typer.Option(help="Deliver every batch twice, as a restart before commit would."),
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for --inject-duplicates.")] = 0,
+    max_dead_lettered: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Fail when more than this share of events is dead-lettered (a replay that "
+            "handles nothing always fails).",
+        ),
+    ] = DEFAULT_MAX_DEAD_LETTERED,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     to_topic: Annotated[
         str | None,
@@ -164,6 +176,7 @@ def replay(
         engine_only = {
             "--config": config is not None,
             "--inject-duplicates": inject_duplicates != 0.0,
+            "--max-dead-lettered": max_dead_lettered != DEFAULT_MAX_DEAD_LETTERED,
             "--redeliver-batches": redeliver_batches,
             "--json": as_json,
         }
@@ -181,7 +194,7 @@ def replay(
         )
     assert handler is not None
     report = _replay_through_engine(
-        err, file, handler, config, inject_duplicates, redeliver_batches, seed
+        err, file, handler, config, inject_duplicates, redeliver_batches, seed, max_dead_lettered
     )
     if as_json:
         typer.echo(report.to_json())
@@ -199,6 +212,7 @@ def _replay_through_engine(
     inject_duplicates: float,
     redeliver_batches: bool,
     seed: int,
+    max_dead_lettered: float,
 ) -> ReplayReport:
     from dedupe_consumer._loading import load_handler_class
     from dedupe_consumer.config import Settings
@@ -226,6 +240,7 @@ def _replay_through_engine(
                 redeliver_batches=redeliver_batches,
                 seed=seed,
                 progress=update,
+                max_dead_lettered=max_dead_lettered,
             )
     except (RecordingError, ConfigError, ValueError) as exc:
         _usage(err, str(exc))
@@ -307,12 +322,17 @@ def _print_report(out: Console, report: ReplayReport) -> None:
         )
     if report.error:
         out.print(f"[bold red]stopped early:[/] {report.error}", highlight=False)
+    if report.tested_nothing:
+        out.print(
+            "[bold red]tested too little:[/] " + escape(report.tested_nothing), highlight=False
+        )
     if report.ok:
         out.print("[bold green]OK[/]: no event ID handled more than once, no event lost")
     else:
         out.print(
             f"[bold red]FAILED[/]: {len(report.handled_more_than_once)} ID(s) handled more "
             f"than once, {len(report.lost)} event(s) lost"
+            + (", too little tested" if report.tested_nothing else "")
         )
 
 

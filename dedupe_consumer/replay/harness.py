@@ -41,7 +41,7 @@ from dedupe_consumer.ids import MissingId, hash_id, parse_id_source
 from dedupe_consumer.models import Event, SourceMessage, TopicPartition
 from dedupe_consumer.replay.format import read_recording
 from dedupe_consumer.replay.records import Record
-from dedupe_consumer.replay.report import ReplayReport, audit
+from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED, ReplayReport, audit
 from dedupe_consumer.replay.source import ReplaySource
 from dedupe_consumer.store import RocksStore
 
@@ -173,12 +173,16 @@ def replay_recording(
     seed: int = 0,
     state_dir: str | Path | None = None,
     progress: Progress | None = None,
+    max_dead_lettered: float = DEFAULT_MAX_DEAD_LETTERED,
 ) -> ReplayReport:
     """Feed the recording at ``path`` through the engine and report what happened.
 
     ``handler_or_class``: a handler, or a handler class to instantiate without
     arguments. ``state_dir``: where the throwaway RocksDB store goes (a fresh
-    temporary directory by default; it must not already hold a store). Raises
+    temporary directory by default; it must not already hold a store).
+    ``max_dead_lettered``: the share of events that may be dead-lettered before
+    the report fails as having tested too little (``report.tested_nothing``);
+    a replay in which nothing was handled always fails. Raises
     :class:`~dedupe_consumer.replay.RecordingError` for an unreadable recording.
     """
     started = time.monotonic()
@@ -268,4 +272,5 @@ def replay_recording(
         ids_in_several_partitions={i for i, ps in partitions_of.items() if len(ps) > 1},
         error=error,
         seconds=time.monotonic() - started,
+        max_dead_lettered=max_dead_lettered,
     )

@@ -18,6 +18,9 @@ from dedupe_consumer.dead_letters import KeptDeadLetter
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.replay.records import Record
 
+DEFAULT_MAX_DEAD_LETTERED = 0.5
+"""A replay in which more than this share of events was dead-lettered fails by default."""
+
 DecidedLookup = Callable[[TopicPartition, Sequence[str]], list[bool]]
 """For a partition's IDs: does the store hold a durable decision for each?"""
 
@@ -149,11 +152,49 @@ class ReplayReport:
     error: str | None = None
     """Set when the run stopped early (e.g. ``on_missing_id = "fail"``)."""
     seconds: float = 0.0
+    max_dead_lettered: float = DEFAULT_MAX_DEAD_LETTERED
+    """Above this share of dead-lettered events the replay tested too little to pass."""
+
+    @property
+    def tested_nothing(self) -> str | None:
+        """Why this replay proves too little to pass, or None.
+
+        A replay whose events were all dead-lettered (an ``id_source`` that does not
+        match the recording, a payload model that rejects everything) has no ID
+        handled twice and nothing lost, yet tested nothing.
+        """
+        if self.events == 0:
+            return "the recording holds no events"
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.dead_letter_reasons.items()))
+        hint = ""
+        if self.dead_letter_reasons.get("missing-id"):
+            hint = (
+                "; 'missing-id' means dedupe.id_source does not find an ID in these "
+                "events: pass settings (or --config) with the id_source the topic needs"
+            )
+        if self.handled == 0:
+            return (
+                f"no event was handled: {self.dead_lettered} of {self.events} were "
+                f"dead-lettered ({reasons or 'none'}){hint}"
+            )
+        if self.dead_lettered > self.max_dead_lettered * self.events:
+            return (
+                f"{self.dead_lettered} of {self.events} events were dead-lettered ({reasons}), "
+                f"more than the allowed share {self.max_dead_lettered:g}{hint}; raise "
+                "max_dead_lettered (--max-dead-lettered) if that is what the test expects"
+            )
+        return None
 
     @property
     def ok(self) -> bool:
-        """No ID handled twice, nothing lost, and the run was not cut short."""
-        return not self.handled_more_than_once and not self.lost and self.error is None
+        """No ID handled twice, nothing lost, the run was not cut short, and it tested
+        something (see :attr:`tested_nothing`)."""
+        return (
+            not self.handled_more_than_once
+            and not self.lost
+            and self.error is None
+            and self.tested_nothing is None
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary. ID sets appear as counts: a recording may hold millions."""
@@ -178,6 +219,7 @@ class ReplayReport:
             "ids_in_several_partitions": sorted(self.ids_in_several_partitions),
             "lost": [lost.to_dict() for lost in self.lost],
             "error": self.error,
+            "tested_nothing": self.tested_nothing,
             "seconds": round(self.seconds, 3),
         }
 

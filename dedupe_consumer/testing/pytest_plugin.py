@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import pytest
 
+from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
 from dedupe_consumer.testing._local_kafka import BrokerUnavailableError
 from dedupe_consumer.testing._providers import KafkaBroker, start_broker
 
@@ -73,6 +74,7 @@ class ReplayRunner(Protocol):
         inject_duplicates: float = 0.0,
         redeliver_batches: bool = False,
         seed: int = 0,
+        max_dead_lettered: float = DEFAULT_MAX_DEAD_LETTERED,
     ) -> ReplayReport: ...
 
 
@@ -198,8 +200,19 @@ def replay(tmp_path: Path, request: pytest.FixtureRequest) -> ReplayRunner:
     file, so a test and its recording can live together and run from anywhere::
 
         def test_payments_once(replay):
-            report = replay(ChargeHandler, "payments.jsonl", inject_duplicates=0.2, seed=1)
-            assert report.handled_ids == report.unique_ids
+            settings = Settings.from_toml("config/consumer.toml")  # the consumer's own
+            report = replay(ChargeHandler, "payments.jsonl", settings=settings,
+                            inject_duplicates=0.2, seed=1)
+            assert report.ok, report.to_json()
+
+    ``settings`` are the consumer's settings (``dedupe.id_source`` above all: with
+    the default ``header:event-id`` a recording without that header is all
+    dead letters, and the report fails as having tested nothing); the store path
+    and the Kafka section are replaced. The handler is the real one: its side
+    effects (a database write, an HTTP call) really happen during the replay, so
+    point it at a test database or a fake downstream. ``report.ok`` fails when an
+    ID was handled twice, an event was lost, the run stopped early, nothing was
+    handled, or more than ``max_dead_lettered`` of the events were dead-lettered.
     """
     from dedupe_consumer.replay.harness import replay_recording
 
@@ -213,6 +226,7 @@ def replay(tmp_path: Path, request: pytest.FixtureRequest) -> ReplayRunner:
         inject_duplicates: float = 0.0,
         redeliver_batches: bool = False,
         seed: int = 0,
+        max_dead_lettered: float = DEFAULT_MAX_DEAD_LETTERED,
     ) -> ReplayReport:
         where = Path(path)
         beside_test = request.path.parent / where
@@ -226,6 +240,7 @@ def replay(tmp_path: Path, request: pytest.FixtureRequest) -> ReplayRunner:
             redeliver_batches=redeliver_batches,
             seed=seed,
             state_dir=tmp_path / f"replay-{next(runs)}",
+            max_dead_lettered=max_dead_lettered,
         )
 
     return run

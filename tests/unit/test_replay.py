@@ -446,3 +446,56 @@ def test_installed_command_runs_the_example(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
     assert report["ok"] is True
     assert (report["events"], report["unique_ids"], report["handled"]) == (50, 42, 42)
+
+
+def headerless(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same events without the event-id header: the default id_source finds nothing."""
+    return [{**x, "headers": [["source", "test"]]} for x in lines]
+
+
+def test_a_replay_that_handled_nothing_fails_and_says_why(tmp_path: Path) -> None:
+    path = write_recording(tmp_path / "r.jsonl", headerless(KNOWN))
+    report = replay_recording(CountingIds, path, state_dir=tmp_path / "s")
+    # the old pass condition held: nothing was handled twice, nothing lost, both sets empty
+    assert report.handled_ids == report.unique_ids == set()
+    assert report.lost == [] and report.handled_more_than_once == {}
+    assert not report.ok
+    assert report.tested_nothing is not None
+    assert "no event was handled: 12 of 12 were dead-lettered" in report.tested_nothing
+    assert "dedupe.id_source" in report.tested_nothing
+    assert report.to_dict()["tested_nothing"] == report.tested_nothing
+
+    fixed = Settings.load(
+        kafka={"bootstrap_servers": "x", "group_id": "g", "topics": [TOPIC]},
+        processing={"dead_letter_topic": "dlq"},
+        store={"path": str(tmp_path / "ignored")},
+        dedupe={"id_source": "json:/id"},
+    )
+    good = replay_recording(CountingIds, path, settings=fixed, state_dir=tmp_path / "s2")
+    assert good.ok, good.to_json()
+    assert good.handled == 7  # the event without a header has id "none" in its JSON
+
+
+def test_a_replay_that_dead_lettered_most_events_fails_unless_allowed(tmp_path: Path) -> None:
+    lines = [line(0, n, f"bad-{n}") for n in range(7)] + [
+        line(0, 7 + n, f"ok-{n}") for n in range(3)
+    ]
+    path = write_recording(tmp_path / "r.jsonl", lines)
+    strict = replay_recording(CountingIds, path, state_dir=tmp_path / "s")
+    assert (strict.handled, strict.dead_lettered) == (3, 7)
+    assert not strict.ok
+    assert "7 of 10 events were dead-lettered" in (strict.tested_nothing or "")
+    allowed = replay_recording(CountingIds, path, state_dir=tmp_path / "s2", max_dead_lettered=0.8)
+    assert allowed.ok, allowed.to_json()
+
+
+def test_cli_replay_without_config_that_handles_nothing_exits_1(tmp_path: Path) -> None:
+    path = write_recording(tmp_path / "r.jsonl", headerless(KNOWN))
+    result = CliRunner().invoke(app, ["replay", str(path), "--handler", HANDLER])
+    assert result.exit_code == 1, result.output
+    assert "OK" not in result.stdout
+    assert "tested too little" in result.stdout
+    assert "FAILED" in result.stdout
+    as_json = CliRunner().invoke(app, ["replay", str(path), "--handler", HANDLER, "--json"])
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout)["ok"] is False
