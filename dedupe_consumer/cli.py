@@ -16,6 +16,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich panels cut long option names ("--redeliver-bat…")
+    # and label every flag with a "<bool>" type.
+    rich_markup_mode=None,
 )
 
 
@@ -71,11 +74,16 @@ def demo(
 
 
 @app.command()
-def broker() -> None:
+def broker(
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="PLAINTEXT port on 127.0.0.1 (default: a free port)."),
+    ] = None,
+) -> None:
     """Start a local single-node Kafka (KRaft, jars from Maven) until Ctrl-C."""
     from dedupe_consumer.testing.cli_broker import run_broker_foreground
 
-    run_broker_foreground()
+    run_broker_foreground(port=port)
 
 
 def _register_commands() -> None:

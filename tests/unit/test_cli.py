@@ -55,3 +55,14 @@ def test_offline_demo_checks_handled_equals_unique() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every unique event ID was handled exactly once" in proc.stdout
     assert "3,000" in proc.stdout
+
+
+def test_every_commands_help_is_plain_with_whole_option_names() -> None:
+    commands = ["run", "demo", "broker", "record", "replay", "sidecar"]
+    for command in commands:
+        result = runner.invoke(app, [command, "--help"], terminal_width=80)
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output, command
+        assert "…" not in result.output, command  # no option name cut short
+    assert "--port" in runner.invoke(app, ["broker", "--help"]).output
+    assert "--redeliver-batches" in runner.invoke(app, ["replay", "--help"]).output
