@@ -128,12 +128,21 @@ class SidecarSettings(BaseModel):
     @field_validator("target_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
+        expected = (
+            "expected an http:// or https:// URL with a host and, if given, a port "
+            "1..65535, e.g. 'http://127.0.0.1:8080/events'"
+        )
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"bad target_url {value!r}: expected an http:// or https:// URL with a host, "
-                "e.g. 'http://127.0.0.1:8080/events'"
-            )
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"the scheme must be http:// or https://; {expected}")
+        if not parts.hostname:
+            raise ValueError(f"the URL has no host; {expected}")
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or above 65535
+            port = 0
+        if port == 0:
+            raise ValueError(f"bad port; {expected}")
         return value
 
     @field_validator("timeout")
