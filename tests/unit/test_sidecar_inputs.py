@@ -120,7 +120,7 @@ def answering_400() -> Iterator[str]:
 
 
 def test_a_400_with_a_unicode_digit_retry_after_is_still_permanent(answering_400: str) -> None:
-    handler = HttpForwardHandler(SidecarSettings(target_url=answering_400))
+    handler = HttpForwardHandler(SidecarSettings.model_validate({"target_url": answering_400}))
     handler.setup()
     try:
         event = Event("e-1", "t", 0, 0, None, b"{}", (), None)
