@@ -9,17 +9,22 @@ and what is accepted.
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
+from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -34,8 +39,55 @@ LibrdkafkaValue = str | int | float | bool
 _toml_file: ContextVar[Path | None] = ContextVar("dedupe_toml_file", default=None)
 
 
+SECRET_WORDS = ("password", "secret", "token", "credential", "private")
+"""A setting or librdkafka property whose name contains one of these holds a secret."""
+SECRET_KEYS = frozenset({"ssl.key.pem", "ssl_key", "sasl.oauthbearer.config"})
+"""Secrets whose names say nothing of it (a private key, a config string with a secret)."""
+HIDDEN = "<secret, not shown>"
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether the value of setting or property ``name`` must never be printed."""
+    lowered = name.lower()
+    return lowered in SECRET_KEYS or any(word in lowered for word in SECRET_WORDS)
+
+
+def redact(value: object) -> object:
+    """``value`` safe to print: secret entries of mappings hidden, URL passwords masked.
+
+    Text that looks like JSON and names a secret (a whole section given in one
+    ``DEDUPE_*`` variable) is hidden whole: it cannot be parsed to hide less.
+    """
+    if isinstance(value, dict):
+        return {k: HIDDEN if is_secret_key(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str):
+        if value.lstrip().startswith(("{", "[")) and any(
+            word in value.lower() for word in SECRET_WORDS
+        ):
+            return HIDDEN
+        return _mask_url_password(value)
+    return value
+
+
+def _mask_url_password(text: str) -> str:
+    if "@" not in text or "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if parts.password is None:
+        return text
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a ValidationError printed as it is never echoes a value;
+    # explain() below shows the values that are not secrets.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "socket.", "client.", "broker.")
@@ -55,6 +107,10 @@ class KafkaSettings(_Section):
     producer: dict[str, LibrdkafkaValue] = Field(
         default_factory=dict, description="extra librdkafka properties for the dead-letter producer"
     )
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name in ("consumer", "producer") else value
 
     def connection(self) -> dict[str, LibrdkafkaValue]:
         """How to reach and authenticate to the brokers, for every client we create.
@@ -162,6 +218,7 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         nested_model_default_partial_update=True,
+        hide_input_in_errors=True,
     )
 
     kafka: KafkaSettings
@@ -230,6 +287,26 @@ class Settings(BaseSettings):
             return cls(**values)
         except ValidationError as exc:
             raise ConfigError(explain(exc, where)) from None
+        except SettingsError as exc:  # a DEDUPE_* variable for a table that is not JSON
+            raise ConfigError(_explain_env(exc, where)) from None
+
+
+def _explain_env(exc: SettingsError, where: str) -> str:
+    """Name the ``DEDUPE_*`` variables that should hold JSON and do not (values not shown)."""
+    broken = []
+    for name, text in sorted(os.environ.items()):
+        if name.upper().startswith("DEDUPE_") and text.lstrip().startswith(("{", "[")):
+            try:
+                json.loads(text)
+            except ValueError as error:
+                broken.append(f"  - {name}: not valid JSON ({error})")
+    lines = [f"invalid configuration in {where} (DEDUPE_* environment variables included):"]
+    lines += broken or [f"  - {exc}"]
+    lines.append(
+        "  a DEDUPE_* variable that sets a whole table must hold a JSON object, e.g. "
+        'DEDUPE_KAFKA__CONSUMER=\'{"sasl.username": "alice"}\''
+    )
+    return "\n".join(lines)
 
 
 def _section_model(annotation: object) -> type[BaseModel] | None:
@@ -263,16 +340,28 @@ def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
 def explain(exc: ValidationError, where: str) -> str:
     """One line per error: key, bad value, what is accepted."""
     lines = [f"invalid configuration in {where} (DEDUPE_* environment variables included):"]
+    seen: set[str] = set()
     for error in exc.errors():
         loc = tuple(p for p in error["loc"] if p not in ("function-after",))
-        key = ".".join(str(p) for p in loc) or "(top level)"
         kind = error["type"]
-        value = error.get("input")
+        if _is_librdkafka_value(loc):  # one line, not one per member of the value union
+            loc, kind = loc[:-1], "librdkafka_value"
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        secret = any(is_secret_key(str(p)) for p in loc)
+        value = HIDDEN if secret else redact(error.get("input"))
+        value_text = value if secret else repr(value)
+        if kind == "librdkafka_value":
+            if key not in seen:
+                seen.add(key)
+                lines.append(
+                    f"  - {key} = {value_text}: expected a string, number or boolean "
+                    "(a librdkafka property value)"
+                )
+            continue
         if kind == "extra_forbidden":
             accepted = ", ".join(_section_keys(loc)) or "none"
-            lines.append(
-                f"  - {key}: unknown key (value {value!r}); accepted keys here: {accepted}"
-            )
+            # No value: a mis-spelt key may be a secret's ("bearer_tokn").
+            lines.append(f"  - {key}: unknown key; accepted keys here: {accepted}")
             continue
         if kind == "missing":
             help_text = _field_help(loc)
@@ -280,9 +369,21 @@ def explain(exc: ValidationError, where: str) -> str:
             lines.append(f"  - {key}: required but missing{hint}")
             continue
         message = str(error["msg"]).removeprefix("Value error, ")
+        raw = error.get("input")
+        if secret and isinstance(raw, str) and len(raw) >= 4:
+            message = message.replace(raw, HIDDEN)  # a message that quotes its input
         help_text = _field_help(loc)
         own_words = kind == "value_error"  # our validators already say what is accepted
         accepted = f" (accepted: {help_text})" if help_text and not own_words else ""
-        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        shown = "" if isinstance(value, dict) else f" = {value_text}"
         lines.append(f"  - {key}{shown}: {message}{accepted}")
     return "\n".join(lines)
+
+
+def _is_librdkafka_value(loc: tuple[int | str, ...]) -> bool:
+    """``kafka.consumer.<property>.<str|int|float|bool>``: one member of LibrdkafkaValue."""
+    return (
+        len(loc) == 4
+        and loc[:2] in (("kafka", "consumer"), ("kafka", "producer"))
+        and loc[3] in ("str", "int", "float", "bool")
+    )

@@ -65,7 +65,7 @@ class SidecarSettings(BaseModel):
     retry loop does the retrying (see :mod:`dedupe_consumer.sidecar.runner`).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     target_url: str = Field(
         description="an http:// or https:// URL that receives one POST per unique event, "
