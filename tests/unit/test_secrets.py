@@ -40,7 +40,7 @@ def cli(
     config.write_text(toml)
     args = ["--config", str(config)]
     if command == "run":
-        args += ["--handler", "examples.replay_test.payments_handler:PaymentsHandler"]
+        args += ["--handler", "examples.replay_test.payments_handler:ChargeHandler"]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
     return subprocess.run(
         [sys.executable, "-m", "dedupe_consumer", command, *args],
