@@ -90,8 +90,73 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
-CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "socket.", "client.", "broker.")
-"""librdkafka properties that say how to reach and authenticate to the brokers."""
+CONSUMER_ONLY = frozenset(
+    {
+        "group.id",
+        "group.instance.id",
+        "partition.assignment.strategy",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "group.protocol.type",
+        "group.protocol",
+        "group.remote.assignor",
+        "coordinator.query.interval.ms",
+        "max.poll.interval.ms",
+        "enable.auto.commit",
+        "auto.commit.enable",
+        "auto.commit.interval.ms",
+        "enable.auto.offset.store",
+        "queued.min.messages",
+        "queued.max.messages.kbytes",
+        "fetch.wait.max.ms",
+        "fetch.queue.backoff.ms",
+        "fetch.message.max.bytes",
+        "max.partition.fetch.bytes",
+        "fetch.max.bytes",
+        "fetch.min.bytes",
+        "fetch.error.backoff.ms",
+        "offset.store.method",
+        "offset.store.path",
+        "offset.store.sync.interval.ms",
+        "isolation.level",
+        "enable.partition.eof",
+        "check.crcs",
+        "auto.offset.reset",
+        "consume.callback.max.messages",
+    }
+)
+"""librdkafka's consumer-only properties (scope ``C`` in its CONFIGURATION.md)."""
+PRODUCER_ONLY = frozenset(
+    {
+        "transactional.id",
+        "transaction.timeout.ms",
+        "enable.idempotence",
+        "enable.gapless.guarantee",
+        "queue.buffering.max.messages",
+        "queue.buffering.max.kbytes",
+        "queue.buffering.max.ms",
+        "linger.ms",
+        "message.send.max.retries",
+        "retries",
+        "queue.buffering.backpressure.threshold",
+        "compression.codec",
+        "compression.type",
+        "compression.level",
+        "batch.num.messages",
+        "batch.size",
+        "delivery.report.only.error",
+        "sticky.partitioning.linger.ms",
+        "request.required.acks",
+        "acks",
+        "request.timeout.ms",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "queuing.strategy",
+        "produce.offset.report",
+        "partitioner",
+    }
+)
+"""librdkafka's producer-only properties (scope ``P``): never taken from [kafka.consumer]."""
 
 
 class KafkaSettings(_Section):
@@ -115,13 +180,19 @@ class KafkaSettings(_Section):
     def connection(self) -> dict[str, LibrdkafkaValue]:
         """How to reach and authenticate to the brokers, for every client we create.
 
-        Security settings live in ``[kafka.consumer]`` (``security.protocol``,
-        ``sasl.*``, ``ssl.*``...); the dead-letter and changelog producers, the
-        restore consumer and admin clients need the same ones to reach the
-        cluster, and none of the consumer-behaviour ones.
+        Connection settings live in ``[kafka.consumer]`` (``security.protocol``,
+        ``sasl.*``, ``ssl.*``, ``https.*``, ``client.dns.lookup``...). The
+        dead-letter and changelog producers, the restore consumer and the admin
+        clients connect exactly as the main consumer does: they get every
+        property set there except the consumer-only and producer-only ones (a
+        deny-list, so a global property added to librdkafka is carried too).
         """
-        picked = {k: v for k, v in self.consumer.items() if k.startswith(CONNECTION_PREFIXES)}
-        return {**picked, "bootstrap.servers": self.bootstrap_servers}
+        shared = {
+            k: v
+            for k, v in self.consumer.items()
+            if k not in CONSUMER_ONLY and k not in PRODUCER_ONLY
+        }
+        return {**shared, "bootstrap.servers": self.bootstrap_servers}
 
     @field_validator("consumer")
     @classmethod
