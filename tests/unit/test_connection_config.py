@@ -93,8 +93,10 @@ def test_librdkafka_sees_no_consumer_property_in_the_shared_config() -> None:
     logger = logging.getLogger("test_connection_config.librdkafka")
     logger.addHandler(Collect())
     logger.setLevel(logging.DEBUG)
-    connection = settings_with({**GLOBAL, **CONSUMER}).kafka.connection()
-    connection["sasl.oauthbearer.method"] = "default"  # oidc would need an endpoint to start
+    connection: dict[str, Any] = {
+        **settings_with({**GLOBAL, **CONSUMER}).kafka.connection(),
+        "sasl.oauthbearer.method": "default",  # oidc would need an endpoint to start
+    }
     Producer({**connection, "logger": logger}).flush(0)
     AdminClient({**connection, "logger": logger})
     assert not [w for w in warnings if "CONFWARN" in w], warnings
