@@ -97,8 +97,9 @@ def test_librdkafka_sees_no_consumer_property_in_the_shared_config() -> None:
         **settings_with({**GLOBAL, **CONSUMER}).kafka.connection(),
         "sasl.oauthbearer.method": "default",  # oidc would need an endpoint to start
     }
-    Producer({**connection, "logger": logger}).flush(0)
-    AdminClient({**connection, "logger": logger})
+    with_logger: dict[str, Any] = {**connection, "logger": logger}
+    Producer(with_logger).flush(0)
+    AdminClient(with_logger)
     assert not [w for w in warnings if "CONFWARN" in w], warnings
     # ... and the check itself works: a consumer property does draw the warning.
     Producer({**connection, "session.timeout.ms": 6000, "logger": logger}).flush(0)
