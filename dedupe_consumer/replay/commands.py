@@ -302,7 +302,7 @@ def _print_report(out: Console, report: ReplayReport) -> None:
 
 
 def _properties(pairs: list[str] | None) -> dict[str, str]:
-    from dedupe_consumer.config import is_secret_key
+    from dedupe_consumer._secrets import is_secret_key
 
     found: dict[str, str] = {}
     for pair in pairs or []:

@@ -10,8 +10,9 @@ type from ``_durations``, so durations are written and rejected exactly alike
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -26,6 +27,7 @@ from pydantic.functional_validators import BeforeValidator
 
 from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
 from dedupe_consumer._durations import Duration
+from dedupe_consumer._secrets import redact
 
 STATUS_FORMS = "a list of HTTP status codes (e.g. 404) or classes (e.g. '4xx'), not 2xx"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -124,6 +126,10 @@ class SidecarSettings(BaseModel):
     listen_port: int = Field(
         9400, ge=0, le=65535, description="a TCP port 0..65535 (0: any free port)"
     )
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name == "target_url" else value  # user:password@
 
     @field_validator("target_url")
     @classmethod

@@ -123,7 +123,7 @@ def test_rejected_secrets_are_never_printed_by_the_cli(
 
 
 def test_secret_keys_are_recognised_by_name() -> None:
-    from dedupe_consumer.config import is_secret_key
+    from dedupe_consumer._secrets import is_secret_key
 
     for key in (
         "sasl.password",
@@ -151,14 +151,19 @@ def test_settings_repr_and_str_hide_secret_librdkafka_values() -> None:
             "producer": {"ssl.key.password": SECRET},
         },
         processing={"dead_letter_topic": "t.dlq"},
-        sidecar={"target_url": "http://127.0.0.1:8080/e", "bearer_token": SECRET},
+        sidecar={"target_url": f"http://u:{SECRET}@127.0.0.1:8080/e", "bearer_token": SECRET},
     )
     for shown in (repr(settings), str(settings), repr(settings.kafka), str(settings.kafka)):
         assert SECRET not in shown
         assert "alice" in shown  # only secrets are hidden
+    for shown in (repr(settings), str(settings), repr(settings.sidecar)):
+        assert SECRET not in shown
+        assert "http://u:***@127.0.0.1:8080/e" in shown
     # ... while the clients still get the real values.
     assert settings.kafka.consumer["sasl.password"] == SECRET
     assert settings.kafka.connection()["sasl.password"] == SECRET
+    assert settings.sidecar is not None
+    assert settings.sidecar.target_url == f"http://u:{SECRET}@127.0.0.1:8080/e"
 
 
 def test_a_raw_validation_error_does_not_show_inputs() -> None:
