@@ -164,7 +164,8 @@ class SidecarSettings(BaseModel):
         if value is not None and _FIELD_VALUE.fullmatch(value.get_secret_value()) is None:
             raise ValueError(
                 "the bearer token must be non-empty printable ASCII without edge spaces "
-                "(it is sent in an HTTP header)"
+                "(it is sent in an HTTP header); a token read from a mounted file often ends "
+                "in a newline: strip it, e.g. $(tr -d '\\n' < /path/to/token)"
             )
         return value
 
