@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
 from dedupe_consumer._durations import Duration
+from dedupe_consumer._librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
 from dedupe_consumer._secrets import HIDDEN, is_secret_key, redact
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import ID_SOURCE_FORMS, parse_id_source
@@ -43,75 +44,6 @@ class _Section(BaseModel):
     # hide_input_in_errors: a ValidationError printed as it is never echoes a value;
     # explain() below shows the values that are not secrets.
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
-
-
-CONSUMER_ONLY = frozenset(
-    {
-        "group.id",
-        "group.instance.id",
-        "partition.assignment.strategy",
-        "session.timeout.ms",
-        "heartbeat.interval.ms",
-        "group.protocol.type",
-        "group.protocol",
-        "group.remote.assignor",
-        "coordinator.query.interval.ms",
-        "max.poll.interval.ms",
-        "enable.auto.commit",
-        "auto.commit.enable",
-        "auto.commit.interval.ms",
-        "enable.auto.offset.store",
-        "queued.min.messages",
-        "queued.max.messages.kbytes",
-        "fetch.wait.max.ms",
-        "fetch.queue.backoff.ms",
-        "fetch.message.max.bytes",
-        "max.partition.fetch.bytes",
-        "fetch.max.bytes",
-        "fetch.min.bytes",
-        "fetch.error.backoff.ms",
-        "offset.store.method",
-        "offset.store.path",
-        "offset.store.sync.interval.ms",
-        "isolation.level",
-        "enable.partition.eof",
-        "check.crcs",
-        "auto.offset.reset",
-        "consume.callback.max.messages",
-    }
-)
-"""librdkafka's consumer-only properties (scope ``C`` in its CONFIGURATION.md)."""
-PRODUCER_ONLY = frozenset(
-    {
-        "transactional.id",
-        "transaction.timeout.ms",
-        "enable.idempotence",
-        "enable.gapless.guarantee",
-        "queue.buffering.max.messages",
-        "queue.buffering.max.kbytes",
-        "queue.buffering.max.ms",
-        "linger.ms",
-        "message.send.max.retries",
-        "retries",
-        "queue.buffering.backpressure.threshold",
-        "compression.codec",
-        "compression.type",
-        "compression.level",
-        "batch.num.messages",
-        "batch.size",
-        "delivery.report.only.error",
-        "sticky.partitioning.linger.ms",
-        "request.required.acks",
-        "acks",
-        "request.timeout.ms",
-        "message.timeout.ms",
-        "delivery.timeout.ms",
-        "queuing.strategy",
-        "produce.offset.report",
-        "partitioner",
-    }
-)
-"""librdkafka's producer-only properties (scope ``P``): never taken from [kafka.consumer]."""
 
 
 class KafkaSettings(_Section):

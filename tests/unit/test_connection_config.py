@@ -19,7 +19,7 @@ from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from dedupe_consumer import Settings
-from dedupe_consumer.config import CONSUMER_ONLY, PRODUCER_ONLY
+from dedupe_consumer._librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
 from dedupe_consumer.kafka import KafkaDeadLetters
 from dedupe_consumer.sidecar.health import BrokerCheck
 from dedupe_consumer.store.changelog import Changelog
