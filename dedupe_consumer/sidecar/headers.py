@@ -32,7 +32,7 @@ _SAFE_VALUE = re.compile(
 _TOKEN_CHARS = "!#$&'*+-.^_`|~"
 """Characters of an HTTP token besides letters and digits; '%' is left out: it escapes."""
 BASE64 = b"base64"
-_BYTES = b":"
+_SF_BINARY = b":"
 """Starts and ends an RFC 8941 byte sequence; a literal Idempotency-Key never starts with it."""
 
 
@@ -59,14 +59,14 @@ def _b64(raw: bytes) -> bytes:
 def idempotency_key(event_id: str) -> bytes:
     """The ``Idempotency-Key`` of ``event_id``: injective, header-safe (module docstring)."""
     raw = event_id.encode("utf-8", "surrogatepass")  # a lone surrogate is an ID too
-    if header_safe(raw) and raw and not raw.startswith(_BYTES):
+    if header_safe(raw) and raw and not raw.startswith(_SF_BINARY):
         return raw
-    return _BYTES + _b64(raw) + _BYTES
+    return _SF_BINARY + _b64(raw) + _SF_BINARY
 
 
 def event_id_from_key(key: bytes) -> bytes:
     """The ID bytes behind an ``Idempotency-Key`` (the receiver's side of the rule)."""
-    if key.startswith(_BYTES) and key.endswith(_BYTES) and len(key) >= 2:
+    if key.startswith(_SF_BINARY) and key.endswith(_SF_BINARY) and len(key) >= 2:
         return base64.b64decode(key[1:-1], validate=True)
     return key
 
