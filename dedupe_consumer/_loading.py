@@ -16,7 +16,9 @@ def load_handler_class(spec: str) -> type[Handler]:
         raise ConfigError(f"--handler {spec!r}: expected 'package.module:ClassName'")
     cwd = str(Path.cwd())
     if cwd not in sys.path:
-        sys.path.insert(0, cwd)  # handlers usually live in the project being run
+        # Handlers usually live in the project being run. Last, not first: a stray
+        # json.py in the current directory must not replace the standard library's.
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -9,7 +9,10 @@ and what is accepted.
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
+from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
@@ -20,11 +23,14 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
 from dedupe_consumer._durations import Duration
+from dedupe_consumer._librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
+from dedupe_consumer._secrets import HIDDEN, is_secret_key, redact
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import ID_SOURCE_FORMS, parse_id_source
 from dedupe_consumer.sidecar.settings import SidecarSettings
@@ -35,11 +41,9 @@ _toml_file: ContextVar[Path | None] = ContextVar("dedupe_toml_file", default=Non
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "socket.", "client.", "broker.")
-"""librdkafka properties that say how to reach and authenticate to the brokers."""
+    # hide_input_in_errors: a ValidationError printed as it is never echoes a value;
+    # explain() below shows the values that are not secrets.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class KafkaSettings(_Section):
@@ -56,16 +60,26 @@ class KafkaSettings(_Section):
         default_factory=dict, description="extra librdkafka properties for the dead-letter producer"
     )
 
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name in ("consumer", "producer") else value
+
     def connection(self) -> dict[str, LibrdkafkaValue]:
         """How to reach and authenticate to the brokers, for every client we create.
 
-        Security settings live in ``[kafka.consumer]`` (``security.protocol``,
-        ``sasl.*``, ``ssl.*``...); the dead-letter and changelog producers, the
-        restore consumer and admin clients need the same ones to reach the
-        cluster, and none of the consumer-behaviour ones.
+        Connection settings live in ``[kafka.consumer]`` (``security.protocol``,
+        ``sasl.*``, ``ssl.*``, ``https.*``, ``client.dns.lookup``...). The
+        dead-letter and changelog producers, the restore consumer and the admin
+        clients connect exactly as the main consumer does: they get every
+        property set there except the consumer-only and producer-only ones (a
+        deny-list, so a global property added to librdkafka is carried too).
         """
-        picked = {k: v for k, v in self.consumer.items() if k.startswith(CONNECTION_PREFIXES)}
-        return {**picked, "bootstrap.servers": self.bootstrap_servers}
+        shared = {
+            k: v
+            for k, v in self.consumer.items()
+            if k not in CONSUMER_ONLY and k not in PRODUCER_ONLY
+        }
+        return {**shared, "bootstrap.servers": self.bootstrap_servers}
 
     @field_validator("consumer")
     @classmethod
@@ -162,6 +176,7 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         nested_model_default_partial_update=True,
+        hide_input_in_errors=True,
     )
 
     kafka: KafkaSettings
@@ -230,6 +245,26 @@ class Settings(BaseSettings):
             return cls(**values)
         except ValidationError as exc:
             raise ConfigError(explain(exc, where)) from None
+        except SettingsError as exc:  # a DEDUPE_* variable for a table that is not JSON
+            raise ConfigError(_explain_env(exc, where)) from None
+
+
+def _explain_env(exc: SettingsError, where: str) -> str:
+    """Name the ``DEDUPE_*`` variables that should hold JSON and do not (values not shown)."""
+    broken = []
+    for name, text in sorted(os.environ.items()):
+        if name.upper().startswith("DEDUPE_") and text.lstrip().startswith(("{", "[")):
+            try:
+                json.loads(text)
+            except ValueError as error:
+                broken.append(f"  - {name}: not valid JSON ({error})")
+    lines = [f"invalid configuration in {where} (DEDUPE_* environment variables included):"]
+    lines += broken or [f"  - {exc}"]
+    lines.append(
+        "  a DEDUPE_* variable that sets a whole table must hold a JSON object, e.g. "
+        'DEDUPE_KAFKA__CONSUMER=\'{"sasl.username": "alice"}\''
+    )
+    return "\n".join(lines)
 
 
 def _section_model(annotation: object) -> type[BaseModel] | None:
@@ -263,16 +298,28 @@ def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
 def explain(exc: ValidationError, where: str) -> str:
     """One line per error: key, bad value, what is accepted."""
     lines = [f"invalid configuration in {where} (DEDUPE_* environment variables included):"]
+    seen: set[str] = set()
     for error in exc.errors():
         loc = tuple(p for p in error["loc"] if p not in ("function-after",))
-        key = ".".join(str(p) for p in loc) or "(top level)"
         kind = error["type"]
-        value = error.get("input")
+        if _is_librdkafka_value(loc):  # one line, not one per member of the value union
+            loc, kind = loc[:-1], "librdkafka_value"
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        secret = any(is_secret_key(str(p)) for p in loc)
+        value = HIDDEN if secret else redact(error.get("input"))
+        value_text = value if secret else repr(value)
+        if kind == "librdkafka_value":
+            if key not in seen:
+                seen.add(key)
+                lines.append(
+                    f"  - {key} = {value_text}: expected a string, number or boolean "
+                    "(a librdkafka property value)"
+                )
+            continue
         if kind == "extra_forbidden":
             accepted = ", ".join(_section_keys(loc)) or "none"
-            lines.append(
-                f"  - {key}: unknown key (value {value!r}); accepted keys here: {accepted}"
-            )
+            # No value: a mis-spelt key may be a secret's ("bearer_tokn").
+            lines.append(f"  - {key}: unknown key; accepted keys here: {accepted}")
             continue
         if kind == "missing":
             help_text = _field_help(loc)
@@ -280,9 +327,21 @@ def explain(exc: ValidationError, where: str) -> str:
             lines.append(f"  - {key}: required but missing{hint}")
             continue
         message = str(error["msg"]).removeprefix("Value error, ")
+        raw = error.get("input")
+        if secret and isinstance(raw, str) and len(raw) >= 4:
+            message = message.replace(raw, HIDDEN)  # a message that quotes its input
         help_text = _field_help(loc)
         own_words = kind == "value_error"  # our validators already say what is accepted
         accepted = f" (accepted: {help_text})" if help_text and not own_words else ""
-        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        shown = "" if isinstance(value, dict) else f" = {value_text}"
         lines.append(f"  - {key}{shown}: {message}{accepted}")
     return "\n".join(lines)
+
+
+def _is_librdkafka_value(loc: tuple[int | str, ...]) -> bool:
+    """``kafka.consumer.<property>.<str|int|float|bool>``: one member of LibrdkafkaValue."""
+    return (
+        len(loc) == 4
+        and loc[:2] in (("kafka", "consumer"), ("kafka", "producer"))
+        and loc[3] in ("str", "int", "float", "bool")
+    )

@@ -105,7 +105,8 @@ def record(
         summary.stopped_by, "stopped on request"
     )
     err.print(
-        f"recorded {summary.messages:,} message(s) of {topic!r} to {out} ({how})",
+        f"recorded {summary.messages:,} message(s) of {escape(repr(topic))} to "
+        f"{escape(str(out))} ({how})",
         highlight=False,
         soft_wrap=True,
     )
@@ -259,7 +260,7 @@ def _produce(
 
     try:
         extra = _properties(properties)
-        with _progress(err, f"producing to {topic}") as update:
+        with _progress(err, f"producing to {escape(topic)}") as update:
             summary = produce_recording(
                 file,
                 topic,
@@ -279,7 +280,7 @@ def _produce(
             "dlq.original.partition"
         )
     err.print(
-        f"produced {summary.messages:,} message(s) to {topic!r} ({where})",
+        f"produced {summary.messages:,} message(s) to {escape(repr(topic))} ({where})",
         highlight=False,
         soft_wrap=True,
     )
@@ -288,10 +289,16 @@ def _produce(
 def _print_report(out: Console, report: ReplayReport) -> None:
     from rich.table import Table
 
-    table = Table(title=f"replay of {report.topic}", caption=report.recording, show_header=False)
+    # Every text from a recording, a path or an error goes through escape(): an ID
+    # like "[/x]" is rich markup otherwise (MarkupError, or silently altered output).
+    table = Table(
+        title=f"replay of {escape(report.topic)}",
+        caption=escape(report.recording),
+        show_header=False,
+    )
     table.add_column("what")
     table.add_column("count", justify="right")
-    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dead_letter_reasons.items()))
+    reasons = ", ".join(f"{escape(k)}: {v}" for k, v in sorted(report.dead_letter_reasons.items()))
     rows: list[tuple[str, object]] = [
         ("events", report.events),
         ("  of which injected duplicates", report.injected),
@@ -313,15 +320,15 @@ def _print_report(out: Console, report: ReplayReport) -> None:
     out.print(table)
     for event_id, calls in list(report.handled_more_than_once.items())[:_SHOWN]:
         note = " (in several partitions)" if event_id in report.ids_in_several_partitions else ""
-        out.print(f"  handled {calls}x: {event_id}{note}", highlight=False)
+        out.print(f"  handled {calls}x: {escape(event_id)}{note}", highlight=False)
     for lost in report.lost[:_SHOWN]:
         out.print(
-            f"  lost: partition {lost.partition} offset {lost.offset} id {lost.event_id}: "
-            f"{lost.reason}",
+            f"  lost: partition {lost.partition} offset {lost.offset} "
+            f"id {escape(str(lost.event_id))}: {escape(lost.reason)}",
             highlight=False,
         )
     if report.error:
-        out.print(f"[bold red]stopped early:[/] {report.error}", highlight=False)
+        out.print(f"[bold red]stopped early:[/] {escape(report.error)}", highlight=False)
     if report.tested_nothing:
         out.print(
             "[bold red]tested too little:[/] " + escape(report.tested_nothing), highlight=False
@@ -340,11 +347,14 @@ def _print_report(out: Console, report: ReplayReport) -> None:
 
 
 def _properties(pairs: list[str] | None) -> dict[str, str]:
+    from dedupe_consumer._secrets import is_secret_key
+
     found: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--property {pair!r}: expected KEY=VALUE")
+            shown = "<secret, not shown>" if is_secret_key(pair) else repr(pair)
+            raise ValueError(f"--property {shown}: expected KEY=VALUE")
         found[key.strip()] = value
     return found
 
@@ -402,10 +412,14 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def _usage(err: Console, message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
 def _failed(err: Console, exc: BaseException) -> NoReturn:
-    err.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+    err.print(
+        f"[bold red]failed:[/] {type(exc).__name__}: {escape(str(exc))}",
+        highlight=False,
+        soft_wrap=True,
+    )
     raise typer.Exit(1)

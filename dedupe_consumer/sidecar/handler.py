@@ -23,6 +23,7 @@ it that exceeds the engine's next backoff is waited here, on an event that
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from datetime import UTC, datetime
@@ -42,16 +43,24 @@ from dedupe_consumer.sidecar.settings import SidecarSettings
 
 log = structlog.get_logger("dedupe_consumer.sidecar")
 
+_DELAY_SECONDS = re.compile(r"[0-9]+")
+"""RFC 9110 ``delay-seconds``: ASCII digits only."""
 SNIPPET_CHARS = 500
 """How much of an error answer's body goes into the dead letter."""
 
 
 def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
-    """``Retry-After`` as seconds from now: delay-seconds or an HTTP-date; None if unusable."""
+    """``Retry-After`` as seconds from now: delay-seconds or an HTTP-date; None if unusable.
+
+    Only ASCII is HTTP: ``str.isdigit()`` also accepts digits like ``"\u00b2"`` that
+    ``float()`` then rejects, which would turn a permanent answer into retries.
+    """
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
+    if not text.isascii():
+        return None
+    if _DELAY_SECONDS.fullmatch(text):
         return float(text)
     try:
         when = parsedate_to_datetime(text)

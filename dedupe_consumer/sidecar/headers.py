@@ -6,6 +6,12 @@ edge whitespace (which HTTP stacks reject or strip), and as base64 otherwise,
 with a marker saying so, so the receiver always gets the exact bytes back.
 Kafka header *names* that are not HTTP tokens are percent-encoded (UTF-8),
 which is reversible with ``urllib.parse.unquote``.
+
+The ``Idempotency-Key`` must be unique on its own, because receivers dedupe on
+it alone: an ID that cannot travel as it is, *or that starts with* ``:``, is
+sent as an RFC 8941 byte sequence, ``:`` + base64 + ``:``. A literal key never
+starts with ``:`` and an encoded one always does, so two IDs never share a key
+(``" pay-1"`` is ``:IHBheS0x:``, the ID ``IHBheS0x`` is ``IHBheS0x``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ _SAFE_VALUE = re.compile(
 _TOKEN_CHARS = "!#$&'*+-.^_`|~"
 """Characters of an HTTP token besides letters and digits; '%' is left out: it escapes."""
 BASE64 = b"base64"
+_SF_BINARY = b":"
+"""Starts and ends an RFC 8941 byte sequence; a literal Idempotency-Key never starts with it."""
 
 
 def header_safe(raw: bytes) -> bool:
@@ -48,12 +56,25 @@ def _b64(raw: bytes) -> bytes:
     return base64.b64encode(raw)
 
 
+def idempotency_key(event_id: str) -> bytes:
+    """The ``Idempotency-Key`` of ``event_id``: injective, header-safe (module docstring)."""
+    raw = event_id.encode("utf-8", "surrogatepass")  # a lone surrogate is an ID too
+    if header_safe(raw) and raw and not raw.startswith(_SF_BINARY):
+        return raw
+    return _SF_BINARY + _b64(raw) + _SF_BINARY
+
+
+def event_id_from_key(key: bytes) -> bytes:
+    """The ID bytes behind an ``Idempotency-Key`` (the receiver's side of the rule)."""
+    if key.startswith(_SF_BINARY) and key.endswith(_SF_BINARY) and len(key) >= 2:
+        return base64.b64decode(key[1:-1], validate=True)
+    return key
+
+
 def request_headers(event: Event, settings: SidecarSettings) -> HeaderList:
     """Every header of the POST that delivers ``event`` (repeats and order kept).
 
-    * ``Idempotency-Key``: the event ID (base64 plus ``Idempotency-Key-Encoding:
-      base64`` when not header-safe: still unique per ID, so a receiver can key on
-      it either way);
+    * ``Idempotency-Key``: :func:`idempotency_key` of the event ID;
     * ``Kafka-Topic``, ``Kafka-Partition``, ``Kafka-Offset``;
     * ``Kafka-Key`` when the message has a key (base64 plus
       ``Kafka-Key-Encoding: base64`` when not header-safe);
@@ -64,11 +85,7 @@ def request_headers(event: Event, settings: SidecarSettings) -> HeaderList:
       header-safe are base64 and their HTTP names listed in ``Kafka-Headers-Base64``.
     """
     out: HeaderList = []
-    event_id = event.id.encode()
-    if header_safe(event_id):
-        out.append((b"Idempotency-Key", event_id))
-    else:
-        out += [(b"Idempotency-Key", _b64(event_id)), (b"Idempotency-Key-Encoding", BASE64)]
+    out.append((b"Idempotency-Key", idempotency_key(event.id)))
     out += [
         (b"Kafka-Topic", event.topic.encode()),
         (b"Kafka-Partition", str(event.partition).encode()),

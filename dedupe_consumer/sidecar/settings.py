@@ -10,8 +10,9 @@ type from ``_durations``, so durations are written and rejected exactly alike
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -26,6 +27,7 @@ from pydantic.functional_validators import BeforeValidator
 
 from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
 from dedupe_consumer._durations import Duration
+from dedupe_consumer._secrets import redact
 
 STATUS_FORMS = "a list of HTTP status codes (e.g. 404) or classes (e.g. '4xx'), not 2xx"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -65,7 +67,7 @@ class SidecarSettings(BaseModel):
     retry loop does the retrying (see :mod:`dedupe_consumer.sidecar.runner`).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     target_url: str = Field(
         description="an http:// or https:// URL that receives one POST per unique event, "
@@ -125,15 +127,28 @@ class SidecarSettings(BaseModel):
         9400, ge=0, le=65535, description="a TCP port 0..65535 (0: any free port)"
     )
 
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name == "target_url" else value  # user:password@
+
     @field_validator("target_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
+        expected = (
+            "expected an http:// or https:// URL with a host and, if given, a port "
+            "1..65535, e.g. 'http://127.0.0.1:8080/events'"
+        )
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"bad target_url {value!r}: expected an http:// or https:// URL with a host, "
-                "e.g. 'http://127.0.0.1:8080/events'"
-            )
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"the scheme must be http:// or https://; {expected}")
+        if not parts.hostname:
+            raise ValueError(f"the URL has no host; {expected}")
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or above 65535
+            port = 0
+        if port == 0:
+            raise ValueError(f"bad port; {expected}")
         return value
 
     @field_validator("timeout")
@@ -149,7 +164,8 @@ class SidecarSettings(BaseModel):
         if value is not None and _FIELD_VALUE.fullmatch(value.get_secret_value()) is None:
             raise ValueError(
                 "the bearer token must be non-empty printable ASCII without edge spaces "
-                "(it is sent in an HTTP header)"
+                "(it is sent in an HTTP header); a token read from a mounted file often ends "
+                "in a newline: strip it, e.g. $(tr -d '\\n' < /path/to/token)"
             )
         return value
 

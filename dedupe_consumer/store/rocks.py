@@ -11,6 +11,7 @@ configuration rather than by the number of partitions or IDs.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -88,13 +89,40 @@ class RocksStore:
         self._sweep_cursor: dict[str, bytes | None] = {}
 
     def _prepare_directory(self) -> None:
+        """Create the directory 0700, or check an existing one without changing it.
+
+        Only a directory the library creates is the library's to chmod (it holds
+        event IDs: not for other local users); ``store.path = "/tmp"`` must not
+        make /tmp private. An existing directory that other users can write to
+        is refused: they could replace the store's files.
+        """
+        where = f"store.path {str(self.path)!r}"
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.path.chmod(0o700)  # holds event IDs: not for other local users
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o700)
+            self.path.chmod(0o700)  # ours: mkdir's mode went through the umask
+        except FileExistsError:
+            pass  # someone else's, or ours from an earlier run: checked below
         except OSError as exc:
-            raise StoreError(f"cannot create store directory {str(self.path)!r}: {exc}") from exc
-        if not os.access(self.path, os.W_OK):
-            raise StoreError(f"store directory {str(self.path)!r} is not writable")
+            raise StoreError(
+                f"cannot create store directory {str(self.path)!r} (store.path): {exc}"
+            ) from exc
+        try:
+            info = self.path.stat()
+        except OSError as exc:
+            raise StoreError(f"cannot use {where}: {exc}") from exc
+        if not stat.S_ISDIR(info.st_mode):
+            raise StoreError(f"{where} is not a directory; point store.path to a directory")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            inside = str(self.path / "dedupe-state")
+            raise StoreError(
+                f"{where} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}), "
+                "who could replace the store's files; run 'chmod go-w' on it, or set "
+                f"store.path to a new directory inside it, e.g. {inside!r}, "
+                "which dedupe_consumer creates with mode 0700"
+            )
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StoreError(f"{where} is not writable by this user")
 
     def _options(self) -> Options:
         opts = Options(raw_mode=True)

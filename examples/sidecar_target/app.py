@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +30,19 @@ from typing import Any
 from urllib.parse import unquote
 
 HEADER_PREFIX = "Kafka-Header-"  # the sidecar's header_prefix default
+
+
+def event_id_of(key: bytes) -> bytes:
+    """The event ID behind an ``Idempotency-Key``.
+
+    The sidecar sends an ID as it is, or, when it cannot travel as it is (or
+    starts with ``:``), as an RFC 8941 byte sequence ``:<base64>:``. Either way the
+    key is unique per ID: dedupe on the key as received, decode only to show the ID.
+    """
+    if len(key) >= 2 and key.startswith(b":") and key.endswith(b":"):
+        with contextlib.suppress(ValueError):  # not from the sidecar: show it as it came
+            return base64.b64decode(key[1:-1], validate=True)
+    return key
 
 
 def text_or_base64(raw: bytes) -> str | dict[str, str]:
@@ -84,11 +98,9 @@ def describe(headers: list[tuple[str, bytes]], body: bytes) -> dict[str, Any]:
     key = last("Kafka-Key")
     return {
         "received_at": datetime.now(UTC).isoformat(),
-        # As sent (base64 if the ID is not header-safe): unique per event either way.
+        # As sent: unique per event ID, whether literal or ":<base64>:".
         "idempotency_key": (last("Idempotency-Key") or b"").decode("latin-1"),
-        "event_id": text_or_base64(
-            decoded(last("Idempotency-Key") or b"", last("Idempotency-Key-Encoding"))
-        ),
+        "event_id": text_or_base64(event_id_of(last("Idempotency-Key") or b"")),
         "topic": (last("Kafka-Topic") or b"").decode(),
         "partition": int(last("Kafka-Partition") or b"-1"),
         "offset": int(last("Kafka-Offset") or b"-1"),

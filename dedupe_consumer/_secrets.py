@@ -1,0 +1,53 @@
+"""Which settings are secrets, and how to print a value that may hold one.
+
+Used by the settings' error messages and reprs (``config.py``, the sidecar
+section) and by the CLI: a secret's value is never printed.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+SECRET_WORDS = ("password", "secret", "token", "credential", "private")
+"""A setting or librdkafka property whose name contains one of these holds a secret."""
+SECRET_KEYS = frozenset({"ssl.key.pem", "ssl_key", "sasl.oauthbearer.config"})
+"""Secrets whose names say nothing of it (a private key, a config string with a secret)."""
+HIDDEN = "<secret, not shown>"
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether the value of setting or property ``name`` must never be printed."""
+    lowered = name.lower()
+    return lowered in SECRET_KEYS or any(word in lowered for word in SECRET_WORDS)
+
+
+def redact(value: object) -> object:
+    """``value`` safe to print: secret entries of mappings hidden, URL passwords masked.
+
+    Text that looks like JSON and names a secret (a whole section given in one
+    ``DEDUPE_*`` variable) is hidden whole: it cannot be parsed to hide less.
+    """
+    if isinstance(value, dict):
+        return {k: HIDDEN if is_secret_key(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str):
+        if value.lstrip().startswith(("{", "[")) and any(
+            word in value.lower() for word in SECRET_WORDS
+        ):
+            return HIDDEN
+        return _mask_url_password(value)
+    return value
+
+
+def _mask_url_password(text: str) -> str:
+    if "@" not in text or "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if parts.password is None:
+        return text
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
