@@ -9,6 +9,7 @@ that reach the handler are turned into an :class:`Event`.
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -157,7 +158,7 @@ def message_timestamp(message: SourceMessage) -> datetime | None:
 def header_pairs(message: SourceMessage) -> list[tuple[str, bytes | None]]:
     """Headers as ``(name, bytes)`` pairs, in order, repeats kept."""
     try:
-        raw = message.headers()
+        raw: RawHeaders = _read_headers(message)
     except (SystemError, UnicodeDecodeError):
         raw = _drop_undecodable_headers(message)
     if not raw:
@@ -173,6 +174,12 @@ def as_bytes(data: bytes | str | None) -> bytes | None:
     if data is None or isinstance(data, bytes):
         return data
     return data.encode()
+
+
+_read_headers = operator.methodcaller("headers")
+"""``message.headers()`` through the C API: a plain call site, once CPython specializes it,
+skips the check that turns confluent-kafka's half-failed header decoding into an error,
+and returns a list holding a NULL name that crashes the interpreter when read."""
 
 
 def _drop_undecodable_headers(message: SourceMessage) -> RawHeaders:
