@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
-from dedupe_consumer import Event, PermanentError
+from dedupe_consumer import ConfigError, Event, PermanentError
 from dedupe_consumer.dead_letters import DeadLetter, MemoryDeadLetters, dead_letter_headers
 from dedupe_consumer.errors import DeadLetterError
 from dedupe_consumer.models import SourceMessage, TopicPartition
 from dedupe_consumer.replay import Record
 from dedupe_consumer.store import Status
 
-from .conftest import TOPIC, Recorder, Rig, rec
+from .conftest import TOPIC, Recorder, Rig, make_settings, rec
 
 TP0 = TopicPartition(TOPIC, 0)
 RigFactory = Callable[..., Rig]
@@ -333,3 +334,15 @@ def test_a_lease_wait_never_runs_past_the_walk_budget(rig: RigFactory) -> None:
     assert result.rewind == {TP0: 0} and result.commits == {}
     r.clock.now += 3600  # the lease has run out: the claim is now uncertain and resolved
     assert engine.process([rec(0, "a"), rec(1, "b")]).commits == {TP0: 2}
+
+
+def test_a_claim_lease_as_long_as_the_poll_interval_is_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        make_settings(
+            tmp_path,
+            processing={"mode": "claim", "claim_lease": "10s"},
+            kafka={"consumer": {"max.poll.interval.ms": 10_000}},
+        )
+    assert "processing.claim_lease" in str(refused.value)
+    assert "max.poll.interval.ms" in str(refused.value)
+    make_settings(tmp_path, processing={"mode": "plain", "claim_lease": "10m"})  # unused: fine
