@@ -320,7 +320,7 @@ def test_incoming_dlq_headers_cannot_spoof_the_dead_letter_metadata() -> None:
 def test_a_lease_wait_never_runs_past_the_walk_budget(rig: RigFactory) -> None:
     r = rig(
         Reconciling(lambda e: True),
-        processing={"mode": "claim", "on_uncertain": "skip", "claim_lease": "1h"},
+        processing={"mode": "claim", "on_uncertain": "skip", "claim_lease": "4m"},
     )
     with pytest.raises(Crash):
         r.engine.process([rec(0, "a")])
@@ -329,10 +329,10 @@ def test_a_lease_wait_never_runs_past_the_walk_budget(rig: RigFactory) -> None:
     engine = r.restart()
     engine.walk_budget_s = 0.3
     result = engine.process([rec(0, "a"), rec(1, "b")])
-    # An hour of lease was not waited (the timeout above would fail the test): the walk
+    # Four minutes of lease were not waited (the timeout above fails the test): the walk
     # was cut at the young claim, to be re-read.
     assert result.rewind == {TP0: 0} and result.commits == {}
-    r.clock.now += 3600  # the lease has run out: the claim is now uncertain and resolved
+    r.clock.now += 300  # the lease has run out: the claim is now uncertain and resolved
     assert engine.process([rec(0, "a"), rec(1, "b")]).commits == {TP0: 2}
 
 
