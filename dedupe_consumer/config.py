@@ -203,6 +203,26 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _claim_lease_within_poll_interval(self) -> Settings:
+        # A young claim is waited out on the polling thread; a lease as long as the poll
+        # interval could never be waited out in one batch (the walk is cut at its budget).
+        if self.processing.mode != "claim":
+            return self
+        try:
+            interval_ms = int(self.kafka.consumer.get("max.poll.interval.ms", 300_000))
+        except ValueError:
+            return self  # librdkafka names the bad value itself
+        lease_ms = self.processing.claim_lease.total_seconds() * 1000
+        if lease_ms >= interval_ms:
+            raise ValueError(
+                f"processing.claim_lease ({lease_ms / 1000:g}s) must be shorter than "
+                f"kafka.consumer.'max.poll.interval.ms' ({interval_ms} ms): the lease is waited "
+                "out between two polls; lower processing.claim_lease or raise "
+                "max.poll.interval.ms"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

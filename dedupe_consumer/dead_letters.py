@@ -1,8 +1,10 @@
 """Dead letters: what did not become an effect, and why, kept outside the stream.
 
-A dead letter carries the original key, value and headers unchanged plus
-``dlq.*`` headers that say where it came from and why it was set aside, so it
-can be inspected or re-driven later without consulting any other system.
+A dead letter carries the original key, value and headers plus ``dlq.*``
+headers that say where it came from and why it was set aside, so it can be
+inspected or re-driven later without consulting any other system. An incoming
+header whose name starts with ``dlq.`` is renamed ``dlq.original-header.<name>``
+so that no message can pass off its own metadata as ours.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from dedupe_consumer.models import SourceMessage, header_pairs
 
 REASONS = (
     "missing-id",
+    "invalid-id",
     "invalid-payload",
     "permanent-error",
     "retries-exhausted",
     "conflicting-duplicate",
     "uncertain",
+    "reconcile-failed",
+    "internal-error",
 )
+_OURS = "dlq."
+_MOVED = "dlq.original-header."
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +39,13 @@ class DeadLetter:
 
 
 def dead_letter_headers(
-    message: SourceMessage, letter: DeadLetter
+    message: SourceMessage, letter: DeadLetter, *, value_omitted: int | None = None
 ) -> list[tuple[str, str | bytes | None]]:
-    """The original headers followed by the ``dlq.*`` headers."""
+    """The original headers (``dlq.*`` ones moved aside) followed by the ``dlq.*`` headers.
+
+    ``value_omitted``: the letter goes without its value, which was this many bytes
+    (too large for the dead-letter topic); ``dlq.original.*`` say where it still is.
+    """
     kind, ts = message.timestamp()
     extra = {
         "dlq.reason": letter.reason,
@@ -47,7 +58,14 @@ def dead_letter_headers(
         "dlq.error.message": letter.error_message[:2000],
         "dlq.attempts": str(letter.attempts),
     }
-    return [*header_pairs(message), *((k, v.encode()) for k, v in extra.items())]
+    if value_omitted is not None:
+        extra["dlq.value.omitted"] = "too-large"
+        extra["dlq.value.size"] = str(value_omitted)
+    original: list[tuple[str, str | bytes | None]] = [
+        (_MOVED + name if name.lower().startswith(_OURS) else name, value)
+        for name, value in header_pairs(message)
+    ]
+    return [*original, *((k, v.encode()) for k, v in extra.items())]
 
 
 class DeadLetterSink(Protocol):

@@ -34,9 +34,14 @@ from dedupe_consumer._faults import fault_point
 from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetter, DeadLetterSink
 from dedupe_consumer.effects import Effects
-from dedupe_consumer.errors import ConfigError, MissingEventIdError, PermanentError
+from dedupe_consumer.errors import (
+    ConfigError,
+    DeadLetterError,
+    MissingEventIdError,
+    PermanentError,
+)
 from dedupe_consumer.handler import Handler
-from dedupe_consumer.ids import MissingId, hash_id, parse_id_source
+from dedupe_consumer.ids import InvalidId, MissingId, hash_id, parse_id_source
 from dedupe_consumer.models import (
     BatchStats,
     Decision,
@@ -101,6 +106,18 @@ class _Outcome:
     effects: dict[bytes, bytes | None] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _Called:
+    """A user call (``handle`` or ``reconcile``) that returned: its result and staged writes."""
+
+    result: object
+    effects: dict[bytes, bytes | None]
+
+
+_EFFECT_OVERHEAD = 512
+"""Bytes a changelog record needs besides its key and value (record and batch headers)."""
+
+
 class Engine:
     """Decides offsets. Not thread-safe: one engine per consumer loop."""
 
@@ -134,6 +151,10 @@ class Engine:
         self._sweep_budget = settings.store.sweep_keys
         self._walk_effects: Effects | None = None
         self._walk_deadline: float | None = None
+        # A staged effect becomes one changelog record: refuse it at stage() time if it
+        # cannot fit, so the attempt fails instead of the batch's changelog transaction.
+        max_bytes = int(settings.kafka.producer.get("message.max.bytes", 1_000_000))
+        self._max_effect_bytes = max_bytes - _EFFECT_OVERHEAD
         if (
             self.claims
             and settings.processing.on_uncertain == "reconcile"
@@ -233,15 +254,20 @@ class Engine:
             )
         except _Stop as stop:
             error = stop.__cause__
-        # Claims of events that were never decided must not read as uncertain later.
-        for tp, claims in claimed.decisions.items():
-            decided = {event_id for event_id, _ in write.decisions.get(tp, [])}
-            undecided = [event_id for event_id, _ in claims if event_id not in decided]
-            if undecided:
-                write.released[tp] = undecided
+        _release_undecided(claimed, write)
 
         if write:
-            self._persist(write)
+            try:
+                self._persist(write)
+            except DeadLetterError as unsent:
+                # A letter that could not be made durable: keep every other decision, so
+                # a restart neither repeats a handled event nor loses the lost letter's.
+                if not _cut_before(unsent.failed, plan, write, self._watermarks):
+                    raise
+                _release_undecided(claimed, write)
+                log.error("dead_letter_failed", error=str(unsent), stopping=True)
+                error = unsent
+                self._persist(write)  # nothing is queued any more: the flush is a no-op
             for tp, offset in write.watermarks.items():
                 self._watermarks[tp] = offset
                 self.metrics.watermark.labels(tp.topic, str(tp.partition)).set(offset)
@@ -270,7 +296,10 @@ class Engine:
             try:
                 item.event_id = self._extract(item.message)
             except MissingId as why:
-                self._on_missing_id(item, str(why))
+                self._on_missing_id(item, why)
+            except Exception as unreadable:  # this message's fault, never the partition's
+                text = f"cannot read the event ID: {type(unreadable).__name__}: {unreadable}"
+                self._on_missing_id(item, InvalidId(text))
             if item.event_id is not None:
                 item.digest = payload_digest(as_bytes(item.message.value()))
                 fresh.append(item)
@@ -297,15 +326,16 @@ class Engine:
                 continue
             self._on_seen(item, prior.offset, prior.digest)
 
-    def _on_missing_id(self, item: _Item, why: str) -> None:
+    def _on_missing_id(self, item: _Item, missing: MissingId) -> None:
         message = item.message
         policy = self.settings.dedupe.on_missing_id
+        why = str(missing)
         if policy == "hash":
             try:
                 item.event_id = hash_id(message)
                 return
-            except MissingId as missing:
-                why = f"{why}; {missing}"
+            except MissingId as unhashable:
+                why = f"{why}; {unhashable}"
         elif policy == "fail":
             item.fail = MissingEventIdError(
                 f"{message.topic()}[{message.partition()}]@{message.offset()}: {why} "
@@ -314,7 +344,7 @@ class Engine:
             item.decision = Decision.DEAD_LETTERED  # never reached: the walk stops first
             return
         item.decision = Decision.DEAD_LETTERED
-        item.letter = DeadLetter("missing-id", None, "MissingId", why, 0)
+        item.letter = DeadLetter(missing.reason, None, type(missing).__name__, why, 0)
 
     def _on_seen(self, item: _Item, first_offset: int, first_digest: bytes) -> None:
         if item.digest == first_digest:
@@ -371,10 +401,8 @@ class Engine:
                     raise _Cut
                 if item.fail is not None:
                     raise _Stop from item.fail
-                if item.decision is not None:
-                    self._walk_decided(item, stats)
-                else:
-                    outcome = self._decide(tp, item, stats, effects)
+                outcome = self._walk_one(tp, item, stats, effects)
+                if outcome is not None:
                     assert item.event_id is not None
                     records.append(
                         (
@@ -396,6 +424,44 @@ class Engine:
             if effects:
                 write.effects[tp] = list(effects.items())
 
+    def _walk_one(
+        self,
+        tp: TopicPartition,
+        item: _Item,
+        stats: BatchStats,
+        batch_effects: dict[bytes, bytes | None],
+    ) -> _Outcome | None:
+        """Decide one event. An error on its behalf is its own: it never stops the partition.
+
+        Returns the outcome to record, or None for an event decided in phase 1. Only a
+        dead letter that cannot be sent at all stops the walk (the prefix is persisted).
+        """
+        try:
+            if item.decision is not None:
+                self._walk_decided(item, stats)
+                return None
+            try:
+                return self._decide(tp, item, stats, batch_effects)
+            except (_Stop, DeadLetterError):
+                raise
+            except Exception as failure:  # not the handler's (that is retried): ours
+                log.exception(
+                    "event_failed",
+                    event_id=item.event_id,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    offset=item.offset,
+                )
+                return self._dead_letter(
+                    item, "internal-error", type(failure).__name__, str(failure), 0
+                )
+        except _Stop:
+            raise
+        except Exception as unsent:
+            # Not even a letter without its value was accepted: persist the decisions
+            # before this event and stop, rather than loop on it or skip it unrecorded.
+            raise _Stop from unsent
+
     def _walk_decided(self, item: _Item, stats: BatchStats) -> None:
         assert item.decision is not None
         message = item.message
@@ -409,15 +475,17 @@ class Engine:
                 first_offset=item.prior.offset if item.prior else None,
             )
         if item.letter is not None:
-            if item.letter.reason == "missing-id":
+            reason = item.letter.reason
+            if reason in ("missing-id", "invalid-id"):
                 log.warning(
                     "missing_event_id",
                     topic=message.topic(),
                     partition=message.partition(),
                     offset=item.offset,
                     reason=item.letter.error_message,
+                    dead_letter_reason=reason,
                 )
-                stats.by_reason["missing-id"] = stats.by_reason.get("missing-id", 0) + 1
+                stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
             self.dead_letters.send(message, item.letter)
         stats.add(item.decision)
 
@@ -442,8 +510,17 @@ class Engine:
         policy = self.settings.processing.on_uncertain
         lease_ms = int(self.settings.processing.claim_lease.total_seconds() * 1000)
         age_ms = int(self.clock() * 1000) - item.prior.decided_at_ms
-        if age_ms < lease_ms and self._stopping.wait((lease_ms - age_ms) / 1000):
-            raise _Stop  # another owner may still hold the claim: wait out its lease
+        if age_ms < lease_ms:  # another owner may still hold the claim: wait out its lease
+            wait_s = (lease_ms - age_ms) / 1000
+            cut = False
+            if self._walk_deadline is not None:
+                left = self._walk_deadline - time.monotonic()
+                if left < wait_s:  # never wait past the walk budget: re-read it later
+                    wait_s, cut = max(0.0, left), True
+            if self._stopping.wait(wait_s):
+                raise _Stop
+            if cut:
+                raise _Cut
         self.metrics.uncertain.labels(tp.topic, policy).inc()
         log.warning(
             "uncertain_outcome",
@@ -466,9 +543,13 @@ class Engine:
                 0,
             )
         if policy == "reconcile":
-            event = self._event(tp, item, payload=None, effects=None)
-            if self.handler.reconcile(event):
-                return _Outcome(Status.HANDLED)
+            called = self._attempts(
+                tp, item, batch_effects, self.handler.reconcile, "reconcile-failed", "reconcile"
+            )
+            if isinstance(called, _Outcome):
+                return called
+            if called.result:  # it happened: recorded as handled, with what reconcile staged
+                return _Outcome(Status.HANDLED, effects=called.effects)
         return self._handle(tp, item, batch_effects)
 
     def _event(
@@ -494,7 +575,7 @@ class Engine:
         effects = self._walk_effects
         if effects is None or effects.batch is not batch_effects:
             effects = self._walk_effects = Effects(
-                lambda key: self.store.effect(tp, key), batch_effects
+                lambda key: self.store.effect(tp, key), batch_effects, self._max_effect_bytes
             )
         return effects
 
@@ -502,9 +583,30 @@ class Engine:
         self, tp: TopicPartition, item: _Item, batch_effects: dict[bytes, bytes | None]
     ) -> _Outcome:
         """Call the handler with retries."""
+        called = self._attempts(tp, item, batch_effects, self.handler.handle, "", "handler")
+        if isinstance(called, _Outcome):
+            return called
+        fault_point("after_handler")
+        return _Outcome(Status.HANDLED, effects=called.effects)
+
+    def _attempts(
+        self,
+        tp: TopicPartition,
+        item: _Item,
+        batch_effects: dict[bytes, bytes | None],
+        call: Callable[[Event], object],
+        failed_reason: str,
+        what: str,
+    ) -> _Called | _Outcome:
+        """Parse the payload, then ``call(event)`` with retries and backoff.
+
+        Returns what the call returned with its staged writes, or the dead-letter
+        outcome: ``invalid-payload`` when parsing fails (whatever it raises), else
+        ``failed_reason`` (``permanent-error``/``retries-exhausted`` when empty).
+        """
         try:
             payload = self.handler.parse(as_bytes(item.message.value()))
-        except ValueError as invalid:
+        except Exception as invalid:  # a ValueError by contract; anything else is the same
             return self._dead_letter(
                 item, "invalid-payload", type(invalid).__name__, str(invalid), 0
             )
@@ -516,15 +618,23 @@ class Engine:
             effects.staged = {}  # a failed attempt's writes are dropped here
             event = base if attempt == 1 else replace(base, attempt=attempt)
             try:
-                self.handler.handle(event)
+                result = call(event)
             except PermanentError as permanent:
                 return self._dead_letter(
-                    item, "permanent-error", type(permanent).__name__, str(permanent), attempt
+                    item,
+                    failed_reason or "permanent-error",
+                    type(permanent).__name__,
+                    str(permanent),
+                    attempt,
                 )
             except Exception as failure:
                 if attempt == attempts:
                     return self._dead_letter(
-                        item, "retries-exhausted", type(failure).__name__, str(failure), attempt
+                        item,
+                        failed_reason or "retries-exhausted",
+                        type(failure).__name__,
+                        str(failure),
+                        attempt,
                     )
                 self.metrics.handler_retries.labels(tp.topic).inc()
                 delay = min(
@@ -532,7 +642,7 @@ class Engine:
                     processing.retry_backoff_max.total_seconds(),
                 )
                 log.warning(
-                    "handler_retry",
+                    f"{what}_retry",
                     event_id=event.id,
                     topic=tp.topic,
                     partition=tp.partition,
@@ -544,8 +654,7 @@ class Engine:
                 if self._stopping.wait(delay):
                     raise _Stop from None
             else:
-                fault_point("after_handler")
-                return _Outcome(Status.HANDLED, effects=effects.staged)
+                return _Called(result, effects.staged)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _dead_letter(
@@ -597,3 +706,53 @@ def _undecided(
         elif last < items[-1].offset:
             rewind[tp] = last + 1
     return rewind
+
+
+def _release_undecided(claimed: WriteSet, write: WriteSet) -> None:
+    """Claims of events that were never decided must not read as uncertain later."""
+    for tp, claims in claimed.decisions.items():
+        decided = {event_id for event_id, _ in write.decisions.get(tp, [])}
+        undecided = [event_id for event_id, _ in claims if event_id not in decided]
+        if undecided:
+            write.released[tp] = undecided
+        else:
+            write.released.pop(tp, None)
+
+
+def _cut_before(
+    failed: Sequence[tuple[str, int, int]],
+    plan: dict[TopicPartition, list[_Item]],
+    write: WriteSet,
+    watermarks: dict[TopicPartition, int | None],
+) -> bool:
+    """Keep in ``write`` every decision but those whose dead letter was lost.
+
+    The watermark of each partition stops before its first lost letter, so that
+    event is redelivered; the events decided after it stay durable as ID records
+    (a redelivery of them is a duplicate by lookup, never a second call).
+    Returns False when no lost letter is named (nothing can be kept safely).
+    """
+    first: dict[TopicPartition, int] = {}
+    lost: set[tuple[TopicPartition, int]] = set()
+    for topic, partition, offset in failed:
+        tp = TopicPartition(topic, partition)
+        first[tp] = min(first.get(tp, offset), offset)
+        lost.add((tp, offset))
+    if not first:
+        return False
+    for tp, offset in first.items():
+        if tp in write.decisions:
+            write.decisions[tp] = [
+                (i, d) for i, d in write.decisions[tp] if (tp, d.offset) not in lost
+            ]
+        items = plan.get(tp)
+        current = watermarks.get(tp)
+        last = offset - 1
+        if tp in write.watermarks and items and last >= items[0].offset:
+            if current is None or last > current:
+                write.watermarks[tp] = last
+            else:
+                del write.watermarks[tp]
+        else:
+            write.watermarks.pop(tp, None)
+    return True

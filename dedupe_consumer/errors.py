@@ -25,7 +25,15 @@ class StoreLockedError(StoreError):
 
 
 class DeadLetterError(DedupeError):
-    """A dead-letter record could not be made durable, so the batch must not be persisted."""
+    """A dead-letter record could not be made durable.
+
+    ``failed`` names the source messages (topic, partition, offset) whose letters
+    were lost: the engine persists the decisions before the first of them and stops.
+    """
+
+    def __init__(self, message: str, failed: tuple[tuple[str, int, int], ...] = ()) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 class MissingEventIdError(DedupeError):

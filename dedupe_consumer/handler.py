@@ -39,6 +39,9 @@ class Handler:
         Called for an event whose claim was found in progress after a crash. Ask
         the downstream system (by ``event.id``): True means it happened (recorded
         as handled, no call), False means it did not (``handle`` is called).
+        ``event.payload`` is parsed as for ``handle``; what ``event.stage`` writes
+        here is committed only when this returns True. An exception is retried like
+        one from ``handle``, then the event is dead-lettered (``reconcile-failed``).
         """
         raise NotImplementedError
 
@@ -46,7 +49,11 @@ class Handler:
         """Called once after the last batch was persisted and committed."""
 
     def parse(self, value: bytes | None) -> Any:
-        """Parse the raw value into ``payload_model``; a ValueError marks it invalid."""
+        """Parse the raw value into ``payload_model``.
+
+        Raising marks the value invalid: it is dead-lettered (``invalid-payload``,
+        the exception class in ``dlq.error.class``) and never retried.
+        """
         if self.payload_model is None:
             return None
         if value is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,11 +17,22 @@ from dedupe_consumer.models import SourceMessage, as_bytes, header_pairs
 
 ID_SOURCE_FORMS = "'header:<name>', 'key', 'json:/json/pointer' or 'hash'"
 MAX_ID_BYTES = 512
-"""IDs are RocksDB keys; an absurdly long one is almost always a wrong id_source."""
+"""IDs are RocksDB keys, counted in UTF-8 bytes; a longer one is almost always a wrong id_source."""
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""C0/C1 control characters: an ID travels into log lines, HTTP headers and dead-letter headers."""
 
 
 class MissingId(Exception):
     """The message has no usable event ID; ``str(exc)`` says why."""
+
+    reason = "missing-id"
+    """The dead-letter reason (``dlq.reason``) when ``on_missing_id = "dead-letter"``."""
+
+
+class InvalidId(MissingId):
+    """An ID is there but cannot be stored: not UTF-8, over the byte limit, or has controls."""
+
+    reason = "invalid-id"
 
 
 IdExtractor = Callable[[SourceMessage], str]
@@ -40,18 +52,30 @@ def parse_id_source(spec: str) -> IdExtractor:
 
 
 def _checked(raw: bytes | str | None, where: str) -> str:
+    """The ID as text, only if it can be stored: UTF-8, 1..MAX_ID_BYTES bytes, no controls."""
     if raw is None:
         raise MissingId(f"{where} is absent")
     if isinstance(raw, bytes):
+        data = raw
         try:
-            raw = raw.decode()
+            text = raw.decode()
         except UnicodeDecodeError as exc:
-            raise MissingId(f"{where} is not UTF-8") from exc
-    if not raw:
+            raise InvalidId(f"{where} is not UTF-8") from exc
+    else:
+        text = raw
+        try:
+            data = raw.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. JSON "\ud800"
+            raise InvalidId(f"{where} is not valid Unicode (a lone surrogate)") from exc
+    if not data:
         raise MissingId(f"{where} is empty")
-    if len(raw) > MAX_ID_BYTES:
-        raise MissingId(f"{where} is longer than {MAX_ID_BYTES} characters")
-    return raw
+    if len(data) > MAX_ID_BYTES:
+        raise InvalidId(
+            f"{where} is {len(data)} bytes long in UTF-8, over the limit of {MAX_ID_BYTES} bytes"
+        )
+    if _CONTROL.search(text) is not None:
+        raise InvalidId(f"{where} contains control characters")
+    return text
 
 
 def key_id(message: SourceMessage) -> str:

@@ -9,12 +9,17 @@ that reach the handler are turned into an :class:`Event`.
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+import structlog
+
 if TYPE_CHECKING:
     from dedupe_consumer.effects import Effects
+
+_log = structlog.get_logger("dedupe_consumer")
 
 RawHeaders = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]] | None
 """Headers as confluent-kafka types them (at run time always a list of pairs)."""
@@ -152,7 +157,10 @@ def message_timestamp(message: SourceMessage) -> datetime | None:
 
 def header_pairs(message: SourceMessage) -> list[tuple[str, bytes | None]]:
     """Headers as ``(name, bytes)`` pairs, in order, repeats kept."""
-    raw = message.headers()
+    try:
+        raw: RawHeaders = _read_headers(message)
+    except (SystemError, UnicodeDecodeError):
+        raw = _drop_undecodable_headers(message)
     if not raw:
         return []
     if isinstance(raw, list):
@@ -166,3 +174,38 @@ def as_bytes(data: bytes | str | None) -> bytes | None:
     if data is None or isinstance(data, bytes):
         return data
     return data.encode()
+
+
+_read_headers = operator.methodcaller("headers")
+"""``message.headers()`` through the C API: a plain call site, once CPython specializes it,
+skips the check that turns confluent-kafka's half-failed header decoding into an error,
+and returns a list holding a NULL name that crashes the interpreter when read."""
+
+
+def _drop_undecodable_headers(message: SourceMessage) -> RawHeaders:
+    """Headers without the ones whose *name* is not UTF-8 (a foreign producer's).
+
+    confluent-kafka decodes header names as UTF-8 without checking the result:
+    the first ``headers()`` call raises ``SystemError`` (from a UnicodeDecodeError)
+    and caches a list whose bad entries hold a NULL name, which crashes the
+    interpreter when read. ``repr`` is the one safe way to spot them (it prints
+    ``<NULL>``); the cleaned list replaces the cache, so every later reader
+    (ID extraction, the handler's Event, dead letters) sees the same headers.
+    """
+    cached = message.headers()  # the second call returns the cached, broken list
+    if not isinstance(cached, list):
+        return cached
+    kept = [pair for pair in cached if not repr(pair).startswith("(<NULL>,")]
+    set_headers = getattr(message, "set_headers", None)
+    if set_headers is not None:
+        set_headers(kept)
+    dropped = len(cached) - len(kept)
+    _log.warning(
+        "header_names_not_utf8",
+        topic=message.topic(),
+        partition=message.partition(),
+        offset=message.offset(),
+        dropped=dropped,
+        note="headers whose name is not UTF-8 are ignored",
+    )
+    return kept

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
-from confluent_kafka import KafkaError, Message, Producer
+from collections.abc import Callable
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetter, dead_letter_headers
 from dedupe_consumer.errors import DeadLetterError
-from dedupe_consumer.models import SourceMessage
+from dedupe_consumer.models import SourceMessage, as_bytes
+
+log = structlog.get_logger("dedupe_consumer.dead_letters")
+
+_Where = tuple[str, int, int]
+"""The source message a letter is for: (topic, partition, offset)."""
+
+
+def _where(message: SourceMessage) -> _Where:
+    return (message.topic() or "", message.partition() or 0, message.offset() or 0)
 
 
 class KafkaDeadLetters:
-    """An idempotent producer (acks=all) to ``processing.dead_letter_topic``."""
+    """An idempotent producer (acks=all) to ``processing.dead_letter_topic``.
+
+    A letter the topic refuses as too large (``MSG_SIZE_TOO_LARGE``, locally or from
+    the broker) is sent again without its value, with ``dlq.value.omitted =
+    "too-large"`` and ``dlq.value.size``: its ``dlq.original.*`` headers say where
+    the value still is. Any other failure names the source messages whose letters
+    were lost (:attr:`DeadLetterError.failed`).
+    """
 
     def __init__(self, settings: Settings, flush_timeout_s: float = 30.0) -> None:
         self.topic = settings.processing.dead_letter_topic
@@ -24,42 +43,92 @@ class KafkaDeadLetters:
         }
         conf.update(settings.kafka.producer)
         self._producer = Producer(conf)
-        self._failures: list[str] = []
-        self._queued = 0
+        self._pending: dict[_Where, tuple[SourceMessage, DeadLetter, bool]] = {}
+        self._failures: dict[_Where, str] = {}
+        self._too_large: list[_Where] = []
 
-    def _delivered(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:
-            self._failures.append(f"{message.topic()}: {error}")
+    def _on_delivery(self, where: _Where) -> Callable[[KafkaError | None, Message], None]:
+        def delivered(error: KafkaError | None, message: Message) -> None:
+            if error is None:
+                self._pending.pop(where, None)
+                self._failures.pop(where, None)
+                return
+            entry = self._pending.get(where)
+            if entry is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE and not entry[2]:
+                self._too_large.append(where)  # the broker's limit: resent without value
+            else:
+                self._failures[where] = f"{message.topic()}: {error}"
+
+        return delivered
 
     def send(self, message: SourceMessage, letter: DeadLetter) -> None:
+        self._produce(message, letter, omit_value=False)
+
+    def _produce(self, message: SourceMessage, letter: DeadLetter, *, omit_value: bool) -> None:
         kind, ts = message.timestamp()
+        value = as_bytes(message.value())
+        where = _where(message)
+        self._pending[where] = (message, letter, omit_value)
         while True:
             try:
                 self._producer.produce(
                     self.topic,
-                    value=message.value(),
+                    value=None if omit_value else value,
                     key=message.key(),
-                    headers=dead_letter_headers(message, letter),
+                    headers=dead_letter_headers(
+                        message, letter, value_omitted=len(value or b"") if omit_value else None
+                    ),
                     timestamp=ts if kind and ts > 0 else 0,
-                    on_delivery=self._delivered,
+                    on_delivery=self._on_delivery(where),
                 )
                 break
             except BufferError:  # the local queue is full (a burst of poison): drain it
                 self._producer.poll(0.1)
-        self._queued += 1
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and not omit_value:
+                    self._omit_value(where, str(error))
+                    return
+                del self._pending[where]
+                raise DeadLetterError(
+                    f"cannot send a dead letter for {where[0]}[{where[1]}]@{where[2]} to topic "
+                    f"{self.topic!r}: {error}",
+                    (where,),
+                ) from exc
         self._producer.poll(0)
 
+    def _omit_value(self, where: _Where, why: str) -> None:
+        message, letter, _ = self._pending[where]
+        log.warning(
+            "dead_letter_value_omitted",
+            topic=where[0],
+            partition=where[1],
+            offset=where[2],
+            value_bytes=len(as_bytes(message.value()) or b""),
+            dead_letter_topic=self.topic,
+            error=why,
+        )
+        self._produce(message, letter, omit_value=True)
+
     def flush(self) -> None:
-        if not self._queued:
+        if not self._pending:
             return
         remaining = self._producer.flush(self.flush_timeout_s)
-        failures, self._failures = self._failures, []
-        self._queued = 0
-        if remaining or failures:
+        while self._too_large and not remaining:
+            too_large, self._too_large = self._too_large, []
+            for where in too_large:
+                self._omit_value(where, "MSG_SIZE_TOO_LARGE from the broker")
+            remaining = self._producer.flush(self.flush_timeout_s)
+        lost, self._pending = self._pending, {}
+        failures, self._failures = self._failures, {}
+        self._too_large = []
+        if lost:
             raise DeadLetterError(
                 f"{remaining} dead letter(s) still queued and {len(failures)} failed for topic "
-                f"{self.topic!r} after {self.flush_timeout_s}s: {failures[:3]}; the batch is not "
-                "persisted or committed, so it is redelivered after a restart"
+                f"{self.topic!r} after {self.flush_timeout_s}s: {list(failures.values())[:3]}; "
+                "the decisions before the first of them are persisted, the rest are not, so "
+                "they are redelivered after a restart",
+                tuple(sorted(lost)),
             )
 
     def close(self) -> None:
