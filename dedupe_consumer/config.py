@@ -100,7 +100,9 @@ class DedupeSettings(_Section):
         "dead-letter", description="'dead-letter', 'fail' or 'hash'"
     )
     on_conflict: Literal["skip", "dead-letter"] = Field(
-        "skip", description="'skip' or 'dead-letter' (same ID, different payload)"
+        "dead-letter",
+        description="'dead-letter' or 'skip' (same ID, different payload: a changed request "
+        "goes to a person by default, never silently dropped nor handled twice)",
     )
     retention: Duration = Field(
         timedelta(days=7), description=f"how long an ID is remembered: {DURATION_FORMS}"

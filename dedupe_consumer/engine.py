@@ -485,8 +485,12 @@ class Engine:
                     reason=item.letter.error_message,
                     dead_letter_reason=reason,
                 )
-                stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
+            stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
             self.dead_letters.send(message, item.letter)
+            # One outcome per offset: a dead-lettered conflict is a dead letter (reason
+            # conflicting-duplicate), only a skipped one counts as a conflict.
+            stats.add(Decision.DEAD_LETTERED)
+            return
         stats.add(item.decision)
 
     def _decide(

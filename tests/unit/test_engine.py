@@ -48,7 +48,7 @@ def test_redelivered_offsets_at_or_below_watermark_are_replays(rig: RigFactory) 
 
 
 def test_every_offset_ends_as_exactly_one_decision(rig: RigFactory) -> None:
-    r = rig()
+    r = rig(dedupe={"on_conflict": "skip"})
     r.engine.process([rec(0, "a")])
     msgs = [rec(0, "a"), rec(1, "a"), rec(2, None), rec(3, "b"), rec(4, "b", body={"x": 1})]
     s = r.engine.process(msgs).stats
@@ -57,8 +57,18 @@ def test_every_offset_ends_as_exactly_one_decision(rig: RigFactory) -> None:
     assert (s.replays, s.duplicates, s.dead_lettered, s.handled, s.conflicts) == (1, 1, 1, 1, 1)
 
 
+def test_a_dead_lettered_conflict_is_counted_once_as_a_dead_letter(rig: RigFactory) -> None:
+    r = rig()  # on_conflict = "dead-letter" is the default
+    r.engine.process([rec(0, "a", body={"amount": 1})])
+    s = r.engine.process([rec(1, "a", body={"amount": 2})]).stats
+    assert (s.consumed, s.dead_lettered, s.conflicts) == (1, 1, 0)
+    assert s.by_reason == {"conflicting-duplicate": 1}
+    [letter] = r.dead.letters
+    assert letter.letter.reason == "conflicting-duplicate"
+
+
 def test_conflicting_duplicate_is_counted_and_skipped(rig: RigFactory) -> None:
-    r = rig()
+    r = rig(dedupe={"on_conflict": "skip"})
     r.engine.process([rec(0, "a", body={"amount": 1})])
     result = r.engine.process([rec(1, "a", body={"amount": 2})])
     assert result.stats.conflicts == 1
@@ -254,7 +264,7 @@ def test_in_batch_copies_compare_with_the_stored_record(rig: RigFactory) -> None
     r = rig(dedupe={"on_conflict": "dead-letter"})
     r.engine.process([rec(0, "k", body={"v": 1})])
     result = r.engine.process([rec(1, "k", body={"v": 2}), rec(2, "k", body={"v": 1})])
-    assert (result.stats.conflicts, result.stats.duplicates) == (1, 1)
+    assert (result.stats.dead_lettered, result.stats.duplicates) == (1, 1)
     assert [d.message.offset() for d in r.dead.letters] == [1]
 
 

@@ -119,14 +119,18 @@ def test_report_numbers_of_a_known_recording(known: Path, tmp_path: Path) -> Non
     assert (report.events, report.injected, report.deliveries) == (12, 0, 12)
     assert report.handled == 6
     assert report.duplicates == 3
-    assert report.conflicting == 1
+    assert report.conflicting == 0  # on_conflict = "dead-letter" (the default)
     assert report.replays == 0
-    assert report.dead_lettered == 2
-    assert report.dead_letter_reasons == {"missing-id": 1, "permanent-error": 1}
+    assert report.dead_lettered == 3
+    assert report.dead_letter_reasons == {
+        "conflicting-duplicate": 1,
+        "missing-id": 1,
+        "permanent-error": 1,
+    }
     assert report.missing_id == 1
     assert report.unique_ids == {"a", "b", "c", "d", "e", "f", "bad-1"}
     assert report.handled_ids == {"a", "b", "c", "d", "e", "f"}
-    assert report.dead_lettered_ids == {"bad-1"}
+    assert report.dead_lettered_ids == {"bad-1", "e"}  # e: its conflicting copy
     assert report.handled_more_than_once == {}
     assert report.lost == []
     assert handler.calls == dict.fromkeys("abcdef", 1)  # the wrapper did not hide the handler
