@@ -112,6 +112,7 @@ class DedupeConsumer:
                 settings.dedupe.retention,
                 f"dedupe-consumer.{settings.kafka.group_id}.{store.instance_id}",
                 settings.kafka.producer,
+                store_path=str(settings.store.path),
             )
         walk_budget_s = None
         if self._source_factory is None:
@@ -137,6 +138,14 @@ class DedupeConsumer:
         source: Source | None = None
         try:
             source = self._open_source()
+            if changelog is not None:
+                from dedupe_consumer.kafka import KafkaSource
+
+                assert isinstance(source, KafkaSource)  # a changelog is only built for Kafka
+                # Each changelog transaction commits the source offsets with the group
+                # metadata of the batch's poll: the broker fences a stale owner.
+                changelog.group_metadata = source.consumer_group_metadata
+                changelog.on_offsets_committed = source.committed_in_transaction
             batch_size = settings.processing.batch_size
             timeout_s = settings.processing.poll_timeout.total_seconds()
             while not engine.stopping:
@@ -151,7 +160,14 @@ class DedupeConsumer:
                 self._pending.update(result.commits)
                 self._commit(source)
                 if result.rewind:
-                    source.seek(result.rewind)
+                    try:
+                        source.seek(result.rewind)
+                    except KafkaException as exc:  # revoked meanwhile: its new owner reads it
+                        log.warning(
+                            "seek_failed",
+                            error=str(exc),
+                            offsets={str(tp): o for tp, o in result.rewind.items()},
+                        )
                 fault_point("after_commit")
                 self.totals.merge(result.stats)
                 if on_batch is not None:
