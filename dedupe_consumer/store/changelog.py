@@ -216,6 +216,7 @@ class Changelog:
         """Changelog topic name → source topic (never parsed back out of the name)."""
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
+        self._fatal: KafkaError | None = None
 
     def topic(self, source_topic: str) -> str:
         name = changelog_topic(self.group_id, source_topic)
@@ -425,6 +426,7 @@ class Changelog:
     def _failed(self, exc: KafkaException, write: WriteSet) -> StoreError:
         error: KafkaError = exc.args[0]
         if error.fatal():
+            self._fatal = error
             # The producer is unusable. Only another producer with our transactional.id
             # fences it: a second live instance with this store's instance id.
             if error.code() in _PRODUCER_FENCED:
@@ -625,4 +627,5 @@ class Changelog:
                     self._admin.list_topics(ktp.topic, timeout=self.timeout_s)
 
     def close(self) -> None:
-        self._producer.flush(self.timeout_s)
+        if self._fatal is None:  # a fenced producer has nothing left to deliver
+            self._producer.flush(self.timeout_s)
