@@ -145,6 +145,7 @@ class DedupeConsumer:
                 # Each changelog transaction commits the source offsets with the group
                 # metadata of the batch's poll: the broker fences a stale owner.
                 changelog.group_metadata = source.consumer_group_metadata
+                changelog.live_group_metadata = source.live_group_metadata
                 changelog.on_offsets_committed = source.committed_in_transaction
             batch_size = settings.processing.batch_size
             timeout_s = settings.processing.poll_timeout.total_seconds()

@@ -140,6 +140,9 @@ class Engine:
         self._next: dict[TopicPartition, int] = {}
         """Per owned partition, an offset that is safe to commit (everything before it is
         decided or was committed): what a changelog transaction commits to be fenced."""
+        self._orphans: dict[TopicPartition, _Orphan] = {}
+        """Walked batches whose transaction the group fenced, kept per partition in case
+        this instance owns the partition again with nobody having written meanwhile."""
         self._stopping = threading.Event()
         self._sweep_budget = settings.store.sweep_keys
         self._walk_effects: Effects | None = None
@@ -162,7 +165,10 @@ class Engine:
         if self.changelog is not None and tps:
             self.changelog.ensure_topics({tp.topic for tp in tps})
             for tp in tps:  # state travels with the partition: catch up before deciding
-                self.changelog.restore(tp, self.store)
+                applied = self.changelog.restore(tp, self.store)
+                orphan = self._orphans.pop(tp, None)
+                if orphan is not None and applied == 0:
+                    self._adopt(tp, orphan.write, live=True)
         for tp in tps:
             wm = self.store.watermark(tp)
             self._watermarks[tp] = wm
@@ -175,6 +181,9 @@ class Engine:
         for tp in tps:
             self._watermarks.pop(tp, None)
             self._next.pop(tp, None)
+            orphan = self._orphans.get(tp)
+            if orphan is not None:
+                orphan.released = True  # only a restore that reads nothing new revives it
 
     @property
     def assigned(self) -> list[TopicPartition]:
@@ -221,6 +230,10 @@ class Engine:
 
     def process(self, messages: Sequence[SourceMessage]) -> BatchResult:
         started = time.monotonic()
+        for tp, orphan in list(self._orphans.items()):
+            if not orphan.released:  # still ours since it was fenced: try once more
+                del self._orphans[tp]
+                self._adopt(tp, orphan.write, live=False)
         now_ms = int(self.clock() * 1000)
         grouped: dict[tuple[str | None, int | None], list[_Item]] = {}
         for message in messages:
@@ -243,19 +256,62 @@ class Engine:
             self._next[tp] = max(self._next.get(tp, start), start)
         try:
             return self._process(plan, now_ms, started)
-        except NotOwnerError as fenced:
-            # A zombie: the group gave our partitions to another instance. Nothing of the
-            # batch is visible or persisted; the rebalance in the next poll takes them.
-            self.metrics.batch_seconds.observe(time.monotonic() - started)
-            rewind = {tp: items[0].offset for tp, items in plan.items()}
-            log.error(
-                "changelog_fenced",
-                error=str(fenced),
-                partitions=sorted(str(tp) for tp in plan),
-                consequence="the batch's decisions and effects were discarded; if this "
-                "instance still owns a partition, it is read again from its first offset",
+        except NotOwnerError as fenced:  # in the claim phase: nothing walked yet
+            return self._fenced(plan, fenced, None, started)
+
+    def _fenced(
+        self,
+        plan: dict[TopicPartition, list[_Item]],
+        fenced: NotOwnerError,
+        write: WriteSet | None,
+        started: float,
+    ) -> BatchResult:
+        """The group fenced the batch's transaction: it may be a zombie's. Persist nothing.
+
+        The partitions are read again from the batch's first offsets. The walked
+        batch is kept per partition: if this instance owns a partition again and
+        the changelog shows that nobody wrote it meanwhile, the batch is still
+        valid and is persisted then, so its events are not handled twice.
+        """
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        rewind = {tp: items[0].offset for tp, items in plan.items()}
+        if write is not None:
+            for tp in plan:
+                part = _part(write, tp)
+                if part.watermarks:
+                    self._orphans[tp] = _Orphan(part)
+        log.error(
+            "changelog_fenced",
+            error=str(fenced),
+            partitions=sorted(str(tp) for tp in plan),
+            consequence="the batch's decisions and effects were not persisted; it is kept "
+            "in case this instance owns the partitions again and nobody wrote them "
+            "meanwhile, else its events are read and handled again",
+        )
+        return BatchResult(BatchStats(), {}, None, [], rewind)
+
+    def _adopt(self, tp: TopicPartition, write: WriteSet, *, live: bool) -> None:
+        """Persist a fenced batch of ``tp`` now that this instance owns ``tp`` again."""
+        try:
+            self._persist(write, live=live)
+        except NotOwnerError as again:
+            log.warning(
+                "fenced_batch_dropped",
+                partition=str(tp),
+                error=str(again),
+                consequence="its events are read and handled again",
             )
-            return BatchResult(BatchStats(), {}, None, [], rewind)
+            return
+        watermark = write.watermarks[tp]
+        self._watermarks[tp] = watermark
+        self._next[tp] = watermark + 1
+        log.info(
+            "fenced_batch_persisted",
+            partition=str(tp),
+            watermark=watermark,
+            reason="this instance owns the partition again and nobody wrote its changelog "
+            "meanwhile: the batch's decisions still hold",
+        )
 
     def _process(
         self, plan: dict[TopicPartition, list[_Item]], now_ms: int, started: float
@@ -298,7 +354,10 @@ class Engine:
             # wherever the load lands (invariant 5). Expired IDs go in this same write.
             budgets = {tp: 2 * len(records) + 32 for tp, records in write.decisions.items()}
             self._sweep(now_ms, budgets, write)
-            committed = self._persist(write)
+            try:
+                committed = self._persist(write)
+            except NotOwnerError as fenced:
+                return self._fenced(plan, fenced, write, started)
             for tp, offset in write.watermarks.items():
                 self._watermarks[tp] = offset
                 self._next[tp] = offset + 1
@@ -628,7 +687,7 @@ class Engine:
 
     # -- phase 4: persist ------------------------------------------------------------------
 
-    def _persist(self, write: WriteSet) -> dict[TopicPartition, int]:
+    def _persist(self, write: WriteSet, *, live: bool = False) -> dict[TopicPartition, int]:
         """Make ``write`` durable; return the source offsets its transaction committed."""
         self.dead_letters.flush()  # a dead-lettered decision must not outlive its letter
         started = time.monotonic()
@@ -637,7 +696,9 @@ class Engine:
             # The changelog first: it must never be behind what any instance did. Its
             # transaction commits the source offsets too, so that the broker fences it
             # if the group has moved on (NotOwnerError: nothing is persisted then).
-            committed = self.changelog.write(write, self.store, self._fence_offsets(write))
+            committed = self.changelog.write(
+                write, self.store, self._fence_offsets(write), live=live
+            )
         self.store.persist(write)
         self.metrics.persist_seconds.observe(time.monotonic() - started)
         return committed
@@ -655,6 +716,27 @@ class Engine:
             tp, offset = next(iter(self._next.items()))
             offsets[tp] = offset
         return offsets
+
+
+@dataclass(slots=True)
+class _Orphan:
+    write: WriteSet
+    released: bool = False
+    """The partition was revoked or lost since: only a restore on reassignment revives it."""
+
+
+def _part(write: WriteSet, tp: TopicPartition) -> WriteSet:
+    """The share of ``write`` that belongs to ``tp``."""
+    part = WriteSet()
+    if tp in write.decisions:
+        part.decisions[tp] = write.decisions[tp]
+    if tp in write.released:
+        part.released[tp] = write.released[tp]
+    if tp in write.effects:
+        part.effects[tp] = write.effects[tp]
+    if tp in write.watermarks:
+        part.watermarks[tp] = write.watermarks[tp]
+    return part
 
 
 def _undecided(

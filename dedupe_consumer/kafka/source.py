@@ -173,6 +173,11 @@ class KafkaSource:
         """The group metadata of the last poll (opaque), for transactional offset commits."""
         return self._group_metadata
 
+    def live_group_metadata(self) -> object | None:
+        """The group metadata now, for a transaction retried after a cooperative rebalance."""
+        metadata: object = self._consumer.consumer_group_metadata()
+        return metadata
+
     def committed_in_transaction(self, offsets: Mapping[TopicPartition, int]) -> None:
         """A changelog transaction committed ``offsets``: nothing older is to be re-sent."""
         for tp, offset in offsets.items():

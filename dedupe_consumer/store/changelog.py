@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import re
 import struct
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -107,11 +108,26 @@ _NOT_OWNER = {
 }
 """Offset-commit errors inside the transaction: the group has moved on without us."""
 
+_STALE_GENERATION = {KafkaError.ILLEGAL_GENERATION, KafkaError.STALE_MEMBER_EPOCH}
+"""A member whose generation moved on: after a cooperative rebalance it may still own all."""
+
 _PRODUCER_FENCED = {
     KafkaError._FENCED,
     KafkaError.PRODUCER_FENCED,
     KafkaError.INVALID_PRODUCER_EPOCH,
 }
+
+
+def _generation(metadata: object) -> int:
+    """The generation in librdkafka's serialized group metadata (``CGMDv2:`` + int32).
+
+    -1 means "not a member": the broker accepts a transactional offset commit
+    without a generation, so such a commit would not fence anything.
+    Anything unreadable counts as a member (the broker still checks the rest).
+    """
+    if isinstance(metadata, bytes) and metadata.startswith(b"CGMDv2:") and len(metadata) >= 11:
+        return int.from_bytes(metadata[7:11], sys.byteorder, signed=True)
+    return 0
 
 
 class NotOwnerError(StoreError):
@@ -186,6 +202,8 @@ class Changelog:
 
         When it gives one, each transaction also commits the source offsets, so the
         broker rejects (fences) a write by an instance that has left the group."""
+        self.live_group_metadata: Callable[[], object | None] | None = None
+        """The group metadata now (not at the poll): for one retry after a rebalance."""
         self.on_offsets_committed: Callable[[Mapping[TopicPartition, int]], None] | None = None
         """Told the offsets that a transaction committed (so the source does not repeat them)."""
         conf: dict[str, str | int | float | bool] = {**self.connection, "linger.ms": 1}
@@ -373,42 +391,50 @@ class Changelog:
         write: WriteSet,
         store: ProcessedStore,
         offsets: Mapping[TopicPartition, int] | None = None,
+        *,
+        live: bool = False,
     ) -> dict[TopicPartition, int]:
         """Produce ``write`` in one transaction; commit ``offsets`` in it when a group is known.
+
+        The group metadata is the one of the batch's poll, or the current one with
+        ``live`` (a batch persisted from the assign callback).
 
         Sets ``write.changelog_positions`` where the store may advance. Returns
         the source offsets the transaction committed (empty without group
         metadata). Raises :class:`NotOwnerError` when the group fenced the
         transaction (it is aborted), and :class:`StoreError` otherwise.
         """
-        self._delivered = {}
-        self._errors = []
-        metadata = self.group_metadata() if self.group_metadata is not None else None
+        source = self.live_group_metadata if live else self.group_metadata
+        metadata = source() if source is not None else None
+        if metadata is not None and _generation(metadata) < 0:
+            # Out of the group already (librdkafka resets the generation when it learns
+            # so): a commit without a generation would not be fenced. Write nothing.
+            raise NotOwnerError(
+                "this instance is not a member of the group (no generation) while it "
+                "decided the batch: nothing of the batch was persisted"
+            )
         committed = dict(offsets or {}) if metadata is not None else {}
         try:
-            self._producer.begin_transaction()
-            for tp, items in write.decisions.items():
-                for event_id, decision in items:
-                    self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
-            for tp, ids in write.released.items():
-                for event_id in ids:
-                    self._send(tp, _DECISION_PREFIX + event_id.encode(), None)
-            for tp, changes in write.effects.items():
-                for key, value in changes:
-                    self._send(tp, _EFFECT_PREFIX + key, value)
-            for tp, offset in write.watermarks.items():
-                self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
-            if committed:
-                # The broker checks the group generation of this commit: a zombie whose
-                # partitions moved fails here, and its records above are aborted with it.
-                self._producer.send_offsets_to_transaction(
-                    [KafkaTopicPartition(tp.topic, tp.partition, o) for tp, o in committed.items()],
-                    metadata,
-                    self.timeout_s,
-                )
-            self._producer.commit_transaction(self.timeout_s)
+            self._transaction(write, committed, metadata)
         except KafkaException as exc:
-            raise self._failed(exc, write) from exc
+            fresh = self.live_group_metadata() if self.live_group_metadata is not None else None
+            if (
+                exc.args[0].code() not in _STALE_GENERATION
+                or exc.args[0].fatal()
+                or fresh is None
+                or _generation(fresh) < 0
+                or fresh == metadata
+            ):
+                raise self._failed(exc, write) from exc
+            # Still a member, in a newer generation: a cooperative (or KIP-848) rebalance
+            # went by during the batch, and our partitions can only leave after we
+            # revoke them. Try once more in the generation we are in now.
+            self._abort()
+            log.info("changelog_generation_moved", error=str(exc.args[0]))
+            try:
+                self._transaction(write, committed, fresh)
+            except KafkaException as again:
+                raise self._failed(again, write) from again
         if self._errors:
             raise StoreError(f"changelog delivery failed: {self._errors[:3]}")
         for tp, (first, last) in self._delivered.items():
@@ -422,6 +448,34 @@ class Changelog:
         if committed and self.on_offsets_committed is not None:
             self.on_offsets_committed(committed)
         return committed
+
+    def _transaction(
+        self, write: WriteSet, committed: Mapping[TopicPartition, int], metadata: object
+    ) -> None:
+        self._producer.poll(0)  # reports of an aborted attempt land before the reset
+        self._delivered = {}
+        self._errors = []
+        self._producer.begin_transaction()
+        for tp, items in write.decisions.items():
+            for event_id, decision in items:
+                self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
+        for tp, ids in write.released.items():
+            for event_id in ids:
+                self._send(tp, _DECISION_PREFIX + event_id.encode(), None)
+        for tp, changes in write.effects.items():
+            for key, value in changes:
+                self._send(tp, _EFFECT_PREFIX + key, value)
+        for tp, offset in write.watermarks.items():
+            self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
+        if committed:
+            # The broker checks the group generation of this commit: a zombie whose
+            # partitions moved fails here, and its records above are aborted with it.
+            self._producer.send_offsets_to_transaction(
+                [KafkaTopicPartition(tp.topic, tp.partition, o) for tp, o in committed.items()],
+                metadata,
+                self.timeout_s,
+            )
+        self._producer.commit_transaction(self.timeout_s)
 
     def _failed(self, exc: KafkaException, write: WriteSet) -> StoreError:
         error: KafkaError = exc.args[0]
@@ -488,8 +542,9 @@ class Changelog:
         to be committed or aborted (at most ``transaction.timeout.ms`` and a
         margin), so it never stops silently before records that are about to
         become visible. A batch whose transaction was aborted stays invisible, so a
-        decision is never restored without its effects and watermark. Returns the
-        next offset, which is also stored as the partition's changelog position.
+        decision is never restored without its effects and watermark. The next
+        offset is stored as the partition's changelog position. Returns the
+        number of records applied (0: nobody wrote since this store's last write).
         """
         name = self.topic(tp.topic)
         key = self.position_key(tp)
@@ -521,7 +576,7 @@ class Changelog:
             pending = _Restored(tp, key)
             if begin >= high:
                 pending.apply(store, begin)  # an empty partition: remember where it starts
-                return begin
+                return 0
             consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
             applied = 0
             position = begin
@@ -578,7 +633,7 @@ class Changelog:
                 records=applied,
                 changelog_offsets=(begin, end),
             )
-            return end
+            return applied
         finally:
             consumer.close()
 

@@ -141,7 +141,7 @@ def test_restore_of_an_empty_changelog_partition_stores_its_position(
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     try:
         tp = TopicPartition(topic, 0)
-        assert changelog.restore(tp, store) == 0
+        assert changelog.restore(tp, store) == 0  # records applied
         assert store.changelog_position(changelog.position_key(tp)) == 0
     finally:
         store.close()

@@ -36,6 +36,8 @@ class RecordingChangelog(Changelog):
         write: WriteSet,
         store: ProcessedStore,
         offsets: Mapping[TopicPartition, int] | None = None,
+        *,
+        live: bool = False,
     ) -> dict[TopicPartition, int]:
         self.writes.append(copy.deepcopy(write))
         self.offsets.append(dict(offsets or {}))
