@@ -22,7 +22,7 @@ from dedupe_consumer import DedupeConsumer, Event, Handler
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.store import Changelog, RocksStore, StoredDecision
+from dedupe_consumer.store import Changelog, RocksStore, StoredDecision, WriteSet
 from dedupe_consumer.store.base import Status
 from dedupe_consumer.store.changelog import changelog_topic, legacy_changelog_topic
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
@@ -259,3 +259,45 @@ def test_a_cloned_store_directory_is_a_clear_error_not_a_fencing_loop(
     for error in errors.values():
         assert isinstance(error, StoreError), repr(error)
         assert "cloned" in str(error) and "own store" in str(error), str(error)
+
+
+def test_the_transaction_commits_the_source_offsets_and_refuses_without_a_generation(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    from confluent_kafka import Consumer
+
+    from dedupe_consumer.store import NotOwnerError
+
+    from ..kafka_helpers import committed_offsets
+
+    topic = kafka_topic(partitions=1)
+    group = f"g-{topic}"
+    member = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    member.subscribe([topic])
+    wait_for_assignment = time.monotonic() + 30
+    while not member.assignment() and time.monotonic() < wait_for_assignment:
+        member.poll(0.2)
+    assert member.assignment(), "the member got no partition"
+    changelog = changelog_for(kafka_bootstrap, group)
+    changelog.ensure_topics([topic])
+    store = RocksStore(tmp_path / "s", retention_ms=10**9)
+    tp = TopicPartition(topic, 0)
+    decision = StoredDecision(Status.HANDLED, 41, int(time.time() * 1000), b"\x00" * 8)
+    try:
+        changelog.group_metadata = member.consumer_group_metadata
+        sent = changelog.write(
+            WriteSet({tp: [("a", decision)]}, watermarks={tp: 41}), store, {tp: 42}
+        )
+        assert sent == {tp: 42}
+        assert committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 42}
+
+        outsider = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+        changelog.group_metadata = outsider.consumer_group_metadata  # generation -1
+        with pytest.raises(NotOwnerError, match="no generation"):
+            changelog.write(WriteSet({tp: [("b", decision)]}, watermarks={tp: 50}), store, {tp: 51})
+        outsider.close()
+        assert committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 42}
+    finally:
+        member.close()
+        store.close()
+        changelog.close()
