@@ -56,6 +56,7 @@ class DedupeConsumer:
         self._store = store
         self._pending: dict[TopicPartition, int] = {}
         self._engine: Engine | None = None
+        self._changelog: Changelog | None = None
         self._stop = threading.Event()
         self.totals = BatchStats()
 
@@ -137,16 +138,8 @@ class DedupeConsumer:
         self.handler.setup()
         source: Source | None = None
         try:
+            self._changelog = changelog
             source = self._open_source()
-            if changelog is not None:
-                from dedupe_consumer.kafka import KafkaSource
-
-                assert isinstance(source, KafkaSource)  # a changelog is only built for Kafka
-                # Each changelog transaction commits the source offsets with the group
-                # metadata of the batch's poll: the broker fences a stale owner.
-                changelog.group_metadata = source.consumer_group_metadata
-                changelog.live_group_metadata = source.live_group_metadata
-                changelog.on_offsets_committed = source.committed_in_transaction
             batch_size = settings.processing.batch_size
             timeout_s = settings.processing.poll_timeout.total_seconds()
             while not engine.stopping:
@@ -205,7 +198,14 @@ class DedupeConsumer:
             return self._source_factory(self)
         from dedupe_consumer.kafka import KafkaSource
 
-        return KafkaSource(self.settings, self, metrics=self.metrics)
+        source = KafkaSource(self.settings, self, metrics=self.metrics)
+        if self._changelog is not None:
+            # Each changelog transaction commits the source offsets with the group
+            # metadata of the batch's poll: the broker fences a stale owner.
+            self._changelog.group_metadata = source.consumer_group_metadata
+            self._changelog.live_group_metadata = source.live_group_metadata
+            self._changelog.on_offsets_committed = source.committed_in_transaction
+        return source
 
     def _commit(self, source: Source) -> None:
         if not self._pending:
