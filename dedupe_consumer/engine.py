@@ -201,12 +201,13 @@ class Engine:
         """Called when a poll returned nothing: let the retention sweep catch up.
 
         Expired IDs found are removed in a write of their own (changelog tombstones,
-        then the local delete), only when there are some. With a changelog, only
-        partitions with a known safe offset are swept, because the transaction must
-        commit one to be fenced if this instance is no longer the owner.
+        then the local delete), only when there are some. With a changelog, the
+        transaction must commit a safe offset of some owned partition to be fenced
+        if this instance is no longer the owner: before the first batch since the
+        assignment, none is known and nothing is swept.
         """
-        owned = [tp for tp in self._watermarks if self.changelog is None or tp in self._next]
-        if not owned:
+        owned = list(self._watermarks)
+        if not owned or (self.changelog is not None and not self._next):
             return
         share = max(1, self._sweep_budget // len(owned))
         write = WriteSet()

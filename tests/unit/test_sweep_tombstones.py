@@ -126,3 +126,29 @@ def test_a_changed_retention_is_logged_once_and_applies_at_once(tmp_path: Path) 
         7 * 86_400_000,
         86_400_000,
     )
+
+
+def test_an_idle_partition_is_swept_under_another_partitions_safe_offset(
+    tmp_path: Path,
+) -> None:
+    tp1 = TopicPartition(TOPIC, 1)
+    first = RecordingChangelog()
+    e, store, clock = engine(tmp_path, first)
+    e.assign([TP0, tp1])
+    e.process([rec(i, f"p1-{i}", partition=1) for i in range(3)])
+    store.close()
+
+    changelog = RecordingChangelog()  # a restart: partition 1 gets no traffic any more
+    e, store, clock = engine(tmp_path, changelog)
+    try:
+        e.assign([TP0, tp1])
+        clock.now += timedelta(hours=2).total_seconds()
+        e.idle()
+        assert changelog.writes == []  # no safe offset known yet: nothing is written
+        e.process([rec(0, "p0-0")])
+        e.idle()
+        sweep = changelog.writes[-1]
+        assert sorted(sweep.released[tp1]) == ["p1-0", "p1-1", "p1-2"]
+        assert changelog.offsets[-1] == {TP0: 1}  # fenced by partition 0's offset
+    finally:
+        store.close()
