@@ -389,7 +389,7 @@ class Changelog:
     def write(
         self,
         write: WriteSet,
-        store: ProcessedStore,
+        store: ProcessedStore | None = None,
         offsets: Mapping[TopicPartition, int] | None = None,
         *,
         live: bool = False,
@@ -399,7 +399,7 @@ class Changelog:
         The group metadata is the one of the batch's poll, or the current one with
         ``live`` (a batch persisted from the assign callback).
 
-        Sets ``write.changelog_positions`` where the store may advance. Returns
+        Sets ``write.changelog_positions`` where ``store`` may advance. Returns
         the source offsets the transaction committed (empty without group
         metadata). Raises :class:`NotOwnerError` when the group fenced the
         transaction (it is aborted), and :class:`StoreError` otherwise.
@@ -437,6 +437,13 @@ class Changelog:
                 raise self._failed(again, write) from again
         if self._errors:
             raise StoreError(f"changelog delivery failed: {self._errors[:3]}")
+        if store is not None:
+            self._advance_positions(write, store)
+        if committed and self.on_offsets_committed is not None:
+            self.on_offsets_committed(committed)
+        return committed
+
+    def _advance_positions(self, write: WriteSet, store: ProcessedStore) -> None:
         for tp, (first, last) in self._delivered.items():
             # Advance only when our write directly follows what we applied (a
             # transaction marker may sit in between); otherwise the next restore
@@ -445,9 +452,6 @@ class Changelog:
             position = store.changelog_position(where)
             if position is None or position <= first <= position + 1:
                 write.changelog_positions[where] = last + 2  # after our commit marker
-        if committed and self.on_offsets_committed is not None:
-            self.on_offsets_committed(committed)
-        return committed
 
     def _transaction(
         self, write: WriteSet, committed: Mapping[TopicPartition, int], metadata: object
@@ -544,11 +548,13 @@ class Changelog:
         become visible. A batch whose transaction was aborted stays invisible, so a
         decision is never restored without its effects and watermark. The next
         offset is stored as the partition's changelog position. Returns the
-        number of records applied (0: nobody wrote since this store's last write).
+        number of committed records read (0: nobody wrote since this store's last write).
         """
         name = self.topic(tp.topic)
         key = self.position_key(tp)
-        start = store.changelog_position(key)
+        # A store without this partition's watermark has no state of it to build on (never
+        # seen, or dropped after a revocation): read the changelog from its start.
+        start = store.changelog_position(key) if store.watermark(tp) is not None else None
         consumer = Consumer(
             {
                 **self.connection,
@@ -578,7 +584,7 @@ class Changelog:
                 pending.apply(store, begin)  # an empty partition: remember where it starts
                 return 0
             consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
-            applied = 0
+            read = 0
             position = begin
             end: int | None = None
             stalled_after = time.monotonic() + self.timeout_s
@@ -621,19 +627,20 @@ class Changelog:
                         continue
                     stalled_after = time.monotonic() + self.timeout_s
                     pending.add(m.key() or b"", m.value())
+                    read += 1
                     position = (m.offset() or 0) + 1
                 if len(pending) >= _RESTORE_CHUNK:
                     # Bounded memory: apply what was read so far. Re-reading from the
                     # recorded position after a crash is idempotent.
-                    applied += pending.apply(store, position)
-            applied += pending.apply(store, end)
+                    pending.apply(store, position)
+            pending.apply(store, end)
             log.info(
                 "changelog_restored",
                 partition=str(tp),
-                records=applied,
+                records=read,
                 changelog_offsets=(begin, end),
             )
-            return applied
+            return read
         finally:
             consumer.close()
 

@@ -301,3 +301,27 @@ def test_the_transaction_commits_the_source_offsets_and_refuses_without_a_genera
         member.close()
         store.close()
         changelog.close()
+
+
+def test_a_store_without_the_partitions_watermark_restores_from_the_start(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = kafka_topic(partitions=1)
+    changelog = changelog_for(kafka_bootstrap, f"g-{topic}")
+    changelog.ensure_topics([topic])
+    tp = TopicPartition(topic, 0)
+    decision = StoredDecision(Status.HANDLED, 3, int(time.time() * 1000), b"\x00" * 8)
+    store = RocksStore(tmp_path / "s", retention_ms=10**9)
+    try:
+        write = WriteSet({tp: [("a", decision)]}, watermarks={tp: 3})
+        changelog.write(write, store)
+        store.persist(write)  # as the engine does: the changelog first, then the store
+        assert changelog.restore(tp, store) == 0  # its own write: nothing new
+        # The partition's local state is dropped (revoked long ago), its position kept.
+        store._meta.delete(f"wm:p:{topic}:0".encode())
+        assert store.changelog_position(changelog.position_key(tp)) is not None
+        assert changelog.restore(tp, store) == 2  # read again from the start: d:a and w
+        assert store.watermark(tp) == 3
+    finally:
+        store.close()
+        changelog.close()

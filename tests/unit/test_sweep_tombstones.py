@@ -34,7 +34,7 @@ class RecordingChangelog(Changelog):
     def write(
         self,
         write: WriteSet,
-        store: ProcessedStore,
+        store: ProcessedStore | None = None,
         offsets: Mapping[TopicPartition, int] | None = None,
         *,
         live: bool = False,
