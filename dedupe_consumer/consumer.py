@@ -56,6 +56,7 @@ class DedupeConsumer:
         self._store = store
         self._pending: dict[TopicPartition, int] = {}
         self._engine: Engine | None = None
+        self._changelog: Changelog | None = None
         self._stop = threading.Event()
         self.totals = BatchStats()
 
@@ -112,6 +113,7 @@ class DedupeConsumer:
                 settings.dedupe.retention,
                 f"dedupe-consumer.{settings.kafka.group_id}.{store.instance_id}",
                 settings.kafka.producer,
+                store_path=str(settings.store.path),
             )
         walk_budget_s = None
         if self._source_factory is None:
@@ -136,6 +138,7 @@ class DedupeConsumer:
         self.handler.setup()
         source: Source | None = None
         try:
+            self._changelog = changelog
             source = self._open_source()
             batch_size = settings.processing.batch_size
             timeout_s = settings.processing.poll_timeout.total_seconds()
@@ -151,7 +154,14 @@ class DedupeConsumer:
                 self._pending.update(result.commits)
                 self._commit(source)
                 if result.rewind:
-                    source.seek(result.rewind)
+                    try:
+                        source.seek(result.rewind)
+                    except KafkaException as exc:  # revoked meanwhile: its new owner reads it
+                        log.warning(
+                            "seek_failed",
+                            error=str(exc),
+                            offsets={str(tp): o for tp, o in result.rewind.items()},
+                        )
                 fault_point("after_commit")
                 self.totals.merge(result.stats)
                 if on_batch is not None:
@@ -188,7 +198,14 @@ class DedupeConsumer:
             return self._source_factory(self)
         from dedupe_consumer.kafka import KafkaSource
 
-        return KafkaSource(self.settings, self, metrics=self.metrics)
+        source = KafkaSource(self.settings, self, metrics=self.metrics)
+        if self._changelog is not None:
+            # Each changelog transaction commits the source offsets with the group
+            # metadata of the batch's poll: the broker fences a stale owner.
+            self._changelog.group_metadata = source.consumer_group_metadata
+            self._changelog.live_group_metadata = source.live_group_metadata
+            self._changelog.on_offsets_committed = source.committed_in_transaction
+        return source
 
     def _commit(self, source: Source) -> None:
         if not self._pending:

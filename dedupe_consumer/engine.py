@@ -53,7 +53,14 @@ from dedupe_consumer.models import (
     message_timestamp,
 )
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.store import Changelog, ProcessedStore, Status, StoredDecision, WriteSet
+from dedupe_consumer.store import (
+    Changelog,
+    NotOwnerError,
+    ProcessedStore,
+    Status,
+    StoredDecision,
+    WriteSet,
+)
 
 log = structlog.get_logger("dedupe_consumer.engine")
 
@@ -147,6 +154,12 @@ class Engine:
         self.claims = settings.processing.mode == "claim"
         self._extract = parse_id_source(settings.dedupe.id_source)
         self._watermarks: dict[TopicPartition, int | None] = {}
+        self._next: dict[TopicPartition, int] = {}
+        """Per owned partition, an offset that is safe to commit (everything before it is
+        decided or was committed): what a changelog transaction commits to be fenced."""
+        self._orphans: dict[TopicPartition, _Orphan] = {}
+        """Walked batches whose transaction the group fenced, kept per partition in case
+        this instance owns the partition again with nobody having written meanwhile."""
         self._stopping = threading.Event()
         self._sweep_budget = settings.store.sweep_keys
         self._walk_effects: Effects | None = None
@@ -173,7 +186,10 @@ class Engine:
         if self.changelog is not None and tps:
             self.changelog.ensure_topics({tp.topic for tp in tps})
             for tp in tps:  # state travels with the partition: catch up before deciding
-                self.changelog.restore(tp, self.store, self.store.changelog_position(tp))
+                applied = self.changelog.restore(tp, self.store)
+                orphan = self._orphans.pop(tp, None)
+                if orphan is not None and applied == 0:
+                    self._adopt(tp, orphan.write, live=True)
         for tp in tps:
             wm = self.store.watermark(tp)
             self._watermarks[tp] = wm
@@ -185,6 +201,10 @@ class Engine:
         """Forget partitions (revoked or lost): their messages are no longer ours to decide."""
         for tp in tps:
             self._watermarks.pop(tp, None)
+            self._next.pop(tp, None)
+            orphan = self._orphans.get(tp)
+            if orphan is not None:
+                orphan.released = True  # only a restore that reads nothing new revives it
 
     @property
     def assigned(self) -> list[TopicPartition]:
@@ -199,20 +219,43 @@ class Engine:
         return self._stopping.is_set()
 
     def idle(self) -> None:
-        """Called when a poll returned nothing: let the retention sweep catch up."""
-        if self._watermarks:
-            share = max(1, self._sweep_budget // len(self._watermarks))
-            self._sweep(int(self.clock() * 1000), dict.fromkeys(self._watermarks, share))
+        """Called when a poll returned nothing: let the retention sweep catch up.
 
-    def _sweep(self, now_ms: int, budgets: dict[TopicPartition, int]) -> None:
-        deleted = self.store.sweep_expired(now_ms, budgets)
-        if deleted:
-            self.metrics.expired_deleted.inc(deleted)
+        Expired IDs found are removed in a write of their own (changelog tombstones,
+        then the local delete), only when there are some. With a changelog, the
+        transaction must commit a safe offset of some owned partition to be fenced
+        if this instance is no longer the owner: before the first batch since the
+        assignment, none is known and nothing is swept.
+        """
+        owned = list(self._watermarks)
+        if not owned or (self.changelog is not None and not self._next):
+            return
+        share = max(1, self._sweep_budget // len(owned))
+        write = WriteSet()
+        self._sweep(int(self.clock() * 1000), dict.fromkeys(owned, share), write)
+        if write:
+            try:
+                self._persist(write)
+            except NotOwnerError as fenced:
+                log.warning("changelog_fenced", error=str(fenced), during="retention sweep")
+
+    def _sweep(self, now_ms: int, budgets: dict[TopicPartition, int], write: WriteSet) -> None:
+        """Add expired IDs to ``write`` as deletions (tombstones in the changelog)."""
+        for tp, ids in self.store.find_expired(now_ms, budgets).items():
+            decided = {event_id for event_id, _ in write.decisions.get(tp, [])}
+            gone = [event_id for event_id in ids if event_id not in decided]
+            if gone:
+                write.released.setdefault(tp, []).extend(gone)
+                self.metrics.expired_deleted.inc(len(gone))
 
     # -- the batch -------------------------------------------------------------------------
 
     def process(self, messages: Sequence[SourceMessage]) -> BatchResult:
         started = time.monotonic()
+        for tp, orphan in list(self._orphans.items()):
+            if not orphan.released:  # still ours since it was fenced: try once more
+                del self._orphans[tp]
+                self._adopt(tp, orphan.write, live=False)
         now_ms = int(self.clock() * 1000)
         grouped: dict[tuple[str | None, int | None], list[_Item]] = {}
         for message in messages:
@@ -228,7 +271,73 @@ class Engine:
                 plan[tp] = items
         for tp, items in plan.items():
             self._classify(tp, items, now_ms)
+            wm = self._watermarks.get(tp)
+            # This batch was fetched from its first offset on: what lies before it is
+            # decided (<= watermark) or was committed before.
+            start = items[0].offset if wm is None else max(items[0].offset, wm + 1)
+            self._next[tp] = max(self._next.get(tp, start), start)
+        try:
+            return self._process(plan, now_ms, started)
+        except NotOwnerError as fenced:  # in the claim phase: nothing walked yet
+            return self._fenced(plan, fenced, None, started)
 
+    def _fenced(
+        self,
+        plan: dict[TopicPartition, list[_Item]],
+        fenced: NotOwnerError,
+        write: WriteSet | None,
+        started: float,
+    ) -> BatchResult:
+        """The group fenced the batch's transaction: it may be a zombie's. Persist nothing.
+
+        The partitions are read again from the batch's first offsets. The walked
+        batch is kept per partition: if this instance owns a partition again and
+        the changelog shows that nobody wrote it meanwhile, the batch is still
+        valid and is persisted then, so its events are not handled twice.
+        """
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        rewind = {tp: items[0].offset for tp, items in plan.items()}
+        if write is not None:
+            for tp in plan:
+                part = _part(write, tp)
+                if part.watermarks:
+                    self._orphans[tp] = _Orphan(part)
+        log.error(
+            "changelog_fenced",
+            error=str(fenced),
+            partitions=sorted(str(tp) for tp in plan),
+            consequence="the batch's decisions and effects were not persisted; it is kept "
+            "in case this instance owns the partitions again and nobody wrote them "
+            "meanwhile, else its events are read and handled again",
+        )
+        return BatchResult(BatchStats(), {}, None, [], rewind)
+
+    def _adopt(self, tp: TopicPartition, write: WriteSet, *, live: bool) -> None:
+        """Persist a fenced batch of ``tp`` now that this instance owns ``tp`` again."""
+        try:
+            self._persist(write, live=live)
+        except NotOwnerError as again:
+            log.warning(
+                "fenced_batch_dropped",
+                partition=str(tp),
+                error=str(again),
+                consequence="its events are read and handled again",
+            )
+            return
+        watermark = write.watermarks[tp]
+        self._watermarks[tp] = watermark
+        self._next[tp] = watermark + 1
+        log.info(
+            "fenced_batch_persisted",
+            partition=str(tp),
+            watermark=watermark,
+            reason="this instance owns the partition again and nobody wrote its changelog "
+            "meanwhile: the batch's decisions still hold",
+        )
+
+    def _process(
+        self, plan: dict[TopicPartition, list[_Item]], now_ms: int, started: float
+    ) -> BatchResult:
         claimed = self._claim(plan, now_ms) if self.claims else WriteSet()
 
         write = WriteSet()
@@ -256,32 +365,43 @@ class Engine:
             error = stop.__cause__
         _release_undecided(claimed, write)
 
+        committed: dict[TopicPartition, int] = {}
         if write:
+            # Each partition sweeps twice what it writes: deletion keeps pace with inserts
+            # wherever the load lands (invariant 5). Expired IDs go in this same write.
+            budgets = {tp: 2 * len(records) + 32 for tp, records in write.decisions.items()}
+            self._sweep(now_ms, budgets, write)
             try:
-                self._persist(write)
-            except DeadLetterError as unsent:
-                # A letter that could not be made durable: keep every other decision, so
-                # a restart neither repeats a handled event nor loses the lost letter's.
-                if not _cut_before(unsent.failed, plan, write, self._watermarks):
-                    raise
-                _release_undecided(claimed, write)
-                log.error("dead_letter_failed", error=str(unsent), stopping=True)
-                error = unsent
-                self._persist(write)  # nothing is queued any more: the flush is a no-op
+                try:
+                    committed = self._persist(write)
+                except DeadLetterError as unsent:
+                    # A letter that could not be made durable: keep every other decision,
+                    # so a restart neither repeats a handled event nor loses the lost
+                    # letter's.
+                    if not _cut_before(unsent.failed, plan, write, self._watermarks):
+                        raise
+                    _release_undecided(claimed, write)
+                    log.error("dead_letter_failed", error=str(unsent), stopping=True)
+                    error = unsent
+                    committed = self._persist(write)  # nothing is queued: the flush is a no-op
+            except NotOwnerError as fenced:
+                return self._fenced(plan, fenced, write, started)
             for tp, offset in write.watermarks.items():
                 self._watermarks[tp] = offset
+                self._next[tp] = offset + 1
                 self.metrics.watermark.labels(tp.topic, str(tp.partition)).set(offset)
             fault_point("after_persist")
-            # Each partition sweeps twice what it wrote: deletion keeps pace with inserts
-            # wherever the load lands (invariant 5).
-            budgets = {tp: 2 * len(records) + 32 for tp, records in write.decisions.items()}
-            self._sweep(now_ms, budgets)
         total = BatchStats()
         for topic, stats in per_topic.items():
             self.metrics.record(topic, stats)
             total.merge(stats)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
-        commits = {tp: offset + 1 for tp, offset in write.watermarks.items()}
+        # Offsets that the changelog transaction committed need no second commit.
+        commits = {
+            tp: offset + 1
+            for tp, offset in write.watermarks.items()
+            if committed.get(tp) != offset + 1
+        }
         return BatchResult(total, commits, error, handled_ids, rewind)
 
     # -- phase 1: classify -----------------------------------------------------------------
@@ -682,20 +802,56 @@ class Engine:
 
     # -- phase 4: persist ------------------------------------------------------------------
 
-    def _persist(self, write: WriteSet) -> None:
+    def _persist(self, write: WriteSet, *, live: bool = False) -> dict[TopicPartition, int]:
+        """Make ``write`` durable; return the source offsets its transaction committed."""
         self.dead_letters.flush()  # a dead-lettered decision must not outlive its letter
         started = time.monotonic()
+        committed: dict[TopicPartition, int] = {}
         if self.changelog is not None:
-            # The changelog first: it must never be behind what any instance did.
-            for tp, (first, last) in self.changelog.write(write).items():
-                # Advance only when our write directly follows what we applied (a
-                # transaction marker may sit in between); otherwise the next restore
-                # re-reads from the old position, which is idempotent.
-                position = self.store.changelog_position(tp)
-                if position is None or position <= first <= position + 1:
-                    write.changelog_positions[tp] = last + 2  # after our commit marker
+            # The changelog first: it must never be behind what any instance did. Its
+            # transaction commits the source offsets too, so that the broker fences it
+            # if the group has moved on (NotOwnerError: nothing is persisted then).
+            committed = self.changelog.write(
+                write, self.store, self._fence_offsets(write), live=live
+            )
         self.store.persist(write)
         self.metrics.persist_seconds.observe(time.monotonic() - started)
+        return committed
+
+    def _fence_offsets(self, write: WriteSet) -> dict[TopicPartition, int]:
+        """The offsets a changelog transaction commits: this write's, or safe re-commits.
+
+        A write without a new watermark (claims, tombstones) re-commits a safe
+        offset of its partitions, or of any owned partition: the broker checks the
+        group generation of the whole commit, which is what fences a zombie.
+        """
+        offsets = {tp: o for tp, o in self._next.items() if tp in write.partitions()}
+        offsets.update({tp: o + 1 for tp, o in write.watermarks.items()})
+        if not offsets and self._next:
+            tp, offset = next(iter(self._next.items()))
+            offsets[tp] = offset
+        return offsets
+
+
+@dataclass(slots=True)
+class _Orphan:
+    write: WriteSet
+    released: bool = False
+    """The partition was revoked or lost since: only a restore on reassignment revives it."""
+
+
+def _part(write: WriteSet, tp: TopicPartition) -> WriteSet:
+    """The share of ``write`` that belongs to ``tp``."""
+    part = WriteSet()
+    if tp in write.decisions:
+        part.decisions[tp] = write.decisions[tp]
+    if tp in write.released:
+        part.released[tp] = write.released[tp]
+    if tp in write.effects:
+        part.effects[tp] = write.effects[tp]
+    if tp in write.watermarks:
+        part.watermarks[tp] = write.watermarks[tp]
+    return part
 
 
 def _undecided(

@@ -58,6 +58,7 @@ class KafkaSource:
         conf["enable.auto.offset.store"] = False
         conf["on_commit"] = self._on_commit
         self._issued: dict[TopicPartition, int] = {}
+        self._group_metadata: object | None = None
         self._recommit = False
         strategy = str(conf.get("partition.assignment.strategy", ""))
         self.cooperative = "cooperative" in strategy
@@ -128,6 +129,10 @@ class KafkaSource:
 
     def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
         messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
+        # The generation this batch was fetched in. Taken now, not at commit time: once
+        # kicked out, librdkafka resets it to "no generation", which a transactional
+        # offset commit would not be fenced by.
+        self._group_metadata = self._consumer.consumer_group_metadata()
         if not messages and self._recommit and self._issued:
             self._recommit = False  # an async commit failed (a rebalance, say): say it again
             self._consumer.commit(offsets=_kafka_offsets(self._issued), asynchronous=True)
@@ -163,6 +168,21 @@ class KafkaSource:
         """
         self._issued.update(offsets)
         self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=True)
+
+    def consumer_group_metadata(self) -> object | None:
+        """The group metadata of the last poll (opaque), for transactional offset commits."""
+        return self._group_metadata
+
+    def live_group_metadata(self) -> object | None:
+        """The group metadata now, for a transaction retried after a cooperative rebalance."""
+        metadata: object = self._consumer.consumer_group_metadata()
+        return metadata
+
+    def committed_in_transaction(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """A changelog transaction committed ``offsets``: nothing older is to be re-sent."""
+        for tp, offset in offsets.items():
+            if self._issued.get(tp, offset) <= offset:
+                self._issued.pop(tp, None)
 
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
         for ktp in _kafka_offsets(offsets):

@@ -52,7 +52,8 @@ class WriteSet:
     decisions: dict[TopicPartition, list[tuple[str, StoredDecision]]] = field(default_factory=dict)
     """New records per partition (decisions or claims), in offset order."""
     released: dict[TopicPartition, list[str]] = field(default_factory=dict)
-    """Claims withdrawn because their event was not decided (stop mid-batch)."""
+    """IDs whose record is deleted (a changelog tombstone, then a local delete): claims
+    withdrawn because their event was not decided, and IDs past retention (the sweep)."""
     effects: dict[TopicPartition, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)
     """Writes staged by handlers (``event.stage``); ``None`` deletes."""
     watermarks: dict[TopicPartition, int] = field(default_factory=dict)
@@ -95,5 +96,10 @@ class ProcessedStore(Protocol):
 
     def sweep_expired(self, now_ms: int, budgets: Mapping[TopicPartition, int]) -> int:
         """Examine up to ``budgets[tp]`` records of each partition, delete the expired ones."""
+
+    def find_expired(
+        self, now_ms: int, budgets: Mapping[TopicPartition, int]
+    ) -> dict[TopicPartition, list[str]]:
+        """Expired IDs among up to ``budgets[tp]`` records of each partition (deletes nothing)."""
 
     def close(self) -> None: ...

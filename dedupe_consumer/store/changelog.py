@@ -1,38 +1,51 @@
 """The changelog: partition state that travels with the partition.
 
-Each source topic ``T`` of group ``G`` has a compacted topic
-``G.T.dedupe-changelog`` with the same partition count. Before a batch's
-decisions reach the local store they are produced there (key ``d:<event id>``
-= the 25-byte decision or claim, ``e:<key>`` = a staged effect, ``w`` = the
-watermark; a ``None`` value deletes) and flushed with acks=all.
-Whichever instance is assigned the partition next restores from it before
-deciding anything, so a producer retry that lands after a rebalance is still
-a duplicate and the new owner resumes at the old owner's watermark even when
-the old owner's last commit failed.
+Each source topic ``T`` of group ``G`` has a compacted topic (see
+:func:`changelog_topic` for its name) with the same partition count. Before a
+batch's decisions reach the local store they are produced there (key
+``d:<event id>`` = the 25-byte decision or claim, ``e:<key>`` = a staged
+effect, ``w`` = the watermark; a ``None`` value deletes) in one Kafka
+transaction that also commits the source offsets (``send_offsets_to_transaction``
+with the group metadata of the batch's poll, as Kafka Streams' exactly-once v2
+does): a zombie owner with a stale group generation is fenced by the broker and
+its whole transaction aborted. Whichever instance is assigned the partition
+next restores from it before deciding anything.
 
-Each changelog partition has one writer at a time (the source partition's
-owner). The changelog also deletes by time (``retention.ms`` = dedupe
-retention + 1 day), so it is bounded like the local store.
+The topic is ``cleanup.policy=compact`` only: staged effects are state and must
+never expire by time. Expired event IDs leave it by tombstones that the owner's
+retention sweep writes through the normal persist path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import re
 import struct
+import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 
 import structlog
 from confluent_kafka import (
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
     Producer,
 )
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not in __all__
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    OffsetSpec,
+    ResourceType,
+)
 from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it without __all__
 
 from dedupe_consumer.errors import StoreError
@@ -46,20 +59,91 @@ _DECISION_PREFIX = b"d:"
 _EFFECT_PREFIX = b"e:"
 _OFFSET = struct.Struct(">q")
 
+_SUFFIX = "dedupe-changelog"
+_LEGAL_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_MAX_TOPIC_NAME = 249
+_HINT = 80
+"""Characters of the group and of the topic kept, readable, in a hashed name."""
+
 
 def changelog_topic(group_id: str, topic: str) -> str:
-    return f"{group_id}.{topic}.dedupe-changelog"
+    """The changelog topic of source ``topic`` in group ``group_id``: one name per pair.
+
+    ``<group>.<topic>.<len(group)>.dedupe-changelog``: the length says where the
+    group ends, so ``(payments, orders.v1)`` and ``(payments.orders, v1)`` differ
+    (``payments.orders.v1.8.`` / ``...15.``). A group with characters that a
+    topic name cannot hold, or a name over Kafka's 249 characters, gets
+    ``<hint>.h<sha256>.dedupe-changelog`` instead, where the hint is a cut,
+    cleaned copy of both for people and the hash (over the length-prefixed pair)
+    keeps the name unique. The two forms cannot meet: one has digits before the
+    suffix, the other ``h`` and hex.
+    """
+    name = f"{group_id}.{topic}.{len(group_id)}.{_SUFFIX}"
+    if _LEGAL_NAME.fullmatch(group_id) and len(name) <= _MAX_TOPIC_NAME:
+        return name
+    pair = f"{len(group_id)}:{group_id}{topic}".encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(pair).hexdigest()[:32]
+    hint = re.sub(r"[^A-Za-z0-9._-]", "-", group_id[:_HINT]) + "." + topic[:_HINT]
+    return f"{hint}.h{digest}.{_SUFFIX}"
+
+
+def legacy_changelog_topic(group_id: str, topic: str) -> str:
+    """The old, non-injective name: no longer read (see :meth:`Changelog.ensure_topics`)."""
+    return f"{group_id}.{topic}.{_SUFFIX}"
 
 
 _RESTORE_CHUNK = 100_000
 """Records held in memory during a restore before they are applied to the store."""
 
+_OPEN_TRANSACTION_MARGIN_S = 30.0
+"""How much longer than ``transaction.timeout.ms`` a restore waits for an open transaction."""
+
+_NOT_OWNER = {
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError.FENCED_INSTANCE_ID,
+    KafkaError.FENCED_MEMBER_EPOCH,
+    KafkaError.STALE_MEMBER_EPOCH,
+    KafkaError.REBALANCE_IN_PROGRESS,
+}
+"""Offset-commit errors inside the transaction: the group has moved on without us."""
+
+_STALE_GENERATION = {KafkaError.ILLEGAL_GENERATION, KafkaError.STALE_MEMBER_EPOCH}
+"""A member whose generation moved on: after a cooperative rebalance it may still own all."""
+
+_PRODUCER_FENCED = {
+    KafkaError._FENCED,
+    KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+}
+
+
+def _generation(metadata: object) -> int:
+    """The generation in librdkafka's serialized group metadata (``CGMDv2:`` + int32).
+
+    -1 means "not a member": the broker accepts a transactional offset commit
+    without a generation, so such a commit would not fence anything.
+    Anything unreadable counts as a member (the broker still checks the rest).
+    """
+    if isinstance(metadata, bytes) and metadata.startswith(b"CGMDv2:") and len(metadata) >= 11:
+        return int.from_bytes(metadata[7:11], sys.byteorder, signed=True)
+    return 0
+
+
+class NotOwnerError(StoreError):
+    """The group fenced this instance's changelog transaction: its partitions have moved.
+
+    The transaction is aborted, so none of its records or offsets are visible;
+    the batch is not persisted locally either. Not fatal: the rebalance goes on.
+    """
+
 
 class _Restored:
     """Changelog records read but not yet applied, latest value per key."""
 
-    def __init__(self, tp: TopicPartition) -> None:
+    def __init__(self, tp: TopicPartition, position_key: TopicPartition) -> None:
         self.tp = tp
+        self.position_key = position_key
         self.records: dict[str, StoredDecision | None] = {}
         self.effects: dict[bytes, bytes | None] = {}
         self.watermark: int | None = None
@@ -80,7 +164,7 @@ class _Restored:
     def apply(self, store: ProcessedStore, position: int) -> int:
         """Write what was read, and the changelog position it reaches; then forget it."""
         tp = self.tp
-        write = WriteSet(changelog_positions={tp: position})
+        write = WriteSet(changelog_positions={self.position_key: position})
         local = store.watermark(tp)
         if self.watermark is not None and (local is None or local < self.watermark):
             write.watermarks[tp] = self.watermark
@@ -105,16 +189,29 @@ class Changelog:
         producer_config: Mapping[str, str | int | float | bool] | None = None,
         timeout_s: float = 30.0,
         startup_timeout_s: float = 300.0,
+        store_path: str = "",
     ) -> None:
         self.connection = dict(connection)
         self.group_id = group_id
         self.retention = retention
         self.timeout_s = timeout_s
+        self.transactional_id = transactional_id
+        self.store_path = store_path
+        self.group_metadata: Callable[[], object | None] | None = None
+        """Where the group metadata of the batch in hand comes from (the Kafka source).
+
+        When it gives one, each transaction also commits the source offsets, so the
+        broker rejects (fences) a write by an instance that has left the group."""
+        self.live_group_metadata: Callable[[], object | None] | None = None
+        """The group metadata now (not at the poll): for one retry after a rebalance."""
+        self.on_offsets_committed: Callable[[Mapping[TopicPartition, int]], None] | None = None
+        """Told the offsets that a transaction committed (so the source does not repeat them)."""
         conf: dict[str, str | int | float | bool] = {**self.connection, "linger.ms": 1}
         conf.update(producer_config or {})
         # One transaction per batch: a crash mid-batch leaves nothing visible. The id is
         # stable per store, so a restarted instance fences and aborts its own leftovers.
         conf["transactional.id"] = transactional_id
+        self.transaction_timeout_s = int(conf.get("transaction.timeout.ms", 60_000)) / 1000
         self._producer = Producer(conf)
         deadline = time.monotonic() + startup_timeout_s
         while True:  # the broker may not be up yet (a pod starting before Kafka): wait
@@ -131,33 +228,70 @@ class Changelog:
                     ) from exc
                 log.warning("changelog_waiting_for_broker", error=str(exc))
                 time.sleep(1.0)
+        self._admin = AdminClient(dict(self.connection))
         self._ensured: set[str] = set()
+        self._sources: dict[str, str] = {}
+        """Changelog topic name → source topic (never parsed back out of the name)."""
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
+        self._fatal: KafkaError | None = None
+
+    def topic(self, source_topic: str) -> str:
+        name = changelog_topic(self.group_id, source_topic)
+        self._sources[name] = source_topic
+        return name
+
+    def position_key(self, tp: TopicPartition) -> TopicPartition:
+        """Where the store keeps this partition's changelog position.
+
+        Keyed by the changelog topic's name, not the source's: a position read
+        in another changelog topic (the pre-0.2 name) must not be applied to this one.
+        """
+        return TopicPartition(self.topic(tp.topic), tp.partition)
 
     # -- topics ----------------------------------------------------------------------------
 
     def ensure_topics(self, topics: Iterable[str]) -> None:
-        """Create missing changelog topics (compacted, time-bounded), one per source topic."""
-        todo = [t for t in topics if changelog_topic(self.group_id, t) not in self._ensured]
+        """Create missing changelog topics (compacted only), one per source topic.
+
+        An existing one whose ``cleanup.policy`` includes ``delete`` (made by an
+        older version) is altered to ``compact``: time-based deletion would also
+        drop staged effects, which are state.
+        """
+        todo = {self.topic(t): t for t in topics if self.topic(t) not in self._ensured}
         if not todo:
             return
-        admin = AdminClient(dict(self.connection))
+        admin = self._admin
         metadata = admin.list_topics(timeout=self.timeout_s)
         missing: dict[str, int] = {}
         grow: dict[str, int] = {}
-        for topic in todo:
+        existing_names: list[str] = []
+        for name, topic in todo.items():
             source = metadata.topics.get(topic)
             if source is None or source.error is not None:
                 raise StoreError(f"source topic {topic!r} is not known to the cluster")
-            name = changelog_topic(self.group_id, topic)
+            legacy = legacy_changelog_topic(self.group_id, topic)
+            if legacy in metadata.topics:
+                log.warning(
+                    "changelog_legacy_topic",
+                    legacy_topic=legacy,
+                    changelog_topic=name,
+                    source_topic=topic,
+                    consequence=f"{legacy!r} is no longer read: state restores from {name!r}, "
+                    "which starts empty; a partition that moves to an instance without its "
+                    "local store loses its remembered IDs and staged effects",
+                    fix="upgrade with every partition staying on its current instance until "
+                    "the new topic has caught up, or copy the legacy topic into the new one; "
+                    "then delete the legacy topic (it may belong to another group whose "
+                    "name collided before 0.2: check before deleting)",
+                )
             existing = metadata.topics.get(name)
             if existing is None:
                 missing[name] = len(source.partitions)
-            elif len(existing.partitions) < len(source.partitions):
+                continue
+            existing_names.append(name)
+            if len(existing.partitions) < len(source.partitions):
                 grow[name] = len(source.partitions)  # the source topic gained partitions
-            else:
-                self._ensured.add(name)
         if grow:
             grown = admin.create_partitions(
                 [NewPartitions(name, n) for name, n in grow.items()],
@@ -170,28 +304,76 @@ class Changelog:
                     raise StoreError(
                         f"cannot add partitions to changelog topic {name!r}: {exc}"
                     ) from exc
-                self._ensured.add(name)
-        if not missing:
+        if existing_names:
+            self._compact_only(existing_names)
+        if missing:
+            futures = admin.create_topics(
+                [
+                    NewTopic(name, n, config={"cleanup.policy": "compact"})
+                    for name, n in missing.items()
+                ],
+                operation_timeout=self.timeout_s,
+            )
+            for name, future in futures.items():
+                try:
+                    future.result()
+                except KafkaException as exc:
+                    if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise StoreError(f"cannot create changelog topic {name!r}: {exc}") from exc
+                    self._compact_only([name])  # made concurrently, maybe by an old version
+        self._ensured.update(todo)
+
+    def _compact_only(self, names: list[str]) -> None:
+        """Alter changelog topics whose cleanup.policy deletes by time to ``compact``."""
+        resources = [ConfigResource(ResourceType.TOPIC, name) for name in names]
+        wrong: dict[str, str] = {}
+        for resource, future in self._admin.describe_configs(resources).items():
+            try:
+                entries = future.result()
+            except KafkaException as exc:
+                raise StoreError(
+                    f"cannot read the config of changelog topic {resource.name!r}: {exc}; "
+                    "the consumer needs DescribeConfigs on its changelog topics"
+                ) from exc
+            entry = entries.get("cleanup.policy")
+            policy = "" if entry is None or entry.value is None else str(entry.value)
+            if "delete" in policy.split(","):
+                wrong[resource.name] = policy
+        if not wrong:
             return
-        retention_ms = int((self.retention + timedelta(days=1)).total_seconds() * 1000)
-        futures = admin.create_topics(
-            [
-                NewTopic(
-                    name,
-                    n,
-                    config={"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms)},
-                )
-                for name, n in missing.items()
-            ],
-            operation_timeout=self.timeout_s,
-        )
-        for name, future in futures.items():
+        alter = [
+            ConfigResource(
+                ResourceType.TOPIC,
+                name,
+                incremental_configs=[
+                    ConfigEntry(
+                        "cleanup.policy",
+                        "compact",
+                        incremental_operation=AlterConfigOpType.SET,
+                    )
+                ],
+            )
+            for name in wrong
+        ]
+        for resource, future in self._admin.incremental_alter_configs(alter).items():
             try:
                 future.result()
             except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise StoreError(f"cannot create changelog topic {name!r}: {exc}") from exc
-            self._ensured.add(name)
+                raise StoreError(
+                    f"changelog topic {resource.name!r} has cleanup.policy="
+                    f"{wrong[resource.name]!r}, which deletes staged effects by time, and "
+                    f"cannot be altered: {exc}; grant the consumer AlterConfigs on it or run "
+                    f"kafka-configs --alter --entity-type topics --entity-name "
+                    f"{resource.name} --add-config cleanup.policy=compact"
+                ) from exc
+            log.warning(
+                "changelog_config_updated",
+                topic=resource.name,
+                old={"cleanup.policy": wrong[resource.name]},
+                new={"cleanup.policy": "compact"},
+                reason="staged effects are state and must never expire by time; expired "
+                "IDs now leave the changelog by tombstones",
+            )
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -199,42 +381,139 @@ class Changelog:
         if error is not None:
             self._errors.append(str(error))
             return
-        topic = message.topic() or ""
-        source = TopicPartition(
-            topic.removeprefix(f"{self.group_id}.").removesuffix(".dedupe-changelog"),
-            message.partition() or 0,
-        )
+        source = TopicPartition(self._sources[message.topic() or ""], message.partition() or 0)
         offset = message.offset() or 0
         low, high = self._delivered.get(source, (offset, offset))
         self._delivered[source] = (min(low, offset), max(high, offset))
 
-    def write(self, write: WriteSet) -> dict[TopicPartition, tuple[int, int]]:
-        """Produce ``write`` in one transaction; return the (first, last) offset per partition."""
-        self._delivered = {}
-        self._errors = []
+    def write(
+        self,
+        write: WriteSet,
+        store: ProcessedStore | None = None,
+        offsets: Mapping[TopicPartition, int] | None = None,
+        *,
+        live: bool = False,
+    ) -> dict[TopicPartition, int]:
+        """Produce ``write`` in one transaction; commit ``offsets`` in it when a group is known.
+
+        The group metadata is the one of the batch's poll, or the current one with
+        ``live`` (a batch persisted from the assign callback).
+
+        Sets ``write.changelog_positions`` where ``store`` may advance. Returns
+        the source offsets the transaction committed (empty without group
+        metadata). Raises :class:`NotOwnerError` when the group fenced the
+        transaction (it is aborted), and :class:`StoreError` otherwise.
+        """
+        source = self.live_group_metadata if live else self.group_metadata
+        metadata = source() if source is not None else None
+        if metadata is not None and _generation(metadata) < 0:
+            # Out of the group already (librdkafka resets the generation when it learns
+            # so): a commit without a generation would not be fenced. Write nothing.
+            raise NotOwnerError(
+                "this instance is not a member of the group (no generation) while it "
+                "decided the batch: nothing of the batch was persisted"
+            )
+        committed = dict(offsets or {}) if metadata is not None else {}
         try:
-            self._producer.begin_transaction()
-            for tp, items in write.decisions.items():
-                for event_id, decision in items:
-                    self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
-            for tp, ids in write.released.items():
-                for event_id in ids:
-                    self._send(tp, _DECISION_PREFIX + event_id.encode(), None)
-            for tp, changes in write.effects.items():
-                for key, value in changes:
-                    self._send(tp, _EFFECT_PREFIX + key, value)
-            for tp, offset in write.watermarks.items():
-                self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
-            self._producer.commit_transaction(self.timeout_s)
+            self._transaction(write, committed, metadata)
         except KafkaException as exc:
+            fresh = self.live_group_metadata() if self.live_group_metadata is not None else None
+            if (
+                exc.args[0].code() not in _STALE_GENERATION
+                or exc.args[0].fatal()
+                or fresh is None
+                or _generation(fresh) < 0
+                or fresh == metadata
+            ):
+                raise self._failed(exc, write) from exc
+            # Still a member, in a newer generation: a cooperative (or KIP-848) rebalance
+            # went by during the batch, and our partitions can only leave after we
+            # revoke them. Try once more in the generation we are in now.
             self._abort()
-            raise StoreError(
-                f"changelog transaction failed: {exc}; the batch is not persisted or committed "
-                "and will be redelivered"
-            ) from exc
+            log.info("changelog_generation_moved", error=str(exc.args[0]))
+            try:
+                self._transaction(write, committed, fresh)
+            except KafkaException as again:
+                raise self._failed(again, write) from again
         if self._errors:
             raise StoreError(f"changelog delivery failed: {self._errors[:3]}")
-        return dict(self._delivered)
+        if store is not None:
+            self._advance_positions(write, store)
+        if committed and self.on_offsets_committed is not None:
+            self.on_offsets_committed(committed)
+        return committed
+
+    def _advance_positions(self, write: WriteSet, store: ProcessedStore) -> None:
+        for tp, (first, last) in self._delivered.items():
+            # Advance only when our write directly follows what we applied (a
+            # transaction marker may sit in between); otherwise the next restore
+            # re-reads from the old position, which is idempotent.
+            where = self.position_key(tp)
+            position = store.changelog_position(where)
+            if position is None or position <= first <= position + 1:
+                write.changelog_positions[where] = last + 2  # after our commit marker
+
+    def _transaction(
+        self, write: WriteSet, committed: Mapping[TopicPartition, int], metadata: object
+    ) -> None:
+        self._producer.poll(0)  # reports of an aborted attempt land before the reset
+        self._delivered = {}
+        self._errors = []
+        self._producer.begin_transaction()
+        for tp, items in write.decisions.items():
+            for event_id, decision in items:
+                self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
+        for tp, ids in write.released.items():
+            for event_id in ids:
+                self._send(tp, _DECISION_PREFIX + event_id.encode(), None)
+        for tp, changes in write.effects.items():
+            for key, value in changes:
+                self._send(tp, _EFFECT_PREFIX + key, value)
+        for tp, offset in write.watermarks.items():
+            self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
+        if committed:
+            # The broker checks the group generation of this commit: a zombie whose
+            # partitions moved fails here, and its records above are aborted with it.
+            self._producer.send_offsets_to_transaction(
+                [KafkaTopicPartition(tp.topic, tp.partition, o) for tp, o in committed.items()],
+                metadata,
+                self.timeout_s,
+            )
+        self._producer.commit_transaction(self.timeout_s)
+
+    def _failed(self, exc: KafkaException, write: WriteSet) -> StoreError:
+        error: KafkaError = exc.args[0]
+        if error.fatal():
+            self._fatal = error
+            # The producer is unusable. Only another producer with our transactional.id
+            # fences it: a second live instance with this store's instance id.
+            if error.code() in _PRODUCER_FENCED:
+                return StoreError(
+                    f"the changelog producer was fenced ({error}): another process started "
+                    f"with transactional.id {self.transactional_id!r}. Either the store "
+                    f"directory {self.store_path!r} was cloned (a volume snapshot or copy), so "
+                    "two instances share its instance id, or an older process of this "
+                    "instance is still alive. Give each instance its own store: delete the "
+                    "cloned store directory (its state is restored from the changelog) or "
+                    "stop the other process. This instance stops; nothing of this batch was "
+                    "persisted"
+                )
+            return StoreError(
+                f"the changelog producer failed fatally ({error}); this instance stops and "
+                "nothing of this batch was persisted; restart it"
+            )
+        self._abort()
+        if error.code() in _NOT_OWNER:
+            return NotOwnerError(
+                f"the group fenced the changelog transaction ({error}): this instance is no "
+                "longer the owner of "
+                f"{sorted(str(tp) for tp in write.partitions()) or 'its partitions'}; "
+                "the transaction was aborted and nothing of the batch was persisted"
+            )
+        return StoreError(
+            f"changelog transaction failed: {exc}; the batch is not persisted or committed "
+            "and will be redelivered"
+        )
 
     def _abort(self) -> None:
         try:
@@ -246,7 +525,7 @@ class Changelog:
         while True:
             try:
                 self._producer.produce(
-                    changelog_topic(self.group_id, tp.topic),
+                    self.topic(tp.topic),
                     key=key,
                     value=value,
                     partition=tp.partition,
@@ -258,15 +537,24 @@ class Changelog:
 
     # -- restoring -------------------------------------------------------------------------
 
-    def restore(self, tp: TopicPartition, store: ProcessedStore, start: int | None) -> int:
-        """Apply committed changelog records of ``tp`` from ``start`` to the end.
+    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
+        """Apply committed changelog records of ``tp`` from the stored position to the end.
 
-        Reads with ``isolation.level=read_committed`` up to the partition end that
-        librdkafka reports (which is after any transaction marker): a batch whose
-        transaction was cut short by a crash is invisible, so a decision is never
-        restored without its effects and watermark. Returns the next offset.
+        Reads with ``isolation.level=read_committed``. librdkafka's partition EOF
+        is then the last stable offset: below the high watermark while a previous
+        owner's transaction is still open. The restore waits for that transaction
+        to be committed or aborted (at most ``transaction.timeout.ms`` and a
+        margin), so it never stops silently before records that are about to
+        become visible. A batch whose transaction was aborted stays invisible, so a
+        decision is never restored without its effects and watermark. The next
+        offset is stored as the partition's changelog position. Returns the
+        number of committed records read (0: nobody wrote since this store's last write).
         """
-        name = changelog_topic(self.group_id, tp.topic)
+        name = self.topic(tp.topic)
+        key = self.position_key(tp)
+        # A store without this partition's watermark has no state of it to build on (never
+        # seen, or dropped after a revocation): read the changelog from its start.
+        start = store.changelog_position(key) if store.watermark(tp) is not None else None
         consumer = Consumer(
             {
                 **self.connection,
@@ -278,53 +566,95 @@ class Changelog:
         )
         try:
             ktp = KafkaTopicPartition(name, tp.partition)
-            low, high = self._offsets(consumer, ktp)
+            low = self._low(consumer, ktp)
+            high = self._high(ktp)
+            if start is not None and start > high:
+                log.warning(
+                    "changelog_position_beyond_end",
+                    partition=str(tp),
+                    changelog_topic=name,
+                    position=start,
+                    end=high,
+                    consequence="the changelog topic was recreated: restoring it from the start",
+                )
+                start = None
             begin = low if start is None else max(low, start)
+            pending = _Restored(tp, key)
             if begin >= high:
-                return max(high, start or 0)
+                pending.apply(store, begin)  # an empty partition: remember where it starts
+                return 0
             consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
-            pending = _Restored(tp)
-            applied = 0
+            read = 0
             position = begin
             end: int | None = None
-            deadline = time.monotonic() + self.timeout_s
+            stalled_after = time.monotonic() + self.timeout_s
+            open_since: float | None = None
             while end is None:
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if open_since is None and now > stalled_after:
                     raise StoreError(
-                        f"changelog restore of {tp} stalled (read from {begin}, end {high}): "
-                        "an open transaction of a previous owner may still be pending"
+                        f"changelog restore of {tp} from {name!r} stalled (read from {begin} "
+                        f"to {position}, end {high}): no record for {self.timeout_s:.0f}s"
+                    )
+                if open_since is not None and now > open_since + self._open_wait_s:
+                    raise StoreError(
+                        f"changelog restore of {tp} from {name!r}: a transaction of a previous "
+                        f"owner is still open at offset {position} (end {high}) after "
+                        f"{self._open_wait_s:.0f}s; the previous owner may be hung. Stop it, "
+                        "or wait for its transaction.timeout.ms to pass, then restart"
                     )
                 for m in consumer.consume(1000, 1.0):
                     error = m.error()
                     if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            end = m.offset() or 0
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            continue
+                        stable = m.offset() or 0
+                        high = self._high(ktp)
+                        if stable >= high:
+                            end = stable
+                        elif open_since is None:
+                            open_since = time.monotonic()
+                            log.warning(
+                                "changelog_open_transaction",
+                                partition=str(tp),
+                                changelog_topic=name,
+                                last_stable_offset=stable,
+                                end=high,
+                                waiting_s=self._open_wait_s,
+                                reason="a previous owner's transaction is not committed or "
+                                "aborted yet; waiting for it before deciding anything",
+                            )
                         continue
-                    deadline = time.monotonic() + self.timeout_s
+                    stalled_after = time.monotonic() + self.timeout_s
                     pending.add(m.key() or b"", m.value())
+                    read += 1
                     position = (m.offset() or 0) + 1
                 if len(pending) >= _RESTORE_CHUNK:
                     # Bounded memory: apply what was read so far. Re-reading from the
                     # recorded position after a crash is idempotent.
-                    applied += pending.apply(store, position)
-            applied += pending.apply(store, end)
+                    pending.apply(store, position)
+            pending.apply(store, end)
             log.info(
                 "changelog_restored",
                 partition=str(tp),
-                records=applied,
+                records=read,
                 changelog_offsets=(begin, end),
             )
-            return end
+            return read
         finally:
             consumer.close()
 
-    def _offsets(self, consumer: Consumer, ktp: KafkaTopicPartition) -> tuple[int, int]:
-        """Low/high offsets, waiting out a fresh topic's leader election."""
+    @property
+    def _open_wait_s(self) -> float:
+        return self.transaction_timeout_s + _OPEN_TRANSACTION_MARGIN_S
+
+    def _low(self, consumer: Consumer, ktp: KafkaTopicPartition) -> int:
+        """The low offset, waiting out a fresh topic's leader election."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                low, high = consumer.get_watermark_offsets(ktp, timeout=self.timeout_s)
-                return int(low), int(high)
+                low, _ = consumer.get_watermark_offsets(ktp, timeout=self.timeout_s)
+                return int(low)
             except KafkaException as exc:
                 if time.monotonic() > deadline:
                     raise StoreError(
@@ -332,5 +662,32 @@ class Changelog:
                     ) from exc
                 time.sleep(0.2)
 
+    def _high(self, ktp: KafkaTopicPartition) -> int:
+        """The high watermark, open transactions included.
+
+        A read_committed consumer's watermark query answers the last stable
+        offset instead, which is exactly what must not be mistaken for the end.
+        """
+        request = {KafkaTopicPartition(ktp.topic, ktp.partition): OffsetSpec.latest()}  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            futures = self._admin.list_offsets(
+                request,
+                isolation_level=IsolationLevel.READ_UNCOMMITTED,
+                request_timeout=self.timeout_s,
+            )
+            try:
+                return int(next(iter(futures.values())).result().offset)
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"cannot read changelog offsets of {ktp.topic}[{ktp.partition}]: {exc}"
+                    ) from exc
+                time.sleep(0.2)
+                # New partitions: the admin client's metadata cache may not know them yet.
+                with contextlib.suppress(KafkaException):
+                    self._admin.list_topics(ktp.topic, timeout=self.timeout_s)
+
     def close(self) -> None:
-        self._producer.flush(self.timeout_s)
+        if self._fatal is None:  # a fenced producer has nothing left to deliver
+            self._producer.flush(self.timeout_s)

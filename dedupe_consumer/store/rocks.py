@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import structlog
 from rocksdict import (
     BlockBasedOptions,
     Cache,
@@ -33,8 +34,11 @@ from dedupe_consumer.errors import StoreError, StoreLockedError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store.base import StoredDecision, WriteSet
 
+log = structlog.get_logger("dedupe_consumer.store")
+
 _META = "meta"
 _INSTANCE_KEY = b"instance-id"
+_RETENTION_KEY = b"retention-ms"
 _WATERMARK = struct.Struct(">q")
 _DECIDED_AT = struct.Struct(">Q")  # StoredDecision bytes 9..17
 
@@ -87,6 +91,28 @@ class RocksStore:
         self._families: dict[TopicPartition, Rdict] = {}
         self._effect_families: dict[TopicPartition, Rdict] = {}
         self._sweep_cursor: dict[str, bytes | None] = {}
+        self._note_retention()
+
+    def _note_retention(self) -> None:
+        """Log once when ``dedupe.retention`` changed since the last start; it applies at once.
+
+        Reads and the sweep use the current retention, and expired IDs leave the
+        changelog by tombstones, so nothing else has to be altered.
+        """
+        raw = self._meta.get(_RETENTION_KEY)
+        stored = None if raw is None else int(_WATERMARK.unpack(raw)[0])
+        if stored == self.retention_ms:
+            return
+        if stored is not None:
+            log.warning(
+                "retention_changed",
+                store=str(self.path),
+                old_retention_ms=stored,
+                new_retention_ms=self.retention_ms,
+                effect="applies now: IDs older than the new retention read as absent and "
+                "are swept (and tombstoned in the changelog)",
+            )
+        self._meta.put(_RETENTION_KEY, _WATERMARK.pack(self.retention_ms), self._sync)
 
     def _prepare_directory(self) -> None:
         """Create the directory 0700, or check an existing one without changing it.
@@ -227,6 +253,36 @@ class RocksStore:
     def sweep_expired(self, now_ms: int, budgets: Mapping[TopicPartition, int]) -> int:
         """Examine up to ``budgets[tp]`` records of each partition; delete the expired ones.
 
+        Local only (unsynced): for partitions this instance does not own. An
+        owner removes expired IDs with :meth:`find_expired` and a persist, so
+        that its changelog gets the same deletions as tombstones.
+        """
+        deleted = 0
+        batch = WriteBatch(raw_mode=True)
+        for tp, keys in self._expired_keys(now_ms, budgets).items():
+            handle = self._handle(tp)
+            for key in keys:
+                batch.delete(key, handle)
+                deleted += 1
+        if deleted:
+            self._db.write(batch)
+        return deleted
+
+    def find_expired(
+        self, now_ms: int, budgets: Mapping[TopicPartition, int]
+    ) -> dict[TopicPartition, list[str]]:
+        """Expired event IDs among up to ``budgets[tp]`` records of each partition."""
+        return {
+            tp: [key.decode() for key in keys]
+            for tp, keys in self._expired_keys(now_ms, budgets).items()
+            if keys
+        }
+
+    def _expired_keys(
+        self, now_ms: int, budgets: Mapping[TopicPartition, int]
+    ) -> dict[TopicPartition, list[bytes]]:
+        """The bounded retention scan.
+
         A cursor per partition walks its key space and wraps, so every record is
         looked at again after ``records / budget`` calls. The engine gives each
         partition twice what it just wrote, so the sweep outpaces inserts where
@@ -234,11 +290,10 @@ class RocksStore:
         retention`` whatever the total traffic (invariant 5).
         """
         oldest = now_ms - self.retention_ms
-        deleted = 0
-        batch = WriteBatch(raw_mode=True)
+        found: dict[TopicPartition, list[bytes]] = {}
         for tp, budget in budgets.items():
             name = _cf_name(tp)
-            handle = self._handle(tp)
+            keys = found[tp] = []
             it = self._family(tp).iter()
             cursor = self._sweep_cursor.get(name)
             if cursor is None:
@@ -258,15 +313,12 @@ class RocksStore:
                 if cursor is not None and wrapped and key >= cursor:
                     break
                 if _DECIDED_AT.unpack_from(it.value(), 9)[0] < oldest:  # no full decode
-                    batch.delete(key, handle)
-                    deleted += 1
+                    keys.append(bytes(key))
                 seen += 1
                 it.next()
             self._sweep_cursor[name] = it.key() if it.valid() else None
             del it
-        if deleted:
-            self._db.write(batch)
-        return deleted
+        return found
 
     def approximate_size(self) -> int:
         """Bytes of SST files and memtables, for metrics and benchmarks."""

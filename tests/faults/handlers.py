@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 from dedupe_consumer import Event, Handler
 
@@ -49,6 +50,36 @@ class LedgerHandler(Handler):
     def handle(self, event: Event) -> None:
         key = b"count:" + event.id.encode()
         event.stage(key, str(int(event.staged(key) or b"0") + 1))
+        os.write(self._fd, f"{event.id}\n".encode())  # calls, not effects
+
+    def teardown(self) -> None:
+        os.close(self._fd)
+
+
+class PausingLedger(Handler):
+    """Transactional effects that a lost write would show: a per-ID counter and a running
+    total per partition (a zombie's stale total overwriting a newer one would be visible).
+
+    With ``DEDUPE_TEST_PAUSE_AT=n`` the process SIGSTOPs itself at its n-th call, in the
+    middle of a batch, after creating ``$DEDUPE_TEST_PAUSED``: a zombie in the making.
+    """
+
+    def setup(self) -> None:
+        self._fd = os.open(
+            os.environ["DEDUPE_TEST_EFFECTS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        )
+        self._pause_at = int(os.environ.get("DEDUPE_TEST_PAUSE_AT", "0"))
+        self._calls = 0
+
+    def handle(self, event: Event) -> None:
+        self._calls += 1
+        if self._calls == self._pause_at:
+            with open(os.environ["DEDUPE_TEST_PAUSED"], "w") as marker:
+                marker.write(str(event.offset))
+            os.kill(os.getpid(), signal.SIGSTOP)  # resumes here on SIGCONT
+        key = b"count:" + event.id.encode()
+        event.stage(key, str(int(event.staged(key) or b"0") + 1))
+        event.stage(b"total", str(int(event.staged(b"total") or b"0") + 1))
         os.write(self._fd, f"{event.id}\n".encode())  # calls, not effects
 
     def teardown(self) -> None:

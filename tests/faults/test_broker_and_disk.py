@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import RocksStore
+from dedupe_consumer.store import Changelog, RocksStore
 from dedupe_consumer.testing import LocalKafka
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
@@ -125,11 +126,23 @@ def test_store_that_cannot_be_written_stops_with_a_clear_error_and_commits_nothi
     assert "No space left on device" in stderr, stderr[-3000:]
 
     filler.unlink()
+    # The offsets commit inside the changelog transaction, which precedes the local
+    # write: what was committed must be durable there, and the next assignment's
+    # restore (from the store's changelog position) brings it back into the store.
     store = RocksStore(small_disk / "s", retention_ms=10**12)
+    changelog = Changelog(
+        {"bootstrap.servers": kafka_bootstrap},
+        f"{topic}-group",
+        timedelta(days=7),
+        f"check-{topic}",
+    )
     try:
+        for p in range(2):
+            changelog.restore(TopicPartition(topic, p), store)
         watermarks = {p: store.watermark(TopicPartition(topic, p)) for p in range(2)}
     finally:
         store.close()
+        changelog.close()
     committed = committed_offsets(kafka_bootstrap, f"{topic}-group", topic, 2)
     for p in range(2):
         wm = watermarks[p]

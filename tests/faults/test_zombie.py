@@ -1,0 +1,114 @@
+"""A zombie owner is fenced: its changelog transaction never becomes visible.
+
+Two real consumer processes in one group, transactional effects (``event.stage``).
+Instance A stops itself (SIGSTOP) in the middle of a batch; after its session
+times out, B takes the partitions and handles everything; then A is woken
+(SIGCONT) and finishes its batch with the stale group generation. Its
+transaction carries the source offsets (KIP-447), so the broker rejects it and
+A aborts: none of its records (decisions, staged effects, release tombstones,
+watermark) is visible to a read_committed restore, and no event takes effect
+twice.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.store import Changelog, RocksStore
+from dedupe_consumer.testing.pytest_plugin import TopicFactory
+
+from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
+from ._process import effects_of, log_tail, start_consumer, write_config
+
+pytestmark = pytest.mark.kafka
+HANDLER = "tests.faults.handlers:PausingLedger"
+PARTITIONS = 2
+
+
+def stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("T")
+
+
+def test_a_paused_old_owner_is_fenced_and_its_batch_never_becomes_visible(
+    kafka_bootstrap: str,
+    kafka_topic: TopicFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    topic = kafka_topic(partitions=PARTITIONS)
+    sent = produce_events(kafka_bootstrap, topic, 300, duplicates=0.1, seed=71)
+    unique = set(sent)
+    group = f"{topic}-group"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config_a = write_config(tmp_path / "a", kafka_bootstrap, topic, batch=50)
+    config_b = write_config(tmp_path / "b", kafka_bootstrap, topic, batch=50)
+    paused = tmp_path / "paused"
+
+    monkeypatch.setenv("DEDUPE_TEST_PAUSE_AT", "120")
+    monkeypatch.setenv("DEDUPE_TEST_PAUSED", str(paused))
+    a = start_consumer(config_a, tmp_path / "a-calls", handler=HANDLER)
+    monkeypatch.delenv("DEDUPE_TEST_PAUSE_AT")
+    b = None
+    try:
+        wait_for(paused.exists, 60, "A to stop itself in the middle of a batch")
+        wait_for(lambda: stopped(a.pid), 10, "A to be stopped")
+        # B joins; A cannot answer, so its session (6 s) times out and B gets everything.
+        b = start_consumer(config_b, tmp_path / "b-calls", handler=HANDLER)
+        wait_for(
+            lambda: (
+                committed_offsets(kafka_bootstrap, group, topic, PARTITIONS)
+                == end_offsets(kafka_bootstrap, topic, PARTITIONS)
+            ),
+            60,
+            "B to take over and commit every partition to its end",
+        )
+        a.send_signal(signal.SIGCONT)  # the zombie finishes its batch
+        wait_for(
+            lambda: "changelog_fenced" in log_tail(config_a, 100_000),
+            30,
+            "A's transaction to be fenced\n" + log_tail(config_a),
+        )
+        time.sleep(2)  # let A go through the rebalance it now joins
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+        a.wait(timeout=60)
+        if b is not None:
+            b.wait(timeout=60)
+    assert a.returncode == 0, log_tail(config_a)  # fenced is not fatal: no crash loop
+    assert b is not None and b.returncode == 0, log_tail(config_b)
+    # A really did handle events after waking, in the batch that was fenced.
+    assert sum(effects_of(tmp_path / "a-calls").values()) > 120
+
+    # What any next owner would restore: read_committed, through the real restore path.
+    changelog = Changelog(
+        {"bootstrap.servers": kafka_bootstrap}, group, timedelta(days=7), f"check-{topic}"
+    )
+    store = RocksStore(tmp_path / "check", retention_ms=10**12)
+    try:
+        total = 0
+        for p in range(PARTITIONS):
+            tp = TopicPartition(topic, p)
+            changelog.restore(tp, store)
+            total += int(store.effect(tp, b"total") or b"0")
+            counts = {i: store.effect(tp, b"count:" + i.encode()) for i in unique}
+            assert all(v in (None, b"1") for v in counts.values()), counts
+        effects = {
+            i: [store.effect(TopicPartition(topic, p), b"count:" + i.encode()) for p in range(2)]
+            for i in unique
+        }
+        assert all(v.count(b"1") == 1 for v in effects.values())  # each ID took effect once
+        # A stale total from the zombie would have overwritten a newer one.
+        assert total == len(unique)
+    finally:
+        store.close()
+        changelog.close()

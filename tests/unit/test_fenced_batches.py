@@ -1,0 +1,97 @@
+"""A batch whose changelog transaction the group fenced: nothing persisted, kept for later."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from dedupe_consumer.engine import Engine
+from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.store import NotOwnerError, ProcessedStore, RocksStore, WriteSet
+
+from .conftest import TOPIC, Clock, Recorder, make_settings, rec
+from .test_sweep_tombstones import RecordingChangelog, _Dead
+
+TP0 = TopicPartition(TOPIC, 0)
+
+
+class FencingChangelog(RecordingChangelog):
+    """Fences the next ``fence`` transactions, as the group coordinator would a zombie's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fence = 0
+        self.restored_records = 0
+
+    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
+        return self.restored_records
+
+    def write(
+        self,
+        write: WriteSet,
+        store: ProcessedStore | None = None,
+        offsets: Mapping[TopicPartition, int] | None = None,
+        *,
+        live: bool = False,
+    ) -> dict[TopicPartition, int]:
+        if self.fence:
+            self.fence -= 1
+            raise NotOwnerError("UNKNOWN_MEMBER_ID")
+        return super().write(write, store, offsets, live=live)
+
+
+def rig(tmp_path: Path) -> tuple[Engine, RocksStore, Recorder, FencingChangelog]:
+    settings = make_settings(tmp_path / "s")
+    store = RocksStore(settings.store.path, retention_ms=10**9)
+    handler = Recorder()
+    changelog = FencingChangelog()
+    e = Engine(handler, settings, store, _Dead(), clock=Clock(), changelog=changelog)
+    e.assign([TP0])
+    return e, store, handler, changelog
+
+
+def test_a_fenced_batch_persists_nothing_and_is_read_again(tmp_path: Path) -> None:
+    e, store, _handler, changelog = rig(tmp_path)
+    try:
+        changelog.fence = 1
+        result = e.process([rec(i, f"id{i}") for i in range(5)])
+        assert result.commits == {} and result.rewind == {TP0: 0}
+        assert store.watermark(TP0) is None
+        assert store.lookup(TP0, ["id0"], 0) == [None]
+    finally:
+        store.close()
+
+
+def test_a_fenced_batch_is_persisted_when_the_partition_comes_back_untouched(
+    tmp_path: Path,
+) -> None:
+    e, store, handler, changelog = rig(tmp_path)
+    try:
+        changelog.fence = 1
+        e.process([rec(i, f"id{i}") for i in range(5)])
+        e.release([TP0])  # the lost callback in the next poll
+        changelog.restored_records = 0  # nobody wrote the changelog meanwhile
+        starts = e.assign([TP0])
+        assert starts == {TP0: 5}  # resumes after the kept batch
+        assert changelog.writes[-1].watermarks == {TP0: 4}
+        assert changelog.offsets[-1] == {TP0: 5}
+        again = e.process([rec(i, f"id{i}") for i in range(5)])  # redelivered
+        assert again.stats.replays == 5
+        assert handler.ids == [f"id{i}" for i in range(5)]  # each handled once
+    finally:
+        store.close()
+
+
+def test_a_fenced_batch_is_dropped_when_another_owner_wrote_meanwhile(tmp_path: Path) -> None:
+    e, store, handler, changelog = rig(tmp_path)
+    try:
+        changelog.fence = 1
+        e.process([rec(i, f"id{i}") for i in range(5)])
+        e.release([TP0])
+        changelog.restored_records = 3  # another owner's writes came in with the restore
+        assert e.assign([TP0]) == {TP0: None}
+        assert changelog.writes == []  # the stale batch was not written
+        e.process([rec(i, f"id{i}") for i in range(5)])
+        assert len(handler.ids) == 10  # read and handled again (plain mode's window)
+    finally:
+        store.close()
