@@ -157,7 +157,11 @@ class Engine:
             wm = self.store.watermark(tp)
             self._watermarks[tp] = wm
             starts[tp] = None if wm is None else wm + 1
-        log.info("partitions_assigned", partitions=[str(t) for t in tps], resume=starts)
+        log.info(
+            "partitions_assigned",
+            partitions=[str(t) for t in tps],
+            resume={str(tp): o for tp, o in starts.items()},
+        )
         return starts
 
     def release(self, tps: Sequence[TopicPartition]) -> None:
