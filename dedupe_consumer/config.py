@@ -79,6 +79,26 @@ class KafkaSettings(_Section):
             )
         return value
 
+    @field_validator("consumer")
+    @classmethod
+    def _consumer_protocol(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
+        # KIP-848: the broker owns these; librdkafka refuses them only when the consumer
+        # starts. Refuse them here, with the broker-side setting that replaces each.
+        if str(value.get("group.protocol", "classic")).lower() != "consumer":
+            return value
+        broker_side = {
+            "session.timeout.ms": "the broker's group.consumer.session.timeout.ms",
+            "heartbeat.interval.ms": "the broker's group.consumer.heartbeat.interval.ms",
+            "partition.assignment.strategy": "group.remote.assignor ('uniform' or 'range')",
+        }
+        clash = [f"{key} (use {broker_side[key]})" for key in broker_side if key in value]
+        if clash:
+            raise ValueError(
+                "with group.protocol = 'consumer' (KIP-848) the group is run by the broker, "
+                f"so remove {'; '.join(clash)}, or set group.protocol = 'classic'"
+            )
+        return value
+
 
 class DedupeSettings(_Section):
     id_source: str = Field("header:event-id", description=f"one of {ID_SOURCE_FORMS}")

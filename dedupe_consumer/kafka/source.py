@@ -37,6 +37,11 @@ def _tps(partitions: Sequence[KafkaTopicPartition]) -> list[TopicPartition]:
     return [TopicPartition(p.topic, p.partition) for p in partitions]
 
 
+def consumer_protocol(conf: Mapping[str, object]) -> bool:
+    """Whether the consumer group protocol of KIP-848 (``group.protocol = "consumer"``) is on."""
+    return str(conf.get("group.protocol", "classic")).lower() == "consumer"
+
+
 class KafkaSource:
     """A subscribed consumer that returns batches and commits on request."""
 
@@ -60,7 +65,9 @@ class KafkaSource:
         self._issued: dict[TopicPartition, int] = {}
         self._recommit = False
         strategy = str(conf.get("partition.assignment.strategy", ""))
-        self.cooperative = "cooperative" in strategy
+        # Incremental (un)assignment: cooperative-sticky, and always with the consumer
+        # group protocol (KIP-848), where an eager assign() fails with _STATE.
+        self.cooperative = "cooperative" in strategy or consumer_protocol(conf)
         self.max_poll_interval_ms = int(conf.get("max.poll.interval.ms", 300_000))
         self._consumer = Consumer(conf)
         self._consumer.subscribe(
