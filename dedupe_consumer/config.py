@@ -161,6 +161,12 @@ class ProcessingSettings(_Section):
         description=f"{DURATION_FORMS}; an in-progress claim younger than this is waited "
         "out before it is treated as uncertain (fences a zombie previous owner)",
     )
+    on_offset_regression: Literal["fail", "reset"] = Field(
+        "fail",
+        description="'fail' or 'reset': what to do when a partition's offsets went back below "
+        "its stored watermark (the topic was recreated or truncated); 'reset' starts the "
+        "partition's watermark over and keeps decided IDs",
+    )
 
 
 class ObservabilitySettings(_Section):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -34,7 +34,12 @@ from dedupe_consumer._faults import fault_point
 from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetter, DeadLetterSink
 from dedupe_consumer.effects import Effects
-from dedupe_consumer.errors import ConfigError, MissingEventIdError, PermanentError
+from dedupe_consumer.errors import (
+    ConfigError,
+    MissingEventIdError,
+    OffsetRegressionError,
+    PermanentError,
+)
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.ids import MissingId, hash_id, parse_id_source
 from dedupe_consumer.models import (
@@ -48,7 +53,15 @@ from dedupe_consumer.models import (
     message_timestamp,
 )
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.store import Changelog, ProcessedStore, Status, StoredDecision, WriteSet
+from dedupe_consumer.sources import PartitionLog
+from dedupe_consumer.store import (
+    EPOCH,
+    Changelog,
+    ProcessedStore,
+    Status,
+    StoredDecision,
+    WriteSet,
+)
 
 log = structlog.get_logger("dedupe_consumer.engine")
 
@@ -146,8 +159,16 @@ class Engine:
 
     # -- assignment ------------------------------------------------------------------------
 
-    def assign(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
-        """Take ownership of partitions; return where each should resume (watermark + 1)."""
+    def assign(
+        self,
+        tps: Sequence[TopicPartition],
+        logs: Mapping[TopicPartition, PartitionLog] | None = None,
+    ) -> dict[TopicPartition, int | None]:
+        """Take ownership of partitions; return where each should resume (watermark + 1).
+
+        ``logs`` (from the Kafka source) lets a partition whose offsets went back below
+        its watermark be caught here, before its new events are taken for replays.
+        """
         starts: dict[TopicPartition, int | None] = {}
         if self.changelog is not None and tps:
             self.changelog.ensure_topics({tp.topic for tp in tps})
@@ -155,14 +176,79 @@ class Engine:
                 self.changelog.restore(tp, self.store, self.store.changelog_position(tp))
         for tp in tps:
             wm = self.store.watermark(tp)
+            start = None if wm is None else wm + 1
+            partition_log = logs.get(tp) if logs is not None else None
+            if partition_log is not None:
+                wm, start = self._check_offsets(tp, wm, partition_log)
+            if self.changelog is not None:
+                epoch = self.store.epoch(tp)
+                if epoch is not None:
+                    self.changelog.epochs[tp] = epoch
             self._watermarks[tp] = wm
-            starts[tp] = None if wm is None else wm + 1
+            starts[tp] = start
         log.info(
             "partitions_assigned",
             partitions=[str(t) for t in tps],
             resume={str(tp): o for tp, o in starts.items()},
         )
         return starts
+
+    def _check_offsets(
+        self, tp: TopicPartition, wm: int | None, partition_log: PartitionLog
+    ) -> tuple[int | None, int | None]:
+        """The watermark and start of ``tp`` once its log is known to be the one it covers.
+
+        Offsets at or below the watermark are replays only in the log the watermark was
+        taken in. A topic deleted and created again (a new topic ID) or a log that now
+        ends at or below the watermark (truncated, or recreated where topic IDs are not
+        known) reuses them: ``processing.on_offset_regression`` decides.
+        """
+        epoch = self.store.epoch(tp)
+        topic_id = partition_log.topic_id
+        known_id, generation = EPOCH.unpack(epoch) if epoch is not None else (None, 0)
+        if wm is None or known_id is None:
+            if topic_id is not None and topic_id != known_id:
+                self.store.set_epoch(tp, EPOCH.pack(topic_id, 0), reset_watermark=False)
+            if wm is None:
+                return None, None  # nothing decided here: nothing to mistake for a replay
+        why = None
+        if topic_id is not None and known_id is not None and topic_id != known_id:
+            why = "the topic was deleted and created again (its topic ID changed)"
+        elif partition_log.high <= wm:
+            why = (
+                f"the partition's log now ends at offset {partition_log.high}, at or below "
+                f"the stored watermark {wm} (the topic was truncated or recreated)"
+            )
+        if why is None:
+            return wm, wm + 1
+        self.metrics.offset_regressions.labels(tp.topic).inc()
+        if self.settings.processing.on_offset_regression == "fail":
+            log.error("offset_regression", partition=str(tp), reason=why, watermark=wm)
+            raise OffsetRegressionError(
+                f"{tp}: {why}. Its new events at offsets up to {wm} would be taken for "
+                "replays of events already decided, and never handled. If the topic was "
+                "recreated or truncated on purpose, set processing.on_offset_regression = "
+                "'reset' to start this partition's watermark over from the start of its log "
+                "(decided event IDs are kept, so events sent again stay duplicates); "
+                "otherwise restore the topic's data before starting the consumer again"
+            )
+        same_log = topic_id is None or known_id is None or topic_id == known_id
+        new_epoch = EPOCH.pack(topic_id or known_id or bytes(16), generation + 1 if same_log else 0)
+        if self.changelog is not None:
+            # The changelog's old watermark must not come back at the next restore: a
+            # watermark record of the new epoch replaces it there.
+            self.changelog.epochs[tp] = new_epoch
+            self.changelog.write(WriteSet(watermarks={tp: -1}))
+        self.store.set_epoch(tp, new_epoch, reset_watermark=True)
+        log.warning(
+            "offset_regression_reset",
+            partition=str(tp),
+            reason=why,
+            old_watermark=wm,
+            resume=partition_log.low,
+            note="decided event IDs are kept: events sent again stay duplicates",
+        )
+        return None, partition_log.low
 
     def release(self, tps: Sequence[TopicPartition]) -> None:
         """Forget partitions (revoked or lost): their messages are no longer ours to decide."""

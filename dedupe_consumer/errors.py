@@ -28,6 +28,14 @@ class DeadLetterError(DedupeError):
     """A dead-letter record could not be made durable, so the batch must not be persisted."""
 
 
+class OffsetRegressionError(DedupeError):
+    """A partition's offsets went back below its watermark (topic recreated or truncated).
+
+    Raised at assignment with ``processing.on_offset_regression = "fail"``: new events
+    at reused offsets would otherwise be taken for replays and never handled.
+    """
+
+
 class MissingEventIdError(DedupeError):
     """An event has no usable ID and ``on_missing_id = "fail"`` asks us to stop."""
 

@@ -4,7 +4,8 @@ Each source topic ``T`` of group ``G`` has a compacted topic
 ``G.T.dedupe-changelog`` with the same partition count. Before a batch's
 decisions reach the local store they are produced there (key ``d:<event id>``
 = the 25-byte decision or claim, ``e:<key>`` = a staged effect, ``w`` = the
-watermark; a ``None`` value deletes) and flushed with acks=all.
+watermark followed by its offset epoch, -1 after a reset; a ``None`` value
+deletes) and flushed with acks=all.
 Whichever instance is assigned the partition next restores from it before
 deciding anything, so a producer retry that lands after a rebalance is still
 a duplicate and the new owner resumes at the old owner's watermark even when
@@ -58,11 +59,14 @@ _RESTORE_CHUNK = 100_000
 class _Restored:
     """Changelog records read but not yet applied, latest value per key."""
 
-    def __init__(self, tp: TopicPartition) -> None:
+    def __init__(self, tp: TopicPartition, epoch: bytes | None = None) -> None:
         self.tp = tp
         self.records: dict[str, StoredDecision | None] = {}
         self.effects: dict[bytes, bytes | None] = {}
         self.watermark: int | None = None
+        self.epoch = epoch
+        """The offset epoch of the watermark (the store's, then the latest read)."""
+        self.new_epoch = False
 
     def __len__(self) -> int:
         return len(self.records) + len(self.effects)
@@ -70,7 +74,14 @@ class _Restored:
     def add(self, key: bytes, value: bytes | None) -> None:
         """One changelog record; a ``None`` value is a tombstone."""
         if key == _WATERMARK_KEY and value is not None:
-            self.watermark = max(self.watermark or -1, _OFFSET.unpack(value)[0])
+            offset = _OFFSET.unpack_from(value)[0]
+            epoch = value[_OFFSET.size :] or None
+            if epoch is not None and epoch != self.epoch:
+                # Offsets of another epoch (the topic was recreated, or its watermark reset
+                # after a truncation) do not compare with ours: the later epoch replaces.
+                self.epoch, self.new_epoch, self.watermark = epoch, True, None
+            if offset >= 0:  # -1: a reset, nothing decided in this epoch yet
+                self.watermark = max(-1 if self.watermark is None else self.watermark, offset)
         elif key.startswith(_DECISION_PREFIX):
             event_id = key[len(_DECISION_PREFIX) :].decode()
             self.records[event_id] = None if value is None else StoredDecision.decode(value)
@@ -80,6 +91,9 @@ class _Restored:
     def apply(self, store: ProcessedStore, position: int) -> int:
         """Write what was read, and the changelog position it reaches; then forget it."""
         tp = self.tp
+        if self.new_epoch and self.epoch is not None:
+            store.set_epoch(tp, self.epoch, reset_watermark=True)
+            self.new_epoch = False
         write = WriteSet(changelog_positions={tp: position})
         local = store.watermark(tp)
         if self.watermark is not None and (local is None or local < self.watermark):
@@ -132,6 +146,8 @@ class Changelog:
                 log.warning("changelog_waiting_for_broker", error=str(exc))
                 time.sleep(1.0)
         self._ensured: set[str] = set()
+        self.epochs: dict[TopicPartition, bytes] = {}
+        """Each partition's offset epoch, written with its watermark (set on assignment)."""
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
 
@@ -224,7 +240,7 @@ class Changelog:
                 for key, value in changes:
                     self._send(tp, _EFFECT_PREFIX + key, value)
             for tp, offset in write.watermarks.items():
-                self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
+                self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset) + self.epochs.get(tp, b""))
             self._producer.commit_transaction(self.timeout_s)
         except KafkaException as exc:
             self._abort()
@@ -283,7 +299,7 @@ class Changelog:
             if begin >= high:
                 return max(high, start or 0)
             consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
-            pending = _Restored(tp)
+            pending = _Restored(tp, store.epoch(tp))
             applied = 0
             position = begin
             end: int | None = None

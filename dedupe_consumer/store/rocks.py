@@ -51,6 +51,10 @@ def _changelog_key(tp: TopicPartition) -> bytes:
     return b"cl:" + _cf_name(tp).encode()
 
 
+def _epoch_key(tp: TopicPartition) -> bytes:
+    return b"ep:" + _cf_name(tp).encode()
+
+
 class RocksStore:
     """One RocksDB per consumer instance; see the module docstring for the layout."""
 
@@ -160,6 +164,24 @@ class RocksStore:
     def changelog_position(self, tp: TopicPartition) -> int | None:
         raw = self._meta.get(_changelog_key(tp))
         return None if raw is None else int(_WATERMARK.unpack(raw)[0])
+
+    def epoch(self, tp: TopicPartition) -> bytes | None:
+        raw = self._meta.get(_epoch_key(tp))
+        return None if raw is None else bytes(raw)
+
+    def set_epoch(self, tp: TopicPartition, epoch: bytes, *, reset_watermark: bool) -> None:
+        batch = WriteBatch(raw_mode=True)
+        meta = self._db.get_column_family_handle(_META)
+        batch.put(_epoch_key(tp), epoch, meta)
+        if reset_watermark:
+            batch.delete(_watermark_key(tp), meta)
+        self._write(batch)
+
+    def _write(self, batch: WriteBatch) -> None:
+        try:
+            self._db.write(batch, self._sync)
+        except Exception as exc:
+            raise StoreError(f"cannot write to store {str(self.path)!r}: {exc}") from exc
 
     def persist(self, write: WriteSet) -> None:
         batch = WriteBatch(raw_mode=True)

@@ -1,0 +1,108 @@
+"""Offsets that went back below the watermark: detected at assignment, never skipped silently."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dedupe_consumer import OffsetRegressionError
+from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.sources import PartitionLog
+from dedupe_consumer.store import EPOCH, RocksStore
+from dedupe_consumer.store.changelog import _OFFSET, _WATERMARK_KEY, _Restored
+
+from .conftest import TOPIC, Recorder, Rig, rec
+
+TP = TopicPartition(TOPIC, 0)
+TOPIC_ID = bytes(range(16))
+OTHER_ID = bytes(range(1, 17))
+
+
+def decide_ten(r: Rig) -> None:
+    r.engine.process([rec(i, f"old-{i}") for i in range(10)])
+    assert r.engine.store.watermark(TP) == 9
+
+
+@pytest.mark.parametrize(
+    ("log", "expected"),
+    [
+        (PartitionLog(TOPIC_ID, 0, 10), 10),  # all consumed: the log ends right after
+        (PartitionLog(TOPIC_ID, 4, 500), 10),  # more to come; retention moved the start
+        (PartitionLog(None, 0, 10), 10),  # no topic IDs known: the log bounds still count
+    ],
+)
+def test_a_log_that_goes_on_from_the_watermark_resumes_after_it(
+    rig: Callable[..., Rig], log: PartitionLog, expected: int
+) -> None:
+    r = rig()
+    r.engine.assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 0)})  # first sighting: no alarm
+    decide_ten(r)
+    assert r.engine.assign([TP], {TP: log}) == {TP: expected}
+    assert r.engine.store.epoch(TP) == EPOCH.pack(TOPIC_ID, 0)
+
+
+@pytest.mark.parametrize(
+    ("log", "why"),
+    [
+        (PartitionLog(TOPIC_ID, 0, 3), "at or below the stored watermark 9"),
+        (PartitionLog(TOPIC_ID, 0, 10 - 1), "at or below the stored watermark 9"),
+        (PartitionLog(OTHER_ID, 0, 50), "deleted and created again"),
+    ],
+    ids=["truncated", "truncated-by-one", "recreated"],
+)
+def test_fail_stops_with_what_happened_and_what_to_do(
+    rig: Callable[..., Rig], log: PartitionLog, why: str
+) -> None:
+    r = rig()
+    r.engine.assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 0)})
+    decide_ten(r)
+    with pytest.raises(OffsetRegressionError) as stopped:
+        r.engine.assign([TP], {TP: log})
+    message = str(stopped.value)
+    assert why in message
+    assert f"{TOPIC}[0]" in message
+    assert "processing.on_offset_regression = 'reset'" in message
+    assert r.engine.store.watermark(TP) == 9  # nothing changed: the operator decides
+
+
+def test_reset_starts_the_watermark_over_and_keeps_the_ids(rig: Callable[..., Rig]) -> None:
+    handler = Recorder()
+    r = rig(handler, processing={"on_offset_regression": "reset"})
+    r.engine.assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 0)})
+    decide_ten(r)
+    assert r.engine.assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 3)}) == {TP: 0}
+    assert r.engine.store.watermark(TP) is None
+    assert r.engine.store.epoch(TP) == EPOCH.pack(TOPIC_ID, 1)  # a new epoch, same topic
+    handler.calls.clear()
+    result = r.engine.process([rec(0, "new-0"), rec(1, "old-4"), rec(2, "new-1")])
+    assert handler.ids == ["new-0", "new-1"]
+    assert result.stats.duplicates == 1
+    assert r.engine.store.watermark(TP) == 2
+    # A restart sees the reset log as the one its watermark covers: no second reset.
+    assert r.restart().assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 3)}) == {TP: 3}
+
+
+def test_restore_lets_a_later_epoch_replace_the_watermark(tmp_path: Path) -> None:
+    store = RocksStore(tmp_path / "s", retention_ms=10**9)
+    try:
+        old, new = EPOCH.pack(TOPIC_ID, 0), EPOCH.pack(OTHER_ID, 0)
+        restored = _Restored(TP, store.epoch(TP))
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(19))  # before epochs were written
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(25) + old)
+        restored.apply(store, 2)
+        assert (store.watermark(TP), store.epoch(TP)) == (25, old)
+
+        restored = _Restored(TP, store.epoch(TP))  # a later restore, from position 2
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(24) + old)  # max within an epoch
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(-1) + new)  # the reset record
+        restored.apply(store, 4)
+        assert (store.watermark(TP), store.epoch(TP)) == (None, new)
+
+        restored = _Restored(TP, store.epoch(TP))
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(3) + new)
+        restored.apply(store, 5)
+        assert store.watermark(TP) == 3
+    finally:
+        store.close()
