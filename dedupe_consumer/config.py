@@ -139,6 +139,12 @@ class StoreSettings(_Section):
         ge=1,
         description="records the retention sweep examines per idle poll (an integer >= 1)",
     )
+    revoked_state_grace: Duration = Field(
+        timedelta(hours=1),
+        description=f"{DURATION_FORMS}; how long a revoked partition's local state is kept "
+        "in case it comes back, before it is dropped (the changelog keeps it; without a "
+        "changelog it is kept and swept instead)",
+    )
 
 
 class ProcessingSettings(_Section):

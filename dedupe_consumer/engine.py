@@ -143,6 +143,9 @@ class Engine:
         self.claims = settings.processing.mode == "claim"
         self._extract = parse_id_source(settings.dedupe.id_source)
         self._watermarks: dict[TopicPartition, int | None] = {}
+        self._revoked: dict[TopicPartition, float] = {}
+        """Partitions with local state that we do not own, and since when (clock seconds)."""
+        self._revoked_listed = False
         self._stopping = threading.Event()
         self._sweep_budget = settings.store.sweep_keys
         self._walk_effects: Effects | None = None
@@ -185,6 +188,7 @@ class Engine:
                 if epoch is not None:
                     self.changelog.epochs[tp] = epoch
             self._watermarks[tp] = wm
+            self._revoked.pop(tp, None)
             starts[tp] = start
         log.info(
             "partitions_assigned",
@@ -252,8 +256,10 @@ class Engine:
 
     def release(self, tps: Sequence[TopicPartition]) -> None:
         """Forget partitions (revoked or lost): their messages are no longer ours to decide."""
+        now = self.clock()
         for tp in tps:
             self._watermarks.pop(tp, None)
+            self._revoked[tp] = now  # its local state goes after the grace period
 
     @property
     def assigned(self) -> list[TopicPartition]:
@@ -272,6 +278,37 @@ class Engine:
         if self._watermarks:
             share = max(1, self._sweep_budget // len(self._watermarks))
             self._sweep(int(self.clock() * 1000), dict.fromkeys(self._watermarks, share))
+        self._tend_revoked(idle=True)
+
+    def _tend_revoked(self, *, idle: bool) -> None:
+        """Bound the disk taken by partitions we no longer own (invariant 5).
+
+        With a changelog, a partition revoked for longer than
+        ``store.revoked_state_grace`` is dropped: the changelog holds its state, and a
+        later assignment restores it from the changelog's start. Without one, dropping
+        would lose its dedupe state, so its expired records are swept instead (idle
+        polls only). Partitions found in the store at start-up count as revoked then.
+        """
+        now = self.clock()
+        if not self._revoked_listed:
+            self._revoked_listed = True
+            for tp in self.store.partitions():
+                if tp not in self._watermarks:
+                    self._revoked.setdefault(tp, now)
+        if not self._revoked:
+            return
+        if self.changelog is None:
+            if idle:
+                share = max(1, self._sweep_budget // len(self._revoked))
+                self._sweep(int(now * 1000), dict.fromkeys(self._revoked, share))
+            return
+        grace = self.settings.store.revoked_state_grace.total_seconds()
+        for tp, since in list(self._revoked.items()):
+            if now - since >= grace:
+                self.store.drop_partition(tp)
+                self.changelog.epochs.pop(tp, None)
+                del self._revoked[tp]
+                log.info("revoked_partition_dropped", partition=str(tp), revoked_s=now - since)
 
     def _sweep(self, now_ms: int, budgets: dict[TopicPartition, int]) -> None:
         deleted = self.store.sweep_expired(now_ms, budgets)
@@ -340,6 +377,7 @@ class Engine:
             # wherever the load lands (invariant 5).
             budgets = {tp: 2 * len(records) + 32 for tp, records in write.decisions.items()}
             self._sweep(now_ms, budgets)
+        self._tend_revoked(idle=False)
         total = BatchStats()
         for topic, stats in per_topic.items():
             self.metrics.record(topic, stats)

@@ -109,4 +109,10 @@ class ProcessedStore(Protocol):
     def sweep_expired(self, now_ms: int, budgets: Mapping[TopicPartition, int]) -> int:
         """Examine up to ``budgets[tp]`` records of each partition, delete the expired ones."""
 
+    def partitions(self) -> list[TopicPartition]:
+        """Every partition with local state, assigned or not."""
+
+    def drop_partition(self, tp: TopicPartition) -> None:
+        """Forget ``tp`` entirely: records, effects, watermark, changelog position, epoch."""
+
     def close(self) -> None: ...

@@ -262,6 +262,37 @@ class RocksStore:
             self._db.write(batch)
         return deleted
 
+    def partitions(self) -> list[TopicPartition]:
+        found: list[TopicPartition] = []
+        for name in Rdict.list_cf(str(self.path)):
+            kind, _, rest = name.partition(":")
+            topic, _, partition = rest.rpartition(":")
+            if kind == "p" and topic and partition.isdigit():
+                found.append(TopicPartition(topic, int(partition)))
+        return found
+
+    def drop_partition(self, tp: TopicPartition) -> None:
+        """Drop ``tp``'s column families and meta keys; only for state the changelog holds.
+
+        The meta keys go first, synced: a crash before the families are dropped leaves
+        no changelog position, so the next restore reads the changelog from its start.
+        """
+        meta = self._db.get_column_family_handle(_META)
+        batch = WriteBatch(raw_mode=True)
+        for key in (_watermark_key(tp), _changelog_key(tp), _epoch_key(tp)):
+            batch.delete(key, meta)
+        self._write(batch)
+        existing = set(Rdict.list_cf(str(self.path)))
+        for effects in (False, True):
+            name = _cf_name(tp, effects=effects)
+            (self._effect_families if effects else self._families).pop(tp, None)
+            self._sweep_cursor.pop(name, None)
+            if name in existing:
+                try:
+                    self._db.drop_column_family(name)
+                except Exception as exc:
+                    raise StoreError(f"cannot drop {name!r} in {str(self.path)!r}: {exc}") from exc
+
     def approximate_size(self) -> int:
         """Bytes of SST files and memtables, for metrics and benchmarks."""
         total = 0
