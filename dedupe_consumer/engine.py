@@ -239,10 +239,9 @@ class Engine:
         same_log = topic_id is None or known_id is None or topic_id == known_id
         new_epoch = EPOCH.pack(topic_id or known_id or bytes(16), generation + 1 if same_log else 0)
         if self.changelog is not None:
-            # The changelog's old watermark must not come back at the next restore: a
-            # watermark record of the new epoch replaces it there.
-            self.changelog.epochs[tp] = new_epoch
-            self.changelog.write(WriteSet(watermarks={tp: -1}))
+            # The changelog's old watermark must not come back at the next restore: the
+            # new epoch, marked as a reset, drops it there.
+            self.changelog.reset_epoch(tp, new_epoch)
         self.store.set_epoch(tp, new_epoch, reset_watermark=True)
         log.warning(
             "offset_regression_reset",

@@ -4,7 +4,7 @@ Each source topic ``T`` of group ``G`` has a compacted topic
 ``G.T.dedupe-changelog`` with the same partition count. Before a batch's
 decisions reach the local store they are produced there (key ``d:<event id>``
 = the 25-byte decision or claim, ``e:<key>`` = a staged effect, ``w`` = the
-watermark followed by its offset epoch, -1 after a reset; a ``None`` value
+watermark, ``t`` = the offset epoch the watermark belongs to; a ``None`` value
 deletes) and flushed with acks=all.
 Whichever instance is assigned the partition next restores from it before
 deciding anything, so a producer retry that lands after a rebalance is still
@@ -43,6 +43,9 @@ from dedupe_consumer.store.base import ProcessedStore, StoredDecision, WriteSet
 log = structlog.get_logger("dedupe_consumer.changelog")
 
 _WATERMARK_KEY = b"w"
+_EPOCH_KEY = b"t"
+"""Value: an offset epoch (``store.EPOCH``) and a flag, 1 when the watermark starts over."""
+_ADOPT, _RESET = b"\x00", b"\x01"
 _DECISION_PREFIX = b"d:"
 _EFFECT_PREFIX = b"e:"
 _OFFSET = struct.Struct(">q")
@@ -65,8 +68,9 @@ class _Restored:
         self.effects: dict[bytes, bytes | None] = {}
         self.watermark: int | None = None
         self.epoch = epoch
-        """The offset epoch of the watermark (the store's, then the latest read)."""
-        self.new_epoch = False
+        """The offset epoch of the watermark: the store's, then the latest read."""
+        self.epoch_changed = False
+        self.reset = False
 
     def __len__(self) -> int:
         return len(self.records) + len(self.effects)
@@ -74,14 +78,12 @@ class _Restored:
     def add(self, key: bytes, value: bytes | None) -> None:
         """One changelog record; a ``None`` value is a tombstone."""
         if key == _WATERMARK_KEY and value is not None:
-            offset = _OFFSET.unpack_from(value)[0]
-            epoch = value[_OFFSET.size :] or None
-            if epoch is not None and epoch != self.epoch:
-                # Offsets of another epoch (the topic was recreated, or its watermark reset
-                # after a truncation) do not compare with ours: the later epoch replaces.
-                self.epoch, self.new_epoch, self.watermark = epoch, True, None
-            if offset >= 0:  # -1: a reset, nothing decided in this epoch yet
-                self.watermark = max(-1 if self.watermark is None else self.watermark, offset)
+            offset = _OFFSET.unpack(value)[0]
+            self.watermark = offset if self.watermark is None else max(self.watermark, offset)
+        elif key == _EPOCH_KEY and value is not None and value[:-1] != self.epoch:
+            self.epoch, self.epoch_changed = value[:-1], True
+            if value[-1:] == _RESET:  # the old watermark counted offsets of another log
+                self.watermark, self.reset = None, True
         elif key.startswith(_DECISION_PREFIX):
             event_id = key[len(_DECISION_PREFIX) :].decode()
             self.records[event_id] = None if value is None else StoredDecision.decode(value)
@@ -91,9 +93,9 @@ class _Restored:
     def apply(self, store: ProcessedStore, position: int) -> int:
         """Write what was read, and the changelog position it reaches; then forget it."""
         tp = self.tp
-        if self.new_epoch and self.epoch is not None:
-            store.set_epoch(tp, self.epoch, reset_watermark=True)
-            self.new_epoch = False
+        if self.epoch_changed and self.epoch is not None:
+            store.set_epoch(tp, self.epoch, reset_watermark=self.reset)
+            self.epoch_changed = self.reset = False
         write = WriteSet(changelog_positions={tp: position})
         local = store.watermark(tp)
         if self.watermark is not None and (local is None or local < self.watermark):
@@ -147,7 +149,9 @@ class Changelog:
                 time.sleep(1.0)
         self._ensured: set[str] = set()
         self.epochs: dict[TopicPartition, bytes] = {}
-        """Each partition's offset epoch, written with its watermark (set on assignment)."""
+        """Each partition's offset epoch (set on assignment), announced once per epoch."""
+        self._announced: dict[TopicPartition, bytes] = {}
+        self._resets: set[TopicPartition] = set()
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
 
@@ -228,8 +232,16 @@ class Changelog:
         """Produce ``write`` in one transaction; return the (first, last) offset per partition."""
         self._delivered = {}
         self._errors = []
+        announce = {
+            tp: epoch
+            for tp in write.partitions()
+            if (epoch := self.epochs.get(tp)) is not None and self._announced.get(tp) != epoch
+        }
         try:
             self._producer.begin_transaction()
+            for tp, epoch in announce.items():  # first: it applies to the watermark below
+                flag = _RESET if tp in self._resets else _ADOPT
+                self._send(tp, _EPOCH_KEY, epoch + flag)
             for tp, items in write.decisions.items():
                 for event_id, decision in items:
                     self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
@@ -240,7 +252,7 @@ class Changelog:
                 for key, value in changes:
                     self._send(tp, _EFFECT_PREFIX + key, value)
             for tp, offset in write.watermarks.items():
-                self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset) + self.epochs.get(tp, b""))
+                self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
             self._producer.commit_transaction(self.timeout_s)
         except KafkaException as exc:
             self._abort()
@@ -250,7 +262,15 @@ class Changelog:
             ) from exc
         if self._errors:
             raise StoreError(f"changelog delivery failed: {self._errors[:3]}")
+        self._announced.update(announce)
+        self._resets -= announce.keys()
         return dict(self._delivered)
+
+    def reset_epoch(self, tp: TopicPartition, epoch: bytes) -> None:
+        """Start ``tp``'s watermark over in a new epoch: a restore then drops the old one."""
+        self.epochs[tp] = epoch
+        self._resets.add(tp)
+        self.write(WriteSet(decisions={tp: []}))  # no records: just the epoch announcement
 
     def _abort(self) -> None:
         try:

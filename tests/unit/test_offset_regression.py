@@ -11,7 +11,14 @@ from dedupe_consumer import OffsetRegressionError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.sources import PartitionLog
 from dedupe_consumer.store import EPOCH, RocksStore
-from dedupe_consumer.store.changelog import _OFFSET, _WATERMARK_KEY, _Restored
+from dedupe_consumer.store.changelog import (
+    _ADOPT,
+    _EPOCH_KEY,
+    _OFFSET,
+    _RESET,
+    _WATERMARK_KEY,
+    _Restored,
+)
 
 from .conftest import TOPIC, Recorder, Rig, rec
 
@@ -84,25 +91,30 @@ def test_reset_starts_the_watermark_over_and_keeps_the_ids(rig: Callable[..., Ri
     assert r.restart().assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 3)}) == {TP: 3}
 
 
-def test_restore_lets_a_later_epoch_replace_the_watermark(tmp_path: Path) -> None:
+def test_restore_adopts_an_epoch_and_starts_over_only_at_a_reset(tmp_path: Path) -> None:
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     try:
         old, new = EPOCH.pack(TOPIC_ID, 0), EPOCH.pack(OTHER_ID, 0)
         restored = _Restored(TP, store.epoch(TP))
         restored.add(_WATERMARK_KEY, _OFFSET.pack(19))  # before epochs were written
-        restored.add(_WATERMARK_KEY, _OFFSET.pack(25) + old)
-        restored.apply(store, 2)
-        assert (store.watermark(TP), store.epoch(TP)) == (25, old)
+        restored.add(_EPOCH_KEY, old + _ADOPT)  # first announced: the watermark stays
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(18))
+        restored.apply(store, 3)
+        assert (store.watermark(TP), store.epoch(TP)) == (19, old)
 
-        restored = _Restored(TP, store.epoch(TP))  # a later restore, from position 2
-        restored.add(_WATERMARK_KEY, _OFFSET.pack(24) + old)  # max within an epoch
-        restored.add(_WATERMARK_KEY, _OFFSET.pack(-1) + new)  # the reset record
-        restored.apply(store, 4)
+        restored = _Restored(TP, store.epoch(TP))  # a later restore, from position 3
+        restored.add(_EPOCH_KEY, old + _ADOPT)  # announced again by a restarted owner
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(25))
+        restored.add(_EPOCH_KEY, new + _RESET)  # the topic was recreated: start over
+        restored.apply(store, 6)
         assert (store.watermark(TP), store.epoch(TP)) == (None, new)
 
         restored = _Restored(TP, store.epoch(TP))
-        restored.add(_WATERMARK_KEY, _OFFSET.pack(3) + new)
-        restored.apply(store, 5)
-        assert store.watermark(TP) == 3
+        restored.add(_EPOCH_KEY, new + _RESET)  # read twice (restore is idempotent)
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(3))
+        restored.apply(store, 8)
+        restored.add(_EPOCH_KEY, new + _RESET)
+        restored.apply(store, 9)
+        assert (store.watermark(TP), store.epoch(TP)) == (3, new)
     finally:
         store.close()
