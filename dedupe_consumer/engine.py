@@ -65,6 +65,9 @@ from dedupe_consumer.store import (
 
 log = structlog.get_logger("dedupe_consumer.engine")
 
+_BUSY_REVOKED_SWEEP = 256
+"""Records of revoked partitions examined per batch (without a changelog)."""
+
 
 def payload_digest(value: bytes | None) -> bytes:
     """8-byte digest stored with each ID to tell a true duplicate from a reused ID."""
@@ -285,8 +288,8 @@ class Engine:
         With a changelog, a partition revoked for longer than
         ``store.revoked_state_grace`` is dropped: the changelog holds its state, and a
         later assignment restores it from the changelog's start. Without one, dropping
-        would lose its dedupe state, so its expired records are swept instead (idle
-        polls only). Partitions found in the store at start-up count as revoked then.
+        would lose its dedupe state, so its expired records are swept instead.
+        Partitions found in the store at start-up count as revoked then.
         """
         now = self.clock()
         if not self._revoked_listed:
@@ -297,9 +300,10 @@ class Engine:
         if not self._revoked:
             return
         if self.changelog is None:
-            if idle:
-                share = max(1, self._sweep_budget // len(self._revoked))
-                self._sweep(int(now * 1000), dict.fromkeys(self._revoked, share))
+            # A busy consumer never idles: a small share per batch, the rest when idle.
+            budget = self._sweep_budget if idle else _BUSY_REVOKED_SWEEP
+            share = max(1, budget // len(self._revoked))
+            self._sweep(int(now * 1000), dict.fromkeys(self._revoked, share))
             return
         grace = self.settings.store.revoked_state_grace.total_seconds()
         for tp, since in list(self._revoked.items()):

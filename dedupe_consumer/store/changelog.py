@@ -79,7 +79,8 @@ class _Restored:
         """One changelog record; a ``None`` value is a tombstone."""
         if key == _WATERMARK_KEY and value is not None:
             offset = _OFFSET.unpack(value)[0]
-            self.watermark = offset if self.watermark is None else max(self.watermark, offset)
+            if offset >= 0:  # -1 comes with a reset: nothing decided in the new epoch yet
+                self.watermark = offset if self.watermark is None else max(self.watermark, offset)
         elif key == _EPOCH_KEY and value is not None and value[:-1] != self.epoch:
             self.epoch, self.epoch_changed = value[:-1], True
             if value[-1:] == _RESET:  # the old watermark counted offsets of another log
@@ -270,7 +271,9 @@ class Changelog:
         """Start ``tp``'s watermark over in a new epoch: a restore then drops the old one."""
         self.epochs[tp] = epoch
         self._resets.add(tp)
-        self.write(WriteSet(decisions={tp: []}))  # no records: just the epoch announcement
+        # The -1 watermark supersedes the old one under compaction, which may keep only a
+        # later announcement of the same epoch (flagged adopt) and not this reset.
+        self.write(WriteSet(watermarks={tp: -1}))
 
     def _abort(self) -> None:
         try:

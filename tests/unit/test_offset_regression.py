@@ -106,6 +106,7 @@ def test_restore_adopts_an_epoch_and_starts_over_only_at_a_reset(tmp_path: Path)
         restored.add(_EPOCH_KEY, old + _ADOPT)  # announced again by a restarted owner
         restored.add(_WATERMARK_KEY, _OFFSET.pack(25))
         restored.add(_EPOCH_KEY, new + _RESET)  # the topic was recreated: start over
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(-1))  # written with the reset
         restored.apply(store, 6)
         assert (store.watermark(TP), store.epoch(TP)) == (None, new)
 
@@ -116,5 +117,21 @@ def test_restore_adopts_an_epoch_and_starts_over_only_at_a_reset(tmp_path: Path)
         restored.add(_EPOCH_KEY, new + _RESET)
         restored.apply(store, 9)
         assert (store.watermark(TP), store.epoch(TP)) == (3, new)
+    finally:
+        store.close()
+
+
+def test_a_compacted_changelog_that_lost_the_reset_record_still_starts_over(
+    tmp_path: Path,
+) -> None:
+    """Compaction keeps the latest ``t`` (a restarted owner's adopt) and the latest ``w``."""
+    store = RocksStore(tmp_path / "s", retention_ms=10**9)
+    try:
+        new = EPOCH.pack(OTHER_ID, 0)
+        restored = _Restored(TP, None)  # a fresh instance
+        restored.add(_EPOCH_KEY, new + _ADOPT)
+        restored.add(_WATERMARK_KEY, _OFFSET.pack(-1))  # the reset's: the old 19 is gone
+        restored.apply(store, 9)
+        assert (store.watermark(TP), store.epoch(TP)) == (None, new)
     finally:
         store.close()

@@ -39,6 +39,18 @@ def test_revoked_partition_without_changelog_is_swept_not_dropped(
     assert r.engine.assign([TP]) == {TP: 50}
 
 
+def test_a_busy_consumer_sweeps_revoked_partitions_without_idling(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig(dedupe={"retention": "1h"}, store={"changelog": False})
+    r.engine.process([rec(i, f"id-{i}") for i in range(300)])
+    r.engine.release([TP])
+    r.clock.now += 3601
+    for batch in range(3):  # partition 1 keeps the consumer busy: no idle poll
+        r.engine.process([rec(batch, f"p1-{batch}", partition=1)])
+    assert deleted(r) == 300
+
+
 def test_a_partition_found_in_the_store_at_start_up_is_swept_too(
     rig: Callable[..., Rig],
 ) -> None:
