@@ -235,7 +235,8 @@ class Engine:
                 f"{tp}: {why}. Its new events at offsets up to {wm} would be taken for "
                 "replays of events already decided, and never handled. If the topic was "
                 "recreated or truncated on purpose, set processing.on_offset_regression = "
-                "'reset' to start this partition's watermark over from the start of its log "
+                "'reset' (or DEDUPE_PROCESSING__ON_OFFSET_REGRESSION=reset) to start this "
+                "partition's watermark over from the start of its log "
                 "(decided event IDs are kept, so events sent again stay duplicates); "
                 "otherwise restore the topic's data before starting the consumer again"
             )
