@@ -93,6 +93,26 @@ class KafkaSettings(_Section):
             )
         return value
 
+    @field_validator("consumer")
+    @classmethod
+    def _consumer_protocol(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
+        # KIP-848: the broker owns these; librdkafka refuses them only when the consumer
+        # starts. Refuse them here, with the broker-side setting that replaces each.
+        if str(value.get("group.protocol", "classic")).lower() != "consumer":
+            return value
+        broker_side = {
+            "session.timeout.ms": "the broker's group.consumer.session.timeout.ms",
+            "heartbeat.interval.ms": "the broker's group.consumer.heartbeat.interval.ms",
+            "partition.assignment.strategy": "group.remote.assignor ('uniform' or 'range')",
+        }
+        clash = [f"{key} (use {broker_side[key]})" for key in broker_side if key in value]
+        if clash:
+            raise ValueError(
+                "with group.protocol = 'consumer' (KIP-848) the group is run by the broker, "
+                f"so remove {'; '.join(clash)}, or set group.protocol = 'classic'"
+            )
+        return value
+
 
 class DedupeSettings(_Section):
     id_source: str = Field("header:event-id", description=f"one of {ID_SOURCE_FORMS}")
@@ -135,6 +155,12 @@ class StoreSettings(_Section):
         ge=1,
         description="records the retention sweep examines per idle poll (an integer >= 1)",
     )
+    revoked_state_grace: Duration = Field(
+        timedelta(hours=1),
+        description=f"{DURATION_FORMS}; how long a revoked partition's local state is kept "
+        "in case it comes back, before it is dropped (the changelog keeps it; without a "
+        "changelog it is kept and swept instead)",
+    )
 
 
 class ProcessingSettings(_Section):
@@ -156,6 +182,12 @@ class ProcessingSettings(_Section):
         timedelta(0),
         description=f"{DURATION_FORMS}; an in-progress claim younger than this is waited "
         "out before it is treated as uncertain (fences a zombie previous owner)",
+    )
+    on_offset_regression: Literal["fail", "reset"] = Field(
+        "fail",
+        description="'fail' or 'reset': what to do when a partition's offsets went back below "
+        "its stored watermark (the topic was recreated or truncated); 'reset' starts the "
+        "partition's watermark over and keeps decided IDs",
     )
 
 

@@ -24,7 +24,7 @@ from dedupe_consumer.engine import BatchResult, Engine
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.sources import Source, SourceFactory
+from dedupe_consumer.sources import PartitionLog, Source, SourceFactory
 from dedupe_consumer.store import Changelog, ProcessedStore, RocksStore
 
 log = structlog.get_logger("dedupe_consumer")
@@ -62,9 +62,13 @@ class DedupeConsumer:
 
     # -- assignment listener ---------------------------------------------------------------
 
-    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]:
+    def on_assigned(
+        self,
+        tps: Sequence[TopicPartition],
+        logs: Mapping[TopicPartition, PartitionLog] | None = None,
+    ) -> Mapping[TopicPartition, int | None]:
         assert self._engine is not None
-        return self._engine.assign(tps)
+        return self._engine.assign(tps, logs)
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
         assert self._engine is not None

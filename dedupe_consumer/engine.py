@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -38,6 +38,7 @@ from dedupe_consumer.errors import (
     ConfigError,
     DeadLetterError,
     MissingEventIdError,
+    OffsetRegressionError,
     PermanentError,
 )
 from dedupe_consumer.handler import Handler
@@ -53,7 +54,9 @@ from dedupe_consumer.models import (
     message_timestamp,
 )
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.sources import PartitionLog
 from dedupe_consumer.store import (
+    EPOCH,
     Changelog,
     NotOwnerError,
     ProcessedStore,
@@ -63,6 +66,9 @@ from dedupe_consumer.store import (
 )
 
 log = structlog.get_logger("dedupe_consumer.engine")
+
+_BUSY_REVOKED_SWEEP = 256
+"""Records of revoked partitions examined per batch (without a changelog)."""
 
 
 def payload_digest(value: bytes | None) -> bytes:
@@ -160,6 +166,9 @@ class Engine:
         self._orphans: dict[TopicPartition, _Orphan] = {}
         """Walked batches whose transaction the group fenced, kept per partition in case
         this instance owns the partition again with nobody having written meanwhile."""
+        self._revoked: dict[TopicPartition, float] = {}
+        """Partitions with local state that we do not own, and since when (clock seconds)."""
+        self._revoked_listed = False
         self._stopping = threading.Event()
         self._sweep_budget = settings.store.sweep_keys
         self._walk_effects: Effects | None = None
@@ -180,8 +189,16 @@ class Engine:
 
     # -- assignment ------------------------------------------------------------------------
 
-    def assign(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
-        """Take ownership of partitions; return where each should resume (watermark + 1)."""
+    def assign(
+        self,
+        tps: Sequence[TopicPartition],
+        logs: Mapping[TopicPartition, PartitionLog] | None = None,
+    ) -> dict[TopicPartition, int | None]:
+        """Take ownership of partitions; return where each should resume (watermark + 1).
+
+        ``logs`` (from the Kafka source) lets a partition whose offsets went back below
+        its watermark be caught here, before its new events are taken for replays.
+        """
         starts: dict[TopicPartition, int | None] = {}
         if self.changelog is not None and tps:
             self.changelog.ensure_topics({tp.topic for tp in tps})
@@ -192,19 +209,91 @@ class Engine:
                     self._adopt(tp, orphan.write, live=True)
         for tp in tps:
             wm = self.store.watermark(tp)
+            start = None if wm is None else wm + 1
+            partition_log = logs.get(tp) if logs is not None else None
+            if partition_log is not None:
+                wm, start = self._check_offsets(tp, wm, partition_log)
+            if self.changelog is not None:
+                epoch = self.store.epoch(tp)
+                if epoch is not None:
+                    self.changelog.epochs[tp] = epoch
             self._watermarks[tp] = wm
-            starts[tp] = None if wm is None else wm + 1
-        log.info("partitions_assigned", partitions=[str(t) for t in tps], resume=starts)
+            self._revoked.pop(tp, None)
+            starts[tp] = start
+        log.info(
+            "partitions_assigned",
+            partitions=[str(t) for t in tps],
+            resume={str(tp): o for tp, o in starts.items()},
+        )
         return starts
+
+    def _check_offsets(
+        self, tp: TopicPartition, wm: int | None, partition_log: PartitionLog
+    ) -> tuple[int | None, int | None]:
+        """The watermark and start of ``tp`` once its log is known to be the one it covers.
+
+        Offsets at or below the watermark are replays only in the log the watermark was
+        taken in. A topic deleted and created again (a new topic ID) or a log that now
+        ends at or below the watermark (truncated, or recreated where topic IDs are not
+        known) reuses them: ``processing.on_offset_regression`` decides.
+        """
+        epoch = self.store.epoch(tp)
+        topic_id = partition_log.topic_id
+        known_id, generation = EPOCH.unpack(epoch) if epoch is not None else (None, 0)
+        if wm is None or known_id is None:
+            if topic_id is not None and topic_id != known_id:
+                self.store.set_epoch(tp, EPOCH.pack(topic_id, 0), reset_watermark=False)
+            if wm is None:
+                return None, None  # nothing decided here: nothing to mistake for a replay
+        why = None
+        if topic_id is not None and known_id is not None and topic_id != known_id:
+            why = "the topic was deleted and created again (its topic ID changed)"
+        elif partition_log.high <= wm:
+            why = (
+                f"the partition's log now ends at offset {partition_log.high}, at or below "
+                f"the stored watermark {wm} (the topic was truncated or recreated)"
+            )
+        if why is None:
+            return wm, wm + 1
+        self.metrics.offset_regressions.labels(tp.topic).inc()
+        if self.settings.processing.on_offset_regression == "fail":
+            log.error("offset_regression", partition=str(tp), reason=why, watermark=wm)
+            raise OffsetRegressionError(
+                f"{tp}: {why}. Its new events at offsets up to {wm} would be taken for "
+                "replays of events already decided, and never handled. If the topic was "
+                "recreated or truncated on purpose, set processing.on_offset_regression = "
+                "'reset' (or DEDUPE_PROCESSING__ON_OFFSET_REGRESSION=reset) to start this "
+                "partition's watermark over from the start of its log "
+                "(decided event IDs are kept, so events sent again stay duplicates); "
+                "otherwise restore the topic's data before starting the consumer again"
+            )
+        same_log = topic_id is None or known_id is None or topic_id == known_id
+        new_epoch = EPOCH.pack(topic_id or known_id or bytes(16), generation + 1 if same_log else 0)
+        if self.changelog is not None:
+            # The changelog's old watermark must not come back at the next restore: the
+            # new epoch, marked as a reset, drops it there.
+            self.changelog.reset_epoch(tp, new_epoch)
+        self.store.set_epoch(tp, new_epoch, reset_watermark=True)
+        log.warning(
+            "offset_regression_reset",
+            partition=str(tp),
+            reason=why,
+            old_watermark=wm,
+            resume=partition_log.low,
+            note="decided event IDs are kept: events sent again stay duplicates",
+        )
+        return None, partition_log.low
 
     def release(self, tps: Sequence[TopicPartition]) -> None:
         """Forget partitions (revoked or lost): their messages are no longer ours to decide."""
+        now = self.clock()
         for tp in tps:
             self._watermarks.pop(tp, None)
             self._next.pop(tp, None)
             orphan = self._orphans.get(tp)
             if orphan is not None:
                 orphan.released = True  # only a restore that reads nothing new revives it
+            self._revoked[tp] = now  # its local state goes after the grace period
 
     @property
     def assigned(self) -> list[TopicPartition]:
@@ -225,8 +314,10 @@ class Engine:
         then the local delete), only when there are some. With a changelog, the
         transaction must commit a safe offset of some owned partition to be fenced
         if this instance is no longer the owner: before the first batch since the
-        assignment, none is known and nothing is swept.
+        assignment, none is known and nothing is swept. Revoked partitions are
+        tended first (:meth:`_tend_revoked`).
         """
+        self._tend_revoked(idle=True)
         owned = list(self._watermarks)
         if not owned or (self.changelog is not None and not self._next):
             return
@@ -238,6 +329,39 @@ class Engine:
                 self._persist(write)
             except NotOwnerError as fenced:
                 log.warning("changelog_fenced", error=str(fenced), during="retention sweep")
+
+    def _tend_revoked(self, *, idle: bool) -> None:
+        """Bound the disk taken by partitions we no longer own (invariant 5).
+
+        With a changelog, a partition revoked for longer than
+        ``store.revoked_state_grace`` is dropped: the changelog holds its state, and a
+        later assignment restores it from the changelog's start. Without one, dropping
+        would lose its dedupe state, so its expired records are swept instead.
+        Partitions found in the store at start-up count as revoked then.
+        """
+        now = self.clock()
+        if not self._revoked_listed:
+            self._revoked_listed = True
+            for tp in self.store.partitions():
+                if tp not in self._watermarks:
+                    self._revoked.setdefault(tp, now)
+        if not self._revoked:
+            return
+        if self.changelog is None:
+            # A busy consumer never idles: a small share per batch, the rest when idle.
+            budget = self._sweep_budget if idle else _BUSY_REVOKED_SWEEP
+            share = max(1, budget // len(self._revoked))
+            deleted = self.store.sweep_expired(int(now * 1000), dict.fromkeys(self._revoked, share))
+            if deleted:  # not ours: deleted locally only, never tombstoned in the changelog
+                self.metrics.expired_deleted.inc(deleted)
+            return
+        grace = self.settings.store.revoked_state_grace.total_seconds()
+        for tp, since in list(self._revoked.items()):
+            if now - since >= grace:
+                self.store.drop_partition(tp, self.changelog.position_key(tp))
+                self.changelog.epochs.pop(tp, None)
+                del self._revoked[tp]
+                log.info("revoked_partition_dropped", partition=str(tp), revoked_s=now - since)
 
     def _sweep(self, now_ms: int, budgets: dict[TopicPartition, int], write: WriteSet) -> None:
         """Add expired IDs to ``write`` as deletions (tombstones in the changelog)."""
@@ -391,6 +515,7 @@ class Engine:
                 self._next[tp] = offset + 1
                 self.metrics.watermark.labels(tp.topic, str(tp.partition)).set(offset)
             fault_point("after_persist")
+        self._tend_revoked(idle=False)
         total = BatchStats()
         for topic, stats in per_topic.items():
             self.metrics.record(topic, stats)

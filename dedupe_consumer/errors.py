@@ -36,6 +36,14 @@ class DeadLetterError(DedupeError):
         self.failed = failed
 
 
+class OffsetRegressionError(DedupeError):
+    """A partition's offsets went back below its watermark (topic recreated or truncated).
+
+    Raised at assignment with ``processing.on_offset_regression = "fail"``: new events
+    at reused offsets would otherwise be taken for replays and never handled.
+    """
+
+
 class MissingEventIdError(DedupeError):
     """An event has no usable ID and ``on_missing_id = "fail"`` asks us to stop."""
 

@@ -9,14 +9,35 @@ and the loop agree without importing each other.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from dedupe_consumer.models import SourceMessage, TopicPartition
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionLog:
+    """What the cluster says about a source partition at assignment (to detect offset reuse)."""
+
+    topic_id: bytes | None
+    """The topic's 16-byte ID: it changes when the topic is deleted and created again."""
+    low: int
+    """The first offset still in the log."""
+    high: int
+    """The next offset to be written (the high watermark)."""
+
+
 class AssignmentListener(Protocol):
-    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]:
-        """Return the offset to resume each partition from (None: the committed offset)."""
+    def on_assigned(
+        self,
+        tps: Sequence[TopicPartition],
+        logs: Mapping[TopicPartition, PartitionLog] | None = None,
+    ) -> Mapping[TopicPartition, int | None]:
+        """Return the offset to resume each partition from (None: the committed offset).
+
+        ``logs``, when the source can tell, describes each partition's log, so that
+        a topic that was recreated or truncated is not mistaken for a replay.
+        """
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
         """Return offsets that must be committed before the partitions go."""

@@ -55,6 +55,10 @@ def produce_raw(bootstrap: str, topic: str, items: list[dict[str, Any]]) -> None
     assert producer.flush(30) == 0
 
 
+CLASSIC_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy")
+"""Client-side group settings the consumer group protocol (KIP-848) does not take."""
+
+
 def settings_for(
     bootstrap: str, topic: str, store: Path, group: str | None = None, **sections: dict[str, Any]
 ) -> Settings:
@@ -77,6 +81,10 @@ def settings_for(
         merged = {**values.get(name, {}), **section}
         if name == "kafka" and "consumer" in section:
             merged["consumer"] = {**values["kafka"]["consumer"], **section["consumer"]}
+            if merged["consumer"].get("group.protocol") == "consumer":
+                # KIP-848: the broker owns session and heartbeat timing.
+                for key in CLASSIC_ONLY:
+                    merged["consumer"].pop(key, None)
         values[name] = merged
     return Settings.load(**values)
 

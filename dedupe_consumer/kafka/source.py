@@ -8,6 +8,7 @@ for after the engine has persisted the decisions they cover.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,15 +19,19 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
+    TopicCollection,
 )
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._listoffsets import OffsetSpec  # admin re-exports it without __all__
 
 from dedupe_consumer.config import Settings
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.sources import AssignmentListener
+from dedupe_consumer.sources import AssignmentListener, PartitionLog
 
 log = structlog.get_logger("dedupe_consumer.kafka")
+_UUID = struct.Struct(">QQ")
 
 
 def _kafka_offsets(offsets: Mapping[TopicPartition, int]) -> list[KafkaTopicPartition]:
@@ -35,6 +40,19 @@ def _kafka_offsets(offsets: Mapping[TopicPartition, int]) -> list[KafkaTopicPart
 
 def _tps(partitions: Sequence[KafkaTopicPartition]) -> list[TopicPartition]:
     return [TopicPartition(p.topic, p.partition) for p in partitions]
+
+
+def _uuid_bytes(uuid: Any) -> bytes:
+    """A confluent-kafka ``Uuid`` as its 16 bytes."""
+    mask = (1 << 64) - 1
+    high = uuid.get_most_significant_bits() & mask
+    low = uuid.get_least_significant_bits() & mask
+    return bytes(_UUID.pack(high, low))
+
+
+def consumer_protocol(conf: Mapping[str, object]) -> bool:
+    """Whether the consumer group protocol of KIP-848 (``group.protocol = "consumer"``) is on."""
+    return str(conf.get("group.protocol", "classic")).lower() == "consumer"
 
 
 class KafkaSource:
@@ -59,9 +77,12 @@ class KafkaSource:
         conf["on_commit"] = self._on_commit
         self._issued: dict[TopicPartition, int] = {}
         self._group_metadata: object | None = None
+        self._admin: AdminClient | None = None
         self._recommit = False
         strategy = str(conf.get("partition.assignment.strategy", ""))
-        self.cooperative = "cooperative" in strategy
+        # Incremental (un)assignment: cooperative-sticky, and always with the consumer
+        # group protocol (KIP-848), where an eager assign() fails with _STATE.
+        self.cooperative = "cooperative" in strategy or consumer_protocol(conf)
         self.max_poll_interval_ms = int(conf.get("max.poll.interval.ms", 300_000))
         self._consumer = Consumer(conf)
         self._consumer.subscribe(
@@ -74,7 +95,8 @@ class KafkaSource:
     # -- rebalance callbacks (run inside consume()) --------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
-        resume = self.listener.on_assigned(_tps(partitions))
+        logs = self._partition_logs(partitions)
+        resume = self.listener.on_assigned(_tps(partitions), logs)
         committed: list[KafkaTopicPartition] | None = None
         if any(v is not None for v in resume.values()):
             try:
@@ -82,8 +104,11 @@ class KafkaSource:
             except KafkaException as exc:
                 log.warning("committed_offsets_unavailable", error=str(exc))
         for i, p in enumerate(partitions):
-            start = resume.get(TopicPartition(p.topic, p.partition))
+            tp = TopicPartition(p.topic, p.partition)
+            start = resume.get(tp)
             done = committed[i].offset if committed is not None else OFFSET_INVALID
+            if tp in logs and done > logs[tp].high:
+                done = OFFSET_INVALID  # past the end of the log: a truncated or new topic
             # max(committed, watermark + 1): another instance may have gone further.
             if start is not None and (done < 0 or start > done):
                 p.offset = start
@@ -98,6 +123,49 @@ class KafkaSource:
             consumer.incremental_assign(partitions)
         else:
             consumer.assign(partitions)
+
+    def _partition_logs(
+        self, partitions: list[KafkaTopicPartition]
+    ) -> dict[TopicPartition, PartitionLog]:
+        """Topic IDs and log bounds of ``partitions``, for the offset-regression check.
+
+        Two admin requests per assignment. When the cluster cannot answer, the check
+        is skipped for this assignment, loudly: the watermark alone still applies.
+        """
+        if not partitions:
+            return {}
+        try:
+            if self._admin is None:
+                self._admin = AdminClient(self.settings.kafka.connection())
+            admin = self._admin
+            topics = sorted({p.topic for p in partitions})
+            ids: dict[str, bytes | None] = {}
+            described = admin.describe_topics(TopicCollection(topics), request_timeout=30)
+            for name, future in described.items():
+                uuid = future.result().topic_id
+                ids[name] = None if uuid is None else _uuid_bytes(uuid)
+            bounds: dict[str, dict[TopicPartition, int]] = {}
+            earliest = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+            latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+            for which, spec in (("low", earliest), ("high", latest)):
+                asked = {KafkaTopicPartition(p.topic, p.partition): spec for p in partitions}
+                answers = admin.list_offsets(asked, request_timeout=30)
+                bounds[which] = {
+                    TopicPartition(k.topic, k.partition): int(f.result().offset)
+                    for k, f in answers.items()
+                }
+        except KafkaException as exc:
+            log.error(
+                "partition_logs_unavailable",
+                error=str(exc),
+                consequence="a recreated or truncated topic cannot be detected at this "
+                "assignment; offsets at or below the stored watermark count as replays",
+            )
+            return {}
+        return {
+            tp: PartitionLog(ids.get(tp.topic), bounds["low"][tp], bounds["high"][tp])
+            for tp in _tps(partitions)
+        }
 
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)

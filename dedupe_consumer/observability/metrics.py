@@ -66,6 +66,12 @@ class Metrics:
             "Batches that outlived max.poll.interval.ms (the group membership was lost)",
             registry=r,
         )
+        self.offset_regressions = Counter(
+            "dedupe_offset_regressions",
+            "Assignments whose log went back below the watermark (topic recreated/truncated)",
+            ["topic"],
+            registry=r,
+        )
 
     def record(self, topic: str, stats: BatchStats) -> None:
         for decision, count in (

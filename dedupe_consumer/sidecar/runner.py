@@ -28,6 +28,7 @@ from dedupe_consumer.sidecar.handler import HttpForwardHandler
 from dedupe_consumer.sidecar.health import BrokerCheck, HealthServer, Readiness
 from dedupe_consumer.sidecar.metrics import SidecarMetrics
 from dedupe_consumer.sidecar.settings import SidecarSettings
+from dedupe_consumer.sources import PartitionLog
 
 log = structlog.get_logger("dedupe_consumer.sidecar")
 
@@ -98,8 +99,12 @@ class SidecarConsumer(DedupeConsumer):
         with self._lock:
             return self._assigned
 
-    def on_assigned(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]:
-        starts = super().on_assigned(tps)
+    def on_assigned(
+        self,
+        tps: Sequence[TopicPartition],
+        logs: Mapping[TopicPartition, PartitionLog] | None = None,
+    ) -> Mapping[TopicPartition, int | None]:
+        starts = super().on_assigned(tps, logs)
         with self._lock:  # after the restore: ready means "deciding", not "restoring"
             self._assigned = self._assigned | set(tps)
         return starts

@@ -27,6 +27,13 @@ class Status(enum.IntEnum):
 _RECORD = struct.Struct(">BQQ8s")  # status, offset, decided_at_ms, payload digest
 
 
+EPOCH = struct.Struct(">16sQ")
+"""A partition's offset epoch: the topic's ID and how often its watermark was reset.
+
+Offsets are only comparable within one epoch: a topic deleted and created again
+(new ID), or a reset after truncation (next count), starts a new one."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredDecision:
     """What the store remembers about one event ID (25 bytes on disk, no payload)."""
@@ -94,6 +101,12 @@ class ProcessedStore(Protocol):
     def changelog_position(self, tp: TopicPartition) -> int | None:
         """Next changelog offset of ``tp`` not yet applied locally, or None."""
 
+    def epoch(self, tp: TopicPartition) -> bytes | None:
+        """Which run of ``tp``'s offsets the watermark belongs to (see :data:`EPOCH`)."""
+
+    def set_epoch(self, tp: TopicPartition, epoch: bytes, *, reset_watermark: bool) -> None:
+        """Record ``tp``'s epoch; with ``reset_watermark`` also forget its watermark (synced)."""
+
     def sweep_expired(self, now_ms: int, budgets: Mapping[TopicPartition, int]) -> int:
         """Examine up to ``budgets[tp]`` records of each partition, delete the expired ones."""
 
@@ -101,5 +114,16 @@ class ProcessedStore(Protocol):
         self, now_ms: int, budgets: Mapping[TopicPartition, int]
     ) -> dict[TopicPartition, list[str]]:
         """Expired IDs among up to ``budgets[tp]`` records of each partition (deletes nothing)."""
+
+    def partitions(self) -> list[TopicPartition]:
+        """Every partition with local state, assigned or not."""
+
+    def drop_partition(
+        self, tp: TopicPartition, changelog_position: TopicPartition | None = None
+    ) -> None:
+        """Forget ``tp`` entirely: records, effects, watermark, changelog position, epoch.
+
+        ``changelog_position``: the key its changelog position is kept under, when that
+        is not ``tp`` itself (the changelog keys positions by its own topic name)."""
 
     def close(self) -> None: ...

@@ -4,7 +4,8 @@ Each source topic ``T`` of group ``G`` has a compacted topic (see
 :func:`changelog_topic` for its name) with the same partition count. Before a
 batch's decisions reach the local store they are produced there (key
 ``d:<event id>`` = the 25-byte decision or claim, ``e:<key>`` = a staged
-effect, ``w`` = the watermark; a ``None`` value deletes) in one Kafka
+effect, ``w`` = the watermark, ``t`` = the offset epoch the watermark belongs
+to; a ``None`` value deletes) in one Kafka
 transaction that also commits the source offsets (``send_offsets_to_transaction``
 with the group metadata of the batch's poll, as Kafka Streams' exactly-once v2
 does): a zombie owner with a stale group generation is fenced by the broker and
@@ -55,6 +56,9 @@ from dedupe_consumer.store.base import ProcessedStore, StoredDecision, WriteSet
 log = structlog.get_logger("dedupe_consumer.changelog")
 
 _WATERMARK_KEY = b"w"
+_EPOCH_KEY = b"t"
+"""Value: an offset epoch (``store.EPOCH``) and a flag, 1 when the watermark starts over."""
+_ADOPT, _RESET = b"\x00", b"\x01"
 _DECISION_PREFIX = b"d:"
 _EFFECT_PREFIX = b"e:"
 _OFFSET = struct.Struct(">q")
@@ -141,12 +145,18 @@ class NotOwnerError(StoreError):
 class _Restored:
     """Changelog records read but not yet applied, latest value per key."""
 
-    def __init__(self, tp: TopicPartition, position_key: TopicPartition) -> None:
+    def __init__(
+        self, tp: TopicPartition, position_key: TopicPartition, epoch: bytes | None = None
+    ) -> None:
         self.tp = tp
         self.position_key = position_key
         self.records: dict[str, StoredDecision | None] = {}
         self.effects: dict[bytes, bytes | None] = {}
         self.watermark: int | None = None
+        self.epoch = epoch
+        """The offset epoch of the watermark: the store's, then the latest read."""
+        self.epoch_changed = False
+        self.reset = False
 
     def __len__(self) -> int:
         return len(self.records) + len(self.effects)
@@ -154,7 +164,13 @@ class _Restored:
     def add(self, key: bytes, value: bytes | None) -> None:
         """One changelog record; a ``None`` value is a tombstone."""
         if key == _WATERMARK_KEY and value is not None:
-            self.watermark = max(self.watermark or -1, _OFFSET.unpack(value)[0])
+            offset = _OFFSET.unpack(value)[0]
+            if offset >= 0:  # -1 comes with a reset: nothing decided in the new epoch yet
+                self.watermark = offset if self.watermark is None else max(self.watermark, offset)
+        elif key == _EPOCH_KEY and value is not None and value[:-1] != self.epoch:
+            self.epoch, self.epoch_changed = value[:-1], True
+            if value[-1:] == _RESET:  # the old watermark counted offsets of another log
+                self.watermark, self.reset = None, True
         elif key.startswith(_DECISION_PREFIX):
             event_id = key[len(_DECISION_PREFIX) :].decode()
             self.records[event_id] = None if value is None else StoredDecision.decode(value)
@@ -164,6 +180,9 @@ class _Restored:
     def apply(self, store: ProcessedStore, position: int) -> int:
         """Write what was read, and the changelog position it reaches; then forget it."""
         tp = self.tp
+        if self.epoch_changed and self.epoch is not None:
+            store.set_epoch(tp, self.epoch, reset_watermark=self.reset)
+            self.epoch_changed = self.reset = False
         write = WriteSet(changelog_positions={self.position_key: position})
         local = store.watermark(tp)
         if self.watermark is not None and (local is None or local < self.watermark):
@@ -232,6 +251,10 @@ class Changelog:
         self._ensured: set[str] = set()
         self._sources: dict[str, str] = {}
         """Changelog topic name → source topic (never parsed back out of the name)."""
+        self.epochs: dict[TopicPartition, bytes] = {}
+        """Each partition's offset epoch (set on assignment), announced once per epoch."""
+        self._announced: dict[TopicPartition, bytes] = {}
+        self._resets: set[TopicPartition] = set()
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
         self._fatal: KafkaError | None = None
@@ -414,8 +437,13 @@ class Changelog:
                 "decided the batch: nothing of the batch was persisted"
             )
         committed = dict(offsets or {}) if metadata is not None else {}
+        announce = {
+            tp: epoch
+            for tp in write.partitions()
+            if (epoch := self.epochs.get(tp)) is not None and self._announced.get(tp) != epoch
+        }
         try:
-            self._transaction(write, committed, metadata)
+            self._transaction(write, committed, metadata, announce)
         except KafkaException as exc:
             fresh = self.live_group_metadata() if self.live_group_metadata is not None else None
             if (
@@ -432,11 +460,13 @@ class Changelog:
             self._abort()
             log.info("changelog_generation_moved", error=str(exc.args[0]))
             try:
-                self._transaction(write, committed, fresh)
+                self._transaction(write, committed, fresh, announce)
             except KafkaException as again:
                 raise self._failed(again, write) from again
         if self._errors:
             raise StoreError(f"changelog delivery failed: {self._errors[:3]}")
+        self._announced.update(announce)
+        self._resets -= announce.keys()
         if store is not None:
             self._advance_positions(write, store)
         if committed and self.on_offsets_committed is not None:
@@ -454,12 +484,19 @@ class Changelog:
                 write.changelog_positions[where] = last + 2  # after our commit marker
 
     def _transaction(
-        self, write: WriteSet, committed: Mapping[TopicPartition, int], metadata: object
+        self,
+        write: WriteSet,
+        committed: Mapping[TopicPartition, int],
+        metadata: object,
+        announce: Mapping[TopicPartition, bytes],
     ) -> None:
         self._producer.poll(0)  # reports of an aborted attempt land before the reset
         self._delivered = {}
         self._errors = []
         self._producer.begin_transaction()
+        for tp, epoch in announce.items():  # first: it applies to the watermark below
+            flag = _RESET if tp in self._resets else _ADOPT
+            self._send(tp, _EPOCH_KEY, epoch + flag)
         for tp, items in write.decisions.items():
             for event_id, decision in items:
                 self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
@@ -514,6 +551,14 @@ class Changelog:
             f"changelog transaction failed: {exc}; the batch is not persisted or committed "
             "and will be redelivered"
         )
+
+    def reset_epoch(self, tp: TopicPartition, epoch: bytes) -> None:
+        """Start ``tp``'s watermark over in a new epoch: a restore then drops the old one."""
+        self.epochs[tp] = epoch
+        self._resets.add(tp)
+        # The -1 watermark supersedes the old one under compaction, which may keep only a
+        # later announcement of the same epoch (flagged adopt) and not this reset.
+        self.write(WriteSet(watermarks={tp: -1}))
 
     def _abort(self) -> None:
         try:
@@ -579,7 +624,7 @@ class Changelog:
                 )
                 start = None
             begin = low if start is None else max(low, start)
-            pending = _Restored(tp, key)
+            pending = _Restored(tp, key, store.epoch(tp))
             if begin >= high:
                 pending.apply(store, begin)  # an empty partition: remember where it starts
                 return 0

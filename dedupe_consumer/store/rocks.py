@@ -56,6 +56,10 @@ def _changelog_key(tp: TopicPartition) -> bytes:
     return b"cl:" + _cf_name(tp).encode()
 
 
+def _epoch_key(tp: TopicPartition) -> bytes:
+    return b"ep:" + _cf_name(tp).encode()
+
+
 class RocksStore:
     """One RocksDB per consumer instance; see the module docstring for the layout."""
 
@@ -215,6 +219,24 @@ class RocksStore:
         raw = self._meta.get(_changelog_key(tp))
         return None if raw is None else int(_WATERMARK.unpack(raw)[0])
 
+    def epoch(self, tp: TopicPartition) -> bytes | None:
+        raw = self._meta.get(_epoch_key(tp))
+        return None if raw is None else bytes(raw)
+
+    def set_epoch(self, tp: TopicPartition, epoch: bytes, *, reset_watermark: bool) -> None:
+        batch = WriteBatch(raw_mode=True)
+        meta = self._db.get_column_family_handle(_META)
+        batch.put(_epoch_key(tp), epoch, meta)
+        if reset_watermark:
+            batch.delete(_watermark_key(tp), meta)
+        self._write(batch)
+
+    def _write(self, batch: WriteBatch) -> None:
+        try:
+            self._db.write(batch, self._sync)
+        except Exception as exc:
+            raise StoreError(f"cannot write to store {str(self.path)!r}: {exc}") from exc
+
     def persist(self, write: WriteSet) -> None:
         batch = WriteBatch(raw_mode=True)
         for tp, items in write.decisions.items():
@@ -319,6 +341,42 @@ class RocksStore:
             self._sweep_cursor[name] = it.key() if it.valid() else None
             del it
         return found
+
+    def partitions(self) -> list[TopicPartition]:
+        found: list[TopicPartition] = []
+        for name in Rdict.list_cf(str(self.path)):
+            kind, _, rest = name.partition(":")
+            topic, _, partition = rest.rpartition(":")
+            if kind == "p" and topic and partition.isdigit():
+                found.append(TopicPartition(topic, int(partition)))
+        return found
+
+    def drop_partition(
+        self, tp: TopicPartition, changelog_position: TopicPartition | None = None
+    ) -> None:
+        """Drop ``tp``'s column families and meta keys; only for state the changelog holds.
+
+        The meta keys go first, synced: a crash before the families are dropped leaves
+        no changelog position, so the next restore reads the changelog from its start.
+        """
+        meta = self._db.get_column_family_handle(_META)
+        batch = WriteBatch(raw_mode=True)
+        keys = [_watermark_key(tp), _changelog_key(tp), _epoch_key(tp)]
+        if changelog_position is not None:
+            keys.append(_changelog_key(changelog_position))
+        for key in keys:
+            batch.delete(key, meta)
+        self._write(batch)
+        existing = set(Rdict.list_cf(str(self.path)))
+        for effects in (False, True):
+            name = _cf_name(tp, effects=effects)
+            (self._effect_families if effects else self._families).pop(tp, None)
+            self._sweep_cursor.pop(name, None)
+            if name in existing:
+                try:
+                    self._db.drop_column_family(name)
+                except Exception as exc:
+                    raise StoreError(f"cannot drop {name!r} in {str(self.path)!r}: {exc}") from exc
 
     def approximate_size(self) -> int:
         """Bytes of SST files and memtables, for metrics and benchmarks."""

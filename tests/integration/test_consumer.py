@@ -191,14 +191,19 @@ def test_poison_message_is_retried_then_dead_lettered_and_partition_keeps_flowin
     assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 21}
 
 
-@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky", "consumer-protocol"])
 def test_two_consumers_with_a_rebalance_in_the_middle_lose_no_event(
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path, strategy: str
 ) -> None:
+    """Eager, cooperative (classic protocol) and the consumer group protocol (KIP-848)."""
     topic = kafka_topic(partitions=4)
     ids: list[str] = []
     sent = produce_events(kafka_bootstrap, topic, 3000, duplicates=0.1, seed=5, ids=ids)
-    kafka = {"consumer": {"partition.assignment.strategy": strategy}}
+    kafka = {
+        "consumer": {"group.protocol": "consumer"}
+        if strategy == "consumer-protocol"
+        else {"partition.assignment.strategy": strategy}
+    }
     group = f"{topic}-{strategy}"
     handlers = [Recorder(), Recorder()]
     consumers = [

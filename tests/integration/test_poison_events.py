@@ -72,9 +72,9 @@ class Watching(DedupeConsumer):
         self.assigned = False
         self.idle = 0
 
-    def on_assigned(self, tps: Any) -> Any:
+    def on_assigned(self, tps: Any, logs: Any = None) -> Any:
         self.assigned = True
-        return super().on_assigned(tps)
+        return super().on_assigned(tps, logs)
 
     def run_until_quiet(self, consumed: int = 0, timeout_s: float = 60) -> BatchStats:
         deadline = time.monotonic() + timeout_s

@@ -45,6 +45,7 @@ from ..kafka_helpers import (
     read_all,
     wait_for,
 )
+from .test_cli_run import check_log_format
 
 pytestmark = pytest.mark.kafka
 REPO = Path(__file__).resolve().parents[2]
@@ -598,7 +599,9 @@ def _answers(port: int, path: str) -> bool:
 # -- SIGTERM ---------------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, bootstrap: str, topic: str, target_url: str, port: int) -> Path:
+def write_config(
+    tmp_path: Path, bootstrap: str, topic: str, target_url: str, port: int, fmt: str = "console"
+) -> Path:
     path = tmp_path / "sidecar.toml"
     path.write_text(
         f"""
@@ -622,20 +625,22 @@ retry_backoff_max = "30s"
 listen_port = {port}
 [observability]
 log_level = "info"
+log_format = "{fmt}"
 """
     )
     return path
 
 
+@pytest.mark.parametrize("fmt", ["console", "json"])
 def test_sigterm_mid_retry_exits_0_and_commits_only_what_was_delivered(
-    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path, fmt: str
 ) -> None:
     topic = kafka_topic(partitions=1)
     produce_raw(kafka_bootstrap, topic, [event(f"e-{i}", f"v{i}".encode()) for i in range(3)])
     # e-1 fails with a 30 s Retry-After: SIGTERM lands in that wait.
     server = Target(replies({b"e-1": [(503, {"Retry-After": "30"}, b"busy")] * 10}))
     port = free_port()
-    config = write_config(tmp_path, kafka_bootstrap, topic, server.url, port)
+    config = write_config(tmp_path, kafka_bootstrap, topic, server.url, port, fmt)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dedupe_consumer", "sidecar", "--config", str(config)],
@@ -659,7 +664,9 @@ def test_sigterm_mid_retry_exits_0_and_commits_only_what_was_delivered(
         log = stderr.decode(errors="replace")
         assert proc.returncode == 0, log[-3000:]
         assert took < 15, f"stopping took {took:.1f}s: the 30 s wait was not interrupted"
-        assert "stop_requested" in log
+        events = check_log_format(log, fmt)  # every line of ours, in the chosen format
+        assert "partitions_assigned" in events
+        assert "stop_requested" in events
         assert [(r.key, r.status) for r in server.snapshot()] == [("e-0", 200), ("e-1", 503)]
         # e-0 delivered and committed; e-1 neither delivered nor committed nor dead-lettered.
         assert committed_offsets(kafka_bootstrap, f"{topic}-group", topic, 1) == {0: 1}

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from dedupe_consumer.cli import app
@@ -13,20 +14,27 @@ from dedupe_consumer.cli import app
 from .test_settings import GOOD
 
 runner = CliRunner()
+FORMATS = pytest.mark.parametrize("fmt", ["console", "json"])
 
 
-def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+def config_in(tmp_path: Path, text: str, fmt: str) -> Path:
     config = tmp_path / "c.toml"
-    config.write_text(GOOD.replace("batch_size = 500", "batch_size = 0"))
+    config.write_text(f"{text}\n[observability]\nlog_format = {fmt!r}\n")
+    return config
+
+
+@FORMATS
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, fmt: str) -> None:
+    config = config_in(tmp_path, GOOD.replace("batch_size = 500", "batch_size = 0"), fmt)
     result = runner.invoke(app, ["run", "--config", str(config), "--handler", "x.y:Z"])
     assert result.exit_code == 2
     assert "processing.batch_size = 0" in result.output
     assert "1..100000" in result.output
 
 
-def test_bad_handler_reference_exits_2(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(GOOD)
+@FORMATS
+def test_bad_handler_reference_exits_2(tmp_path: Path, fmt: str) -> None:
+    config = config_in(tmp_path, GOOD, fmt)
     result = runner.invoke(app, ["run", "--config", str(config), "--handler", "no_colon"])
     assert result.exit_code == 2
     assert "expected 'package.module:ClassName'" in result.output

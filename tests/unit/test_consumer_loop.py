@@ -86,7 +86,9 @@ def test_replay_source_seek_hands_out_the_rest_of_the_last_batch(tmp_path: Path)
     ]
 
     class Listener:
-        def on_assigned(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
+        def on_assigned(
+            self, tps: Sequence[TopicPartition], logs: object = None
+        ) -> dict[TopicPartition, int | None]:
             return {}
 
         def on_revoked(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:

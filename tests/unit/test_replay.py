@@ -410,20 +410,29 @@ def test_cli_usage_errors_exit_2(known: Path, args: list[str], says: str) -> Non
     assert says in result.stderr
 
 
-def test_cli_uses_the_config_file(known: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_cli_uses_the_config_file(known: Path, tmp_path: Path, fmt: str) -> None:
     config = tmp_path / "consumer.toml"
     config.write_text(
         "[kafka]\nbootstrap_servers = 'x:1'\ngroup_id = 'g'\ntopics = ['payments']\n"
         "[dedupe]\non_missing_id = 'hash'\n"
         f"[store]\npath = '{tmp_path / 'never'}'\n"
         "[processing]\ndead_letter_topic = 'dlq'\n"
+        f"[observability]\nlog_level = 'info'\nlog_format = '{fmt}'\n"
     )
-    result = CliRunner().invoke(
-        app, ["replay", str(known), "--handler", HANDLER, "--config", str(config), "--json"]
-    )
+    try:
+        result = CliRunner().invoke(
+            app, ["replay", str(known), "--handler", HANDLER, "--config", str(config), "--json"]
+        )
+    finally:
+        structlog.reset_defaults()
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["missing_id"] == 0  # on_missing_id = 'hash' applied
     assert not (tmp_path / "never").exists()
+    logged = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any("partitions_assigned" in line for line in logged), result.stderr
+    if fmt == "json":
+        assert all(json.loads(line)["event"] for line in logged)
 
 
 def test_installed_command_runs_the_example(tmp_path: Path) -> None:
