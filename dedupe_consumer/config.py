@@ -81,6 +81,17 @@ class KafkaSettings(_Section):
         }
         return {**shared, "bootstrap.servers": self.bootstrap_servers}
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _server_list(cls, value: str) -> str:
+        entries = value.split(",")
+        if any(not e or e != e.strip() or any(c.isspace() for c in e) for e in entries):
+            raise ValueError(
+                f"{value!r} is not a broker list: expected host:port[,host:port...] with no "
+                "empty entries or spaces"
+            )
+        return value
+
     @field_validator("consumer")
     @classmethod
     def _owned_properties(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
