@@ -25,8 +25,9 @@ def load_handler_class(spec: str) -> type[Handler]:
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
             raise ConfigError(
-                f"--handler {spec!r}: no module named {exc.name!r} on the Python path (the "
-                f"current directory {cwd} included): check the name, or install the package"
+                f"--handler {spec!r}: cannot import {module_name!r}: no module named "
+                f"{exc.name!r} on the Python path (the current directory {cwd} included): "
+                "check the name, or install the package"
             ) from None
         raise _import_failed(spec, module_name, exc) from exc
     except Exception as exc:  # the module itself raised while being imported
