@@ -11,6 +11,7 @@ from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetter, dead_letter_headers
 from dedupe_consumer.errors import DeadLetterError
 from dedupe_consumer.models import SourceMessage, as_bytes
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
 
 log = structlog.get_logger("dedupe_consumer.dead_letters")
 
@@ -42,7 +43,7 @@ class KafkaDeadLetters:
             "linger.ms": 5,
         }
         conf.update(settings.kafka.producer)
-        self._producer = Producer(conf)
+        self._producer = Producer({**conf, **kafka_log_config()})
         self._pending: dict[_Where, tuple[SourceMessage, DeadLetter, bool]] = {}
         self._failures: dict[_Where, str] = {}
         self._too_large: list[_Where] = []

@@ -24,6 +24,7 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from dedupe_consumer.config import Settings
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
 from dedupe_consumer.sources import AssignmentListener
 
 log = structlog.get_logger("dedupe_consumer.kafka")
@@ -62,7 +63,7 @@ class KafkaSource:
         strategy = str(conf.get("partition.assignment.strategy", ""))
         self.cooperative = "cooperative" in strategy
         self.max_poll_interval_ms = int(conf.get("max.poll.interval.ms", 300_000))
-        self._consumer = Consumer(conf)
+        self._consumer = Consumer({**conf, **kafka_log_config()})
         self._consumer.subscribe(
             list(kafka.topics),
             on_assign=self._on_assign,

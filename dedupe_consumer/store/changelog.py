@@ -37,6 +37,7 @@ from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it
 
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
 from dedupe_consumer.store.base import ProcessedStore, StoredDecision, WriteSet
 
 log = structlog.get_logger("dedupe_consumer.changelog")
@@ -115,7 +116,7 @@ class Changelog:
         # One transaction per batch: a crash mid-batch leaves nothing visible. The id is
         # stable per store, so a restarted instance fences and aborts its own leftovers.
         conf["transactional.id"] = transactional_id
-        self._producer = Producer(conf)
+        self._producer = Producer({**conf, **kafka_log_config()})
         deadline = time.monotonic() + startup_timeout_s
         while True:  # the broker may not be up yet (a pod starting before Kafka): wait
             try:
@@ -142,7 +143,7 @@ class Changelog:
         todo = [t for t in topics if changelog_topic(self.group_id, t) not in self._ensured]
         if not todo:
             return
-        admin = AdminClient(dict(self.connection))
+        admin = AdminClient({**self.connection, **kafka_log_config()})
         metadata = admin.list_topics(timeout=self.timeout_s)
         missing: dict[str, int] = {}
         grow: dict[str, int] = {}
@@ -270,6 +271,7 @@ class Changelog:
         consumer = Consumer(
             {
                 **self.connection,
+                **kafka_log_config(),
                 "group.id": f"{self.group_id}.restore.{uuid.uuid4()}",  # never used to commit
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
