@@ -24,6 +24,7 @@ from dedupe_consumer.engine import BatchResult, Engine
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.observability.kafka_logs import kafka_error_fields
 from dedupe_consumer.sources import Source, SourceFactory
 from dedupe_consumer.store import Changelog, ProcessedStore, RocksStore
 
@@ -201,7 +202,7 @@ class DedupeConsumer:
                 self.metrics.commit_failures.inc()
                 log.warning(
                     "commit_failed",
-                    error=str(exc),
+                    **kafka_error_fields(exc),
                     attempt=attempt + 1,
                     note="offsets stay covered by the durable watermark",
                 )

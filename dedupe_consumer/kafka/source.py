@@ -24,7 +24,11 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from dedupe_consumer.config import Settings
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.observability.kafka_logs import (
+    kafka_error_fields,
+    kafka_log_config,
+    plain_offset,
+)
 from dedupe_consumer.sources import AssignmentListener
 
 log = structlog.get_logger("dedupe_consumer.kafka")
@@ -36,6 +40,29 @@ def _kafka_offsets(offsets: Mapping[TopicPartition, int]) -> list[KafkaTopicPart
 
 def _tps(partitions: Sequence[KafkaTopicPartition]) -> list[TopicPartition]:
     return [TopicPartition(p.topic, p.partition) for p in partitions]
+
+
+def _starts(
+    partitions: Sequence[KafkaTopicPartition],
+    resume: Mapping[TopicPartition, int | None],
+    committed_known: bool,
+) -> list[dict[str, object]]:
+    """Where each assigned partition starts, for the log: plain values, no -1001 markers.
+
+    ``from``: ``watermark`` (the store's, past the group's commit), ``committed`` (the
+    group's commit), or ``auto.offset.reset`` (no commit: kafka.auto_offset_reset).
+    """
+    starts: list[dict[str, object]] = []
+    for p in partitions:
+        offset = plain_offset(p.offset)
+        if offset is None:
+            origin = "auto.offset.reset" if committed_known else "committed"
+        elif resume.get(TopicPartition(p.topic, p.partition)) == offset:
+            origin = "watermark"
+        else:
+            origin = "committed"
+        starts.append({"partition": f"{p.topic}[{p.partition}]", "offset": offset, "from": origin})
+    return starts
 
 
 class KafkaSource:
@@ -80,7 +107,7 @@ class KafkaSource:
             try:
                 committed = consumer.committed(partitions, timeout=30)
             except KafkaException as exc:
-                log.warning("committed_offsets_unavailable", error=str(exc))
+                log.warning("committed_offsets_unavailable", **kafka_error_fields(exc))
         for i, p in enumerate(partitions):
             start = resume.get(TopicPartition(p.topic, p.partition))
             done = committed[i].offset if committed is not None else OFFSET_INVALID
@@ -93,7 +120,7 @@ class KafkaSource:
                 self._recommit = True
             else:
                 p.offset = done if done >= 0 else OFFSET_INVALID
-        log.info("assigned", partitions={f"{p.topic}[{p.partition}]": p.offset for p in partitions})
+        log.info("assigned", partitions=_starts(partitions, resume, committed is not None))
         if self.cooperative:
             consumer.incremental_assign(partitions)
         else:
@@ -120,7 +147,8 @@ class KafkaSource:
             self.metrics.commit_failures.inc()
             log.warning(
                 "commit_failed",
-                error=str(error),
+                **kafka_error_fields(error),
+                offsets={f"{p.topic}[{p.partition}]": plain_offset(p.offset) for p in partitions},
                 note="offsets stay covered by the durable watermark; committed again on the "
                 "next idle poll, revocation or close",
             )
@@ -152,7 +180,7 @@ class KafkaSource:
             elif error.fatal():
                 raise KafkaException(error)
             else:
-                log.warning("consumer_error", error=str(error))
+                log.warning("consumer_error", **kafka_error_fields(error))
         return good
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
@@ -177,7 +205,9 @@ class KafkaSource:
             self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=False)
         except KafkaException as exc:
             self.metrics.commit_failures.inc()
-            log.warning("commit_failed", error=str(exc), note="covered by the durable watermark")
+            log.warning(
+                "commit_failed", **kafka_error_fields(exc), note="covered by the durable watermark"
+            )
 
     def close(self) -> None:
         self._commit_now()

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import structlog
+from confluent_kafka import KafkaError, KafkaException
 
 _log = structlog.get_logger("dedupe_consumer.librdkafka")
 
@@ -49,3 +50,17 @@ def _bridge() -> logging.Logger:
 def kafka_log_config() -> dict[str, Any]:
     """Merge into every confluent-kafka client's config: its logs go through structlog."""
     return {"logger": _bridge()}
+
+
+def kafka_error_fields(error: BaseException | KafkaError) -> dict[str, str]:
+    """``error`` and ``error_code`` as plain text, not ``KafkaError{code=...,val=...}`` reprs."""
+    if isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError):
+        error = error.args[0]
+    if isinstance(error, KafkaError):
+        return {"error": error.str(), "error_code": error.name()}
+    return {"error": str(error), "error_code": type(error).__name__}
+
+
+def plain_offset(offset: int | None) -> int | None:
+    """An offset to log: librdkafka's negative markers (``-1001`` and co.) become ``None``."""
+    return offset if offset is not None and offset >= 0 else None
