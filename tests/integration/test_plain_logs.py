@@ -51,7 +51,7 @@ def _run(settings: Any, consumed: int) -> list[dict[str, Any]]:
             until=lambda t: t.consumed >= consumed or time.monotonic() > deadline,
             install_signal_handlers=False,
         )
-    return [e for e in logs if e["event"] in OURS]
+    return [dict(e) for e in logs if e["event"] in OURS]
 
 
 def _plain(events: list[dict[str, Any]]) -> None:
