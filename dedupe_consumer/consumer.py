@@ -132,8 +132,8 @@ class DedupeConsumer:
         if self._stop.is_set():
             engine.request_stop()
         restore = self._install_signals() if install_signal_handlers else None
-        if settings.observability.metrics_port is not None:
-            self.metrics.serve(settings.observability.metrics_port)
+        port, host = settings.observability.metrics_port, settings.observability.metrics_host
+        metrics_server = None if port is None else self.metrics.serve(port, host)
         self.handler.setup()
         source: Source | None = None
         try:
@@ -173,6 +173,9 @@ class DedupeConsumer:
             self.handler.teardown()
             if restore is not None:
                 restore()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             log.info(
                 "stopped",
                 consumed=self.totals.consumed,
