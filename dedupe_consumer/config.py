@@ -187,6 +187,11 @@ class ObservabilitySettings(_Section):
         "unset: no endpoint (the default; `dedupe-consumer sidecar` serves /metrics with its "
         "probes instead)",
     )
+    progress_interval: Duration = Field(
+        timedelta(seconds=60),
+        description=f"{DURATION_FORMS}; how often `run` and the sidecar log a 'progress' line "
+        "with the totals and rates since the last one; '0s' turns it off",
+    )
     metrics_host: str = Field(
         "127.0.0.1",
         description="an IP address or host name to serve /metrics on: '127.0.0.1' (default) "

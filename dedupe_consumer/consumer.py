@@ -25,6 +25,7 @@ from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.observability.kafka_logs import kafka_error_fields
+from dedupe_consumer.observability.progress import ProgressLog
 from dedupe_consumer.sources import Source, SourceFactory
 from dedupe_consumer.store import Changelog, ProcessedStore, RocksStore
 
@@ -138,9 +139,11 @@ class DedupeConsumer:
         source: Source | None = None
         try:
             source = self._open_source()
+            progress = ProgressLog(settings.observability.progress_interval)
             batch_size = settings.processing.batch_size
             timeout_s = settings.processing.poll_timeout.total_seconds()
             while not engine.stopping:
+                progress.tick(self.totals)
                 messages = source.poll(batch_size, timeout_s)
                 if not messages:
                     engine.idle()
