@@ -10,6 +10,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetter, dead_letter_headers
 from dedupe_consumer.errors import DeadLetterError
+from dedupe_consumer.kafka.topics import ensure_dead_letter_topic
 from dedupe_consumer.models import SourceMessage, as_bytes
 from dedupe_consumer.observability.kafka_logs import kafka_log_config
 
@@ -33,7 +34,10 @@ class KafkaDeadLetters:
     were lost (:attr:`DeadLetterError.failed`).
     """
 
-    def __init__(self, settings: Settings, flush_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, settings: Settings, flush_timeout_s: float = 30.0, topic_timeout_s: float = 30.0
+    ) -> None:
+        ensure_dead_letter_topic(settings, topic_timeout_s)  # sized like the source, logged
         self.topic = settings.processing.dead_letter_topic
         self.flush_timeout_s = flush_timeout_s
         conf: dict[str, str | int | float | bool] = {

@@ -38,7 +38,7 @@ class Listener:
 
 source = KafkaSource(settings, Listener())
 source.poll(10, 1.5)
-letters = KafkaDeadLetters(settings, flush_timeout_s=0.5)
+letters = KafkaDeadLetters(settings, flush_timeout_s=0.5, topic_timeout_s=0.5)
 letters._producer.poll(1.5)
 check = BrokerCheck(settings.kafka.connection(), timeout_s=1.0)
 print(check(), file=sys.stdout)
