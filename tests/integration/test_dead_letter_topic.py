@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 from confluent_kafka import KafkaError, KafkaException
 
 from dedupe_consumer import Settings
@@ -21,6 +20,8 @@ from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.kafka import KafkaDeadLetters
 from dedupe_consumer.kafka.topics import ensure_dead_letter_topic
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
+
+from ..log_capture import captured_logs
 
 pytestmark = pytest.mark.kafka
 
@@ -55,7 +56,7 @@ def test_missing_dead_letter_topic_is_created_with_the_largest_source_partition_
     kafka_bootstrap: str, kafka_admin: Any, kafka_topic: TopicFactory, dlq_name: str
 ) -> None:
     small, large = kafka_topic(partitions=2), kafka_topic(partitions=5)
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         letters = KafkaDeadLetters(_settings(kafka_bootstrap, [small, large], dlq_name))
         letters.close()
     assert _partitions(kafka_admin, dlq_name) == 5  # not the broker's auto-create default
@@ -71,7 +72,7 @@ def test_an_existing_dead_letter_topic_is_left_as_it_is(
 ) -> None:
     source = kafka_topic(partitions=3)
     existing = kafka_topic(partitions=1)
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         ensure_dead_letter_topic(_settings(kafka_bootstrap, [source], existing))
     assert _partitions(kafka_admin, existing) == 1
     assert not [e for e in logs if e["event"] == "dead_letter_topic_created"]

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from confluent_kafka import KafkaError
 
 from dedupe_consumer import DedupeConsumer, Event, Handler
@@ -20,6 +19,7 @@ from dedupe_consumer.observability.kafka_logs import kafka_error_fields, plain_o
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import produce_events, settings_for
+from ..log_capture import captured_logs
 
 pytestmark = pytest.mark.kafka
 
@@ -46,7 +46,7 @@ def _negative_ints(value: Any) -> list[int]:
 def _run(settings: Any, consumed: int) -> list[dict[str, Any]]:
     consumer = DedupeConsumer(Quiet(), settings)
     deadline = time.monotonic() + 60
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         consumer.run(
             until=lambda t: t.consumed >= consumed or time.monotonic() > deadline,
             install_signal_handlers=False,

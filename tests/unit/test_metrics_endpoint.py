@@ -7,7 +7,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import structlog
 
 from dedupe_consumer import DedupeConsumer, Event
 from dedupe_consumer.config import ObservabilitySettings
@@ -19,6 +18,7 @@ from dedupe_consumer.sidecar.runner import sidecar_settings
 from dedupe_consumer.sources import AssignmentListener
 from dedupe_consumer.store import RocksStore
 
+from ..log_capture import captured_logs
 from .conftest import Recorder, make_settings, rec
 
 
@@ -56,7 +56,7 @@ def test_metrics_are_served_on_the_configured_host_while_running(tmp_path: Path,
 
     store = RocksStore(tmp_path / "state", retention_ms=10**9)
     try:
-        with structlog.testing.capture_logs() as logs:
+        with captured_logs() as logs:
             DedupeConsumer(
                 Scraping(), settings, source=source, dead_letters=MemoryDeadLetters(), store=store
             ).run(until=lambda t: holder[0].exhausted, install_signal_handlers=False)

@@ -6,8 +6,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import structlog
-
 from dedupe_consumer import DedupeConsumer, Event
 from dedupe_consumer.dead_letters import MemoryDeadLetters
 from dedupe_consumer.models import BatchStats
@@ -16,6 +14,7 @@ from dedupe_consumer.replay import ReplaySource
 from dedupe_consumer.sources import AssignmentListener
 from dedupe_consumer.store import RocksStore
 
+from ..log_capture import captured_logs
 from .conftest import Recorder, make_settings, rec
 
 
@@ -31,7 +30,7 @@ def test_one_line_per_interval_with_totals_and_rates_since_the_last() -> None:
     clock = FakeClock()
     progress = ProgressLog(timedelta(seconds=60), clock)
     totals = BatchStats(consumed=600, handled=500, duplicates=100)
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         clock.now += 59
         progress.tick(totals)  # not yet
         clock.now += 1
@@ -54,7 +53,7 @@ def test_one_line_per_interval_with_totals_and_rates_since_the_last() -> None:
 def test_zero_turns_it_off() -> None:
     clock = FakeClock()
     progress = ProgressLog(timedelta(0), clock)
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         clock.now += 10**6
         progress.tick(BatchStats(consumed=1))
     assert logs == []
@@ -85,7 +84,7 @@ def _run(tmp_path: Path, interval: str) -> list[dict[str, object]]:
 
     store = RocksStore(tmp_path / "state", retention_ms=10**9)
     try:
-        with structlog.testing.capture_logs() as logs:
+        with captured_logs() as logs:
             DedupeConsumer(
                 Slow(), settings, source=source, dead_letters=MemoryDeadLetters(), store=store
             ).run(until=lambda t: holder[0].exhausted, install_signal_handlers=False)
