@@ -42,29 +42,6 @@ def _tps(partitions: Sequence[KafkaTopicPartition]) -> list[TopicPartition]:
     return [TopicPartition(p.topic, p.partition) for p in partitions]
 
 
-def _starts(
-    partitions: Sequence[KafkaTopicPartition],
-    resume: Mapping[TopicPartition, int | None],
-    committed_known: bool,
-) -> list[dict[str, object]]:
-    """Where each assigned partition starts, for the log: plain values, no -1001 markers.
-
-    ``from``: ``watermark`` (the store's, past the group's commit), ``committed`` (the
-    group's commit), or ``auto.offset.reset`` (no commit: kafka.auto_offset_reset).
-    """
-    starts: list[dict[str, object]] = []
-    for p in partitions:
-        offset = plain_offset(p.offset)
-        if offset is None:
-            origin = "auto.offset.reset" if committed_known else "committed"
-        elif resume.get(TopicPartition(p.topic, p.partition)) == offset:
-            origin = "watermark"
-        else:
-            origin = "committed"
-        starts.append({"partition": f"{p.topic}[{p.partition}]", "offset": offset, "from": origin})
-    return starts
-
-
 class KafkaSource:
     """A subscribed consumer that returns batches and commits on request."""
 
@@ -212,3 +189,26 @@ class KafkaSource:
     def close(self) -> None:
         self._commit_now()
         self._consumer.close()
+
+
+def _starts(
+    partitions: Sequence[KafkaTopicPartition],
+    resume: Mapping[TopicPartition, int | None],
+    committed_known: bool,
+) -> list[dict[str, object]]:
+    """Where each assigned partition starts, for the log: plain values, no -1001 markers.
+
+    ``from``: ``watermark`` (the store's, past the group's commit), ``committed`` (the
+    group's commit), or ``auto.offset.reset`` (no commit: kafka.auto_offset_reset).
+    """
+    starts: list[dict[str, object]] = []
+    for p in partitions:
+        offset = plain_offset(p.offset)
+        if offset is None:
+            origin = "auto.offset.reset" if committed_known else "committed"
+        elif resume.get(TopicPartition(p.topic, p.partition)) == offset:
+            origin = "watermark"
+        else:
+            origin = "committed"
+        starts.append({"partition": f"{p.topic}[{p.partition}]", "offset": offset, "from": origin})
+    return starts
