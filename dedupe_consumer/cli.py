@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from dedupe_consumer import __version__
-from dedupe_consumer._cli_support import reporting_errors
+from dedupe_consumer._cli_support import BootstrapServersOption, load_settings, reporting_errors
 
 app = typer.Typer(
     help="Exactly-once effects for Kafka consumers: dedupe by event ID, commit after persist.",
@@ -41,18 +41,18 @@ def _root(
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="TOML settings file.")],
     handler: Annotated[str, typer.Option(help="Handler class, 'package.module:ClassName'.")],
+    bootstrap_servers: BootstrapServersOption = None,
 ) -> None:
     """Consume the configured topics and call HANDLER once per unseen event ID.
 
     SIGTERM or SIGINT finishes the current event, persists, commits and exits 0.
     """
     from dedupe_consumer._loading import load_handler_class
-    from dedupe_consumer.config import Settings
     from dedupe_consumer.consumer import DedupeConsumer
     from dedupe_consumer.observability import configure_logging
 
     with reporting_errors():
-        settings = Settings.from_toml(config)
+        settings = load_settings(config, bootstrap_servers)
         handler_cls = load_handler_class(handler)
         configure_logging(settings.observability.log_level, settings.observability.log_format)
         DedupeConsumer(handler_cls(), settings).run()

@@ -9,8 +9,10 @@ and what is accepted.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -36,6 +38,8 @@ from dedupe_consumer.ids import ID_SOURCE_FORMS, parse_id_source
 from dedupe_consumer.sidecar.settings import SidecarSettings
 
 LibrdkafkaValue = str | int | float | bool
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 _toml_file: ContextVar[Path | None] = ContextVar("dedupe_toml_file", default=None)
 
@@ -80,6 +84,17 @@ class KafkaSettings(_Section):
             if k not in CONSUMER_ONLY and k not in PRODUCER_ONLY
         }
         return {**shared, "bootstrap.servers": self.bootstrap_servers}
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _server_list(cls, value: str) -> str:
+        entries = value.split(",")
+        if any(not e or e != e.strip() or any(c.isspace() for c in e) for e in entries):
+            raise ValueError(
+                f"{value!r} is not a broker list: expected host:port[,host:port...] with no "
+                "empty entries or spaces"
+            )
+        return value
 
     @field_validator("consumer")
     @classmethod
@@ -197,8 +212,36 @@ class ObservabilitySettings(_Section):
     )
     log_format: Literal["console", "json"] = Field("console", description="'console' or 'json'")
     metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="a TCP port for /metrics on 127.0.0.1, or unset"
+        None,
+        ge=0,
+        le=65535,
+        description="a TCP port 0..65535 for /metrics on metrics_host (0: any free port), or "
+        "unset: no endpoint (the default; `dedupe-consumer sidecar` serves /metrics with its "
+        "probes instead)",
     )
+    progress_interval: Duration = Field(
+        timedelta(seconds=60),
+        description=f"{DURATION_FORMS}; how often `run` and the sidecar log a 'progress' line "
+        "with the totals and rates since the last one; '0s' turns it off",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="an IP address or host name to serve /metrics on: '127.0.0.1' (default) "
+        "for this machine only, '0.0.0.0' to let Prometheus scrape a pod",
+    )
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(value):
+                raise ValueError(
+                    f"{value!r} is not an IP address or host name (no scheme, no port): "
+                    "e.g. '127.0.0.1' or '0.0.0.0'"
+                ) from None
+        return value
 
 
 class Settings(BaseSettings):

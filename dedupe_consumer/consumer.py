@@ -24,6 +24,8 @@ from dedupe_consumer.engine import BatchResult, Engine
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.observability.kafka_logs import kafka_error_fields
+from dedupe_consumer.observability.progress import ProgressLog
 from dedupe_consumer.sources import PartitionLog, Source, SourceFactory
 from dedupe_consumer.store import Changelog, ProcessedStore, RocksStore
 
@@ -137,16 +139,18 @@ class DedupeConsumer:
         if self._stop.is_set():
             engine.request_stop()
         restore = self._install_signals() if install_signal_handlers else None
-        if settings.observability.metrics_port is not None:
-            self.metrics.serve(settings.observability.metrics_port)
+        port, host = settings.observability.metrics_port, settings.observability.metrics_host
+        metrics_server = None if port is None else self.metrics.serve(port, host)
         self.handler.setup()
         source: Source | None = None
         try:
             self._changelog = changelog
             source = self._open_source()
+            progress = ProgressLog(settings.observability.progress_interval)
             batch_size = settings.processing.batch_size
             timeout_s = settings.processing.poll_timeout.total_seconds()
             while not engine.stopping:
+                progress.tick(self.totals)
                 messages = source.poll(batch_size, timeout_s)
                 if not messages:
                     engine.idle()
@@ -186,6 +190,9 @@ class DedupeConsumer:
             self.handler.teardown()
             if restore is not None:
                 restore()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             log.info(
                 "stopped",
                 consumed=self.totals.consumed,
@@ -222,7 +229,7 @@ class DedupeConsumer:
                 self.metrics.commit_failures.inc()
                 log.warning(
                     "commit_failed",
-                    error=str(exc),
+                    **kafka_error_fields(exc),
                     attempt=attempt + 1,
                     note="offsets stay covered by the durable watermark",
                 )

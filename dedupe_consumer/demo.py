@@ -26,6 +26,7 @@ from dedupe_consumer.engine import BatchResult
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import Event
 from dedupe_consumer.observability import configure_logging
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
 
 TOPIC = "demo.payments"
 
@@ -67,7 +68,9 @@ def run_demo(events: int = 20_000, duplicates: float = 0.1, seed: int = 7) -> bo
     configure_logging("warning")
     out = Console()
     # The mock cluster lives as long as the client that created it.
-    cluster = Producer({"test.mock.num.brokers": 1, "log_level": 3, "linger.ms": 20})
+    cluster = Producer(
+        {"test.mock.num.brokers": 1, "log_level": 3, "linger.ms": 20, **kafka_log_config()}
+    )
     brokers = cluster.list_topics(timeout=10).brokers.values()
     bootstrap = ",".join(f"{b.host}:{b.port}" for b in brokers)
     out.print(f"mock Kafka cluster at [bold]{bootstrap}[/] (embedded librdkafka, offline)")

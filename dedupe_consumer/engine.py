@@ -721,7 +721,7 @@ class Engine:
             )
         if item.letter is not None:
             reason = item.letter.reason
-            if reason in ("missing-id", "invalid-id"):
+            if item.event_id is None:  # missing-id, invalid-id, invalid-payload (not JSON)
                 log.warning(
                     "missing_event_id",
                     topic=message.topic(),

@@ -35,6 +35,12 @@ class InvalidId(MissingId):
     reason = "invalid-id"
 
 
+class InvalidPayload(MissingId):
+    """``id_source = "json:..."`` and the value is not JSON: the payload is wrong, not its ID."""
+
+    reason = "invalid-payload"
+
+
 IdExtractor = Callable[[SourceMessage], str]
 
 
@@ -124,7 +130,7 @@ class JsonPointerId:
         try:
             node: object = json.loads(value)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise MissingId(f"{where}: value is not JSON ({exc})") from exc
+            raise InvalidPayload(f"{where}: the value is not JSON ({exc})") from exc
         for part in self.path:
             if isinstance(node, dict) and part in node:
                 node = node[part]

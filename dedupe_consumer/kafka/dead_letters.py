@@ -10,7 +10,9 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetter, dead_letter_headers
 from dedupe_consumer.errors import DeadLetterError
+from dedupe_consumer.kafka.topics import ensure_dead_letter_topic
 from dedupe_consumer.models import SourceMessage, as_bytes
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
 
 log = structlog.get_logger("dedupe_consumer.dead_letters")
 
@@ -32,7 +34,10 @@ class KafkaDeadLetters:
     were lost (:attr:`DeadLetterError.failed`).
     """
 
-    def __init__(self, settings: Settings, flush_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, settings: Settings, flush_timeout_s: float = 30.0, topic_timeout_s: float = 30.0
+    ) -> None:
+        ensure_dead_letter_topic(settings, topic_timeout_s)  # sized like the source, logged
         self.topic = settings.processing.dead_letter_topic
         self.flush_timeout_s = flush_timeout_s
         conf: dict[str, str | int | float | bool] = {
@@ -42,7 +47,7 @@ class KafkaDeadLetters:
             "linger.ms": 5,
         }
         conf.update(settings.kafka.producer)
-        self._producer = Producer(conf)
+        self._producer = Producer({**conf, **kafka_log_config()})
         self._pending: dict[_Where, tuple[SourceMessage, DeadLetter, bool]] = {}
         self._failures: dict[_Where, str] = {}
         self._too_large: list[_Where] = []

@@ -28,6 +28,11 @@ from confluent_kafka.admin._listoffsets import OffsetSpec  # admin re-exports it
 from dedupe_consumer.config import Settings
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.observability.kafka_logs import (
+    kafka_error_fields,
+    kafka_log_config,
+    plain_offset,
+)
 from dedupe_consumer.sources import AssignmentListener, PartitionLog
 
 log = structlog.get_logger("dedupe_consumer.kafka")
@@ -84,7 +89,7 @@ class KafkaSource:
         # group protocol (KIP-848), where an eager assign() fails with _STATE.
         self.cooperative = "cooperative" in strategy or consumer_protocol(conf)
         self.max_poll_interval_ms = int(conf.get("max.poll.interval.ms", 300_000))
-        self._consumer = Consumer(conf)
+        self._consumer = Consumer({**conf, **kafka_log_config()})
         self._consumer.subscribe(
             list(kafka.topics),
             on_assign=self._on_assign,
@@ -102,7 +107,7 @@ class KafkaSource:
             try:
                 committed = consumer.committed(partitions, timeout=30)
             except KafkaException as exc:
-                log.warning("committed_offsets_unavailable", error=str(exc))
+                log.warning("committed_offsets_unavailable", **kafka_error_fields(exc))
         for i, p in enumerate(partitions):
             tp = TopicPartition(p.topic, p.partition)
             start = resume.get(tp)
@@ -118,7 +123,7 @@ class KafkaSource:
                 self._recommit = True
             else:
                 p.offset = done if done >= 0 else OFFSET_INVALID
-        log.info("assigned", partitions={f"{p.topic}[{p.partition}]": p.offset for p in partitions})
+        log.info("assigned", partitions=_starts(partitions, resume, committed is not None))
         if self.cooperative:
             consumer.incremental_assign(partitions)
         else:
@@ -136,7 +141,9 @@ class KafkaSource:
             return {}
         try:
             if self._admin is None:
-                self._admin = AdminClient(self.settings.kafka.connection())
+                self._admin = AdminClient(
+                    {**self.settings.kafka.connection(), **kafka_log_config()}
+                )
             admin = self._admin
             topics = sorted({p.topic for p in partitions})
             ids: dict[str, bytes | None] = {}
@@ -188,7 +195,8 @@ class KafkaSource:
             self.metrics.commit_failures.inc()
             log.warning(
                 "commit_failed",
-                error=str(error),
+                **kafka_error_fields(error),
+                offsets={f"{p.topic}[{p.partition}]": plain_offset(p.offset) for p in partitions},
                 note="offsets stay covered by the durable watermark; committed again on the "
                 "next idle poll, revocation or close",
             )
@@ -224,7 +232,7 @@ class KafkaSource:
             elif error.fatal():
                 raise KafkaException(error)
             else:
-                log.warning("consumer_error", error=str(error))
+                log.warning("consumer_error", **kafka_error_fields(error))
         return good
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
@@ -264,8 +272,33 @@ class KafkaSource:
             self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=False)
         except KafkaException as exc:
             self.metrics.commit_failures.inc()
-            log.warning("commit_failed", error=str(exc), note="covered by the durable watermark")
+            log.warning(
+                "commit_failed", **kafka_error_fields(exc), note="covered by the durable watermark"
+            )
 
     def close(self) -> None:
         self._commit_now()
         self._consumer.close()
+
+
+def _starts(
+    partitions: Sequence[KafkaTopicPartition],
+    resume: Mapping[TopicPartition, int | None],
+    committed_known: bool,
+) -> list[dict[str, object]]:
+    """Where each assigned partition starts, for the log: plain values, no -1001 markers.
+
+    ``from``: ``watermark`` (the store's, past the group's commit), ``committed`` (the
+    group's commit), or ``auto.offset.reset`` (no commit: kafka.auto_offset_reset).
+    """
+    starts: list[dict[str, object]] = []
+    for p in partitions:
+        offset = plain_offset(p.offset)
+        if offset is None:
+            origin = "auto.offset.reset" if committed_known else "committed"
+        elif resume.get(TopicPartition(p.topic, p.partition)) == offset:
+            origin = "watermark"
+        else:
+            origin = "committed"
+        starts.append({"partition": f"{p.topic}[{p.partition}]", "offset": offset, "from": origin})
+    return starts

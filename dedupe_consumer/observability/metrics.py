@@ -6,9 +6,15 @@ Labels are bounded: topic, partition, decision, reason. Never an event ID
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.models import BatchStats
+
+log = structlog.get_logger("dedupe_consumer.metrics")
 
 
 class Metrics:
@@ -86,6 +92,20 @@ class Metrics:
         for reason, count in stats.by_reason.items():
             self.dead_letters.labels(topic, reason).inc(count)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        """Expose /metrics on ``host:port`` (loopback by default)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> WSGIServer:
+        """Expose /metrics on ``host:port`` (loopback by default) until ``shutdown()``.
+
+        Raises :class:`ConfigError` naming ``observability.metrics_port`` and
+        ``metrics_host`` when the address cannot be bound.
+        """
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"observability.metrics_port = {port}, observability.metrics_host = {host!r}: "
+                f"cannot serve /metrics there ({exc}); choose a free port (0: any) or another "
+                "host, or unset metrics_port"
+            ) from None
+        bound_port = server.server_address[1]
+        log.info("metrics_serving", url=f"http://{host}:{bound_port}/metrics")
+        return server

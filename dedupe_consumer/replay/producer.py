@@ -31,6 +31,7 @@ from typing import Any, Final
 from confluent_kafka import KafkaError, Message, Producer
 
 from dedupe_consumer.errors import DedupeError
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
 from dedupe_consumer.replay.format import RecordingReader
 
 Progress = Callable[[int, int | None], None]
@@ -86,6 +87,7 @@ def produce_recording(
             "linger.ms": 5,
             # Asking for the target's metadata must not create it with broker defaults.
             "allow.auto.create.topics": False,
+            **kafka_log_config(),
             **(properties or {}),
             "bootstrap.servers": bootstrap_servers,
             "enable.idempotence": True,

@@ -28,6 +28,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
 from dedupe_consumer.replay.format import RecordingError, RecordingHeader, RecordingWriter
 
 log = structlog.get_logger("dedupe_consumer.replay")
@@ -117,6 +118,7 @@ def record_topic(
     consumer = Consumer(
         {
             **(properties or {}),
+            **kafka_log_config(),
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
             "enable.auto.commit": False,

@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from dedupe_consumer._cli_support import reporting_errors
+from dedupe_consumer._cli_support import BootstrapServersOption, load_settings, reporting_errors
 
 
 def sidecar(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="TOML settings file with a sidecar section.")
     ],
+    bootstrap_servers: BootstrapServersOption = None,
 ) -> None:
     """Consume, dedupe and POST each unique event once to sidecar.target_url.
 
@@ -22,11 +23,10 @@ def sidecar(
     delivered, and exits 0; an event whose delivery was cut short is redelivered
     on the next start.
     """
-    from dedupe_consumer.config import Settings
     from dedupe_consumer.observability import configure_logging
     from dedupe_consumer.sidecar.runner import Sidecar
 
     with reporting_errors():
-        settings = Settings.from_toml(config)
+        settings = load_settings(config, bootstrap_servers)
         configure_logging(settings.observability.log_level, settings.observability.log_format)
         Sidecar(settings).run()

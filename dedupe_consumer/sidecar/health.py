@@ -25,6 +25,8 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
+
 log = structlog.get_logger("dedupe_consumer.sidecar")
 
 
@@ -64,7 +66,7 @@ class BrokerCheck:
                 return self._last[1], self._last[2]
             try:
                 if self._admin is None:
-                    self._admin = AdminClient(self._config)
+                    self._admin = AdminClient({**self._config, **kafka_log_config()})
                 future = self._admin.describe_cluster(request_timeout=self._timeout_s)
                 future.result(timeout=self._timeout_s + 1)
                 result = (True, "reachable")

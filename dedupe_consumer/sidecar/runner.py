@@ -53,6 +53,13 @@ def sidecar_settings(settings: Settings) -> tuple[Settings, SidecarSettings]:
             "the sidecar command needs a [sidecar] section with at least "
             'target_url = "http://127.0.0.1:8080/events" (see config/sidecar.toml)'
         )
+    if settings.observability.metrics_port is not None:
+        raise ConfigError(
+            f"observability.metrics_port = {settings.observability.metrics_port}: the sidecar "
+            "serves /metrics with its probes on sidecar.listen_host:sidecar.listen_port "
+            f"({sidecar.listen_host}:{sidecar.listen_port}); remove metrics_port from "
+            "[observability] (set sidecar.listen_host = '0.0.0.0' to let Prometheus scrape a pod)"
+        )
     processing = settings.processing
     mapped = {key: getattr(sidecar, key) for key in RETRY_KEYS}
     clashes = [

@@ -51,6 +51,7 @@ from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it
 
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
 from dedupe_consumer.store.base import ProcessedStore, StoredDecision, WriteSet
 
 log = structlog.get_logger("dedupe_consumer.changelog")
@@ -231,7 +232,7 @@ class Changelog:
         # stable per store, so a restarted instance fences and aborts its own leftovers.
         conf["transactional.id"] = transactional_id
         self.transaction_timeout_s = int(conf.get("transaction.timeout.ms", 60_000)) / 1000
-        self._producer = Producer(conf)
+        self._producer = Producer({**conf, **kafka_log_config()})
         deadline = time.monotonic() + startup_timeout_s
         while True:  # the broker may not be up yet (a pod starting before Kafka): wait
             try:
@@ -247,7 +248,7 @@ class Changelog:
                     ) from exc
                 log.warning("changelog_waiting_for_broker", error=str(exc))
                 time.sleep(1.0)
-        self._admin = AdminClient(dict(self.connection))
+        self._admin = AdminClient({**self.connection, **kafka_log_config()})
         self._ensured: set[str] = set()
         self._sources: dict[str, str] = {}
         """Changelog topic name → source topic (never parsed back out of the name)."""
@@ -603,6 +604,7 @@ class Changelog:
         consumer = Consumer(
             {
                 **self.connection,
+                **kafka_log_config(),
                 "group.id": f"{self.group_id}.restore.{uuid.uuid4()}",  # never used to commit
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

@@ -39,6 +39,8 @@ from typing import Any, Final, Self
 
 import structlog
 
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
+
 __all__ = [
     "DEFAULT_MAVEN_ARTIFACT",
     "ENV_CACHE_DIR",
@@ -292,6 +294,7 @@ def probe_bootstrap(
                     "bootstrap.servers": bootstrap_servers,
                     # Quiet: refusals during start-up are expected, not news.
                     "log_level": 0,
+                    **kafka_log_config(),
                     "reconnect.backoff.ms": 100,
                     "reconnect.backoff.max.ms": 500,
                     "socket.connection.setup.timeout.ms": 5000,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import pytest
 
+from dedupe_consumer.observability.kafka_logs import kafka_log_config
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
 from dedupe_consumer.testing._local_kafka import BrokerUnavailableError
 from dedupe_consumer.testing._providers import KafkaBroker, start_broker
@@ -126,7 +127,7 @@ def kafka_admin(kafka_bootstrap: str) -> Any:
     """A ``confluent_kafka.admin.AdminClient`` on the session's broker."""
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+    return AdminClient({"bootstrap.servers": kafka_bootstrap, **kafka_log_config()})
 
 
 def _wait_for_topic(admin: Any, name: str, partitions: int, deadline: float) -> None:

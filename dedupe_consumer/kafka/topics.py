@@ -1,0 +1,106 @@
+"""The dead-letter topic, created explicitly at start-up.
+
+Left to the broker's ``auto.create.topics.enable``, the first dead letter
+creates the topic with the broker's default partition count (often 1), and
+nobody is told. Instead, a missing ``processing.dead_letter_topic`` is created
+with as many partitions as the largest source topic (so a redrive keeps each
+letter's original partition available) and the cluster's default replication
+factor, and the creation is logged. Where this client may not create topics
+(ACLs, a create policy), start-up stops with a message that names the setting
+and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic  # admin re-exports it without __all__
+
+from dedupe_consumer.config import Settings
+from dedupe_consumer.errors import ConfigError
+from dedupe_consumer.observability.kafka_logs import kafka_error_fields, kafka_log_config
+
+log = structlog.get_logger("dedupe_consumer.dead_letters")
+
+_NOT_ALLOWED = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.INVALID_REPLICATION_FACTOR,
+        KafkaError.INVALID_PARTITIONS,
+        KafkaError.INVALID_CONFIG,
+        KafkaError.TOPIC_EXCEPTION,
+    }
+)
+"""CreateTopics answers that will not change by waiting: a person must act."""
+
+
+def ensure_dead_letter_topic(
+    settings: Settings, timeout_s: float = 30.0, admin: Any = None
+) -> None:
+    """Create ``processing.dead_letter_topic`` if it is missing; raise ConfigError if we may not.
+
+    A broker that does not answer within ``timeout_s`` is logged and left to the
+    dead-letter producer (which reports its own errors): start-up does not wait here.
+    """
+    name = settings.processing.dead_letter_topic
+    if admin is None:
+        admin = AdminClient({**settings.kafka.connection(), **kafka_log_config()})
+    try:
+        # All topics, not list_topics(topic=name): asking for one can auto-create it.
+        topics = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        log.warning(
+            "dead_letter_topic_unchecked",
+            topic=name,
+            **kafka_error_fields(exc),
+            consequence="if it does not exist, the first dead letter may create it with the "
+            "broker's defaults",
+        )
+        return
+    if name in topics:
+        return
+    sources = {
+        t: len(topics[t].partitions)
+        for t in settings.kafka.topics
+        if t in topics and topics[t].error is None and topics[t].partitions
+    }
+    partitions = max(sources.values(), default=-1)  # -1: the broker's num.partitions
+    new = NewTopic(name, num_partitions=partitions, replication_factor=-1)
+    future = admin.create_topics([new], request_timeout=timeout_s)[name]
+    try:
+        future.result(timeout=timeout_s + 5)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        code = error.code() if error is not None else None
+        if code == KafkaError.TOPIC_ALREADY_EXISTS:
+            return  # another instance created it first
+        if code in _NOT_ALLOWED:
+            sized = f"--partitions {partitions} " if partitions > 0 else ""
+            fields = kafka_error_fields(exc)
+            raise ConfigError(
+                f"processing.dead_letter_topic = {name!r} does not exist and cannot be created "
+                f"by this consumer ({fields['error_code']}: {fields['error']}). Create it "
+                f"before starting, e.g. kafka-topics.sh --create --topic {name} {sized}"
+                "(as many partitions as the largest source topic), or grant this principal "
+                "CREATE on the topic, or set processing.dead_letter_topic to an existing topic"
+            ) from None
+        log.warning(
+            "dead_letter_topic_not_created",
+            topic=name,
+            **kafka_error_fields(exc),
+            consequence="the first dead letter may create it with the broker's defaults",
+        )
+        return
+    log.info(
+        "dead_letter_topic_created",
+        topic=name,
+        setting="processing.dead_letter_topic",
+        partitions=partitions if partitions > 0 else "broker default",
+        replication_factor="broker default",
+        sized_like=sources or "no source topic exists yet",
+    )
