@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec  # admin re-exports it without __all__
 
 from dedupe_consumer.config import Settings
+from dedupe_consumer.kafka.topics import controller_known
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.observability.kafka_logs import (
@@ -145,6 +146,14 @@ class KafkaSource:
                     {**self.settings.kafka.connection(), **kafka_log_config()}
                 )
             admin = self._admin
+            if not controller_known(admin.list_topics(timeout=10)):
+                log.warning(
+                    "partition_logs_unavailable",
+                    error="the cluster names no live controller to describe topics",
+                    consequence="a recreated or truncated topic cannot be detected at this "
+                    "assignment; offsets at or below the stored watermark count as replays",
+                )
+                return {}
             topics = sorted({p.topic for p in partitions})
             ids: dict[str, bytes | None] = {}
             described = admin.describe_topics(TopicCollection(topics), request_timeout=30)

@@ -39,6 +39,15 @@ _NOT_ALLOWED = frozenset(
 """CreateTopics answers that will not change by waiting: a person must act."""
 
 
+def controller_known(metadata: Any) -> bool:
+    """Whether cluster metadata names a live controller (admin requests wait for one).
+
+    librdkafka's mock cluster, for one, reports a controller that is not among its
+    brokers: every CreateTopics or DescribeTopics would wait out its whole timeout.
+    """
+    return bool(metadata.controller_id in metadata.brokers)
+
+
 def ensure_dead_letter_topic(
     settings: Settings, timeout_s: float = 30.0, admin: Any = None
 ) -> None:
@@ -52,7 +61,8 @@ def ensure_dead_letter_topic(
         admin = AdminClient({**settings.kafka.connection(), **kafka_log_config()})
     try:
         # All topics, not list_topics(topic=name): asking for one can auto-create it.
-        topics = admin.list_topics(timeout=timeout_s).topics
+        metadata = admin.list_topics(timeout=timeout_s)
+        topics = metadata.topics
     except KafkaException as exc:
         log.warning(
             "dead_letter_topic_unchecked",
@@ -63,6 +73,15 @@ def ensure_dead_letter_topic(
         )
         return
     if name in topics:
+        return
+    if not controller_known(metadata):
+        log.warning(
+            "dead_letter_topic_unchecked",
+            topic=name,
+            error="the cluster names no live controller, so no topic can be created now",
+            consequence="if it does not exist, the first dead letter may create it with the "
+            "broker's defaults",
+        )
         return
     sources = {
         t: len(topics[t].partitions)
