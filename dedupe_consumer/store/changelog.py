@@ -24,6 +24,7 @@ import hashlib
 import re
 import struct
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -135,6 +136,10 @@ def _generation(metadata: object) -> int:
     return 0
 
 
+class _ProducerStuck(Exception):
+    """Internal: a producer call did not return long after its timeout (see _send_offsets)."""
+
+
 class NotOwnerError(StoreError):
     """The group fenced this instance's changelog transaction: its partitions have moved.
 
@@ -232,22 +237,11 @@ class Changelog:
         # stable per store, so a restarted instance fences and aborts its own leftovers.
         conf["transactional.id"] = transactional_id
         self.transaction_timeout_s = int(conf.get("transaction.timeout.ms", 60_000)) / 1000
-        self._producer = Producer({**conf, **kafka_log_config()})
-        deadline = time.monotonic() + startup_timeout_s
-        while True:  # the broker may not be up yet (a pod starting before Kafka): wait
-            try:
-                self._producer.init_transactions(timeout_s)
-                break
-            except KafkaException as exc:
-                if exc.args[0].fatal() or time.monotonic() > deadline:
-                    raise StoreError(
-                        f"cannot start the changelog producer (transactional.id "
-                        f"{transactional_id!r}): {exc}; the broker must be reachable and "
-                        "support transactions (transaction.state.log.* set for its size), or "
-                        "set store.changelog = false for a single-instance consumer"
-                    ) from exc
-                log.warning("changelog_waiting_for_broker", error=str(exc))
-                time.sleep(1.0)
+        self._producer_conf = {**conf, **kafka_log_config()}
+        self._startup_timeout_s = startup_timeout_s
+        self._abandoned: list[Producer] = []
+        """Producers stuck inside a librdkafka call: kept referenced while their thread runs."""
+        self._producer = self._start_producer()
         self._admin = AdminClient({**self.connection, **kafka_log_config()})
         self._ensured: set[str] = set()
         self._sources: dict[str, str] = {}
@@ -259,6 +253,66 @@ class Changelog:
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
         self._fatal: KafkaError | None = None
+
+    def _start_producer(self) -> Producer:
+        """A transactional producer, initialised: this fences (and aborts the open
+        transaction of) any earlier producer with our transactional.id."""
+        producer = Producer(self._producer_conf)
+        deadline = time.monotonic() + self._startup_timeout_s
+        while True:  # the broker may not be up yet (a pod starting before Kafka): wait
+            try:
+                producer.init_transactions(self.timeout_s)
+                return producer
+            except KafkaException as exc:
+                if exc.args[0].fatal() or time.monotonic() > deadline:
+                    raise StoreError(
+                        f"cannot start the changelog producer (transactional.id "
+                        f"{self.transactional_id!r}): {exc}; the broker must be reachable and "
+                        "support transactions (transaction.state.log.* set for its size), or "
+                        "set store.changelog = false for a single-instance consumer"
+                    ) from exc
+                log.warning("changelog_waiting_for_broker", error=str(exc))
+                time.sleep(1.0)
+
+    def _send_offsets(self, offsets: list[KafkaTopicPartition], metadata: object) -> None:
+        """``send_offsets_to_transaction`` with a timeout that holds.
+
+        librdkafka can block in this call past its timeout, for good, when the group
+        coordinator went away and came back (librdkafka issues 5456 and 5511: a
+        coordinator request's timeout is never checked). The call runs on a helper
+        thread; if it has not returned well after its timeout, the producer is given
+        up (kept referenced, never closed, while its thread is blocked) and
+        :class:`_ProducerStuck` is raised: the caller starts a new producer, whose
+        ``init_transactions`` fences the stuck one and aborts its transaction.
+        """
+        outcome: list[BaseException | None] = []
+
+        def call() -> None:
+            try:
+                self._producer.send_offsets_to_transaction(offsets, metadata, self.timeout_s)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=call, name="changelog-send-offsets", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s + 10)
+        if not outcome:
+            raise _ProducerStuck
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _replace_stuck_producer(self) -> None:
+        log.error(
+            "changelog_producer_stuck",
+            call="send_offsets_to_transaction",
+            waited_s=self.timeout_s + 10,
+            action="starting a new transactional producer; it fences the stuck one and aborts "
+            "its transaction, then the batch is written again",
+            see="librdkafka issues 5456 and 5511",
+        )
+        self._abandoned.append(self._producer)
+        self._producer = self._start_producer()
 
     def topic(self, source_topic: str) -> str:
         name = changelog_topic(self.group_id, source_topic)
@@ -444,7 +498,17 @@ class Changelog:
             if (epoch := self.epochs.get(tp)) is not None and self._announced.get(tp) != epoch
         }
         try:
-            self._transaction(write, committed, metadata, announce)
+            try:
+                self._transaction(write, committed, metadata, announce)
+            except _ProducerStuck:
+                self._replace_stuck_producer()
+                self._transaction(write, committed, metadata, announce)
+        except _ProducerStuck:
+            self._replace_stuck_producer()
+            raise StoreError(
+                "the changelog producer stuck twice in send_offsets_to_transaction; the batch "
+                "is not persisted or committed and will be redelivered"
+            ) from None
         except KafkaException as exc:
             fresh = self.live_group_metadata() if self.live_group_metadata is not None else None
             if (
@@ -464,6 +528,12 @@ class Changelog:
                 self._transaction(write, committed, fresh, announce)
             except KafkaException as again:
                 raise self._failed(again, write) from again
+            except _ProducerStuck:
+                self._replace_stuck_producer()
+                raise StoreError(
+                    "the changelog producer stuck in send_offsets_to_transaction; the batch "
+                    "is not persisted or committed and will be redelivered"
+                ) from None
         if self._errors:
             raise StoreError(f"changelog delivery failed: {self._errors[:3]}")
         self._announced.update(announce)
@@ -512,10 +582,9 @@ class Changelog:
         if committed:
             # The broker checks the group generation of this commit: a zombie whose
             # partitions moved fails here, and its records above are aborted with it.
-            self._producer.send_offsets_to_transaction(
+            self._send_offsets(
                 [KafkaTopicPartition(tp.topic, tp.partition, o) for tp, o in committed.items()],
                 metadata,
-                self.timeout_s,
             )
         self._producer.commit_transaction(self.timeout_s)
 
