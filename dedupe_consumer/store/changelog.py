@@ -684,6 +684,24 @@ class Changelog:
             ktp = KafkaTopicPartition(name, tp.partition)
             low = self._low(consumer, ktp)
             high = self._high(ktp)
+            if high > low and (
+                (start is not None and start < high)
+                or (start is None and tp in store.partitions())
+            ):
+                # Another owner wrote since this store last read (or its state is partial).
+                # Reading on from our position would build on a stale copy: compaction may
+                # have removed the tombstones, deletions and the reset record in between,
+                # so deleted effects and an old watermark would survive. Start over.
+                log.info(
+                    "changelog_restore_from_start",
+                    partition=str(tp),
+                    changelog_topic=name,
+                    position=start,
+                    end=high,
+                    reason="written by another owner since this store's copy",
+                )
+                store.drop_partition(tp, key)
+                start = None
             if start is not None and start > high:
                 log.warning(
                     "changelog_position_beyond_end",

@@ -325,3 +325,86 @@ def test_a_store_without_the_partitions_watermark_restores_from_the_start(
     finally:
         store.close()
         changelog.close()
+
+
+def test_a_store_that_missed_another_owners_writes_is_rebuilt_not_patched(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """A store that held a partition before another owner wrote (and compaction then
+    removed the tombstone and the reset record) must not keep its stale effect and
+    watermark: a restore from its old position would. Real broker compaction."""
+    from confluent_kafka import Consumer
+    from confluent_kafka import TopicPartition as KafkaTopicPartition
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]
+        AlterConfigOpType,
+        ConfigEntry,
+    )
+
+    from dedupe_consumer.store import EPOCH
+
+    source = kafka_topic(partitions=1)
+    group = f"g-{source}"
+    changelog = changelog_for(kafka_bootstrap, group)
+    changelog.ensure_topics([source])
+    name = changelog.topic(source)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    fast = {
+        "segment.ms": "500",
+        "min.cleanable.dirty.ratio": "0.001",
+        "delete.retention.ms": "0",
+        "min.compaction.lag.ms": "0",
+    }
+    entries = [
+        ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in fast.items()
+    ]
+    resource = ConfigResource(ResourceType.TOPIC, name, incremental_configs=entries)
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+
+    def send(key: bytes, value: bytes | None) -> None:
+        producer.produce(name, key=key, value=value, partition=0)
+        assert producer.flush(30) == 0
+
+    tp = TopicPartition(source, 0)
+    old, new = EPOCH.pack(b"A" * 16, 0), EPOCH.pack(b"B" * 16, 1)
+    store = RocksStore(tmp_path / "a", retention_ms=7 * 86_400_000)
+    try:
+        send(b"t", old + b"\x00")
+        send(b"w", (99).to_bytes(8, "big"))
+        send(b"e:balance", b"100")
+        changelog.restore(tp, store)
+        assert (store.watermark(tp), store.effect(tp, b"balance")) == (99, b"100")
+        # Another owner: a reset (new epoch), the effect deleted, 0..5 decided, and later
+        # the same epoch announced again (adopt) by a restarted owner.
+        send(b"t", new + b"\x01")
+        send(b"w", (-1).to_bytes(8, "big", signed=True))
+        send(b"e:balance", None)
+        send(b"w", (5).to_bytes(8, "big"))
+        send(b"t", new + b"\x00")
+        deadline = time.monotonic() + 90
+        while True:  # wait until compaction removed the reset record and the tombstone
+            time.sleep(1.0)
+            send(b"roll", b"x")  # rolls the segment so that the cleaner can run
+            reader = Consumer(
+                {
+                    "bootstrap.servers": kafka_bootstrap,
+                    "group.id": f"peek-{time.monotonic_ns()}",
+                    "enable.partition.eof": True,
+                }
+            )
+            reader.assign([KafkaTopicPartition(name, 0, 0)])
+            keys: list[bytes | None] = []
+            while (m := reader.poll(3)) is not None and m.error() is None:
+                keys.append(m.key())
+            reader.close()
+            if b"e:balance" not in keys and keys.count(b"t") == 1:
+                break
+            assert time.monotonic() < deadline, f"the broker never compacted {name}: {keys}"
+        changelog.restore(tp, store)
+        assert store.watermark(tp) == 5
+        assert store.epoch(tp) == new
+        assert store.effect(tp, b"balance") is None
+    finally:
+        store.close()
+        changelog.close()
