@@ -23,6 +23,7 @@ import hashlib
 import re
 import struct
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -130,6 +131,14 @@ def _generation(metadata: object) -> int:
     return 0
 
 
+class _Hung(Exception):
+    """A producer call did not return within its timeout (a librdkafka hang)."""
+
+
+_HANG_MARGIN_S = 5.0
+"""How much longer than its own timeout a producer call may take before it counts as hung."""
+
+
 class NotOwnerError(StoreError):
     """The group fenced this instance's changelog transaction: its partitions have moved.
 
@@ -212,22 +221,9 @@ class Changelog:
         # stable per store, so a restarted instance fences and aborts its own leftovers.
         conf["transactional.id"] = transactional_id
         self.transaction_timeout_s = int(conf.get("transaction.timeout.ms", 60_000)) / 1000
-        self._producer = Producer(conf)
-        deadline = time.monotonic() + startup_timeout_s
-        while True:  # the broker may not be up yet (a pod starting before Kafka): wait
-            try:
-                self._producer.init_transactions(timeout_s)
-                break
-            except KafkaException as exc:
-                if exc.args[0].fatal() or time.monotonic() > deadline:
-                    raise StoreError(
-                        f"cannot start the changelog producer (transactional.id "
-                        f"{transactional_id!r}): {exc}; the broker must be reachable and "
-                        "support transactions (transaction.state.log.* set for its size), or "
-                        "set store.changelog = false for a single-instance consumer"
-                    ) from exc
-                log.warning("changelog_waiting_for_broker", error=str(exc))
-                time.sleep(1.0)
+        self._conf = conf
+        self._startup_timeout_s = startup_timeout_s
+        self._producer = self._start_producer()
         self._admin = AdminClient(dict(self.connection))
         self._ensured: set[str] = set()
         self._sources: dict[str, str] = {}
@@ -235,6 +231,25 @@ class Changelog:
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
         self._fatal: KafkaError | None = None
+
+    def _start_producer(self) -> Producer:
+        """A transactional producer with our id; it fences (and aborts) any earlier one."""
+        producer = Producer(self._conf)
+        deadline = time.monotonic() + self._startup_timeout_s
+        while True:  # the broker may not be up yet (a pod starting before Kafka): wait
+            try:
+                producer.init_transactions(self.timeout_s)
+                return producer
+            except KafkaException as exc:
+                if exc.args[0].fatal() or time.monotonic() > deadline:
+                    raise StoreError(
+                        f"cannot start the changelog producer (transactional.id "
+                        f"{self.transactional_id!r}): {exc}; the broker must be reachable and "
+                        "support transactions (transaction.state.log.* set for its size), or "
+                        "set store.changelog = false for a single-instance consumer"
+                    ) from exc
+                log.warning("changelog_waiting_for_broker", error=str(exc))
+                time.sleep(1.0)
 
     def topic(self, source_topic: str) -> str:
         name = changelog_topic(self.group_id, source_topic)
@@ -415,7 +430,7 @@ class Changelog:
             )
         committed = dict(offsets or {}) if metadata is not None else {}
         try:
-            self._transaction(write, committed, metadata)
+            self._attempt(write, committed, metadata)
         except KafkaException as exc:
             fresh = self.live_group_metadata() if self.live_group_metadata is not None else None
             if (
@@ -432,7 +447,7 @@ class Changelog:
             self._abort()
             log.info("changelog_generation_moved", error=str(exc.args[0]))
             try:
-                self._transaction(write, committed, fresh)
+                self._attempt(write, committed, fresh)
             except KafkaException as again:
                 raise self._failed(again, write) from again
         if self._errors:
@@ -452,6 +467,22 @@ class Changelog:
             position = store.changelog_position(where)
             if position is None or position <= first <= position + 1:
                 write.changelog_positions[where] = last + 2  # after our commit marker
+
+    def _attempt(
+        self, write: WriteSet, committed: Mapping[TopicPartition, int], metadata: object
+    ) -> None:
+        """One transaction; if the producer hangs, once more with a new producer."""
+        try:
+            self._transaction(write, committed, metadata)
+        except _Hung:
+            self._replace_producer()
+            try:
+                self._transaction(write, committed, metadata)
+            except _Hung as hung:
+                raise StoreError(
+                    "the changelog producer hung twice in send_offsets_to_transaction; the "
+                    "batch is not persisted or committed. Restart the consumer"
+                ) from hung
 
     def _transaction(
         self, write: WriteSet, committed: Mapping[TopicPartition, int], metadata: object
@@ -474,12 +505,51 @@ class Changelog:
         if committed:
             # The broker checks the group generation of this commit: a zombie whose
             # partitions moved fails here, and its records above are aborted with it.
-            self._producer.send_offsets_to_transaction(
+            self._send_offsets(
                 [KafkaTopicPartition(tp.topic, tp.partition, o) for tp, o in committed.items()],
                 metadata,
-                self.timeout_s,
             )
         self._producer.commit_transaction(self.timeout_s)
+
+    def _send_offsets(self, offsets: list[KafkaTopicPartition], metadata: object) -> None:
+        """``send_offsets_to_transaction``, but really bounded by its timeout.
+
+        librdkafka can block in it forever when the group coordinator it cached went
+        away (a broker restart): the timeout is not checked for coordinator requests
+        (confluentinc/librdkafka#5456, #5511). The call runs on a daemon thread; if it
+        does not return in time, :class:`_Hung` is raised and the producer replaced.
+        """
+        producer = self._producer
+        outcome: list[BaseException | None] = []
+
+        def call() -> None:
+            try:
+                producer.send_offsets_to_transaction(offsets, metadata, self.timeout_s)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=call, name="changelog-send-offsets", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s + _HANG_MARGIN_S)
+        if not outcome:
+            raise _Hung(f"send_offsets_to_transaction did not return in {self.timeout_s:.0f}s")
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _replace_producer(self) -> None:
+        """Start a new producer with our transactional.id: the broker aborts the stuck
+        one's transaction (epoch bump); the stuck call is left behind on its thread."""
+        log.error(
+            "changelog_producer_hung",
+            transactional_id=self.transactional_id,
+            call="send_offsets_to_transaction",
+            action="replacing the producer; its open transaction is aborted by the broker "
+            "and the batch is written again",
+            known_issue="confluentinc/librdkafka#5456, #5511",
+        )
+        self._producer = self._start_producer()
+        self._fatal = None
 
     def _failed(self, exc: KafkaException, write: WriteSet) -> StoreError:
         error: KafkaError = exc.args[0]
