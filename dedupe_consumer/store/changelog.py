@@ -136,6 +136,10 @@ def _generation(metadata: object) -> int:
     return 0
 
 
+_HANG_MARGIN_S = 10.0
+"""How long past its own timeout a producer call may block before it counts as stuck."""
+
+
 class _ProducerStuck(Exception):
     """Internal: a producer call did not return long after its timeout (see _send_offsets)."""
 
@@ -296,7 +300,7 @@ class Changelog:
 
         worker = threading.Thread(target=call, name="changelog-send-offsets", daemon=True)
         worker.start()
-        worker.join(self.timeout_s + 10)
+        worker.join(self.timeout_s + _HANG_MARGIN_S)
         if not outcome:
             raise _ProducerStuck
         if outcome[0] is not None:
@@ -306,7 +310,7 @@ class Changelog:
         log.error(
             "changelog_producer_stuck",
             call="send_offsets_to_transaction",
-            waited_s=self.timeout_s + 10,
+            waited_s=self.timeout_s + _HANG_MARGIN_S,
             action="starting a new transactional producer; it fences the stuck one and aborts "
             "its transaction, then the batch is written again",
             see="librdkafka issues 5456 and 5511",
@@ -685,8 +689,7 @@ class Changelog:
             low = self._low(consumer, ktp)
             high = self._high(ktp)
             if high > low and (
-                (start is not None and start < high)
-                or (start is None and tp in store.partitions())
+                (start is not None and start < high) or (start is None and tp in store.partitions())
             ):
                 # Another owner wrote since this store last read (or its state is partial).
                 # Reading on from our position would build on a stale copy: compaction may

@@ -324,8 +324,15 @@ def _free_port() -> int:
 
 
 def _new_cluster_id() -> str:
-    """16 random bytes, base64url without padding: what ``kafka-storage random-uuid`` prints."""
-    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode("ascii")
+    """16 random bytes, base64url without padding: what ``kafka-storage random-uuid`` prints.
+
+    Like Kafka's ``Uuid.randomUuid``, never one that starts with ``-``: the storage
+    tool's argument parser would take it for an option (1 start in 64 failed).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode("ascii")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _java_executable() -> str:

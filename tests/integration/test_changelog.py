@@ -408,3 +408,65 @@ def test_a_store_that_missed_another_owners_writes_is_rebuilt_not_patched(
     finally:
         store.close()
         changelog.close()
+
+
+class _HangingSendOffsets:
+    """The real producer, except that send_offsets_to_transaction never returns (as
+    librdkafka's does when its cached group coordinator went away: #5456, #5511)."""
+
+    def __init__(self, producer: Any, release: threading.Event) -> None:
+        self._producer = producer
+        self._release = release
+
+    def send_offsets_to_transaction(self, *args: Any) -> None:
+        self._release.wait()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+
+def test_a_hung_send_offsets_replaces_the_producer_and_the_batch_is_written_once(
+    kafka_bootstrap: str,
+    kafka_topic: TopicFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from confluent_kafka import Consumer
+
+    from ..kafka_helpers import committed_offsets
+
+    monkeypatch.setattr("dedupe_consumer.store.changelog._HANG_MARGIN_S", 0.5)
+    topic = kafka_topic(partitions=1)
+    group = f"g-{topic}"
+    member = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    member.subscribe([topic])
+    deadline = time.monotonic() + 30
+    while not member.assignment() and time.monotonic() < deadline:
+        member.poll(0.2)
+    changelog = changelog_for(kafka_bootstrap, group, timeout_s=3.0)
+    changelog.ensure_topics([topic])
+    changelog.group_metadata = member.consumer_group_metadata
+    release = threading.Event()
+    changelog._producer = _HangingSendOffsets(changelog._producer, release)  # type: ignore[assignment]
+    store = RocksStore(tmp_path / "s", retention_ms=10**9)
+    tp = TopicPartition(topic, 0)
+    decision = StoredDecision(Status.HANDLED, 9, int(time.time() * 1000), b"\x00" * 8)
+    try:
+        with capture_logs() as logs:
+            sent = changelog.write(
+                WriteSet({tp: [("a", decision)]}, watermarks={tp: 9}), store, {tp: 10}
+            )
+        assert sent == {tp: 10}
+        assert any(e["event"] == "changelog_producer_stuck" for e in logs)
+        assert committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 10}
+        fresh = RocksStore(tmp_path / "fresh", retention_ms=10**9)
+        try:
+            assert changelog.restore(tp, fresh) == 2  # d:a and w, once: the hung one aborted
+            assert fresh.watermark(tp) == 9
+        finally:
+            fresh.close()
+    finally:
+        release.set()
+        member.close()
+        store.close()
+        changelog.close()
