@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from dedupe_consumer.models import SourceMessage, header_pairs
+from dedupe_consumer.models import SourceMessage, as_bytes, header_pairs
 
 REASONS = (
     "missing-id",
@@ -39,12 +39,18 @@ class DeadLetter:
 
 
 def dead_letter_headers(
-    message: SourceMessage, letter: DeadLetter, *, value_omitted: int | None = None
+    message: SourceMessage,
+    letter: DeadLetter,
+    *,
+    value_omitted: int | None = None,
+    originals_omitted: bool = False,
 ) -> list[tuple[str, str | bytes | None]]:
     """The original headers (``dlq.*`` ones moved aside) followed by the ``dlq.*`` headers.
 
     ``value_omitted``: the letter goes without its value, which was this many bytes
     (too large for the dead-letter topic); ``dlq.original.*`` say where it still is.
+    ``originals_omitted``: the original key and headers are left out too (still too
+    large without the value); ``dlq.key.omitted`` and ``dlq.headers.omitted`` say so.
     """
     kind, ts = message.timestamp()
     extra = {
@@ -65,6 +71,15 @@ def dead_letter_headers(
         (_MOVED + name if name.lower().startswith(_OURS) else name, value)
         for name, value in header_pairs(message)
     ]
+    if originals_omitted:
+        key = as_bytes(message.key())
+        extra["dlq.key.omitted"] = "too-large"
+        extra["dlq.key.size"] = str(len(key or b""))
+        extra["dlq.headers.omitted"] = "too-large"
+        extra["dlq.headers.size"] = str(
+            sum(len(name.encode()) + len(as_bytes(value) or b"") for name, value in original)
+        )
+        original = []
     return [*original, *((k, v.encode()) for k, v in extra.items())]
 
 

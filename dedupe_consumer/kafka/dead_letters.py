@@ -20,6 +20,10 @@ _Where = tuple[str, int, int]
 """The source message a letter is for: (topic, partition, offset)."""
 
 
+_LAST_SHRINK = 2
+"""0: the whole letter; 1: without the value; 2: without value, key and original headers."""
+
+
 def _where(message: SourceMessage) -> _Where:
     return (message.topic() or "", message.partition() or 0, message.offset() or 0)
 
@@ -30,8 +34,10 @@ class KafkaDeadLetters:
     A letter the topic refuses as too large (``MSG_SIZE_TOO_LARGE``, locally or from
     the broker) is sent again without its value, with ``dlq.value.omitted =
     "too-large"`` and ``dlq.value.size``: its ``dlq.original.*`` headers say where
-    the value still is. Any other failure names the source messages whose letters
-    were lost (:attr:`DeadLetterError.failed`).
+    the value still is. Refused again (a huge key or headers), it goes a last time
+    with only the ``dlq.*`` headers (``dlq.key.omitted``, ``dlq.headers.omitted``).
+    Any other failure names the source messages whose letters were lost
+    (:attr:`DeadLetterError.failed`).
     """
 
     def __init__(
@@ -48,7 +54,8 @@ class KafkaDeadLetters:
         }
         conf.update(settings.kafka.producer)
         self._producer = Producer({**conf, **kafka_log_config()})
-        self._pending: dict[_Where, tuple[SourceMessage, DeadLetter, bool]] = {}
+        self._pending: dict[_Where, tuple[SourceMessage, DeadLetter, int]] = {}
+        """Letters not yet delivered, with how much was left out (see ``_SHRINKS``)."""
         self._failures: dict[_Where, str] = {}
         self._too_large: list[_Where] = []
 
@@ -59,29 +66,33 @@ class KafkaDeadLetters:
                 self._failures.pop(where, None)
                 return
             entry = self._pending.get(where)
-            if entry is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE and not entry[2]:
-                self._too_large.append(where)  # the broker's limit: resent without value
+            too_large = error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+            if entry is not None and too_large and entry[2] < _LAST_SHRINK:
+                self._too_large.append(where)  # the broker's limit: resent smaller
             else:
                 self._failures[where] = f"{message.topic()}: {error}"
 
         return delivered
 
     def send(self, message: SourceMessage, letter: DeadLetter) -> None:
-        self._produce(message, letter, omit_value=False)
+        self._produce(message, letter, shrink=0)
 
-    def _produce(self, message: SourceMessage, letter: DeadLetter, *, omit_value: bool) -> None:
+    def _produce(self, message: SourceMessage, letter: DeadLetter, *, shrink: int) -> None:
         kind, ts = message.timestamp()
         value = as_bytes(message.value())
         where = _where(message)
-        self._pending[where] = (message, letter, omit_value)
+        self._pending[where] = (message, letter, shrink)
         while True:
             try:
                 self._producer.produce(
                     self.topic,
-                    value=None if omit_value else value,
-                    key=message.key(),
+                    value=None if shrink else value,
+                    key=None if shrink == _LAST_SHRINK else message.key(),
                     headers=dead_letter_headers(
-                        message, letter, value_omitted=len(value or b"") if omit_value else None
+                        message,
+                        letter,
+                        value_omitted=len(value or b"") if shrink else None,
+                        originals_omitted=shrink == _LAST_SHRINK,
                     ),
                     timestamp=ts if kind and ts > 0 else 0,
                     on_delivery=self._on_delivery(where),
@@ -91,8 +102,8 @@ class KafkaDeadLetters:
                 self._producer.poll(0.1)
             except KafkaException as exc:
                 error = exc.args[0]
-                if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and not omit_value:
-                    self._omit_value(where, str(error))
+                if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and shrink < _LAST_SHRINK:
+                    self._shrink(where, str(error))
                     return
                 del self._pending[where]
                 raise DeadLetterError(
@@ -102,18 +113,20 @@ class KafkaDeadLetters:
                 ) from exc
         self._producer.poll(0)
 
-    def _omit_value(self, where: _Where, why: str) -> None:
-        message, letter, _ = self._pending[where]
+    def _shrink(self, where: _Where, why: str) -> None:
+        """Send the letter again with less: first without the value, then with only ours."""
+        message, letter, shrink = self._pending[where]
         log.warning(
-            "dead_letter_value_omitted",
+            "dead_letter_value_omitted" if shrink == 0 else "dead_letter_originals_omitted",
             topic=where[0],
             partition=where[1],
             offset=where[2],
             value_bytes=len(as_bytes(message.value()) or b""),
+            key_bytes=len(as_bytes(message.key()) or b""),
             dead_letter_topic=self.topic,
             error=why,
         )
-        self._produce(message, letter, omit_value=True)
+        self._produce(message, letter, shrink=shrink + 1)
 
     def flush(self) -> None:
         if not self._pending:
@@ -122,7 +135,7 @@ class KafkaDeadLetters:
         while self._too_large and not remaining:
             too_large, self._too_large = self._too_large, []
             for where in too_large:
-                self._omit_value(where, "MSG_SIZE_TOO_LARGE from the broker")
+                self._shrink(where, "MSG_SIZE_TOO_LARGE from the broker")
             remaining = self._producer.flush(self.flush_timeout_s)
         lost, self._pending = self._pending, {}
         failures, self._failures = self._failures, {}
