@@ -268,6 +268,12 @@ class Engine:
                 "otherwise restore the topic's data before starting the consumer again"
             )
         same_log = topic_id is None or known_id is None or topic_id == known_id
+        resume = partition_log.low
+        if same_log and partition_log.retained_from is not None:
+            # A truncated log still holds events decided long ago: their IDs may have
+            # expired, so re-reading them could handle them twice. Only events within
+            # the retention window are re-read (a lookup tells which were decided).
+            resume = max(resume, partition_log.retained_from)
         new_epoch = EPOCH.pack(topic_id or known_id or bytes(16), generation + 1 if same_log else 0)
         if self.changelog is not None:
             # The changelog's old watermark must not come back at the next restore: the
@@ -279,10 +285,11 @@ class Engine:
             partition=str(tp),
             reason=why,
             old_watermark=wm,
-            resume=partition_log.low,
-            note="decided event IDs are kept: events sent again stay duplicates",
+            resume=resume,
+            note="decided event IDs are kept for dedupe.retention: events sent again within "
+            "it stay duplicates; in a truncated log, events older than it are not re-read",
         )
-        return None, partition_log.low
+        return None, resume
 
     def release(self, tps: Sequence[TopicPartition]) -> None:
         """Forget partitions (revoked or lost): their messages are no longer ours to decide."""

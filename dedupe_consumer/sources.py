@@ -25,6 +25,9 @@ class PartitionLog:
     """The first offset still in the log."""
     high: int
     """The next offset to be written (the high watermark)."""
+    retained_from: int | None = None
+    """The first offset whose timestamp is within ``dedupe.retention`` of now (None:
+    not asked): IDs of older events may have expired, so a reset never re-reads them."""
 
 
 class AssignmentListener(Protocol):

@@ -9,6 +9,7 @@ for after the engine has persisted the decisions they cover.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -163,7 +164,9 @@ class KafkaSource:
             bounds: dict[str, dict[TopicPartition, int]] = {}
             earliest = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
             latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-            for which, spec in (("low", earliest), ("high", latest)):
+            retention_ms = int(self.settings.dedupe.retention.total_seconds() * 1000)
+            retained = OffsetSpec.for_timestamp(int(time.time() * 1000) - retention_ms)
+            for which, spec in (("low", earliest), ("high", latest), ("retained", retained)):
                 asked = {KafkaTopicPartition(p.topic, p.partition): spec for p in partitions}
                 answers = admin.list_offsets(asked, request_timeout=30)
                 bounds[which] = {
@@ -179,7 +182,13 @@ class KafkaSource:
             )
             return {}
         return {
-            tp: PartitionLog(ids.get(tp.topic), bounds["low"][tp], bounds["high"][tp])
+            tp: PartitionLog(
+                ids.get(tp.topic),
+                bounds["low"][tp],
+                bounds["high"][tp],
+                # -1: no event is that recent, so none is within the retention window
+                bounds["high"][tp] if bounds["retained"][tp] < 0 else bounds["retained"][tp],
+            )
             for tp in _tps(partitions)
         }
 

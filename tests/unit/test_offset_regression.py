@@ -91,6 +91,24 @@ def test_reset_starts_the_watermark_over_and_keeps_the_ids(rig: Callable[..., Ri
     assert r.restart().assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 3)}) == {TP: 3}
 
 
+def test_a_reset_of_a_truncated_log_never_re_reads_events_older_than_retention(
+    rig: Callable[..., Rig],
+) -> None:
+    """Their IDs may have expired: re-reading them would handle them twice (a review
+    found 'reset' re-reading a whole retained log)."""
+    handler = Recorder()
+    r = rig(handler, processing={"on_offset_regression": "reset"})
+    r.engine.assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 0)})
+    decide_ten(r)
+    # The same topic, truncated to end at 8; only offsets from 6 on are within retention.
+    assert r.engine.assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 8, retained_from=6)}) == {TP: 6}
+    # A recreated topic (new ID) holds only new events: all of it is read.
+    r2 = rig(handler, processing={"on_offset_regression": "reset"})
+    r2.engine.assign([TP], {TP: PartitionLog(TOPIC_ID, 0, 0)})
+    decide_ten(r2)
+    assert r2.engine.assign([TP], {TP: PartitionLog(OTHER_ID, 0, 8, retained_from=6)}) == {TP: 0}
+
+
 def test_restore_adopts_an_epoch_and_starts_over_only_at_a_reset(tmp_path: Path) -> None:
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     try:
