@@ -54,6 +54,7 @@ from dedupe_consumer.models import (
     message_timestamp,
 )
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.partitioners import placed_by_a_common_partitioner
 from dedupe_consumer.sources import PartitionLog
 from dedupe_consumer.store import (
     EPOCH,
@@ -66,6 +67,11 @@ from dedupe_consumer.store import (
 )
 
 log = structlog.get_logger("dedupe_consumer.engine")
+
+_FULL_CHECKS = 1000
+"""Keyed messages of a partition checked one by one against the common partitioners..."""
+_SAMPLE = 64
+"""...after which one offset in this many is checked."""
 
 _BUSY_REVOKED_SWEEP = 256
 """Records of revoked partitions examined per batch (without a changelog)."""
@@ -166,6 +172,10 @@ class Engine:
         self._orphans: dict[TopicPartition, _Orphan] = {}
         """Walked batches whose transaction the group fenced, kept per partition in case
         this instance owns the partition again with nobody having written meanwhile."""
+        self._partition_counts: dict[str, int] = {}
+        """Each assigned topic's partition count, as the source last reported it."""
+        self._mismatch_warned: set[str] = set()
+        self._partitioner_checked: dict[TopicPartition, int] = {}
         self._revoked: dict[TopicPartition, float] = {}
         """Partitions with local state that we do not own, and since when (clock seconds)."""
         self._revoked_listed = False
@@ -220,12 +230,67 @@ class Engine:
             self._watermarks[tp] = wm
             self._revoked.pop(tp, None)
             starts[tp] = start
+            if partition_log is not None and partition_log.partitions is not None:
+                self._note_partition_count(tp.topic, partition_log.partitions)
         log.info(
             "partitions_assigned",
             partitions=[str(t) for t in tps],
             resume={str(tp): o for tp, o in starts.items()},
         )
         return starts
+
+    def _note_partition_count(self, topic: str, count: int) -> None:
+        known = self._partition_counts.get(topic)
+        self._partition_counts[topic] = count
+        if known is not None and known != count:
+            log.warning(
+                "partition_count_changed",
+                topic=topic,
+                old=known,
+                new=count,
+                consequence="keys now hash to other partitions: an event ID sent again may "
+                "reach a partition that never saw it and be handled again (dedupe is per "
+                "partition)",
+            )
+
+    def _check_partitioner(self, tp: TopicPartition, items: Sequence[_Item]) -> None:
+        """Count keyed messages that no common partitioner would have put on ``tp``."""
+        count = self._partition_counts.get(tp.topic)
+        if count is None or count <= 1:
+            return
+        mismatched = checked = 0
+        seen = self._partitioner_checked.get(tp, 0)
+        for item in items:
+            # Every message of a partition's first _FULL_CHECKS, then one in _SAMPLE:
+            # murmur2 in Python costs microseconds, and a producer's rule rarely changes.
+            if seen + checked >= _FULL_CHECKS and item.offset % _SAMPLE:
+                continue
+            key = as_bytes(item.message.key())
+            if not key:
+                continue
+            checked += 1
+            if not placed_by_a_common_partitioner(key, tp.partition, count):
+                mismatched += 1
+        self._partitioner_checked[tp] = seen + checked
+        if checked:
+            self.metrics.partitioner_checked.labels(tp.topic).inc(checked)
+        if not mismatched:
+            return
+        self.metrics.partitioner_mismatches.labels(tp.topic).inc(mismatched)
+        if tp.topic not in self._mismatch_warned:
+            self._mismatch_warned.add(tp.topic)
+            log.warning(
+                "partitioner_mismatch",
+                topic=tp.topic,
+                partition=tp.partition,
+                partitions=count,
+                messages=mismatched,
+                consequence="these keys are not where librdkafka's default (CRC32) or Java's "
+                "(murmur2) partitioner puts them: a producer with another partitioner, an "
+                "explicit partition, or added partitions. Dedupe is per partition, so the "
+                "same event ID sent by another producer may be handled again; see the "
+                "README (Event IDs). Counted in dedupe_partitioner_mismatch_total",
+            )
 
     def _check_offsets(
         self, tp: TopicPartition, wm: int | None, partition_log: PartitionLog
@@ -401,6 +466,7 @@ class Engine:
             if tp in self._watermarks:  # a revoked partition's leftovers belong to its new owner
                 plan[tp] = items
         for tp, items in plan.items():
+            self._check_partitioner(tp, items)
             self._classify(tp, items, now_ms)
             wm = self._watermarks.get(tp)
             # This batch was fetched from its first offset on: what lies before it is

@@ -28,6 +28,8 @@ class PartitionLog:
     retained_from: int | None = None
     """The first offset whose timestamp is within ``dedupe.retention`` of now (None:
     not asked): IDs of older events may have expired, so a reset never re-reads them."""
+    partitions: int | None = None
+    """How many partitions the topic has (None: not known): to check where keys land."""
 
 
 class AssignmentListener(Protocol):

@@ -147,7 +147,13 @@ class KafkaSource:
                     {**self.settings.kafka.connection(), **kafka_log_config()}
                 )
             admin = self._admin
-            if not controller_known(admin.list_topics(timeout=10)):
+            metadata = admin.list_topics(timeout=10)
+            counts = {
+                name: len(topic.partitions)
+                for name, topic in metadata.topics.items()
+                if topic.error is None and topic.partitions
+            }
+            if not controller_known(metadata):
                 log.warning(
                     "partition_logs_unavailable",
                     error="the cluster names no live controller to describe topics",
@@ -188,6 +194,7 @@ class KafkaSource:
                 bounds["high"][tp],
                 # -1: no event is that recent, so none is within the retention window
                 bounds["high"][tp] if bounds["retained"][tp] < 0 else bounds["retained"][tp],
+                counts.get(tp.topic),
             )
             for tp in _tps(partitions)
         }

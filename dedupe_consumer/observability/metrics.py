@@ -72,6 +72,20 @@ class Metrics:
             "Batches that outlived max.poll.interval.ms (the group membership was lost)",
             registry=r,
         )
+        self.partitioner_mismatches = Counter(
+            "dedupe_partitioner_mismatch",
+            "Keyed messages on a partition that neither librdkafka's default (CRC32) nor "
+            "Java's (murmur2) partitioner would choose: dedupe per partition may miss them",
+            ["topic"],
+            registry=r,
+        )
+        self.partitioner_checked = Counter(
+            "dedupe_partitioner_checked",
+            "Keyed messages checked against the common partitioners (all of a partition's "
+            "first 1000, then one offset in 64): the denominator of the mismatch ratio",
+            ["topic"],
+            registry=r,
+        )
         self.offset_regressions = Counter(
             "dedupe_offset_regressions",
             "Assignments whose log went back below the watermark (topic recreated/truncated)",
