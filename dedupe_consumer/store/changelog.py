@@ -688,23 +688,10 @@ class Changelog:
             ktp = KafkaTopicPartition(name, tp.partition)
             low = self._low(consumer, ktp)
             high = self._high(ktp)
-            if high > low and (
-                (start is not None and start < high) or (start is None and tp in store.partitions())
-            ):
-                # Another owner wrote since this store last read (or its state is partial).
-                # Reading on from our position would build on a stale copy: compaction may
-                # have removed the tombstones, deletions and the reset record in between,
-                # so deleted effects and an old watermark would survive. Start over.
-                log.info(
-                    "changelog_restore_from_start",
-                    partition=str(tp),
-                    changelog_topic=name,
-                    position=start,
-                    end=high,
-                    reason="written by another owner since this store's copy",
-                )
+            if start is None and high > low and tp in store.partitions():
+                # Partial local state without a watermark (a drop cut short): start over.
+                self._restart_log(tp, name, start, high, "local state without a watermark")
                 store.drop_partition(tp, key)
-                start = None
             if start is not None and start > high:
                 log.warning(
                     "changelog_position_beyond_end",
@@ -721,6 +708,7 @@ class Changelog:
                 pending.apply(store, begin)  # an empty partition: remember where it starts
                 return 0
             consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
+            incremental = start is not None
             read = 0
             position = begin
             end: int | None = None
@@ -763,6 +751,20 @@ class Changelog:
                             )
                         continue
                     stalled_after = time.monotonic() + self.timeout_s
+                    if incremental:
+                        # A committed record past our position: another owner wrote since
+                        # this store's copy. Reading on would build on a stale copy:
+                        # compaction may have removed the tombstones, deletions and the
+                        # reset record in between, so a deleted effect and an old watermark
+                        # would survive. Rebuild from the start instead. (Our own aborted
+                        # transactions leave no committed record: no rebuild for those.)
+                        self._restart_log(tp, name, start, high, "written by another owner")
+                        store.drop_partition(tp, key)
+                        incremental = False
+                        begin = position = low
+                        pending = _Restored(tp, key, None)
+                        consumer.assign([KafkaTopicPartition(name, tp.partition, low)])
+                        break
                     pending.add(m.key() or b"", m.value())
                     read += 1
                     position = (m.offset() or 0) + 1
@@ -780,6 +782,19 @@ class Changelog:
             return read
         finally:
             consumer.close()
+
+    @staticmethod
+    def _restart_log(
+        tp: TopicPartition, name: str, position: int | None, end: int, reason: str
+    ) -> None:
+        log.info(
+            "changelog_restore_from_start",
+            partition=str(tp),
+            changelog_topic=name,
+            position=position,
+            end=end,
+            reason=reason,
+        )
 
     @property
     def _open_wait_s(self) -> float:
