@@ -98,3 +98,17 @@ def log_tail(config: Path, limit: int = 3000) -> str:
 def effects_of(path: Path) -> Counter[str]:
     """How often each event ID took effect (one line per handler call)."""
     return Counter(path.read_text().split()) if path.exists() else Counter()
+
+
+def stop_consumer(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
+    """SIGTERM, then wait; a process that does not stop in time is killed (never left
+    running after its test) and the timeout is raised."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise

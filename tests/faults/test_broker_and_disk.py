@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from dedupe_consumer.store import Changelog, RocksStore
 from dedupe_consumer.testing import LocalKafka
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
-from ._process import effects_of, log_tail, start_consumer, write_config
+from ._process import effects_of, log_tail, start_consumer, stop_consumer, write_config
 
 pytestmark = pytest.mark.kafka
 
@@ -63,8 +62,7 @@ def test_broker_stopped_and_restarted_mid_run_loses_nothing(
             "offsets committed to the end",
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        stop_consumer(proc)
     assert proc.returncode == 0, log_tail(config)
     calls = effects_of(effects)
     assert set(calls) == set(sent)

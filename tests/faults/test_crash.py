@@ -17,7 +17,7 @@ import pytest
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
-from ._process import effects_of, log_tail, start_consumer, write_config
+from ._process import effects_of, log_tail, start_consumer, stop_consumer, write_config
 
 pytestmark = pytest.mark.kafka
 BATCH = 50
@@ -44,8 +44,7 @@ def finish(
             "offsets committed to the end",
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        stop_consumer(proc)
     assert proc.returncode == 0, log_tail(config)
 
 
