@@ -23,7 +23,7 @@ from dedupe_consumer.dead_letters import DeadLetterSink
 from dedupe_consumer.engine import BatchResult, Engine
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, TopicPartition
-from dedupe_consumer.observability import Metrics
+from dedupe_consumer.observability import Metrics, configure_logging
 from dedupe_consumer.observability.kafka_logs import kafka_error_fields
 from dedupe_consumer.observability.progress import ProgressLog
 from dedupe_consumer.sources import PartitionLog, Source, SourceFactory
@@ -98,8 +98,14 @@ class DedupeConsumer:
         on_batch: Callable[[BatchResult], None] | None = None,
         install_signal_handlers: bool = True,
     ) -> BatchStats:
-        """Consume until stopped (SIGTERM/SIGINT, :meth:`stop`, or ``until(totals)``)."""
+        """Consume until stopped (SIGTERM/SIGINT, :meth:`stop`, or ``until(totals)``).
+
+        Logging follows ``observability.log_level`` and ``log_format`` unless the
+        application configured structlog itself first (then its set-up is kept).
+        """
         settings = self.settings
+        if not structlog.is_configured():
+            configure_logging(settings.observability.log_level, settings.observability.log_format)
         store = self._store or RocksStore(
             settings.store.path,
             retention_ms=int(settings.dedupe.retention.total_seconds() * 1000),

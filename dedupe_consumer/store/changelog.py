@@ -241,7 +241,7 @@ class Changelog:
         # stable per store, so a restarted instance fences and aborts its own leftovers.
         conf["transactional.id"] = transactional_id
         self.transaction_timeout_s = int(conf.get("transaction.timeout.ms", 60_000)) / 1000
-        self._producer_conf = {**conf, **kafka_log_config()}
+        self._producer_conf = conf
         self._startup_timeout_s = startup_timeout_s
         self._abandoned: list[Producer] = []
         """Producers stuck inside a librdkafka call: kept referenced while their thread runs."""
@@ -257,11 +257,13 @@ class Changelog:
         self._delivered: dict[TopicPartition, tuple[int, int]] = {}
         self._errors: list[str] = []
         self._fatal: KafkaError | None = None
+        self._intact: set[TopicPartition] = set()
+        """Partitions restored by this instance and not fenced since: nobody else wrote."""
 
     def _start_producer(self) -> Producer:
         """A transactional producer, initialised: this fences (and aborts the open
         transaction of) any earlier producer with our transactional.id."""
-        producer = Producer(self._producer_conf)
+        producer = Producer({**self._producer_conf, **kafka_log_config()})
         deadline = time.monotonic() + self._startup_timeout_s
         while True:  # the broker may not be up yet (a pod starting before Kafka): wait
             try:
@@ -290,10 +292,11 @@ class Changelog:
         ``init_transactions`` fences the stuck one and aborts its transaction.
         """
         outcome: list[BaseException | None] = []
+        producer = self._producer  # this one, even if it is replaced while the thread starts
 
         def call() -> None:
             try:
-                self._producer.send_offsets_to_transaction(offsets, metadata, self.timeout_s)
+                producer.send_offsets_to_transaction(offsets, metadata, self.timeout_s)
                 outcome.append(None)
             except BaseException as exc:  # handed to the caller's thread
                 outcome.append(exc)
@@ -555,7 +558,10 @@ class Changelog:
             # re-reads from the old position, which is idempotent.
             where = self.position_key(tp)
             position = store.changelog_position(where)
-            if position is None or position <= first <= position + 1:
+            if tp in self._intact or position is None or position <= first <= position + 1:
+                # Intact since its restore: only we can have committed here (every write
+                # of ours is fenced by the group), so what lies between the position and
+                # our write is our own aborted attempts.
                 write.changelog_positions[where] = last + 2  # after our commit marker
 
     def _transaction(
@@ -615,6 +621,7 @@ class Changelog:
             )
         self._abort()
         if error.code() in _NOT_OWNER:
+            self._intact.difference_update(write.partitions())
             return NotOwnerError(
                 f"the group fenced the changelog transaction ({error}): this instance is no "
                 "longer the owner of "
@@ -626,13 +633,18 @@ class Changelog:
             "and will be redelivered"
         )
 
-    def reset_epoch(self, tp: TopicPartition, epoch: bytes) -> None:
+    def reset_epoch(
+        self, tp: TopicPartition, epoch: bytes, store: ProcessedStore | None = None
+    ) -> None:
         """Start ``tp``'s watermark over in a new epoch: a restore then drops the old one."""
         self.epochs[tp] = epoch
         self._resets.add(tp)
         # The -1 watermark supersedes the old one under compaction, which may keep only a
         # later announcement of the same epoch (flagged adopt) and not this reset.
-        self.write(WriteSet(watermarks={tp: -1}))
+        write = WriteSet(watermarks={tp: -1})
+        self.write(write, store)
+        if store is not None and write.changelog_positions:
+            store.persist(WriteSet(changelog_positions=write.changelog_positions))
 
     def _abort(self) -> None:
         try:
@@ -706,6 +718,7 @@ class Changelog:
             pending = _Restored(tp, key, store.epoch(tp))
             if begin >= high:
                 pending.apply(store, begin)  # an empty partition: remember where it starts
+                self._intact.add(tp)
                 return 0
             consumer.assign([KafkaTopicPartition(name, tp.partition, begin)])
             incremental = start is not None
@@ -779,6 +792,7 @@ class Changelog:
                 records=read,
                 changelog_offsets=(begin, end),
             )
+            self._intact.add(tp)
             return read
         finally:
             consumer.close()

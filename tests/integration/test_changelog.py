@@ -470,3 +470,40 @@ def test_a_hung_send_offsets_replaces_the_producer_and_the_batch_is_written_once
         member.close()
         store.close()
         changelog.close()
+
+
+def test_our_own_aborted_transaction_is_not_taken_for_another_owners_writes(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """After an aborted attempt of ours (a stale-generation retry, a stuck producer), the
+    position still advances: the next restore reads nothing and rebuilds nothing, so a
+    fenced batch kept for this partition can still be adopted (review finding)."""
+    source = kafka_topic(partitions=1)
+    changelog = changelog_for(kafka_bootstrap, f"g-{source}", timeout_s=10.0)
+    changelog.ensure_topics([source])
+    tp = TopicPartition(source, 0)
+    store = RocksStore(tmp_path / "s", retention_ms=10**9)
+
+    def batch(offset: int) -> None:
+        decision = StoredDecision(Status.HANDLED, offset, int(time.time() * 1000), b"\0" * 8)
+        write = WriteSet({tp: [(f"id{offset}", decision)]}, watermarks={tp: offset})
+        changelog.write(write, store)
+        store.persist(write)
+
+    try:
+        assert changelog.restore(tp, store) == 0
+        batch(0)
+        producer = changelog._producer  # an attempt of ours that is aborted
+        producer.begin_transaction()
+        changelog._send(tp, b"d:junk", b"x" * 25)
+        producer.flush(10)
+        producer.abort_transaction(10)
+        batch(1)
+        batch(2)
+        with capture_logs() as logs:
+            assert changelog.restore(tp, store) == 0
+        assert not [e for e in logs if e["event"] == "changelog_restore_from_start"]
+        assert store.watermark(tp) == 2
+    finally:
+        store.close()
+        changelog.close()

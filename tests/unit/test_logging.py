@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,3 +150,44 @@ def test_json_lines_stay_one_line_per_event(capsys: pytest.CaptureFixture[str]) 
     structlog.get_logger("test").warning("forged", **values)
     (line,) = lines_of(capsys.readouterr().err)
     assert json.loads(line)["event_id"] == FORGED
+
+
+def test_the_library_logs_as_its_settings_say_unless_the_app_configured_logging(
+    tmp_path: Path,
+) -> None:
+    """A script that only calls DedupeConsumer.run() gets observability.log_format."""
+    import subprocess
+    import sys
+
+    recording = tmp_path / "r.jsonl"
+    head = {"format": "dedupe-consumer-recording", "version": 1, "topic": "t",
+            "partitions": 1, "recorded_at": "2024-06-01T00:00:00Z"}  # fmt: skip
+    line = {
+        "topic": "t",
+        "partition": 0,
+        "offset": 0,
+        "timestamp": 1,
+        "key": "k",
+        "value": "{}",
+        "headers": [],
+    }  # fmt: skip  (no event-id: a logged warning)
+    recording.write_text(json.dumps(head) + "\n" + json.dumps(line) + "\n")
+    script = f"""
+from dedupe_consumer import Handler, Settings
+from dedupe_consumer.replay import replay_recording
+class H(Handler):
+    def handle(self, event): pass
+settings = Settings.load(
+    kafka={{"bootstrap_servers": "x:1", "group_id": "g", "topics": ["t"]}},
+    processing={{"dead_letter_topic": "dlq"}}, store={{"path": {str(tmp_path / "s")!r}}},
+    observability={{"log_format": "json", "log_level": "warning"}},
+)
+replay_recording(H, {str(recording)!r}, settings=settings, state_dir={str(tmp_path / "r")!r})
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    logged = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
+    assert any(e["event"] == "missing_event_id" for e in logged), proc.stderr
+    assert not [x for x in proc.stderr.splitlines() if "[warning" in x]  # no console lines
