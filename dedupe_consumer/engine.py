@@ -23,6 +23,7 @@ A batch goes through four phases:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -190,6 +191,7 @@ class Engine:
         # cannot fit, so the attempt fails instead of the batch's changelog transaction.
         max_bytes = int(settings.kafka.producer.get("message.max.bytes", 1_000_000))
         self._max_effect_bytes = max_bytes - _EFFECT_OVERHEAD
+        _refuse_coroutines(handler)
         if (
             self.claims
             and settings.processing.on_uncertain == "reconcile"
@@ -983,6 +985,16 @@ class Engine:
                 if self._stopping.wait(delay):
                     raise _Stop from None
             else:
+                if inspect.isawaitable(result):
+                    # Recording this as handled would lose the event: nothing ran.
+                    _discard(result)
+                    raise _Stop from ConfigError(
+                        f"{type(self.handler).__name__}.{_name_of(call)} returned an "
+                        f"awaitable ({type(result).__name__}) for event {event.id!r}: async "
+                        "handlers are not supported yet; define it with plain `def` and do "
+                        "the I/O synchronously. The event was not recorded; it is re-read "
+                        "on restart"
+                    )
                 return _Called(result, effects.staged)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1036,6 +1048,29 @@ class Engine:
             tp, offset = next(iter(self._next.items()))
             offsets[tp] = offset
         return offsets
+
+
+def _name_of(call: Callable[[Event], object]) -> str:
+    return getattr(call, "__name__", "handle")
+
+
+def _discard(awaitable: object) -> None:
+    close = getattr(awaitable, "close", None)
+    if callable(close):  # a coroutine never awaited: close it without a RuntimeWarning
+        close()
+
+
+def _refuse_coroutines(handler: Handler) -> None:
+    """Refuse ``async def`` hooks at start-up: nothing would await them (invariant 4)."""
+    for name in ("handle", "reconcile", "setup", "teardown", "parse"):
+        hook = getattr(handler, name, None)
+        if inspect.iscoroutinefunction(hook) or inspect.isasyncgenfunction(hook):
+            raise ConfigError(
+                f"{type(handler).__name__}.{name} is `async def`: async handlers are not "
+                "supported yet, and a coroutine that nobody awaits would record every event "
+                f"as handled while doing nothing. Define {name} with plain `def` (call your "
+                "async client through a sync API, or asyncio.run in a worker thread)"
+            )
 
 
 @dataclass(slots=True)

@@ -8,7 +8,13 @@ from datetime import timedelta
 import pytest
 from pydantic import BaseModel
 
-from dedupe_consumer import Event, MissingEventIdError, PermanentError, RetryableError
+from dedupe_consumer import (
+    ConfigError,
+    Event,
+    MissingEventIdError,
+    PermanentError,
+    RetryableError,
+)
 from dedupe_consumer.models import TopicPartition
 
 from .conftest import TOPIC, Recorder, Rig, rec
@@ -314,3 +320,37 @@ def test_a_walk_past_its_budget_is_cut_and_the_rest_re_read(rig: RigFactory) -> 
     assert second.rewind == {}
     handled = sorted(r.handler.ids)  # type: ignore[attr-defined]
     assert handled == sorted([*(f"id{i}" for i in range(10)), "p1"])
+
+
+class _AsyncHandle(Recorder):
+    async def handle(self, event: Event) -> None:  # type: ignore[override]
+        self.calls.append(event)
+
+
+class _ReturnsCoroutine(Recorder):
+    """Not ``async def`` itself, but hands back a coroutine that nobody would await."""
+
+    def handle(self, event: Event) -> None:
+        self.calls.append(event)
+        return self._later(event)  # type: ignore[return-value]
+
+    async def _later(self, event: Event) -> None:
+        raise AssertionError("never awaited")
+
+
+def test_an_async_def_handler_is_refused_at_start_up(rig: RigFactory) -> None:
+    with pytest.raises(ConfigError, match=r"_AsyncHandle.handle is `async def`"):
+        rig(_AsyncHandle())
+
+
+def test_a_handler_returning_a_coroutine_stops_without_recording_the_event(
+    rig: RigFactory,
+) -> None:
+    r = rig(_ReturnsCoroutine())
+    result = r.engine.process([rec(0, "a"), rec(1, "b")])
+    assert isinstance(result.error, ConfigError)
+    assert "returned an awaitable" in str(result.error)
+    assert result.stats.handled == 0
+    assert result.commits == {}  # offset 0 is not decided: it is read again
+    engine = r.restart()
+    assert engine.assign([TP0]) == {TP0: None}  # no watermark: nothing was recorded
