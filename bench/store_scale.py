@@ -41,7 +41,7 @@ from rich.table import Table
 
 from bench import _machine
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import RocksStore, Status, StoredDecision, WriteSet
+from dedupe_consumer.store import IdRecord, RecordStatus, RocksStore, WriteSet
 
 TOPIC = "events"
 RETENTION_MS = 7 * 24 * 3600 * 1000
@@ -114,8 +114,8 @@ def write_ids(
             p = index % partitions
             key = event_id(index, seed)
             digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-            decision = StoredDecision(Status.HANDLED, next_offset[p], now_ms, digest)
-            write.decisions.setdefault(tps[p], []).append((key, decision))
+            decision = IdRecord(RecordStatus.HANDLED, next_offset[p], now_ms, digest)
+            write.records.setdefault(tps[p], []).append((key, decision))
             write.watermarks[tps[p]] = next_offset[p]
             next_offset[p] += 1
         store.persist(write)

@@ -19,7 +19,7 @@ from dedupe_consumer.errors import (
     StoreLockedError,
 )
 from dedupe_consumer.handler import Handler
-from dedupe_consumer.models import BatchStats, Decision, Event, TopicPartition
+from dedupe_consumer.models import BatchStats, DeadLetterReason, Decision, Event, TopicPartition
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "BatchStats",
     "ConfigError",
     "DeadLetterError",
+    "DeadLetterReason",
     "Decision",
     "DedupeConsumer",
     "DedupeError",

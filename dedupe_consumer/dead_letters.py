@@ -12,26 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from dedupe_consumer.models import SourceMessage, as_bytes, header_pairs
+from dedupe_consumer.models import DeadLetterReason, SourceMessage, as_bytes, header_pairs
 
-REASONS = (
-    "missing-id",
-    "invalid-id",
-    "invalid-payload",
-    "permanent-error",
-    "retries-exhausted",
-    "conflicting-duplicate",
-    "uncertain",
-    "reconcile-failed",
-    "internal-error",
-)
 _OURS = "dlq."
 _MOVED = "dlq.original-header."
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    reason: str
+    """One event set aside: why, and what to tell whoever inspects it (the ``dlq.*`` headers)."""
+
+    reason: DeadLetterReason
     event_id: str | None
     error_class: str
     error_message: str

@@ -46,6 +46,7 @@ from dedupe_consumer.handler import Handler
 from dedupe_consumer.ids import InvalidId, MissingId, hash_id, parse_id_source
 from dedupe_consumer.models import (
     BatchStats,
+    DeadLetterReason,
     Decision,
     Event,
     SourceMessage,
@@ -59,11 +60,12 @@ from dedupe_consumer.partitioners import placed_by_a_common_partitioner
 from dedupe_consumer.sources import PartitionLog
 from dedupe_consumer.store import (
     EPOCH,
+    RECORDED_AS,
     Changelog,
+    IdRecord,
     NotOwnerError,
     ProcessedStore,
-    Status,
-    StoredDecision,
+    RecordStatus,
     WriteSet,
 )
 
@@ -108,25 +110,25 @@ class _Cut(_Stop):
 
 @dataclass(slots=True)
 class _Item:
-    """One message of the batch and what phase 1 found out about it."""
+    """One message of the batch: what phase 1 found out about it, and how it was decided."""
 
     message: SourceMessage
     offset: int
     decision: Decision | None = None
-    """Known in phase 1 (replay, duplicate, conflict); None: ask the handler."""
+    """Known in phase 1 (replay, duplicate, conflict, no usable ID); None: the walk
+    decides it (handled or dead-lettered) and sets it then."""
     event_id: str | None = None
     digest: bytes = b""
     letter: DeadLetter | None = None
+    """Its dead letter, once it is dead-lettered (or a conflict to dead-letter)."""
     fail: MissingEventIdError | None = None
-    prior: StoredDecision | None = None
-    """An in-progress claim found in the store: an uncertain outcome."""
-
-
-@dataclass(slots=True)
-class _Outcome:
-    status: Status
-    reason: str = ""
-    effects: dict[bytes, bytes | None] = field(default_factory=dict)
+    found_claim: IdRecord | None = None
+    """An ``in-progress`` claim of this ID found in the store (claim mode): an
+    uncertain outcome, resolved by ``processing.on_uncertain``."""
+    first_offset: int | None = None
+    """A duplicate or conflict: the offset at which this ID was first decided."""
+    staged: dict[bytes, bytes | None] | None = None
+    """Decided handled: the writes its handler (or reconcile) staged."""
 
 
 @dataclass(slots=True)
@@ -447,7 +449,7 @@ class Engine:
     def _sweep(self, now_ms: int, budgets: dict[TopicPartition, int], write: WriteSet) -> None:
         """Add expired IDs to ``write`` as deletions (tombstones in the changelog)."""
         for tp, ids in self.store.find_expired(now_ms, budgets).items():
-            decided = {event_id for event_id, _ in write.decisions.get(tp, [])}
+            decided = {event_id for event_id, _ in write.records.get(tp, [])}
             gone = [event_id for event_id in ids if event_id not in decided]
             if gone:
                 write.released.setdefault(tp, []).extend(gone)
@@ -575,7 +577,7 @@ class Engine:
         if write:
             # Each partition sweeps twice what it writes: deletion keeps pace with inserts
             # wherever the load lands (invariant 5). Expired IDs go in this same write.
-            budgets = {tp: 2 * len(records) + 32 for tp, records in write.decisions.items()}
+            budgets = {tp: 2 * len(records) + 32 for tp, records in write.records.items()}
             self._sweep(now_ms, budgets, write)
             try:
                 try:
@@ -648,8 +650,8 @@ class Engine:
                 continue
             # Later copies in this batch compare with the decided record, not with us.
             first_offset[event_id] = (prior.offset, prior.digest)
-            if prior.status is Status.IN_PROGRESS:
-                item.prior = prior  # uncertain: the walk applies processing.on_uncertain
+            if prior.status is RecordStatus.IN_PROGRESS:
+                item.found_claim = prior  # uncertain: the walk applies processing.on_uncertain
                 continue
             self._on_seen(item, prior.offset, prior.digest)
 
@@ -674,19 +676,19 @@ class Engine:
         item.letter = DeadLetter(missing.reason, None, type(missing).__name__, why, 0)
 
     def _on_seen(self, item: _Item, first_offset: int, first_digest: bytes) -> None:
+        item.first_offset = first_offset
         if item.digest == first_digest:
             item.decision = Decision.DUPLICATE
             return
         item.decision = Decision.CONFLICT
         if self.settings.dedupe.on_conflict == "dead-letter":
             item.letter = DeadLetter(
-                "conflicting-duplicate",
+                DeadLetterReason.CONFLICTING_DUPLICATE,
                 item.event_id,
                 "ConflictingDuplicate",
                 f"event id already decided at offset {first_offset} with another payload",
                 0,
             )
-        item.prior = StoredDecision(Status.HANDLED, first_offset, 0, first_digest)
 
     # -- phase 2: claim --------------------------------------------------------------------
 
@@ -694,14 +696,14 @@ class Engine:
         claims = WriteSet()
         for tp, items in plan.items():
             todo = [
-                (i.event_id, StoredDecision(Status.IN_PROGRESS, i.offset, now_ms, i.digest))
+                (i.event_id, IdRecord(RecordStatus.IN_PROGRESS, i.offset, now_ms, i.digest))
                 for i in items
                 # An uncertain event keeps its old claim: releasing it on a stop would
                 # erase the only evidence that its handler may have run.
-                if i.decision is None and i.event_id is not None and i.prior is None
+                if i.decision is None and i.event_id is not None and i.found_claim is None
             ]
             if todo:
-                claims.decisions[tp] = todo
+                claims.records[tp] = todo
         if claims:
             self._persist(claims)  # a second synced write: the price of knowing
             fault_point("after_claim")
@@ -718,7 +720,7 @@ class Engine:
         write: WriteSet,
         handled_ids: list[str],
     ) -> None:
-        records = write.decisions.setdefault(tp, [])
+        records = write.records.setdefault(tp, [])
         effects: dict[bytes, bytes | None] = {}
         try:
             for item in items:
@@ -728,22 +730,21 @@ class Engine:
                     raise _Cut
                 if item.fail is not None:
                     raise _Stop from item.fail
-                outcome = self._walk_one(tp, item, stats, effects)
-                if outcome is not None:
+                decision = self._walk_one(tp, item, stats, effects)
+                if decision is not None:  # decided now, not in phase 1: its ID gets a record
                     assert item.event_id is not None
-                    records.append(
-                        (
-                            item.event_id,
-                            StoredDecision(outcome.status, item.offset, now_ms, item.digest),
-                        )
-                    )
-                    effects.update(outcome.effects)
-                    if outcome.reason:
-                        stats.by_reason[outcome.reason] = stats.by_reason.get(outcome.reason, 0) + 1
-                        stats.add(Decision.DEAD_LETTERED)
-                    else:
-                        stats.add(Decision.HANDLED)
+                    item.decision = decision
+                    record = IdRecord(RECORDED_AS[decision], item.offset, now_ms, item.digest)
+                    records.append((item.event_id, record))
+                    if decision is Decision.HANDLED:
+                        if item.staged:
+                            effects.update(item.staged)
                         handled_ids.append(item.event_id)
+                    else:
+                        assert item.letter is not None
+                        reason = item.letter.reason
+                        stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
+                    stats.add(decision)
                 current = self._watermarks.get(tp)
                 if current is None or item.offset > current:  # never backwards
                     write.watermarks[tp] = item.offset
@@ -757,10 +758,10 @@ class Engine:
         item: _Item,
         stats: BatchStats,
         batch_effects: dict[bytes, bytes | None],
-    ) -> _Outcome | None:
+    ) -> Decision | None:
         """Decide one event. An error on its behalf is its own: it never stops the partition.
 
-        Returns the outcome to record, or None for an event decided in phase 1. Only a
+        Returns the decision to record, or None for an event decided in phase 1. Only a
         dead letter that cannot be sent at all stops the walk (the prefix is persisted).
         """
         try:
@@ -780,7 +781,7 @@ class Engine:
                     offset=item.offset,
                 )
                 return self._dead_letter(
-                    item, "internal-error", type(failure).__name__, str(failure), 0
+                    item, DeadLetterReason.INTERNAL_ERROR, type(failure).__name__, str(failure), 0
                 )
         except _Stop:
             raise
@@ -799,7 +800,7 @@ class Engine:
                 topic=message.topic(),
                 partition=message.partition(),
                 offset=item.offset,
-                first_offset=item.prior.offset if item.prior else None,
+                first_offset=item.first_offset,
             )
         if item.letter is not None:
             reason = item.letter.reason
@@ -826,21 +827,26 @@ class Engine:
         item: _Item,
         stats: BatchStats,
         batch_effects: dict[bytes, bytes | None],
-    ) -> _Outcome:
-        """Handle one unseen (or uncertain) event; returns how it ended."""
+    ) -> Decision:
+        """Handle one unseen (or uncertain) event; returns how it ended.
+
+        Handled: what it staged is in ``item.staged``. Dead-lettered: its letter is
+        in ``item.letter``.
+        """
         assert item.event_id is not None
-        if item.prior is not None:  # an in-progress claim from a process that died
+        if item.found_claim is not None:  # an in-progress claim from a process that died
             stats.uncertain += 1
             return self._resolve_uncertain(tp, item, batch_effects)
         return self._handle(tp, item, batch_effects)
 
     def _resolve_uncertain(
         self, tp: TopicPartition, item: _Item, batch_effects: dict[bytes, bytes | None]
-    ) -> _Outcome:
-        assert item.prior is not None and item.event_id is not None
+    ) -> Decision:
+        claim = item.found_claim
+        assert claim is not None and item.event_id is not None
         policy = self.settings.processing.on_uncertain
         lease_ms = int(self.settings.processing.claim_lease.total_seconds() * 1000)
-        age_ms = int(self.clock() * 1000) - item.prior.decided_at_ms
+        age_ms = int(self.clock() * 1000) - claim.decided_at_ms
         if age_ms < lease_ms:  # another owner may still hold the claim: wait out its lease
             wait_s = (lease_ms - age_ms) / 1000
             cut = False
@@ -859,28 +865,35 @@ class Engine:
             topic=tp.topic,
             partition=tp.partition,
             offset=item.offset,
-            claimed_at_offset=item.prior.offset,
+            claimed_at_offset=claim.offset,
             claim_age_ms=age_ms,
             policy=policy,
         )
         if policy == "skip":
-            return _Outcome(Status.HANDLED)
+            return Decision.HANDLED
         if policy == "dead-letter":
             return self._dead_letter(
                 item,
-                "uncertain",
+                DeadLetterReason.UNCERTAIN,
                 "UncertainOutcome",
                 "a claim was found in progress: the handler may or may not have completed",
                 0,
             )
         if policy == "reconcile":
             called = self._attempts(
-                tp, item, batch_effects, self.handler.reconcile, "reconcile-failed", "reconcile"
+                tp,
+                item,
+                batch_effects,
+                self.handler.reconcile,
+                "reconcile",
+                permanent_reason=DeadLetterReason.RECONCILE_FAILED,
+                exhausted_reason=DeadLetterReason.RECONCILE_FAILED,
             )
-            if isinstance(called, _Outcome):
+            if isinstance(called, Decision):
                 return called
             if called.result:  # it happened: recorded as handled, with what reconcile staged
-                return _Outcome(Status.HANDLED, effects=called.effects)
+                item.staged = called.effects
+                return Decision.HANDLED
         return self._handle(tp, item, batch_effects)
 
     def _event(
@@ -912,13 +925,22 @@ class Engine:
 
     def _handle(
         self, tp: TopicPartition, item: _Item, batch_effects: dict[bytes, bytes | None]
-    ) -> _Outcome:
+    ) -> Decision:
         """Call the handler with retries."""
-        called = self._attempts(tp, item, batch_effects, self.handler.handle, "", "handler")
-        if isinstance(called, _Outcome):
+        called = self._attempts(
+            tp,
+            item,
+            batch_effects,
+            self.handler.handle,
+            "handler",
+            permanent_reason=DeadLetterReason.PERMANENT_ERROR,
+            exhausted_reason=DeadLetterReason.RETRIES_EXHAUSTED,
+        )
+        if isinstance(called, Decision):
             return called
         fault_point("after_handler")
-        return _Outcome(Status.HANDLED, effects=called.effects)
+        item.staged = called.effects
+        return Decision.HANDLED
 
     def _attempts(
         self,
@@ -926,20 +948,23 @@ class Engine:
         item: _Item,
         batch_effects: dict[bytes, bytes | None],
         call: Callable[[Event], object],
-        failed_reason: str,
         what: str,
-    ) -> _Called | _Outcome:
+        *,
+        permanent_reason: DeadLetterReason,
+        exhausted_reason: DeadLetterReason,
+    ) -> _Called | Decision:
         """Parse the payload, then ``call(event)`` with retries and backoff.
 
-        Returns what the call returned with its staged writes, or the dead-letter
-        outcome: ``invalid-payload`` when parsing fails (whatever it raises), else
-        ``failed_reason`` (``permanent-error``/``retries-exhausted`` when empty).
+        Returns what the call returned with its staged writes, or
+        ``Decision.DEAD_LETTERED``: ``invalid-payload`` when parsing fails (whatever
+        it raises), ``permanent_reason`` when the call raises ``PermanentError``,
+        ``exhausted_reason`` when its last retry fails.
         """
         try:
             payload = self.handler.parse(as_bytes(item.message.value()))
         except Exception as invalid:  # a ValueError by contract; anything else is the same
             return self._dead_letter(
-                item, "invalid-payload", type(invalid).__name__, str(invalid), 0
+                item, DeadLetterReason.INVALID_PAYLOAD, type(invalid).__name__, str(invalid), 0
             )
         processing = self.settings.processing
         attempts = processing.max_retries + 1
@@ -953,7 +978,7 @@ class Engine:
             except PermanentError as permanent:
                 return self._dead_letter(
                     item,
-                    failed_reason or "permanent-error",
+                    permanent_reason,
                     type(permanent).__name__,
                     str(permanent),
                     attempt,
@@ -962,7 +987,7 @@ class Engine:
                 if attempt == attempts:
                     return self._dead_letter(
                         item,
-                        failed_reason or "retries-exhausted",
+                        exhausted_reason,
                         type(failure).__name__,
                         str(failure),
                         attempt,
@@ -999,8 +1024,14 @@ class Engine:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _dead_letter(
-        self, item: _Item, reason: str, error_class: str, error_message: str, attempts: int
-    ) -> _Outcome:
+        self,
+        item: _Item,
+        reason: DeadLetterReason,
+        error_class: str,
+        error_message: str,
+        attempts: int,
+    ) -> Decision:
+        """Send ``item``'s dead letter (kept in ``item.letter``); it is decided dead-lettered."""
         message = item.message
         log.error(
             "dead_lettered",
@@ -1012,10 +1043,9 @@ class Engine:
             error=f"{error_class}: {error_message}",
             attempts=attempts,
         )
-        self.dead_letters.send(
-            message, DeadLetter(reason, item.event_id, error_class, error_message, attempts)
-        )
-        return _Outcome(Status.DEAD_LETTERED, reason)
+        item.letter = DeadLetter(reason, item.event_id, error_class, error_message, attempts)
+        self.dead_letters.send(message, item.letter)
+        return Decision.DEAD_LETTERED
 
     # -- phase 4: persist ------------------------------------------------------------------
 
@@ -1083,8 +1113,8 @@ class _Orphan:
 def _part(write: WriteSet, tp: TopicPartition) -> WriteSet:
     """The share of ``write`` that belongs to ``tp``."""
     part = WriteSet()
-    if tp in write.decisions:
-        part.decisions[tp] = write.decisions[tp]
+    if tp in write.records:
+        part.records[tp] = write.records[tp]
     if tp in write.released:
         part.released[tp] = write.released[tp]
     if tp in write.effects:
@@ -1110,8 +1140,8 @@ def _undecided(
 
 def _release_undecided(claimed: WriteSet, write: WriteSet) -> None:
     """Claims of events that were never decided must not read as uncertain later."""
-    for tp, claims in claimed.decisions.items():
-        decided = {event_id for event_id, _ in write.decisions.get(tp, [])}
+    for tp, claims in claimed.records.items():
+        decided = {event_id for event_id, _ in write.records.get(tp, [])}
         undecided = [event_id for event_id, _ in claims if event_id not in decided]
         if undecided:
             write.released[tp] = undecided
@@ -1141,10 +1171,8 @@ def _cut_before(
     if not first:
         return False
     for tp, offset in first.items():
-        if tp in write.decisions:
-            write.decisions[tp] = [
-                (i, d) for i, d in write.decisions[tp] if (tp, d.offset) not in lost
-            ]
+        if tp in write.records:
+            write.records[tp] = [(i, r) for i, r in write.records[tp] if (tp, r.offset) not in lost]
         items = plan.get(tp)
         current = watermarks.get(tp)
         last = offset - 1

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dedupe_consumer.models import SourceMessage, as_bytes, header_pairs
+from dedupe_consumer.models import DeadLetterReason, SourceMessage, as_bytes, header_pairs
 
 ID_SOURCE_FORMS = "'header:<name>', 'key', 'json:/json/pointer' or 'hash'"
 MAX_ID_BYTES = 512
@@ -25,20 +25,20 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 class MissingId(Exception):
     """The message has no usable event ID; ``str(exc)`` says why."""
 
-    reason = "missing-id"
+    reason: DeadLetterReason = DeadLetterReason.MISSING_ID
     """The dead-letter reason (``dlq.reason``) when ``on_missing_id = "dead-letter"``."""
 
 
 class InvalidId(MissingId):
     """An ID is there but cannot be stored: not UTF-8, over the byte limit, or has controls."""
 
-    reason = "invalid-id"
+    reason = DeadLetterReason.INVALID_ID
 
 
 class InvalidPayload(MissingId):
     """``id_source = "json:..."`` and the value is not JSON: the payload is wrong, not its ID."""
 
-    reason = "invalid-payload"
+    reason = DeadLetterReason.INVALID_PAYLOAD
 
 
 IdExtractor = Callable[[SourceMessage], str]

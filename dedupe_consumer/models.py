@@ -48,7 +48,12 @@ class SourceMessage(Protocol):
 
 
 class Decision(enum.StrEnum):
-    """How one consumed offset ended. Every offset ends as exactly one of these."""
+    """How one consumed offset ended. Every offset ends as exactly one of these.
+
+    The values are the ``decision`` label of ``dedupe_events_total``. What the store
+    keeps for an event ID is an ID record with a status, a different thing: only
+    ``handled`` and ``dead_lettered`` leave one (``store.base.RECORDED_AS``).
+    """
 
     HANDLED = "handled"
     DUPLICATE = "duplicate"
@@ -57,6 +62,40 @@ class Decision(enum.StrEnum):
     REPLAY = "replay"
     """An offset at or below the partition's durable watermark: already decided."""
     DEAD_LETTERED = "dead_lettered"
+
+
+class DeadLetterReason(enum.StrEnum):
+    """Why an event was dead-lettered: the ``dlq.reason`` header of its dead letter.
+
+    The values are also the ``reason`` label of ``dedupe_dead_letters_total`` and
+    the keys of :attr:`BatchStats.by_reason`; they never change.
+    """
+
+    MISSING_ID = "missing-id"
+    """No event ID where ``dedupe.id_source`` points (absent or empty). With
+    ``json:...``: valid JSON without the field."""
+    INVALID_ID = "invalid-id"
+    """An ID that cannot be stored: not UTF-8 (or a lone surrogate), over 512 bytes in
+    UTF-8, or control characters; also an ID extractor that raised anything else."""
+    INVALID_PAYLOAD = "invalid-payload"
+    """The value is not JSON while ``id_source`` is ``json:...``, or ``Handler.parse``
+    rejected it (anything it raises). Never retried."""
+    PERMANENT_ERROR = "permanent-error"
+    """The handler raised ``PermanentError``."""
+    RETRIES_EXHAUSTED = "retries-exhausted"
+    """The handler kept failing: ``processing.max_retries`` retries, then this."""
+    CONFLICTING_DUPLICATE = "conflicting-duplicate"
+    """The ID was decided before with another payload, and ``dedupe.on_conflict`` is
+    ``"dead-letter"`` (the default)."""
+    UNCERTAIN = "uncertain"
+    """Claim mode: a claim was found in progress (the handler may or may not have
+    completed) and ``processing.on_uncertain`` is ``"dead-letter"``."""
+    RECONCILE_FAILED = "reconcile-failed"
+    """Claim mode with ``on_uncertain = "reconcile"``: ``Handler.reconcile`` raised
+    ``PermanentError`` or kept failing."""
+    INTERNAL_ERROR = "internal-error"
+    """An unexpected error while deciding the event, not the handler's (logged with a
+    traceback as ``event_failed``)."""
 
 
 @dataclass(slots=True)
@@ -116,7 +155,8 @@ class BatchStats:
     conflicts: int = 0
     replays: int = 0
     dead_lettered: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
+    by_reason: dict[DeadLetterReason, int] = field(default_factory=dict)
+    """Dead-lettered offsets per reason; they sum to ``dead_lettered``."""
     uncertain: int = 0
     """Claims found in progress (claim mode); counted apart: each also ends as a decision."""
 
@@ -132,6 +172,16 @@ class BatchStats:
             self.replays += 1
         else:
             self.dead_lettered += 1
+
+    def by_decision(self) -> dict[Decision, int]:
+        """The decision counts keyed by :class:`Decision`; they sum to ``consumed``."""
+        return {
+            Decision.HANDLED: self.handled,
+            Decision.DUPLICATE: self.duplicates,
+            Decision.CONFLICT: self.conflicts,
+            Decision.REPLAY: self.replays,
+            Decision.DEAD_LETTERED: self.dead_lettered,
+        }
 
     def merge(self, other: BatchStats) -> None:
         self.consumed += other.consumed

@@ -94,13 +94,7 @@ class Metrics:
         )
 
     def record(self, topic: str, stats: BatchStats) -> None:
-        for decision, count in (
-            ("handled", stats.handled),
-            ("duplicate", stats.duplicates),
-            ("conflict", stats.conflicts),
-            ("replay", stats.replays),
-            ("dead_lettered", stats.dead_lettered),
-        ):
+        for decision, count in stats.by_decision().items():
             if count:
                 self.events.labels(topic, decision).inc(count)
         for reason, count in stats.by_reason.items():

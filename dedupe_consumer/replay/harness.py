@@ -268,7 +268,7 @@ def replay_recording(
         dead_lettered_ids=checked.dead_lettered_ids,
         handled_more_than_once=checked.handled_more_than_once,
         lost=checked.lost,
-        dead_letter_reasons=dict(totals.by_reason),
+        dead_letter_reasons=dict(totals.by_reason.items()),
         ids_in_several_partitions={i for i, ps in partitions_of.items() if len(ps) > 1},
         error=error,
         seconds=time.monotonic() - started,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dedupe_consumer.dead_letters import KeptDeadLetter
-from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.models import DeadLetterReason, TopicPartition
 from dedupe_consumer.replay.records import Record
 
 DEFAULT_MAX_DEAD_LETTERED = 0.5
@@ -167,7 +167,7 @@ class ReplayReport:
             return "the recording holds no events"
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.dead_letter_reasons.items()))
         hint = ""
-        if self.dead_letter_reasons.get("missing-id"):
+        if self.dead_letter_reasons.get(DeadLetterReason.MISSING_ID):
             hint = (
                 "; 'missing-id' means dedupe.id_source does not find an ID in these "
                 "events: pass settings (or --config) with the id_source the topic needs"

@@ -1,6 +1,6 @@
 """The store contract the engine relies on, independent of RocksDB.
 
-A store keeps, per source partition, one :class:`StoredDecision` per event ID
+A store keeps, per source partition, one :class:`IdRecord` per event ID
 and one watermark (the highest offset whose decision is durable). The one
 write method takes a whole batch so an implementation can make records and
 watermarks atomic and durable together: that is invariant 2 of the design.
@@ -12,16 +12,34 @@ import enum
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
-from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.models import Decision, TopicPartition
 
 
-class Status(enum.IntEnum):
+class RecordStatus(enum.IntEnum):
+    """What an :class:`IdRecord` says about its event ID (one byte on disk and in the changelog)."""
+
     HANDLED = 1
+    """The handler completed (or a reconcile or ``on_uncertain = "skip"`` said it did)."""
     DEAD_LETTERED = 2
+    """The event went to the dead-letter topic."""
     IN_PROGRESS = 3
-    """A claim (claim mode): the handler may have run; its outcome is not known yet."""
+    """A claim (claim mode): the handler may have run; its outcome is not known yet.
+
+    Not a decision: it is written before the handler is called and replaced by the
+    decision's record (or released) in the same batch."""
+
+
+RECORDED_AS: Mapping[Decision, RecordStatus] = MappingProxyType(
+    {Decision.HANDLED: RecordStatus.HANDLED, Decision.DEAD_LETTERED: RecordStatus.DEAD_LETTERED}
+)
+"""The one mapping from how an offset ended to what is stored for its event ID.
+
+Only these decisions write an ID record. A duplicate or a conflict was decided at
+the ID's first offset (its record is that one), a replay is covered by the
+watermark, and a dead letter without an event ID has nothing to key a record by."""
 
 
 _RECORD = struct.Struct(">BQQ8s")  # status, offset, decided_at_ms, payload digest
@@ -35,10 +53,12 @@ Offsets are only comparable within one epoch: a topic deleted and created again
 
 
 @dataclass(frozen=True, slots=True)
-class StoredDecision:
-    """What the store remembers about one event ID (25 bytes on disk, no payload)."""
+class IdRecord:
+    """What the store remembers about one event ID (25 bytes on disk, no payload).
 
-    status: Status
+    The same bytes are the value of the ID's changelog record."""
+
+    status: RecordStatus
     offset: int
     decided_at_ms: int
     digest: bytes
@@ -47,17 +67,17 @@ class StoredDecision:
         return _RECORD.pack(self.status, self.offset, self.decided_at_ms, self.digest)
 
     @classmethod
-    def decode(cls, data: bytes) -> StoredDecision:
+    def decode(cls, data: bytes) -> IdRecord:
         status, offset, decided_at_ms, digest = _RECORD.unpack(data)
-        return cls(Status(status), offset, decided_at_ms, digest)
+        return cls(RecordStatus(status), offset, decided_at_ms, digest)
 
 
 @dataclass(slots=True)
 class WriteSet:
     """Everything one batch makes durable, in one atomic, synced write."""
 
-    decisions: dict[TopicPartition, list[tuple[str, StoredDecision]]] = field(default_factory=dict)
-    """New records per partition (decisions or claims), in offset order."""
+    records: dict[TopicPartition, list[tuple[str, IdRecord]]] = field(default_factory=dict)
+    """New ID records per partition (decisions or claims), in offset order."""
     released: dict[TopicPartition, list[str]] = field(default_factory=dict)
     """IDs whose record is deleted (a changelog tombstone, then a local delete): claims
     withdrawn because their event was not decided, and IDs past retention (the sweep)."""
@@ -68,7 +88,7 @@ class WriteSet:
 
     def __bool__(self) -> bool:
         return bool(
-            self.decisions
+            self.records
             or self.released
             or self.effects
             or self.watermarks
@@ -76,7 +96,7 @@ class WriteSet:
         )
 
     def partitions(self) -> set[TopicPartition]:
-        return {*self.decisions, *self.released, *self.effects, *self.watermarks}
+        return {*self.records, *self.released, *self.effects, *self.watermarks}
 
 
 class ProcessedStore(Protocol):
@@ -87,10 +107,8 @@ class ProcessedStore(Protocol):
     def watermark(self, tp: TopicPartition) -> int | None:
         """Highest offset of ``tp`` whose decision is durable, or None if never seen."""
 
-    def lookup(
-        self, tp: TopicPartition, ids: Sequence[str], now_ms: int
-    ) -> list[StoredDecision | None]:
-        """Decisions for ``ids`` (one multi-get); expired ones read as None."""
+    def lookup(self, tp: TopicPartition, ids: Sequence[str], now_ms: int) -> list[IdRecord | None]:
+        """The records of ``ids`` (one multi-get); expired ones read as None."""
 
     def persist(self, write: WriteSet) -> None:
         """Apply ``write`` atomically with a synced WAL."""

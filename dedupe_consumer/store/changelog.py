@@ -53,7 +53,7 @@ from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability.kafka_logs import kafka_log_config
-from dedupe_consumer.store.base import ProcessedStore, StoredDecision, WriteSet
+from dedupe_consumer.store.base import IdRecord, ProcessedStore, WriteSet
 
 log = structlog.get_logger("dedupe_consumer.changelog")
 
@@ -160,7 +160,7 @@ class _Restored:
     ) -> None:
         self.tp = tp
         self.position_key = position_key
-        self.records: dict[str, StoredDecision | None] = {}
+        self.records: dict[str, IdRecord | None] = {}
         self.effects: dict[bytes, bytes | None] = {}
         self.watermark: int | None = None
         self.epoch = epoch
@@ -183,7 +183,7 @@ class _Restored:
                 self.watermark, self.reset = None, True
         elif key.startswith(_DECISION_PREFIX):
             event_id = key[len(_DECISION_PREFIX) :].decode()
-            self.records[event_id] = None if value is None else StoredDecision.decode(value)
+            self.records[event_id] = None if value is None else IdRecord.decode(value)
         elif key.startswith(_EFFECT_PREFIX):
             self.effects[key[len(_EFFECT_PREFIX) :]] = value
 
@@ -197,7 +197,7 @@ class _Restored:
         local = store.watermark(tp)
         if self.watermark is not None and (local is None or local < self.watermark):
             write.watermarks[tp] = self.watermark
-        write.decisions[tp] = [(i, d) for i, d in self.records.items() if d is not None]
+        write.records[tp] = [(i, d) for i, d in self.records.items() if d is not None]
         write.released[tp] = [i for i, d in self.records.items() if d is None]
         write.effects[tp] = list(self.effects.items())
         store.persist(write)
@@ -578,7 +578,7 @@ class Changelog:
         for tp, epoch in announce.items():  # first: it applies to the watermark below
             flag = _RESET if tp in self._resets else _ADOPT
             self._send(tp, _EPOCH_KEY, epoch + flag)
-        for tp, items in write.decisions.items():
+        for tp, items in write.records.items():
             for event_id, decision in items:
                 self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
         for tp, ids in write.released.items():

@@ -1,7 +1,7 @@
 """RocksDB implementation of the processed-ID store (via rocksdict).
 
 Layout: one column family per source topic-partition (``p:<topic>:<partition>``,
-key = event ID, value = 25-byte :class:`StoredDecision`) and a ``meta`` column
+key = event ID, value = 25-byte :class:`IdRecord`) and a ``meta`` column
 family for watermarks. Column families are opened with the options they were
 created with (a reopen without them silently drops the bloom filters), all
 share one block cache and one write-buffer budget, so memory is bounded by
@@ -32,7 +32,7 @@ from rocksdict import (
 
 from dedupe_consumer.errors import StoreError, StoreLockedError
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store.base import StoredDecision, WriteSet
+from dedupe_consumer.store.base import IdRecord, WriteSet
 
 log = structlog.get_logger("dedupe_consumer.store")
 
@@ -40,7 +40,7 @@ _META = "meta"
 _INSTANCE_KEY = b"instance-id"
 _RETENTION_KEY = b"retention-ms"
 _WATERMARK = struct.Struct(">q")
-_DECIDED_AT = struct.Struct(">Q")  # StoredDecision bytes 9..17
+_DECIDED_AT = struct.Struct(">Q")  # IdRecord bytes 9..17
 
 
 def _cf_name(tp: TopicPartition, *, effects: bool = False) -> str:
@@ -199,20 +199,18 @@ class RocksStore:
         raw = self._meta.get(_watermark_key(tp))
         return None if raw is None else int(_WATERMARK.unpack(raw)[0])
 
-    def lookup(
-        self, tp: TopicPartition, ids: Sequence[str], now_ms: int
-    ) -> list[StoredDecision | None]:
+    def lookup(self, tp: TopicPartition, ids: Sequence[str], now_ms: int) -> list[IdRecord | None]:
         if not ids:
             return []
         raw: list[bytes | None] = self._family(tp).get([i.encode() for i in ids]) or []
         oldest = now_ms - self.retention_ms
-        out: list[StoredDecision | None] = []
+        out: list[IdRecord | None] = []
         for data in raw:
             if data is None:
                 out.append(None)
                 continue
-            decision = StoredDecision.decode(data)
-            out.append(decision if decision.decided_at_ms >= oldest else None)
+            record = IdRecord.decode(data)
+            out.append(record if record.decided_at_ms >= oldest else None)
         return out
 
     def changelog_position(self, tp: TopicPartition) -> int | None:
@@ -239,10 +237,10 @@ class RocksStore:
 
     def persist(self, write: WriteSet) -> None:
         batch = WriteBatch(raw_mode=True)
-        for tp, items in write.decisions.items():
+        for tp, items in write.records.items():
             handle = self._handle(tp)
-            for event_id, decision in items:
-                batch.put(event_id.encode(), decision.encode(), handle)
+            for event_id, record in items:
+                batch.put(event_id.encode(), record.encode(), handle)
         for tp, ids in write.released.items():
             handle = self._handle(tp)
             for event_id in ids:

@@ -22,8 +22,8 @@ from dedupe_consumer import DedupeConsumer, Event, Handler
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.store import Changelog, RocksStore, StoredDecision, WriteSet
-from dedupe_consumer.store.base import Status
+from dedupe_consumer.store import Changelog, IdRecord, RocksStore, WriteSet
+from dedupe_consumer.store.base import RecordStatus
 from dedupe_consumer.store.changelog import changelog_topic, legacy_changelog_topic
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
@@ -159,7 +159,7 @@ def open_transaction(bootstrap: str, topic: str, event_id: str) -> Producer:
     )
     producer.init_transactions(30)
     producer.begin_transaction()
-    decision = StoredDecision(Status.HANDLED, 7, int(time.time() * 1000), b"\x00" * 8)
+    decision = IdRecord(RecordStatus.HANDLED, 7, int(time.time() * 1000), b"\x00" * 8)
     producer.produce(topic, key=b"d:" + event_id.encode(), value=decision.encode(), partition=0)
     producer.flush(30)
     return producer
@@ -282,7 +282,7 @@ def test_the_transaction_commits_the_source_offsets_and_refuses_without_a_genera
     changelog.ensure_topics([topic])
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     tp = TopicPartition(topic, 0)
-    decision = StoredDecision(Status.HANDLED, 41, int(time.time() * 1000), b"\x00" * 8)
+    decision = IdRecord(RecordStatus.HANDLED, 41, int(time.time() * 1000), b"\x00" * 8)
     try:
         changelog.group_metadata = member.consumer_group_metadata
         sent = changelog.write(
@@ -310,7 +310,7 @@ def test_a_store_without_the_partitions_watermark_restores_from_the_start(
     changelog = changelog_for(kafka_bootstrap, f"g-{topic}")
     changelog.ensure_topics([topic])
     tp = TopicPartition(topic, 0)
-    decision = StoredDecision(Status.HANDLED, 3, int(time.time() * 1000), b"\x00" * 8)
+    decision = IdRecord(RecordStatus.HANDLED, 3, int(time.time() * 1000), b"\x00" * 8)
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     try:
         write = WriteSet({tp: [("a", decision)]}, watermarks={tp: 3})
@@ -450,7 +450,7 @@ def test_a_hung_send_offsets_replaces_the_producer_and_the_batch_is_written_once
     changelog._producer = _HangingSendOffsets(changelog._producer, release)  # type: ignore[assignment]
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     tp = TopicPartition(topic, 0)
-    decision = StoredDecision(Status.HANDLED, 9, int(time.time() * 1000), b"\x00" * 8)
+    decision = IdRecord(RecordStatus.HANDLED, 9, int(time.time() * 1000), b"\x00" * 8)
     try:
         with capture_logs() as logs:
             sent = changelog.write(
@@ -485,7 +485,7 @@ def test_our_own_aborted_transaction_is_not_taken_for_another_owners_writes(
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
 
     def batch(offset: int) -> None:
-        decision = StoredDecision(Status.HANDLED, offset, int(time.time() * 1000), b"\0" * 8)
+        decision = IdRecord(RecordStatus.HANDLED, offset, int(time.time() * 1000), b"\0" * 8)
         write = WriteSet({tp: [(f"id{offset}", decision)]}, watermarks={tp: offset})
         changelog.write(write, store)
         store.persist(write)

@@ -7,7 +7,7 @@ import pytest
 from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetter
 from dedupe_consumer.kafka.dead_letters import KafkaDeadLetters
-from dedupe_consumer.models import RawHeaders
+from dedupe_consumer.models import DeadLetterReason, RawHeaders
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import headers_of, read_all
@@ -54,7 +54,10 @@ def test_a_letter_too_large_even_without_its_value_goes_with_only_dlq_headers(
     )
     letters = KafkaDeadLetters(settings)
     try:
-        letters.send(HugeHeaders(source), DeadLetter("permanent-error", "id-1", "E", "boom", 1))
+        letters.send(
+            HugeHeaders(source),
+            DeadLetter(DeadLetterReason.PERMANENT_ERROR, "id-1", "E", "boom", 1),
+        )
         letters.flush()  # raised DeadLetterError before: the partition could never move on
     finally:
         letters.close()

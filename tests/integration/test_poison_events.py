@@ -24,7 +24,7 @@ from confluent_kafka import Producer
 from dedupe_consumer import DedupeConsumer, Event, Handler, PermanentError, Settings
 from dedupe_consumer.engine import payload_digest
 from dedupe_consumer.models import BatchStats, TopicPartition
-from dedupe_consumer.store import RocksStore, Status, StoredDecision, WriteSet
+from dedupe_consumer.store import IdRecord, RecordStatus, RocksStore, WriteSet
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import committed_offsets, headers_of, read_all, settings_for
@@ -163,10 +163,13 @@ def seed_uncertain_claim(
     """Leave the in-progress claim a crashed owner would have left (claim mode)."""
     store = RocksStore(settings.store.path, retention_ms=10**12)
     try:
-        claim = StoredDecision(
-            Status.IN_PROGRESS, offset, int(time.time() * 1000) - 60_000, payload_digest(value)
+        claim = IdRecord(
+            RecordStatus.IN_PROGRESS,
+            offset,
+            int(time.time() * 1000) - 60_000,
+            payload_digest(value),
         )
-        store.persist(WriteSet(decisions={tp: [(event_id, claim)]}))
+        store.persist(WriteSet(records={tp: [(event_id, claim)]}))
     finally:
         store.close()
 

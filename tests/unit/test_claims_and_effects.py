@@ -11,7 +11,7 @@ import pytest
 from dedupe_consumer import ConfigError, Event, Handler, RetryableError
 from dedupe_consumer.engine import Engine
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import Status
+from dedupe_consumer.store import RecordStatus
 
 from .conftest import TOPIC, Recorder, Rig, rec
 
@@ -49,7 +49,7 @@ def crash_then_redeliver(r: Rig) -> Engine:
         r.engine.process(BATCH)
     assert r.store is not None and r.store.watermark(TP0) is None  # nothing decided
     found = r.store.lookup(TP0, ["a", "b", "c"], int(r.clock() * 1000))
-    assert [f.status if f else None for f in found] == [Status.IN_PROGRESS] * 3
+    assert [f.status if f else None for f in found] == [RecordStatus.IN_PROGRESS] * 3
     engine = r.restart()
     handler = r.handler
     assert isinstance(handler, CrashingHandler)
@@ -115,7 +115,7 @@ def test_claims_of_undecided_events_are_released_on_stop(rig: RigFactory) -> Non
     assert result.commits == {TP0: 1}
     assert r.store is not None
     found = r.store.lookup(TP0, ["a", "b", "c"], int(r.clock() * 1000))
-    assert [f.status if f else None for f in found] == [Status.HANDLED, None, None]
+    assert [f.status if f else None for f in found] == [RecordStatus.HANDLED, None, None]
 
 
 def test_plain_mode_writes_no_claims(rig: RigFactory) -> None:
@@ -196,4 +196,4 @@ def test_a_stop_never_erases_the_claim_of_an_uncertain_event(rig: RigFactory) ->
     assert result.commits == {}
     assert r.store is not None
     found = r.store.lookup(TP0, ["a", "b", "c"], int(r.clock() * 1000))
-    assert [f.status if f else None for f in found] == [Status.IN_PROGRESS] * 3
+    assert [f.status if f else None for f in found] == [RecordStatus.IN_PROGRESS] * 3

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from dedupe_consumer import ConfigError, Event, PermanentError
+from dedupe_consumer import ConfigError, DeadLetterReason, Event, PermanentError
 from dedupe_consumer.dead_letters import DeadLetter, MemoryDeadLetters, dead_letter_headers
 from dedupe_consumer.errors import DeadLetterError
 from dedupe_consumer.models import SourceMessage, TopicPartition
 from dedupe_consumer.replay import Record
-from dedupe_consumer.store import Status
+from dedupe_consumer.store import RecordStatus
 
 from .conftest import TOPIC, Recorder, Rig, make_settings, rec
 
@@ -211,7 +211,7 @@ def test_a_dead_letter_that_cannot_be_sent_persists_the_prefix_then_stops(
     now = int(r.clock() * 1000)
     found = r.store.lookup(TP0, ["a", "b", "poison", "d"], now)
     assert [i for i, f in zip("ab?d", found, strict=True) if f] == [i[0] for i in handled]
-    assert all(f.status is Status.HANDLED for f in found if f)
+    assert all(f.status is RecordStatus.HANDLED for f in found if f)
 
     r.dead.refuse_on_send, r.dead.refuse_on_flush = set(), set()  # the DLQ is fixed
     assert r.restart().process(batch).commits == {TP0: 4}
@@ -302,7 +302,9 @@ def test_incoming_dlq_headers_cannot_spoof_the_dead_letter_metadata() -> None:
         [("dlq.reason", b"uncertain"), ("DLQ.original.offset", b"7"), ("trace", b"t")],
         1_700_000_000_000,
     )
-    headers = dead_letter_headers(message, DeadLetter("permanent-error", "e", "E", "m", 1))
+    headers = dead_letter_headers(
+        message, DeadLetter(DeadLetterReason.PERMANENT_ERROR, "e", "E", "m", 1)
+    )
     ours = [(k, v) for k, v in headers if k.lower().startswith("dlq.") and ".original-" not in k]
     assert dict(ours)["dlq.reason"] == b"permanent-error"
     assert [k for k, _ in ours].count("dlq.reason") == 1

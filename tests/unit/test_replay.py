@@ -17,7 +17,7 @@ import structlog
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from dedupe_consumer import Event, Handler, PermanentError, Settings
+from dedupe_consumer import DeadLetterReason, Event, Handler, PermanentError, Settings
 from dedupe_consumer.cli import app
 from dedupe_consumer.dead_letters import DeadLetter, KeptDeadLetter
 from dedupe_consumer.models import TopicPartition
@@ -261,7 +261,11 @@ def _audit_inputs() -> tuple[list[Record], list[str | None]]:
 
 def test_audit_passes_a_clean_run() -> None:
     records, ids = _audit_inputs()
-    letters = [KeptDeadLetter(records[2], DeadLetter("missing-id", None, "MissingId", "", 0))]
+    letters = [
+        KeptDeadLetter(
+            records[2], DeadLetter(DeadLetterReason.MISSING_ID, None, "MissingId", "", 0)
+        )
+    ]
     checked = audit(
         records,
         ids,

@@ -9,7 +9,7 @@ from rocksdict import Rdict
 
 from dedupe_consumer.engine import Engine
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import EPOCH, RocksStore, Status, StoredDecision, WriteSet
+from dedupe_consumer.store import EPOCH, IdRecord, RecordStatus, RocksStore, WriteSet
 
 from .conftest import TOPIC, Rig, rec
 
@@ -76,7 +76,7 @@ def test_drop_partition_forgets_records_effects_and_meta_of_that_partition_only(
         for tp in (TP, other):
             store.persist(
                 WriteSet(
-                    {tp: [("a", StoredDecision(Status.HANDLED, 3, 10**12, bytes(8)))]},
+                    {tp: [("a", IdRecord(RecordStatus.HANDLED, 3, 10**12, bytes(8)))]},
                     effects={tp: [(b"k", b"v")]},
                     watermarks={tp: 3},
                     changelog_positions={tp: 9},

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import RocksStore, Status, StoredDecision, WriteSet
+from dedupe_consumer.store import IdRecord, RecordStatus, RocksStore, WriteSet
 
 TP = TopicPartition("t", 3)
 NOW = 1_800_000_000_000
 
 
-def decision(offset: int) -> StoredDecision:
-    return StoredDecision(Status.HANDLED, offset, NOW, b"\x00" * 8)
+def decision(offset: int) -> IdRecord:
+    return IdRecord(RecordStatus.HANDLED, offset, NOW, b"\x00" * 8)
 
 
 def test_directory_is_private(tmp_path: Path) -> None:
@@ -81,9 +81,9 @@ def test_sweep_is_bounded_per_call_and_wraps(tmp_path: Path) -> None:
 
 
 def test_decision_codec_round_trip() -> None:
-    d = StoredDecision(Status.DEAD_LETTERED, 2**40, NOW, b"abcdefgh")
+    d = IdRecord(RecordStatus.DEAD_LETTERED, 2**40, NOW, b"abcdefgh")
     assert len(d.encode()) == 25
-    assert StoredDecision.decode(d.encode()) == d
+    assert IdRecord.decode(d.encode()) == d
 
 
 def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
 def test_effects_and_released_claims_in_one_write(tmp_path: Path) -> None:
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     try:
-        claim = StoredDecision(Status.IN_PROGRESS, 1, NOW, b"\x00" * 8)
+        claim = IdRecord(RecordStatus.IN_PROGRESS, 1, NOW, b"\x00" * 8)
         store.persist(WriteSet({TP: [("a", claim), ("b", claim)]}))
         store.persist(
             WriteSet(
@@ -110,7 +110,7 @@ def test_effects_and_released_claims_in_one_write(tmp_path: Path) -> None:
             )
         )
         a, b = store.lookup(TP, ["a", "b"], NOW)
-        assert a is not None and a.status is Status.HANDLED
+        assert a is not None and a.status is RecordStatus.HANDLED
         assert b is None
         assert store.effect(TP, b"ledger:a") == b"100"
         assert list(store.effects(TP)) == [(b"ledger:a", b"100")]

@@ -71,7 +71,7 @@ def test_a_batch_write_carries_the_expired_ids_as_deletions(tmp_path: Path) -> N
         e.process([rec(10, "new"), rec(11, "old3")])
         last = changelog.writes[-1]
         assert sorted(last.released[TP0]) == sorted(f"old{i}" for i in range(10) if i != 3)
-        assert [i for i, _ in last.decisions[TP0]] == ["new", "old3"]
+        assert [i for i, _ in last.records[TP0]] == ["new", "old3"]
         assert last.watermarks == {TP0: 11}
         assert changelog.offsets[-1] == {TP0: 12}  # the transaction commits the offsets
         found = store.lookup(TP0, [f"old{i}" for i in range(10)], 0)
@@ -92,7 +92,7 @@ def test_idle_writes_tombstones_only_when_some_ids_expired(tmp_path: Path) -> No
         e.idle()
         [sweep] = changelog.writes[writes:]
         assert sorted(sweep.released[TP0]) == [f"id{i}" for i in range(5)]
-        assert not sweep.decisions and not sweep.watermarks
+        assert not sweep.records and not sweep.watermarks
         assert changelog.offsets[-1] == {TP0: 5}  # re-commits a safe offset: fenced if stale
         assert store.lookup(TP0, [f"id{i}" for i in range(5)], 0) == [None] * 5
         e.idle()
