@@ -56,12 +56,17 @@ class Decision(enum.StrEnum):
     """
 
     HANDLED = "handled"
+    """The handler completed (or, for an uncertain outcome, ``reconcile`` or
+    ``on_uncertain = "skip"`` said it had)."""
     DUPLICATE = "duplicate"
+    """An ID already decided, with the same payload digest: skipped."""
     CONFLICT = "conflict"
-    """A duplicate ID whose payload digest differs from the first one seen."""
+    """A duplicate ID whose payload digest differs from the first one seen, skipped
+    (``dedupe.on_conflict = "skip"``); a dead-lettered one is ``DEAD_LETTERED``."""
     REPLAY = "replay"
     """An offset at or below the partition's durable watermark: already decided."""
     DEAD_LETTERED = "dead_lettered"
+    """Sent to the dead-letter topic; why is a :class:`DeadLetterReason`."""
 
 
 class DeadLetterReason(enum.StrEnum):

@@ -12,6 +12,7 @@ pytest plugin's fixtures.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import itertools
 import sys
@@ -67,15 +68,27 @@ def _field_docs(cls: type) -> dict[str, str]:
     found: dict[str, str] = {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     for before, after in itertools.pairwise(body):
+        target = before.target if isinstance(before, ast.AnnAssign) else None
+        if isinstance(before, ast.Assign) and len(before.targets) == 1:
+            target = before.targets[0]  # an enum member
         if (
-            isinstance(before, ast.AnnAssign)
-            and isinstance(before.target, ast.Name)
+            isinstance(target, ast.Name)
             and isinstance(after, ast.Expr)
             and isinstance(after.value, ast.Constant)
             and isinstance(after.value.value, str)
         ):
-            found[before.target.id] = inspect.cleandoc(after.value.value)
+            found[target.id] = inspect.cleandoc(after.value.value)
     return found
+
+
+def _enum_section(cls: type[enum.Enum]) -> list[str]:
+    lines = [f"## `{cls.__name__}`", "", _doc(cls), ""]
+    notes = _field_docs(cls)
+    lines += ["| member | value | |", "|---|---|---|"]
+    for member in cls:
+        note = notes.get(member.name, "").replace("\n", " ")
+        lines.append(f"| `{member.name}` | `{member.value}` | {note} |")
+    return [*lines, ""]
 
 
 def _class_section(cls: type, title: str | None = None) -> list[str]:
@@ -117,6 +130,8 @@ def render() -> str:
     lines += ["# `dedupe_consumer`", "", _doc(dedupe_consumer), ""]
     for name in ("Handler", "Event", "DedupeConsumer", "Settings", "BatchStats"):
         lines += _class_section(getattr(dedupe_consumer, name))
+    for name in ("Decision", "DeadLetterReason"):
+        lines += _enum_section(getattr(dedupe_consumer, name))
     lines += ["# Errors", ""]
     for name in sorted(dedupe_consumer.__all__):
         obj = getattr(dedupe_consumer, name)
