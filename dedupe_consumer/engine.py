@@ -644,16 +644,16 @@ class Engine:
                 offset, digest = first_offset[event_id]
                 self._on_seen(item, offset, digest)
                 continue
-            prior = found.get(event_id)
-            if prior is None:
+            record = found.get(event_id)
+            if record is None:
                 first_offset[event_id] = (item.offset, item.digest)
                 continue
             # Later copies in this batch compare with the decided record, not with us.
-            first_offset[event_id] = (prior.offset, prior.digest)
-            if prior.status is RecordStatus.IN_PROGRESS:
-                item.found_claim = prior  # uncertain: the walk applies processing.on_uncertain
+            first_offset[event_id] = (record.offset, record.digest)
+            if record.status is RecordStatus.IN_PROGRESS:
+                item.found_claim = record  # uncertain: the walk applies processing.on_uncertain
                 continue
-            self._on_seen(item, prior.offset, prior.digest)
+            self._on_seen(item, record.offset, record.digest)
 
     def _on_missing_id(self, item: _Item, missing: MissingId) -> None:
         message = item.message
