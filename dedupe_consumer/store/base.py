@@ -29,7 +29,8 @@ class RecordStatus(enum.IntEnum):
     """A claim (claim mode): the handler may have run; its outcome is not known yet.
 
     Not a decision: it is written before the handler is called and replaced by the
-    decision's record (or released) in the same batch."""
+    decision's record (or released) when the batch persists. Found after a crash, it
+    is an uncertain outcome (``processing.on_uncertain``)."""
 
 
 RECORDED_AS: Mapping[Decision, RecordStatus] = MappingProxyType(
