@@ -25,6 +25,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -76,16 +77,15 @@ def _io_rows() -> tuple[Contender, ...]:
     """The I/O-bound handler at concurrency 1, 16 and 64 in both orderings, sync and async."""
     rows = []
     for handler, key, label in (
-        ("sleep", "io", "time.sleep"),
-        ("async-sleep", "io-async", "async def, asyncio.sleep"),
+        ("sleep", "io", "sync handler (time.sleep)"),
+        ("async-sleep", "io-async", "async handler (asyncio.sleep)"),
     ):
         for ordering in ("key", "partition"):
             for concurrency in (1, 16, 64):
                 rows.append(
                     Contender(
                         f"{key}-c{concurrency}-{ordering}",
-                        f"dedupe_consumer plain, I/O handler ({label}), "
-                        f"concurrency {concurrency}, ordering {ordering}",
+                        f"dedupe_consumer, {label}, concurrency {concurrency}, ordering {ordering}",
                         "bench.contenders.dedupe",
                         (
                             *("--mode", "plain", "--changelog", "true", "--handler", handler),
@@ -158,7 +158,7 @@ CONTENDERS: tuple[Contender, ...] = (
     ),
     Contender(
         "raw-io",
-        "raw confluent-kafka, sleep per message, sequential",
+        "raw confluent-kafka, sleep per message (sequential)",
         "bench.contenders.raw",
         dedupes=False,
         workload="io",
@@ -167,7 +167,7 @@ CONTENDERS: tuple[Contender, ...] = (
     *_io_rows(),
     Contender(
         "sidecar",
-        "dedupe-consumer sidecar -> local HTTP target, concurrency 64, ordering key",
+        "dedupe-consumer sidecar -> HTTP target, concurrency 64, ordering key",
         "bench.contenders.sidecar",
         ("--concurrency", "64", "--ordering", "key"),
         workload="io",
@@ -342,8 +342,8 @@ def _quix_kafka_version(python: str) -> str:
 
 
 def _refusal(message: str) -> str:
-    first = message.split(". ", maxsplit=1)[0]
-    return "refused at start-up: " + (first if len(first) <= 100 else first[:99] + "…")
+    """The first clause of the library's refusal (a ConfigError message), for the table."""
+    return "refused at start-up: " + re.split(r"[.,;]\s", message, maxsplit=1)[0]
 
 
 def _correctness(outcome: Outcome, data: DataSet) -> str:
@@ -413,7 +413,7 @@ def _targets(outcomes: list[Outcome]) -> list[str]:
 def _why(outcome: Outcome) -> str:
     """A missed target's excuse, when the row says the engine lacked what it measures."""
     engine = "" if outcome.report is None else outcome.report.get("engine", "")
-    return f" ({NO_CONCURRENCY})" if engine == NO_CONCURRENCY else ""
+    return " (engine has no concurrency yet)" if engine == NO_CONCURRENCY else ""
 
 
 COLUMNS = ("contender", "msg/s", "x {base}", "engine", "peak RSS MB", "handled == unique", "notes")

@@ -21,6 +21,7 @@ them (see :mod:`bench._engine_options`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import signal
@@ -57,6 +58,32 @@ def settings_toml(sections: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def config_sections(
+    args: argparse.Namespace, *, store: Path, target_url: str, knobs: dict[str, object]
+) -> dict[str, dict[str, object]]:
+    """The sidecar's settings file: the library's defaults but for the row's own choices.
+
+    The ``[sidecar]`` section's retries and timeouts stay the defaults; the
+    health server takes any free port, so rows never collide.
+    """
+    return {
+        "kafka": {
+            "bootstrap_servers": args.bootstrap,
+            "group_id": args.group,
+            "topics": [args.topic],
+        },
+        "store": {"path": str(store)},
+        "processing": {
+            "batch_size": args.batch,
+            "dead_letter_topic": f"{args.topic}.dlq",
+            "poll_timeout": "100ms",  # as in the dedupe rows: a short last batch waits less
+            **knobs,
+        },
+        "sidecar": {"target_url": target_url, "listen_port": 0},
+        "observability": {"log_level": "warning", "progress_interval": "0s"},
+    }
+
+
 def committed_total(watcher: Consumer, partitions: list[TopicPartition]) -> int:
     """Sum of the group's committed offsets (an unset one counts 0: the topic starts at 0)."""
     return sum(max(tp.offset, 0) for tp in watcher.committed(partitions, timeout=10))
@@ -79,22 +106,7 @@ def main() -> None:
         config = workdir / "sidecar.toml"
         config.write_text(
             settings_toml(
-                {
-                    "kafka": {
-                        "bootstrap_servers": args.bootstrap,
-                        "group_id": args.group,
-                        "topics": [args.topic],
-                    },
-                    "store": {"path": str(workdir / "store")},
-                    "processing": {
-                        "batch_size": args.batch,
-                        "dead_letter_topic": f"{args.topic}.dlq",
-                        "poll_timeout": "100ms",
-                        **knobs,
-                    },
-                    "sidecar": {"target_url": target.url, "listen_port": 0},
-                    "observability": {"log_level": "warning", "progress_interval": "0s"},
-                }
+                config_sections(args, store=workdir / "store", target_url=target.url, knobs=knobs)
             )
         )
         with (workdir / "sidecar.stderr.log").open("wb") as log:
