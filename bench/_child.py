@@ -6,8 +6,10 @@ quixstreams and its pinned confluent-kafka but not this project's
 dependencies, and it still has to speak the same protocol as the others.
 
 The protocol: a contender is ``python -m bench.contenders.<name> <args>``; it
-prints, as the last line of stdout, one JSON object (:class:`Report`). The
-parent reads nothing else from stdout, so contenders may log to stderr.
+prints, as the last line of stdout, one JSON object: a :class:`Report`, or a
+:class:`Refusal` when the library refused the set-up at start-up (an ``async
+def`` handler today), which the table shows as "refused" rather than a crash.
+The parent reads nothing else from stdout, so contenders may log to stderr.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 
 class Report(TypedDict):
@@ -29,7 +31,17 @@ class Report(TypedDict):
     seconds: float
     """From the first message in hand to the last offset committed."""
     peak_rss_mb: float
-    """VmHWM of this process: the consumer's own memory, not its servers'."""
+    """VmHWM of the consumer process: its own memory, not its servers'."""
+    engine: NotRequired[str]
+    """What the engine ran with, e.g. "concurrency 16, ordering key", or why not."""
+    redelivered: NotRequired[int]
+    """Handler calls (deliveries) beyond the first per ID, where the contender can see them."""
+
+
+class Refusal(TypedDict):
+    """The library refused the contender's set-up at start-up (e.g. with ConfigError)."""
+
+    refused: str
 
 
 def peak_rss_mb() -> float:
@@ -44,8 +56,12 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
-def parse_args(description: str, *extra: str) -> argparse.Namespace:
-    """The arguments every contender takes, plus ``extra`` string options (e.g. ``dsn``)."""
+def parse_args(description: str, *extra: str, **optional: str) -> argparse.Namespace:
+    """The arguments every contender takes, plus options of its own (strings).
+
+    ``extra`` names required options (``"dsn"`` is ``--dsn``); ``optional``
+    maps option names to their defaults (``sleep_ms="0"`` is ``--sleep-ms``).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--topic", required=True)
@@ -55,6 +71,8 @@ def parse_args(description: str, *extra: str) -> argparse.Namespace:
     parser.add_argument("--workdir", required=True, help="a private scratch directory")
     for name in extra:
         parser.add_argument(f"--{name}", required=True)
+    for name, default in optional.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default)
     return parser.parse_args()
 
 
@@ -79,13 +97,39 @@ class Stopwatch:
         return max(self.last - self.first, 1e-9)
 
 
-def emit(consumed: int, handled: int, seconds: float) -> None:
-    """Print the report line the parent parses (always the last line of stdout)."""
+def emit(
+    consumed: int,
+    handled: int,
+    seconds: float,
+    *,
+    engine: str | None = None,
+    redelivered: int | None = None,
+    rss_mb: float | None = None,
+) -> None:
+    """Print the report line the parent parses (always the last line of stdout).
+
+    ``rss_mb`` replaces this process's own peak RSS when the consumer is a
+    child process (the sidecar row).
+    """
     report: Report = {
         "consumed": consumed,
         "handled": handled,
         "seconds": seconds,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb() if rss_mb is None else rss_mb,
     }
-    sys.stdout.write(json.dumps(report) + "\n")
+    if engine is not None:
+        report["engine"] = engine
+    if redelivered is not None:
+        report["redelivered"] = redelivered
+    _print(report)
+
+
+def emit_refused(reason: str) -> None:
+    """Print a :class:`Refusal` as the report line: the library said no at start-up."""
+    refusal: Refusal = {"refused": reason}
+    _print(refusal)
+
+
+def _print(line: Report | Refusal) -> None:
+    sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()

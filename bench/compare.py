@@ -1,6 +1,6 @@
 """Throughput of dedupe_consumer next to a raw consumer and the alternatives, in one run.
 
-    python -m bench.compare --events 1000000 --duplicates 0.1
+    python -m bench.compare --events 1000000 --duplicates 0.1 --io-events 3000
 
 Starts a real broker (``dedupe_consumer.testing.start_broker``, or uses
 ``--bootstrap``), produces the data set once (event-ID header, 200-byte JSON
@@ -11,13 +11,21 @@ whether every unique ID was handled exactly once. Rates are measured from the
 first message in hand to the last offset committed, so nobody's group join
 counts. Redis and PostgreSQL are started for their rows only, on loopback, and
 every server, broker and temporary directory is gone when the run ends.
+
+A second, smaller data set (``--io-events``) feeds the I/O-bound rows: a
+handler that waits ``--handler-sleep-ms`` per event, at concurrency 1, 16 and
+64 in both orderings, next to a raw consumer that sleeps as long per message,
+and the sidecar POSTing to a local target that answers in that time. They get
+a table of their own.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +43,7 @@ from rich.table import Table
 from bench import _machine
 from bench._child import Report
 from bench._data import BODY_BYTES, PARTITIONS, DataSet, delete_topics_containing, produce
+from bench._engine_options import NO_CONCURRENCY
 from bench._services import ServiceError, peak_rss_mb, postgres_server, redis_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +51,8 @@ QUIX_VENV = Path(
     os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "dedupe-consumer", "bench-quix-venv"
 )
 Service = Literal["redis", "postgres"]
+Workload = Literal["noop", "io"]
+"""Which data set and table a row belongs to: the no-op rows or the I/O-bound ones."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +68,46 @@ class Contender:
     """Runs under the Quix virtualenv's interpreter (see bench/setup.sh)."""
     dedupes: bool = True
     profilable: bool = False
+    workload: Workload = "noop"
+    sleeps: bool = False
+    """Takes ``--sleep-ms`` (the handler's or the target's wait per event)."""
+
+
+def _io_rows() -> tuple[Contender, ...]:
+    """The I/O-bound handler at concurrency 1, 16 and 64 in both orderings, sync and async."""
+    rows = []
+    for handler, key, label in (
+        ("sleep", "io", "sync handler (time.sleep)"),
+        ("async-sleep", "io-async", "async handler (asyncio.sleep)"),
+    ):
+        for ordering in ("key", "partition"):
+            for concurrency in (1, 16, 64):
+                rows.append(
+                    Contender(
+                        f"{key}-c{concurrency}-{ordering}",
+                        f"dedupe_consumer, {label}, concurrency {concurrency}, ordering {ordering}",
+                        "bench.contenders.dedupe",
+                        (
+                            *("--mode", "plain", "--changelog", "true", "--handler", handler),
+                            *("--concurrency", str(concurrency), "--ordering", ordering),
+                        ),
+                        workload="io",
+                        sleeps=True,
+                    )
+                )
+    return tuple(rows)
 
 
 CONTENDERS: tuple[Contender, ...] = (
     Contender(
         "raw", "raw confluent-kafka (commit per batch)", "bench.contenders.raw", dedupes=False
+    ),
+    Contender(
+        "raw-async",
+        "raw confluent-kafka (async commit per batch): the ceiling",
+        "bench.contenders.raw",
+        ("--commit", "async"),
+        dedupes=False,
     ),
     Contender(
         "plain",
@@ -110,7 +156,26 @@ CONTENDERS: tuple[Contender, ...] = (
         "bench.contenders.postgres_insert",
         service="postgres",
     ),
+    Contender(
+        "raw-io",
+        "raw confluent-kafka, sleep per message (sequential)",
+        "bench.contenders.raw",
+        dedupes=False,
+        workload="io",
+        sleeps=True,
+    ),
+    *_io_rows(),
+    Contender(
+        "sidecar",
+        "dedupe-consumer sidecar -> HTTP target, concurrency 64, ordering key",
+        "bench.contenders.sidecar",
+        ("--concurrency", "64", "--ordering", "key"),
+        workload="io",
+        sleeps=True,
+    ),
 )
+BASELINES: dict[Workload, str] = {"noop": "raw", "io": "raw-io"}
+"""The row each table's "x" column divides by."""
 
 # Goals from the issue, checked (not asserted) at the end of each run:
 # (dedupe row, other row, minimum ratio of their rates).
@@ -120,7 +185,11 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("plain", "quix-eos", 3.0),
     ("plain", "redis", 10.0),
     ("plain", "postgres", 10.0),
+    ("io-c64-key", "io-c1-key", 25.0),
+    ("io-async-c64-key", "io-async-c1-key", 25.0),
 )
+# (row, minimum unique deliveries per second): handler calls over the measured time.
+DELIVERY_TARGETS: tuple[tuple[str, float], ...] = (("sidecar", 2000.0),)
 
 
 @dataclass(slots=True)
@@ -128,6 +197,8 @@ class Outcome:
     contender: Contender
     report: Report | None = None
     error: str = ""
+    refused: str = ""
+    """The library refused the row's set-up at start-up (not a failure of the run)."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -135,6 +206,13 @@ class Outcome:
         if self.report is None:
             return None
         return self.report["consumed"] / self.report["seconds"]
+
+    @property
+    def delivery_rate(self) -> float | None:
+        """Handler calls (unique deliveries, for the sidecar) per second."""
+        if self.report is None:
+            return None
+        return self.report["handled"] / self.report["seconds"]
 
 
 def quix_python() -> Path:
@@ -170,6 +248,7 @@ def run_contender(
     workdir: Path,
     timeout: float,
     profile_dir: Path | None,
+    sleep_ms: float = 2.0,
 ) -> Outcome:
     """Run one contender in its own process; never raises, failures become the row."""
     outcome = Outcome(contender)
@@ -197,6 +276,8 @@ def run_contender(
         str(own),
         *contender.args,
     ]
+    if contender.sleeps:
+        cmd += ["--sleep-ms", f"{sleep_ms:g}"]
     if profile_dir is not None and contender.profilable:
         cmd += ["--profile", str(profile_dir / contender.key)]
         outcome.notes.append("profiled (slower)")
@@ -230,11 +311,14 @@ def run_contender(
         outcome.error = f"exit code {proc.returncode}: {tail[-400:]}"
         return outcome
     try:
-        report: Report = json.loads(lines[-1])
+        line = json.loads(lines[-1])  # a bench._child Report, or a Refusal
     except json.JSONDecodeError:
         outcome.error = f"no report line on stdout, last line was {lines[-1][:200]!r}"
         return outcome
-    outcome.report = report
+    if "refused" in line:
+        outcome.refused = str(line["refused"])
+    else:
+        outcome.report = line
     return outcome
 
 
@@ -257,38 +341,51 @@ def _quix_kafka_version(python: str) -> str:
     return _quix_versions[python]
 
 
+def _refusal(message: str) -> str:
+    """The first clause of the library's refusal (a ConfigError message), for the table."""
+    return "refused at start-up: " + re.split(r"[.,;]\s", message, maxsplit=1)[0]
+
+
 def _correctness(outcome: Outcome, data: DataSet) -> str:
     if outcome.report is None:
-        return f"FAILED: {outcome.error}"
+        return _refusal(outcome.refused) if outcome.refused else f"FAILED: {outcome.error}"
     r = outcome.report
     if r["consumed"] < data.events:
         return f"NO: consumed {r['consumed']:,} of {data.events:,}"
     if not outcome.contender.dedupes:
         return "n/a (no dedupe)"
+    redelivered = r.get("redelivered")
+    if redelivered:
+        return f"NO: {redelivered:,} deliveries beyond the first per ID"
     if r["handled"] == data.unique:
-        return "yes"
+        return "yes, each exactly once" if redelivered == 0 else "yes"
     return f"NO: handled {r['handled']:,}, unique {data.unique:,}"
 
 
-def _rows(outcomes: list[Outcome], data: DataSet) -> list[tuple[str, ...]]:
-    raw = next((o.rate for o in outcomes if o.contender.key == "raw"), None)
+def _rows(outcomes: list[Outcome], data: DataSet, baseline: str) -> list[tuple[str, ...]]:
+    base = next((o.rate for o in outcomes if o.contender.key == baseline), None)
     rows: list[tuple[str, ...]] = []
     for o in outcomes:
         rate = o.rate
+        notes = list(o.notes)
+        if o.report is not None and "redelivered" in o.report:
+            notes.insert(0, f"{o.delivery_rate:,.0f} unique deliveries/s")
         rows.append(
             (
                 o.contender.label,
                 "-" if rate is None else f"{rate:,.0f}",
-                "-" if rate is None or not raw else f"{rate / raw:.2f}",
+                "-" if rate is None or not base else f"{rate / base:.2f}",
+                "-" if o.report is None else o.report.get("engine", "-"),
                 "-" if o.report is None else f"{o.report['peak_rss_mb']:.0f}",
                 _correctness(o, data),
-                "; ".join(o.notes),
+                "; ".join(notes),
             )
         )
     return rows
 
 
 def _targets(outcomes: list[Outcome]) -> list[str]:
+    by_key = {o.contender.key: o for o in outcomes}
     rates = {o.contender.key: o.rate for o in outcomes}
     labels = {o.contender.key: o.contender.label for o in outcomes}
     lines = []
@@ -297,43 +394,66 @@ def _targets(outcomes: list[Outcome]) -> list[str]:
         if a is None or b is None:
             continue
         ratio = a / b
-        verdict = "met" if ratio >= goal else "MISSED"
+        verdict = "met" if ratio >= goal else "MISSED" + _why(by_key[mine])
         lines.append(
             f"{labels[mine]} vs {labels[theirs]}: {ratio:.2f}x (goal >= {goal:g}x): {verdict}"
+        )
+    for key, goal in DELIVERY_TARGETS:
+        outcome = by_key.get(key)
+        rate = None if outcome is None else outcome.delivery_rate
+        if outcome is None or rate is None:
+            continue
+        verdict = "met" if rate >= goal else "MISSED" + _why(outcome)
+        lines.append(
+            f"{labels[key]}: {rate:,.0f} unique deliveries/s (goal >= {goal:,.0f}): {verdict}"
         )
     return lines
 
 
-COLUMNS = ("contender", "msg/s", "x raw", "peak RSS MB", "handled == unique", "notes")
+def _why(outcome: Outcome) -> str:
+    """A missed target's excuse, when the row says the engine lacked what it measures."""
+    engine = "" if outcome.report is None else outcome.report.get("engine", "")
+    return " (engine has no concurrency yet)" if engine == NO_CONCURRENCY else ""
+
+
+COLUMNS = ("contender", "msg/s", "x {base}", "engine", "peak RSS MB", "handled == unique", "notes")
 
 
 def report(
     console: Console,
     outcomes: list[Outcome],
-    data: DataSet,
+    datasets: dict[Workload, tuple[DataSet, str]],
     machine: list[tuple[str, str]],
     elapsed: float,
 ) -> str:
-    """Print the rich table, then return (and print) the Markdown version for the README."""
-    title = (
-        f"{data.events:,} events, {data.unique:,} unique IDs ({data.duplicates:.0%} duplicates), "
-        f"{PARTITIONS} partitions, {BODY_BYTES}-byte values"
-    )
-    table = Table(title=title)
-    for column in COLUMNS:
-        table.add_column(column, justify="right" if column in ("msg/s", "x raw") else "left")
-    rows = _rows(outcomes, data)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    """Print a rich table per data set, then return (and print) the Markdown for the README.
+
+    ``datasets`` maps each workload that ran to its data set and a note for its title.
+    """
+    md: list[str] = []
+    md += [f"- {label}: {value}" for label, value in machine]
+    md += [f"- whole run: {elapsed:.0f}s"]
+    for workload, (data, extra) in datasets.items():
+        mine = [o for o in outcomes if o.contender.workload == workload]
+        title = (
+            f"{data.events:,} events, {data.unique:,} unique IDs ({data.duplicates:.0%} "
+            f"duplicates), {PARTITIONS} partitions, {BODY_BYTES}-byte values{extra}"
+        )
+        baseline = BASELINES[workload]
+        columns = [c.format(base=baseline) for c in COLUMNS]
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, justify="right" if column in columns[1:3] else "left")
+        rows = _rows(mine, data, baseline)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        md += ["", f"**{title}**", ""]
+        md += ["| " + " | ".join(columns) + " |", "|---|---:|---:|---|---:|---|---|"]
+        md += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
     targets = _targets(outcomes)
     for line in targets:
         console.print(("[green]" if line.endswith(": met") else "[red]") + line)
-    md = [f"**{title}**", ""]
-    md += [f"- {label}: {value}" for label, value in machine]
-    md += [f"- whole run: {elapsed:.0f}s", ""]
-    md += ["| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---:|---|---|"]
-    md += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
     if targets:
         md += ["", *[f"- {line}" for line in targets]]
     text = "\n".join(md)
@@ -342,18 +462,35 @@ def report(
 
 
 def _select(only: str | None, skip: str | None) -> list[Contender]:
-    known = {c.key for c in CONTENDERS}
-    wanted = set(only.split(",")) if only else known
-    unwanted = set(skip.split(",")) if skip else set()
-    unknown = (wanted | unwanted) - known
-    if unknown:
-        raise SystemExit(f"unknown contender(s) {sorted(unknown)}; known: {sorted(known)}")
+    """The contenders ``--only`` / ``--skip`` name; each name may be a pattern (``io-*``)."""
+    known = [c.key for c in CONTENDERS]
+
+    def matching(spec: str | None) -> set[str]:
+        keys: set[str] = set()
+        for pattern in spec.split(",") if spec else ():
+            found = fnmatch.filter(known, pattern)
+            if not found:
+                raise SystemExit(f"no contender matches {pattern!r}; known: {', '.join(known)}")
+            keys.update(found)
+        return keys
+
+    wanted = matching(only) if only else set(known)
+    unwanted = matching(skip)
     return [c for c in CONTENDERS if c.key in wanted and c.key not in unwanted]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument(
+        "--io-events", type=int, default=3000, help="messages in the I/O-bound rows' data set"
+    )
+    parser.add_argument(
+        "--handler-sleep-ms",
+        type=float,
+        default=2.0,
+        help="the I/O-bound handler's wait per event, and the sidecar target's answer time",
+    )
     parser.add_argument("--duplicates", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=500, help="messages per poll, every row")
     parser.add_argument("--seed", type=int, default=1)
@@ -361,11 +498,16 @@ def main() -> None:
         "--bootstrap", help="use this broker (default: $KAFKA_BOOTSTRAP_SERVERS or start one)"
     )
     parser.add_argument(
-        "--only", help="comma-separated contenders: " + ",".join(c.key for c in CONTENDERS)
+        "--only",
+        help="comma-separated contenders or patterns (io-*): "
+        + ",".join(c.key for c in CONTENDERS),
     )
-    parser.add_argument("--skip", help="comma-separated contenders to leave out")
+    parser.add_argument("--skip", help="comma-separated contenders (or patterns) to leave out")
     parser.add_argument(
-        "--timeout", type=float, help="seconds per contender (default 300 + 2 ms per event)"
+        "--timeout",
+        type=float,
+        help="seconds per contender (default 300 + 2 ms per event; I/O rows: 300 + "
+        "(handler sleep + 3 ms) per I/O event)",
     )
     parser.add_argument(
         "--profile", type=Path, help="profile the dedupe_consumer rows with pyinstrument into DIR"
@@ -373,7 +515,15 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the Markdown report here")
     args = parser.parse_args()
     contenders = _select(args.only, args.skip)
-    timeout = args.timeout or 300 + 0.002 * args.events
+    sizes: dict[Workload, int] = {"noop": args.events, "io": args.io_events}
+    timeouts: dict[Workload, float] = {
+        "noop": args.timeout or 300 + 0.002 * args.events,
+        "io": args.timeout or 300 + (args.handler_sleep_ms + 3) / 1000 * args.io_events,
+    }
+    titles: dict[Workload, str] = {
+        "noop": "",
+        "io": f", handler waits {args.handler_sleep_ms:g} ms per event",
+    }
 
     from dedupe_consumer.observability import configure_logging
     from dedupe_consumer.testing import ExternalKafka, KafkaBroker, start_broker
@@ -386,6 +536,7 @@ def main() -> None:
     broker: KafkaBroker = ExternalKafka(args.bootstrap) if args.bootstrap else start_broker()
     owned = not isinstance(broker, ExternalKafka)
     outcomes: list[Outcome] = []
+    datasets: dict[Workload, tuple[DataSet, str]] = {}
     profile_dir = args.profile.resolve() if args.profile else None
     try:
         with tempfile.TemporaryDirectory(prefix=f"bench-{token}-") as tmp:
@@ -396,32 +547,44 @@ def main() -> None:
                     "redis-server": _machine.binary_version(["redis-server", "--version"]),
                 },
             )
-            t0 = time.perf_counter()
-            data = produce(
-                broker.bootstrap_servers, f"bench-{token}", args.events, args.duplicates, args.seed
-            )
-            console.print(
-                f"produced {data.events:,} events ({data.unique:,} unique IDs) to {data.topic} "
-                f"in {time.perf_counter() - t0:.1f}s"
-            )
+            for workload in ("noop", "io"):
+                if not any(c.workload == workload for c in contenders):
+                    continue
+                t0 = time.perf_counter()
+                topic = f"bench-{token}" + ("-io" if workload == "io" else "")
+                data = produce(
+                    broker.bootstrap_servers, topic, sizes[workload], args.duplicates, args.seed
+                )
+                datasets[workload] = (data, titles[workload])
+                console.print(
+                    f"produced {data.events:,} events ({data.unique:,} unique IDs) to "
+                    f"{data.topic} in {time.perf_counter() - t0:.1f}s"
+                )
             for contender in contenders:
                 console.print(f"running: {contender.label} ...", end=" ")
                 t0 = time.perf_counter()
                 outcome = run_contender(
                     contender,
                     bootstrap=broker.bootstrap_servers,
-                    data=data,
+                    data=datasets[contender.workload][0],
                     group=f"bench-{token}-{contender.key}",
                     batch=args.batch,
                     workdir=Path(tmp),
-                    timeout=timeout,
+                    timeout=timeouts[contender.workload],
                     profile_dir=profile_dir,
+                    sleep_ms=args.handler_sleep_ms,
                 )
                 outcomes.append(outcome)
                 rate = outcome.rate
                 console.print(
                     f"{time.perf_counter() - t0:.1f}s, "
-                    + (f"{rate:,.0f} msg/s" if rate is not None else f"[red]{outcome.error}")
+                    + (
+                        f"{rate:,.0f} msg/s"
+                        if rate is not None
+                        else "refused at start-up"
+                        if outcome.refused
+                        else f"[red]{outcome.error}"
+                    )
                 )
     finally:
         if not owned:  # our own broker goes with its data; someone else's keeps no litter
@@ -430,7 +593,7 @@ def main() -> None:
             except Exception as exc:  # must not hide the error that ended the run
                 print(f"warning: could not delete this run's topics: {exc}", file=sys.stderr)
         broker.stop()
-    text = report(console, outcomes, data, machine, time.perf_counter() - started)
+    text = report(console, outcomes, datasets, machine, time.perf_counter() - started)
     if args.markdown is not None:
         args.markdown.write_text(text + "\n")
     if profile_dir is not None:

@@ -6,6 +6,19 @@ watermarks, one Kafka transaction per batch on the changelog), as a user who
 writes ``DedupeConsumer(handler, settings).run()`` gets them, except a 100 ms
 poll timeout, which only shortens the wait for a short last batch.
 
+The I/O-bound rows swap the handler:
+
+* ``--handler sleep --sleep-ms 2``: ``time.sleep`` per call, a handler waiting
+  on a database or an HTTP API;
+* ``--handler async-sleep``: the same wait as ``async def handle`` with
+  ``await asyncio.sleep``. An engine that cannot run it refuses it at start-up
+  (ConfigError), and the row reports the refusal instead of a rate.
+
+``--concurrency N`` and ``--ordering key|partition`` set
+``processing.concurrency`` / ``processing.ordering`` when the installed
+engine has them (see :mod:`bench._engine_options`); the report says what the
+engine ran with.
+
 ``--profile PATH`` runs the consumer under pyinstrument and writes
 ``PATH.txt`` (call tree) and ``PATH.html``: the evidence for where time goes
 when a target is missed.
@@ -14,13 +27,16 @@ when a target is missed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from bench._child import Stopwatch, emit
-from dedupe_consumer import DedupeConsumer, Event, Handler, Settings
+from bench._child import Stopwatch, emit, emit_refused
+from bench._engine_options import concurrency_settings, processing_fields
+from dedupe_consumer import ConfigError, DedupeConsumer, Event, Handler, Settings
 from dedupe_consumer.engine import BatchResult
 from dedupe_consumer.models import SourceMessage, TopicPartition
 from dedupe_consumer.observability import configure_logging
@@ -28,13 +44,53 @@ from dedupe_consumer.sources import Source
 
 
 class CountingNoOp(Handler):
-    """Counts its calls; ``handled == unique IDs`` is the correctness check."""
+    """Counts its calls; ``handled == unique IDs`` is the correctness check.
+
+    The count is locked: a concurrent engine calls ``handle`` from several threads.
+    """
 
     def __init__(self) -> None:
         self.calls = 0
+        self._lock = threading.Lock()
 
     def handle(self, event: Event) -> None:
+        with self._lock:
+            self.calls += 1
+
+
+class CountingSleep(CountingNoOp):
+    """Waits ``sleep_s`` per call with ``time.sleep``: a handler blocked on I/O."""
+
+    def __init__(self, sleep_s: float) -> None:
+        super().__init__()
+        self.sleep_s = sleep_s
+
+    def handle(self, event: Event) -> None:
+        time.sleep(self.sleep_s)
+        super().handle(event)
+
+
+class CountingAsyncSleep(Handler):
+    """Awaits ``asyncio.sleep(sleep_s)`` per call: an ``async def`` handler on I/O.
+
+    All calls run on the engine's one event loop, so the count needs no lock.
+    """
+
+    def __init__(self, sleep_s: float) -> None:
+        self.calls = 0
+        self.sleep_s = sleep_s
+
+    async def handle(self, event: Event) -> None:  # type: ignore[override]
+        await asyncio.sleep(self.sleep_s)
         self.calls += 1
+
+
+def make_handler(kind: str, sleep_ms: float) -> CountingNoOp | CountingAsyncSleep:
+    if kind == "noop":
+        return CountingNoOp()
+    if kind == "sleep":
+        return CountingSleep(sleep_ms / 1000)
+    return CountingAsyncSleep(sleep_ms / 1000)
 
 
 class _TimedSource:
@@ -76,7 +132,9 @@ class _TimedConsumer(DedupeConsumer):
         return _TimedSource(super()._open_source(), self._clock)
 
 
-def run(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float]:
+def run(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float, str]:
+    """Returns (consumed, handled, seconds, what the engine ran with)."""
+    knobs, engine = concurrency_settings(processing_fields(), args.concurrency, args.ordering)
     settings = Settings.load(
         kafka={
             "bootstrap_servers": args.bootstrap,
@@ -91,10 +149,11 @@ def run(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float]:
             # A short last batch waits out the poll timeout inside the measured
             # window; with a backlog every poll returns a full batch anyway.
             "poll_timeout": "100ms",
+            **knobs,
         },
         observability={"log_level": "warning"},
     )
-    handler = CountingNoOp()
+    handler = make_handler(args.handler, args.sleep_ms)
     clock = Stopwatch()
     consumer = _TimedConsumer(handler, settings, clock)
 
@@ -112,7 +171,7 @@ def run(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float]:
         )
     if totals.handled != handler.calls:
         raise RuntimeError(f"engine counted {totals.handled} handled, handler saw {handler.calls}")
-    return totals.consumed, handler.calls, clock.seconds
+    return totals.consumed, handler.calls, clock.seconds, engine
 
 
 def main() -> None:
@@ -125,26 +184,43 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--mode", choices=["plain", "claim"], default="plain")
     parser.add_argument("--changelog", choices=["true", "false"], default="true")
+    parser.add_argument("--handler", choices=["noop", "sleep", "async-sleep"], default="noop")
+    parser.add_argument("--sleep-ms", type=float, default=2.0, help="per call, sleep handlers")
+    parser.add_argument(
+        "--concurrency", type=int, help="processing.concurrency, if the engine has it"
+    )
+    parser.add_argument(
+        "--ordering", choices=["key", "partition"], help="processing.ordering, ditto"
+    )
     parser.add_argument("--profile", type=Path, help="write a pyinstrument profile here")
     args = parser.parse_args()
     configure_logging("warning")
     with tempfile.TemporaryDirectory(prefix="store-", dir=args.workdir) as store_dir:
-        if args.profile is None:
-            consumed, handled, seconds = run(args, store_dir)
-        else:
-            from pyinstrument import Profiler
+        try:
+            consumed, handled, seconds, engine = measure(args, store_dir)
+        except ConfigError as refusal:  # e.g. `async def handle` on an engine without it
+            emit_refused(str(refusal))
+            return
+    emit(consumed, handled, seconds, engine=engine)
 
-            profiler = Profiler(interval=0.001)
-            started = time.perf_counter()
-            with profiler:
-                consumed, handled, seconds = run(args, store_dir)
-            args.profile.parent.mkdir(parents=True, exist_ok=True)
-            Path(f"{args.profile}.txt").write_text(
-                profiler.output_text(unicode=True, show_all=False, timeline=False)
-            )
-            Path(f"{args.profile}.html").write_text(profiler.output_html())
-            print(f"profiled {time.perf_counter() - started:.1f}s -> {args.profile}.txt")
-    emit(consumed, handled, seconds)
+
+def measure(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float, str]:
+    """:func:`run`, under pyinstrument when ``--profile`` is given."""
+    if args.profile is None:
+        return run(args, store_dir)
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.001)
+    started = time.perf_counter()
+    with profiler:
+        result = run(args, store_dir)
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.profile}.txt").write_text(
+        profiler.output_text(unicode=True, show_all=False, timeline=False)
+    )
+    Path(f"{args.profile}.html").write_text(profiler.output_html())
+    print(f"profiled {time.perf_counter() - started:.1f}s -> {args.profile}.txt")
+    return result
 
 
 if __name__ == "__main__":
