@@ -47,7 +47,7 @@ SECTIONS = [
         "sidecar",
         "dedupe_consumer.sidecar.settings",
         "SidecarSettings",
-        "read by `dedupe-consumer sidecar` only (see the Sidecar page)",
+        "read by `dedupe-consumer sidecar` only (see [Sidecar](sidecar.md))",
     ),
 ]
 """(table, module, model, note) of tables outside the root model, rendered after it."""
