@@ -27,8 +27,8 @@ HEADER = """\
 # API reference
 
 Generated from the docstrings by `python scripts/api_docs.py`; do not edit by
-hand (a test fails when this page is out of date). The guide is the
-[README](../README.md); how it is built is in [architecture.md](architecture.md).
+hand (a test fails when this page is out of date). The guide starts at
+[Concepts](concepts.md); how it is built is in [Architecture](architecture.md).
 """
 
 

@@ -1,11 +1,12 @@
-"""README.md's examples are real files under ``examples/`` and run as written.
+"""The guide's examples (README.md and docs/*.md) are real files under ``examples/`` and run.
 
-Each fenced ``python`` block of the README must be, byte for byte, the file
-listed in ``PYTHON_BLOCKS`` (in README order), so the README cannot show code
-that is not run. The blocks that need no broker are executed here through the
-real engine (the ``replay`` fixture); the Quickstart on a real broker, and the
-README's ``dedupe-consumer run``/``record``/``replay --to-topic`` commands, are
-in ``tests/integration/test_readme_examples.py``.
+Each fenced ``python`` block of the guide must be, byte for byte, the file
+listed in ``PYTHON_BLOCKS`` (in guide order: the README, then the docs pages by
+name), so the guide cannot show code that is not run. The blocks that need no
+broker are executed here through the real engine (the ``replay`` fixture); the
+Quickstart on a real broker, and the guide's ``dedupe-consumer
+run``/``record``/``replay --to-topic`` commands, are in
+``tests/integration/test_readme_examples.py``.
 """
 
 from __future__ import annotations
@@ -35,24 +36,28 @@ from examples.replay_test import test_payments_once as replay_example
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+GUIDE = [README, *sorted((ROOT / "docs").glob("*.md"))]
+"""Where examples are shown: the README, then the documentation pages by name."""
 RECORDING = ROOT / "examples" / "replay_test" / "payments.jsonl"
 
 PYTHON_BLOCKS = [
-    "examples/quickstart/handlers.py",  # Quickstart
-    "examples/quickstart/ledger.py",  # Transactional effects
-    "examples/replay_test/test_payments_once.py",  # Replay testing
-    "examples/quickstart/test_handlers.py",  # Testing
+    "examples/quickstart/handlers.py",  # README: Quickstart
+    "examples/quickstart/ledger.py",  # docs/concepts.md: Transactional effects
+    "examples/quickstart/handlers.py",  # docs/handlers.md
+    "examples/replay_test/test_payments_once.py",  # docs/replay-testing.md
+    "examples/quickstart/test_handlers.py",  # docs/testing.md
 ]
 
 
 def fenced_blocks(language: str, text: str | None = None) -> list[str]:
-    """The bodies of the README's fenced blocks in ``language``, in order."""
-    text = README.read_text(encoding="utf-8") if text is None else text
+    """The bodies of the guide's fenced blocks in ``language``, in order."""
+    if text is None:
+        text = "\n".join(page.read_text(encoding="utf-8") for page in GUIDE)
     return re.findall(rf"^```{language}\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
 
 
 def cli_commands(text: str | None = None) -> list[list[str]]:
-    """Every ``dedupe-consumer`` command of the README's bash blocks, split like a shell."""
+    """Every ``dedupe-consumer`` command of the guide's bash blocks, split like a shell."""
     commands = []
     for block in fenced_blocks("bash", text):
         for line in block.replace("\\\n", " ").splitlines():
