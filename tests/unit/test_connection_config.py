@@ -70,7 +70,7 @@ def settings_with(consumer: dict[str, Any], bootstrap: str = "127.0.0.1:1") -> S
 
 
 def test_every_global_property_and_no_consumer_property_is_shared() -> None:
-    connection = settings_with({**GLOBAL, **CONSUMER}).kafka.connection()
+    connection = settings_with({**GLOBAL, **CONSUMER}).kafka.connection().config("admin")
     assert connection == {**GLOBAL, "bootstrap.servers": "127.0.0.1:1"}
 
 
@@ -95,7 +95,7 @@ def test_librdkafka_sees_no_consumer_property_in_the_shared_config() -> None:
     logger.addHandler(Collect())
     logger.setLevel(logging.DEBUG)
     connection: dict[str, Any] = {
-        **settings_with({**GLOBAL, **CONSUMER}).kafka.connection(),
+        **settings_with({**GLOBAL, **CONSUMER}).kafka.connection().config("admin"),
         "sasl.oauthbearer.method": "default",  # oidc would need an endpoint to start
     }
     with_logger: dict[str, Any] = {**connection, "logger": logger}

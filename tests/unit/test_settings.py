@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from dedupe_consumer import ConfigError, Settings
+from dedupe_consumer.sidecar.settings import SidecarAppSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,9 +36,9 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def load_error(tmp_path: Path, text: str) -> str:
+def load_error(tmp_path: Path, text: str, kind: type[Settings] = Settings) -> str:
     with pytest.raises(ConfigError) as info:
-        Settings.from_toml(write(tmp_path, text))
+        kind.from_toml(write(tmp_path, text))
     return str(info.value)
 
 
@@ -149,7 +150,7 @@ def test_bad_env_value_is_reported_like_a_file_value(
 
 def test_optional_section_errors_name_accepted_keys_and_ranges(tmp_path: Path) -> None:
     text = GOOD + '\n[sidecar]\ntarget_ur = "http://127.0.0.1:8080/"\nmax_retries = -3\n'
-    msg = load_error(tmp_path, text)
+    msg = load_error(tmp_path, text, SidecarAppSettings)
     [unknown] = [line for line in msg.splitlines() if "sidecar.target_ur:" in line]
     assert "unknown key" in unknown and "target_url" in unknown  # accepted keys are listed
     assert "sidecar.target_url: required but missing: set it to" in msg
