@@ -382,8 +382,8 @@ class Settings(BaseSettings):
         default_factory=ObservabilitySettings  # type: ignore[arg-type]
     )
 
-    read_by_other_commands: ClassVar[Mapping[str, str]] = {"sidecar": "dedupe-consumer sidecar"}
-    """Sections this type does not accept, and the command whose settings do (for the error)."""
+    # Sections this type refuses, and the command whose settings read them (for the error).
+    _other_commands_sections: ClassVar[Mapping[str, str]] = {"sidecar": "dedupe-consumer sidecar"}
 
     @model_validator(mode="after")
     def _backoff_order(self) -> Self:
@@ -536,7 +536,7 @@ def explain(exc: ValidationError, where: str, root: type[Settings] | None = None
             accepted = ", ".join(_section_keys(loc, root)) or "none"
             # No value: a mis-spelt key may be a secret's ("bearer_tokn").
             line = f"  - {key}: unknown key; accepted keys here: {accepted}"
-            command = root.read_by_other_commands.get(key)
+            command = root._other_commands_sections.get(key)
             if command is not None:
                 line += f" ([{key}] is read by `{command}` only: run that, or remove the section)"
             lines.append(line)

@@ -222,4 +222,4 @@ class SidecarAppSettings(Settings):
         None, description="a [sidecar] section (only `dedupe-consumer sidecar` reads it), or unset"
     )
 
-    read_by_other_commands: ClassVar[Mapping[str, str]] = {}
+    _other_commands_sections: ClassVar[Mapping[str, str]] = {}
