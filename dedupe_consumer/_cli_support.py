@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar, overload
 
 import typer
 from rich.console import Console
@@ -15,6 +15,8 @@ from dedupe_consumer.errors import ConfigError, DedupeError
 
 if TYPE_CHECKING:
     from dedupe_consumer.config import Settings
+
+S = TypeVar("S", bound="Settings")
 
 err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, so they can be grepped
 
@@ -47,13 +49,23 @@ BootstrapServersOption = Annotated[
 """``run`` and ``sidecar``: the broker address, the one setting that differs per environment."""
 
 
-def load_settings(config: Path, bootstrap_servers: str | None) -> Settings:
+@overload
+def load_settings(config: Path, bootstrap_servers: str | None) -> Settings: ...
+@overload
+def load_settings(config: Path, bootstrap_servers: str | None, kind: type[S]) -> S: ...
+def load_settings(
+    config: Path, bootstrap_servers: str | None, kind: type[Settings] | None = None
+) -> Settings:
     """The config file, ``DEDUPE_*`` variables, then ``--bootstrap-servers`` over both.
 
-    The flag's value goes through the same validation as the file's.
+    ``kind`` is the command's settings type. By default it is the sidecar's
+    (``Settings`` plus ``[sidecar]``): one file may serve ``run`` and
+    ``sidecar``, and ``run`` still stops on a bad ``[sidecar]`` section. The
+    flag's value goes through the same validation as the file's.
     """
-    from dedupe_consumer.config import Settings
+    from dedupe_consumer.sidecar.settings import SidecarAppSettings
 
+    settings_type = kind or SidecarAppSettings
     if bootstrap_servers is None:
-        return Settings.from_toml(config)
-    return Settings.from_toml(config, kafka={"bootstrap_servers": bootstrap_servers})
+        return settings_type.from_toml(config)
+    return settings_type.from_toml(config, kafka={"bootstrap_servers": bootstrap_servers})

@@ -1,6 +1,11 @@
 """Settings: a TOML file, overridden by ``DEDUPE_*`` environment variables.
 
-``Settings.from_toml(path)`` is the one way in. Every section forbids unknown
+``Settings.from_toml(path)`` is the one way in. Each layer reads its own
+sections: the engine ``[dedupe]`` and ``[processing]``, the Kafka edge
+``[kafka]`` (every client connects through one :class:`KafkaConnection`), and
+the sidecar adds ``[sidecar]`` in its own settings type
+(:class:`dedupe_consumer.sidecar.settings.SidecarAppSettings`), which this
+module does not import. Every section forbids unknown
 keys, because a misspelt key that is silently ignored is how a consumer ends up
 with a 1-day retention nobody asked for. Errors are collected into a single
 :class:`~dedupe_consumer.errors.ConfigError` that names each key, the bad value
@@ -14,11 +19,11 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -35,7 +40,6 @@ from dedupe_consumer._librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
 from dedupe_consumer._secrets import HIDDEN, is_secret_key, redact
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import ID_SOURCE_FORMS, parse_id_source
-from dedupe_consumer.sidecar.settings import SidecarSettings
 
 LibrdkafkaValue = str | int | float | bool
 
@@ -48,6 +52,91 @@ class _Section(BaseModel):
     # hide_input_in_errors: a ValidationError printed as it is never echoes a value;
     # explain() below shows the values that are not secrets.
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+ClientRole = Literal["consumer", "producer", "admin"]
+"""The kind of librdkafka client a configuration is for."""
+
+_NOT_FOR_ROLE: dict[str, frozenset[str]] = {
+    "consumer": PRODUCER_ONLY,
+    "producer": CONSUMER_ONLY,
+    "admin": CONSUMER_ONLY | PRODUCER_ONLY,
+}
+
+
+def _broker_list(value: str) -> str:
+    entries = value.split(",")
+    if any(not e or e != e.strip() or any(c.isspace() for c in e) for e in entries):
+        raise ValueError(
+            f"{value!r} is not a broker list: expected host:port[,host:port...] with no "
+            "empty entries or spaces"
+        )
+    return value
+
+
+def _misplaced(properties: Iterable[str], role: ClientRole) -> list[str]:
+    """The ``properties`` librdkafka scopes to another kind of client than ``role``."""
+    return [
+        f"{key} (a {'producer' if key in PRODUCER_ONLY else 'consumer'}-only property)"
+        for key in sorted(properties)
+        if key in _NOT_FOR_ROLE[role]
+    ]
+
+
+class KafkaConnection(_Section):
+    """How every Kafka client reaches and authenticates to the brokers.
+
+    ``properties`` are librdkafka's *global* properties: ``security.protocol``,
+    ``sasl.*``, ``ssl.*``, ``https.*``, ``client.id``, ``client.dns.lookup``,
+    ``socket.*``... (never a consumer-only or producer-only one). Secret values
+    are hidden in ``repr``. :meth:`config` gives the configuration of one client.
+    """
+
+    bootstrap_servers: str = Field(description="host:port[,host:port...]")
+    properties: dict[str, LibrdkafkaValue] = Field(
+        default_factory=dict,
+        description="librdkafka global properties shared by every client (TLS, SASL, client id)",
+    )
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name == "properties" else value
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _server_list(cls, value: str) -> str:
+        return _broker_list(value)
+
+    @field_validator("properties")
+    @classmethod
+    def _global_only(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
+        wrong = _misplaced(value, "admin")
+        if "bootstrap.servers" in value:
+            wrong.insert(0, "bootstrap.servers (give it as bootstrap_servers)")
+        if wrong:
+            raise ValueError(
+                f"not connection properties: {', '.join(wrong)}; give them to the one client "
+                "they are for (KafkaConnection.config(role, own))"
+            )
+        return value
+
+    def config(
+        self, role: ClientRole, own: Mapping[str, LibrdkafkaValue] | None = None
+    ) -> dict[str, LibrdkafkaValue]:
+        """The librdkafka configuration of one client of ``role``.
+
+        ``bootstrap.servers`` and the connection properties, then the client's
+        ``own`` properties over them. ``own`` may not hold ``bootstrap.servers`` or a
+        property librdkafka scopes to another kind of client (librdkafka would only
+        warn and ignore it): ValueError names it.
+        """
+        own = dict(own or {})
+        wrong = _misplaced(own, role)
+        if "bootstrap.servers" in own:
+            wrong.insert(0, "bootstrap.servers (it comes from the connection)")
+        if wrong:
+            raise ValueError(f"not for a Kafka {role} client: {', '.join(wrong)}")
+        return {**self.properties, **own, "bootstrap.servers": self.bootstrap_servers}
 
 
 class KafkaSettings(_Section):
@@ -68,33 +157,28 @@ class KafkaSettings(_Section):
         for name, value in super().__repr_args__():
             yield name, redact(value) if name in ("consumer", "producer") else value
 
-    def connection(self) -> dict[str, LibrdkafkaValue]:
+    def connection(self) -> KafkaConnection:
         """How to reach and authenticate to the brokers, for every client we create.
 
         Connection settings live in ``[kafka.consumer]`` (``security.protocol``,
-        ``sasl.*``, ``ssl.*``, ``https.*``, ``client.dns.lookup``...). The
-        dead-letter and changelog producers, the restore consumer and the admin
-        clients connect exactly as the main consumer does: they get every
-        property set there except the consumer-only and producer-only ones (a
-        deny-list, so a global property added to librdkafka is carried too).
+        ``sasl.*``, ``ssl.*``, ``https.*``, ``client.dns.lookup``...). The main
+        consumer, the dead-letter and changelog producers, the restore consumer and
+        the admin clients all build their configuration from this one connection
+        (:meth:`KafkaConnection.config`): every property set there except the
+        consumer-only and producer-only ones (a deny-list, so a global property
+        added to librdkafka is carried too).
         """
         shared = {
             k: v
             for k, v in self.consumer.items()
             if k not in CONSUMER_ONLY and k not in PRODUCER_ONLY
         }
-        return {**shared, "bootstrap.servers": self.bootstrap_servers}
+        return KafkaConnection(bootstrap_servers=self.bootstrap_servers, properties=shared)
 
     @field_validator("bootstrap_servers")
     @classmethod
     def _server_list(cls, value: str) -> str:
-        entries = value.split(",")
-        if any(not e or e != e.strip() or any(c.isspace() for c in e) for e in entries):
-            raise ValueError(
-                f"{value!r} is not a broker list: expected host:port[,host:port...] with no "
-                "empty entries or spaces"
-            )
-        return value
+        return _broker_list(value)
 
     @field_validator("consumer")
     @classmethod
@@ -105,6 +189,35 @@ class KafkaSettings(_Section):
             raise ValueError(
                 f"{', '.join(clash)} cannot be set here: dedupe_consumer owns offset commits "
                 "(commit after persist) and takes group.id/bootstrap.servers from [kafka]"
+            )
+        return value
+
+    @field_validator("consumer")
+    @classmethod
+    def _no_producer_properties(
+        cls, value: dict[str, LibrdkafkaValue]
+    ) -> dict[str, LibrdkafkaValue]:
+        wrong = _misplaced(value, "consumer")
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)}: a consumer ignores it; move it to [kafka.producer] "
+                "(the dead-letter and changelog producers)"
+            )
+        return value
+
+    @field_validator("producer")
+    @classmethod
+    def _no_consumer_properties(
+        cls, value: dict[str, LibrdkafkaValue]
+    ) -> dict[str, LibrdkafkaValue]:
+        wrong = _misplaced(value, "producer")
+        if "bootstrap.servers" in value:
+            wrong.insert(0, "bootstrap.servers (set kafka.bootstrap_servers)")
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)} cannot be set here: a producer ignores consumer "
+                "properties (set them in [kafka.consumer]) and connects to "
+                "kafka.bootstrap_servers"
             )
         return value
 
@@ -245,7 +358,12 @@ class ObservabilitySettings(_Section):
 
 
 class Settings(BaseSettings):
-    """All settings of one consumer. Build it with :meth:`from_toml` or keyword arguments."""
+    """All settings of one consumer. Build it with :meth:`from_toml` or keyword arguments.
+
+    A command that reads more sections subclasses it (the sidecar's
+    ``SidecarAppSettings`` adds ``[sidecar]``); ``from_toml`` and ``load`` then
+    return that type.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="DEDUPE_",
@@ -263,12 +381,12 @@ class Settings(BaseSettings):
     observability: ObservabilitySettings = Field(
         default_factory=ObservabilitySettings  # type: ignore[arg-type]
     )
-    sidecar: SidecarSettings | None = Field(
-        None, description="a [sidecar] section (only `dedupe-consumer sidecar` reads it), or unset"
-    )
+
+    # Sections this type refuses, and the command whose settings read them (for the error).
+    _other_commands_sections: ClassVar[Mapping[str, str]] = {"sidecar": "dedupe-consumer sidecar"}
 
     @model_validator(mode="after")
-    def _backoff_order(self) -> Settings:
+    def _backoff_order(self) -> Self:
         if self.processing.retry_backoff > self.processing.retry_backoff_max:
             raise ValueError(
                 "processing.retry_backoff must not exceed processing.retry_backoff_max"
@@ -281,7 +399,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _claim_lease_within_poll_interval(self) -> Settings:
+    def _claim_lease_within_poll_interval(self) -> Self:
         # A young claim is waited out on the polling thread; a lease as long as the poll
         # interval could never be waited out in one batch (the walk is cut at its budget).
         if self.processing.mode != "claim":
@@ -316,7 +434,7 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     @classmethod
-    def from_toml(cls, path: str | Path, **overrides: Any) -> Settings:
+    def from_toml(cls, path: str | Path, **overrides: Any) -> Self:
         """Load ``path``, apply ``DEDUPE_*`` env overrides, then keyword ``overrides``.
 
         Raises :class:`ConfigError` with one line per problem.
@@ -336,12 +454,12 @@ class Settings(BaseSettings):
             _toml_file.reset(token)
 
     @classmethod
-    def load(cls, *, where: str = "settings", **values: Any) -> Settings:
+    def load(cls, *, where: str = "settings", **values: Any) -> Self:
         """Build from keyword values plus env, turning validation errors into ConfigError."""
         try:
             return cls(**values)
         except ValidationError as exc:
-            raise ConfigError(explain(exc, where)) from None
+            raise ConfigError(explain(exc, where, cls)) from None
         except SettingsError as exc:  # a DEDUPE_* variable for a table that is not JSON
             raise ConfigError(_explain_env(exc, where)) from None
 
@@ -372,8 +490,8 @@ def _section_model(annotation: object) -> type[BaseModel] | None:
     return None
 
 
-def _field_help(loc: tuple[int | str, ...]) -> str | None:
-    model: type[BaseModel] | None = Settings
+def _field_help(loc: tuple[int | str, ...], root: type[BaseModel]) -> str | None:
+    model: type[BaseModel] | None = root
     description = None
     for part in loc:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
@@ -384,16 +502,17 @@ def _field_help(loc: tuple[int | str, ...]) -> str | None:
     return description
 
 
-def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
-    model: type[BaseModel] | None = Settings
+def _section_keys(loc: tuple[int | str, ...], root: type[BaseModel]) -> list[str]:
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         info = model.model_fields.get(str(part)) if model is not None else None
         model = _section_model(info.annotation) if info is not None else None
     return sorted(model.model_fields) if model is not None else []
 
 
-def explain(exc: ValidationError, where: str) -> str:
-    """One line per error: key, bad value, what is accepted."""
+def explain(exc: ValidationError, where: str, root: type[Settings] | None = None) -> str:
+    """One line per error: key, bad value, what is accepted (keys of ``root``, or Settings)."""
+    root = root or Settings
     lines = [f"invalid configuration in {where} (DEDUPE_* environment variables included):"]
     seen: set[str] = set()
     for error in exc.errors():
@@ -414,12 +533,16 @@ def explain(exc: ValidationError, where: str) -> str:
                 )
             continue
         if kind == "extra_forbidden":
-            accepted = ", ".join(_section_keys(loc)) or "none"
+            accepted = ", ".join(_section_keys(loc, root)) or "none"
             # No value: a mis-spelt key may be a secret's ("bearer_tokn").
-            lines.append(f"  - {key}: unknown key; accepted keys here: {accepted}")
+            line = f"  - {key}: unknown key; accepted keys here: {accepted}"
+            command = root._other_commands_sections.get(key)
+            if command is not None:
+                line += f" ([{key}] is read by `{command}` only: run that, or remove the section)"
+            lines.append(line)
             continue
         if kind == "missing":
-            help_text = _field_help(loc)
+            help_text = _field_help(loc, root)
             hint = f": set it to {help_text}" if help_text else ""
             lines.append(f"  - {key}: required but missing{hint}")
             continue
@@ -427,7 +550,7 @@ def explain(exc: ValidationError, where: str) -> str:
         raw = error.get("input")
         if secret and isinstance(raw, str) and len(raw) >= 4:
             message = message.replace(raw, HIDDEN)  # a message that quotes its input
-        help_text = _field_help(loc)
+        help_text = _field_help(loc, root)
         own_words = kind == "value_error"  # our validators already say what is accepted
         accepted = f" (accepted: {help_text})" if help_text and not own_words else ""
         shown = "" if isinstance(value, dict) else f" = {value_text}"

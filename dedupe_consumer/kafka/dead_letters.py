@@ -47,7 +47,7 @@ class KafkaDeadLetters:
         self.topic = settings.processing.dead_letter_topic
         self.flush_timeout_s = flush_timeout_s
         conf: dict[str, str | int | float | bool] = {
-            **settings.kafka.connection(),
+            **settings.kafka.connection().config("producer"),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,

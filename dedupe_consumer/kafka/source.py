@@ -73,7 +73,7 @@ class KafkaSource:
         self.metrics = metrics or Metrics()
         kafka = settings.kafka
         conf: dict[str, Any] = {
-            "bootstrap.servers": kafka.bootstrap_servers,
+            **kafka.connection().config("consumer"),
             "group.id": kafka.group_id,
             "auto.offset.reset": kafka.auto_offset_reset,
             "enable.partition.eof": False,
@@ -144,7 +144,7 @@ class KafkaSource:
         try:
             if self._admin is None:
                 self._admin = AdminClient(
-                    {**self.settings.kafka.connection(), **kafka_log_config()}
+                    {**self.settings.kafka.connection().config("admin"), **kafka_log_config()}
                 )
             admin = self._admin
             metadata = admin.list_topics(timeout=10)

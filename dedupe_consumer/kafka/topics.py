@@ -58,7 +58,7 @@ def ensure_dead_letter_topic(
     """
     name = settings.processing.dead_letter_topic
     if admin is None:
-        admin = AdminClient({**settings.kafka.connection(), **kafka_log_config()})
+        admin = AdminClient({**settings.kafka.connection().config("admin"), **kafka_log_config()})
     try:
         # All topics, not list_topics(topic=name): asking for one can auto-create it.
         metadata = admin.list_topics(timeout=timeout_s)

@@ -1,7 +1,9 @@
 """Sidecar mode: consume, dedupe, POST each unique event once to a local HTTP endpoint.
 
-* :mod:`~dedupe_consumer.sidecar.settings`: the ``[sidecar]`` section (imported
-  by :mod:`dedupe_consumer.config`, so this package imports nothing heavy here).
+* :mod:`~dedupe_consumer.sidecar.settings`: ``SidecarAppSettings``, the core
+  settings plus the ``[sidecar]`` section (the core settings do not import it).
+  It needs only the core install; ``handler`` (and so ``runner``) needs httpx:
+  ``pip install "dedupe-consumer[sidecar]"``. This package imports nothing here.
 * :mod:`~dedupe_consumer.sidecar.headers`: an event as HTTP headers.
 * :mod:`~dedupe_consumer.sidecar.handler`: ``HttpForwardHandler``, one POST per attempt.
 * :mod:`~dedupe_consumer.sidecar.health`: ``/healthz``, ``/readyz``, ``/metrics``.

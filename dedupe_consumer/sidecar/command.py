@@ -8,6 +8,12 @@ from typing import Annotated
 import typer
 
 from dedupe_consumer._cli_support import BootstrapServersOption, load_settings, reporting_errors
+from dedupe_consumer.errors import ConfigError
+
+MISSING_HTTPX = (
+    "`dedupe-consumer sidecar` needs httpx, which the core install leaves out: "
+    "pip install 'dedupe-consumer[sidecar]'"
+)
 
 
 def sidecar(
@@ -24,9 +30,15 @@ def sidecar(
     on the next start.
     """
     from dedupe_consumer.observability import configure_logging
-    from dedupe_consumer.sidecar.runner import Sidecar
+    from dedupe_consumer.sidecar.settings import SidecarAppSettings
 
     with reporting_errors():
-        settings = load_settings(config, bootstrap_servers)
+        try:
+            from dedupe_consumer.sidecar.runner import Sidecar
+        except ModuleNotFoundError as exc:
+            if exc.name != "httpx":
+                raise
+            raise ConfigError(MISSING_HTTPX) from None
+        settings = load_settings(config, bootstrap_servers, SidecarAppSettings)
         configure_logging(settings.observability.log_level, settings.observability.log_format)
         Sidecar(settings).run()

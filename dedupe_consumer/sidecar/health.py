@@ -25,6 +25,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.observability.kafka_logs import kafka_log_config
 
 log = structlog.get_logger("dedupe_consumer.sidecar")
@@ -49,10 +50,8 @@ class BrokerCheck:
     seconds from several places; the cache keeps them from becoming a request each.
     """
 
-    def __init__(
-        self, config: Mapping[str, str | int | float | bool], *, timeout_s: float = 2.0
-    ) -> None:
-        self._config = dict(config)  # KafkaSettings.connection(): reach and authenticate only
+    def __init__(self, connection: KafkaConnection, *, timeout_s: float = 2.0) -> None:
+        self._connection = connection  # reach and authenticate only
         self._timeout_s = timeout_s
         self.cache_s = 2.0
         self._admin: Any = None
@@ -66,7 +65,9 @@ class BrokerCheck:
                 return self._last[1], self._last[2]
             try:
                 if self._admin is None:
-                    self._admin = AdminClient({**self._config, **kafka_log_config()})
+                    self._admin = AdminClient(
+                        {**self._connection.config("admin"), **kafka_log_config()}
+                    )
                 future = self._admin.describe_cluster(request_timeout=self._timeout_s)
                 future.result(timeout=self._timeout_s + 1)
                 result = (True, "reachable")

@@ -27,7 +27,7 @@ from dedupe_consumer.observability import Metrics
 from dedupe_consumer.sidecar.handler import HttpForwardHandler
 from dedupe_consumer.sidecar.health import BrokerCheck, HealthServer, Readiness
 from dedupe_consumer.sidecar.metrics import SidecarMetrics
-from dedupe_consumer.sidecar.settings import SidecarSettings
+from dedupe_consumer.sidecar.settings import SidecarAppSettings, SidecarSettings
 from dedupe_consumer.sources import PartitionLog
 
 log = structlog.get_logger("dedupe_consumer.sidecar")
@@ -40,7 +40,9 @@ def _shown(value: object) -> str:
     return format_duration(value) if isinstance(value, timedelta) else repr(value)
 
 
-def sidecar_settings(settings: Settings) -> tuple[Settings, SidecarSettings]:
+def sidecar_settings(
+    settings: SidecarAppSettings,
+) -> tuple[SidecarAppSettings, SidecarSettings]:
     """The settings the engine runs with in sidecar mode, and the ``[sidecar]`` section.
 
     Raises ConfigError when there is no ``[sidecar]`` section, or when
@@ -135,7 +137,7 @@ class SidecarConsumer(DedupeConsumer):
 class Sidecar:
     """One sidecar process: the consumer on the calling thread, probes on a daemon thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: SidecarAppSettings) -> None:
         effective, sidecar = sidecar_settings(settings)
         self.settings = effective
         self.sidecar = sidecar

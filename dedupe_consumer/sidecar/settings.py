@@ -1,18 +1,19 @@
-"""The ``[sidecar]`` settings section: where to POST, how to retry, where to listen.
+"""The sidecar's settings: the consumer's, plus ``[sidecar]`` (where to POST, retry, listen).
 
-It lives next to the feature and is imported by :mod:`dedupe_consumer.config`
-as the optional ``Settings.sidecar`` section. Because config.py imports this
-module, this module must not import config.py back; both take the ``Duration``
-type from ``_durations``, so durations are written and rejected exactly alike
-(``"200ms"``, ``"10s"``).
+:class:`SidecarAppSettings` is what ``dedupe-consumer sidecar`` loads: the core
+:class:`~dedupe_consumer.config.Settings` plus the optional ``[sidecar]``
+section (:class:`SidecarSettings`). The dependency points one way: this module
+imports :mod:`dedupe_consumer.config`, never the reverse, so the core settings
+know nothing of the sidecar. Durations come from ``_durations`` like the core
+ones, so they are written and rejected exactly alike (``"200ms"``, ``"10s"``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -28,6 +29,7 @@ from pydantic.functional_validators import BeforeValidator
 from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
 from dedupe_consumer._durations import Duration
 from dedupe_consumer._secrets import redact
+from dedupe_consumer.config import Settings
 
 STATUS_FORMS = "a list of HTTP status codes (e.g. 404) or classes (e.g. '4xx'), not 2xx"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -207,3 +209,17 @@ class SidecarSettings(BaseModel):
             self.retry_backoff.total_seconds() * 2.0 ** (attempt - 1),
             self.retry_backoff_max.total_seconds(),
         )
+
+
+class SidecarAppSettings(Settings):
+    """All settings of one sidecar: the consumer's sections plus ``[sidecar]``.
+
+    ``[sidecar]`` is optional here so that a file without it reaches the runner,
+    which says what to add (:func:`dedupe_consumer.sidecar.runner.sidecar_settings`).
+    """
+
+    sidecar: SidecarSettings | None = Field(
+        None, description="a [sidecar] section (only `dedupe-consumer sidecar` reads it), or unset"
+    )
+
+    _other_commands_sections: ClassVar[Mapping[str, str]] = {}

@@ -50,6 +50,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 )
 from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it without __all__
 
+from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability.kafka_logs import kafka_log_config
@@ -211,7 +212,7 @@ class Changelog:
 
     def __init__(
         self,
-        connection: Mapping[str, str | int | float | bool],
+        connection: KafkaConnection,
         group_id: str,
         retention: timedelta,
         transactional_id: str,
@@ -220,7 +221,7 @@ class Changelog:
         startup_timeout_s: float = 300.0,
         store_path: str = "",
     ) -> None:
-        self.connection = dict(connection)
+        self.connection = connection
         self.group_id = group_id
         self.retention = retention
         self.timeout_s = timeout_s
@@ -235,7 +236,7 @@ class Changelog:
         """The group metadata now (not at the poll): for one retry after a rebalance."""
         self.on_offsets_committed: Callable[[Mapping[TopicPartition, int]], None] | None = None
         """Told the offsets that a transaction committed (so the source does not repeat them)."""
-        conf: dict[str, str | int | float | bool] = {**self.connection, "linger.ms": 1}
+        conf = self.connection.config("producer", {"linger.ms": 1})
         conf.update(producer_config or {})
         # One transaction per batch: a crash mid-batch leaves nothing visible. The id is
         # stable per store, so a restarted instance fences and aborts its own leftovers.
@@ -246,7 +247,7 @@ class Changelog:
         self._abandoned: list[Producer] = []
         """Producers stuck inside a librdkafka call: kept referenced while their thread runs."""
         self._producer = self._start_producer()
-        self._admin = AdminClient({**self.connection, **kafka_log_config()})
+        self._admin = AdminClient({**self.connection.config("admin"), **kafka_log_config()})
         self._ensured: set[str] = set()
         self._sources: dict[str, str] = {}
         """Changelog topic name → source topic (never parsed back out of the name)."""
@@ -688,7 +689,7 @@ class Changelog:
         start = store.changelog_position(key) if store.watermark(tp) is not None else None
         consumer = Consumer(
             {
-                **self.connection,
+                **self.connection.config("consumer"),
                 **kafka_log_config(),
                 "group.id": f"{self.group_id}.restore.{uuid.uuid4()}",  # never used to commit
                 "enable.auto.commit": False,

@@ -13,6 +13,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store import Changelog, RocksStore
 from dedupe_consumer.testing import LocalKafka
@@ -129,7 +130,7 @@ def test_store_that_cannot_be_written_stops_with_a_clear_error_and_commits_nothi
     # restore (from the store's changelog position) brings it back into the store.
     store = RocksStore(small_disk / "s", retention_ms=10**12)
     changelog = Changelog(
-        {"bootstrap.servers": kafka_bootstrap},
+        KafkaConnection(bootstrap_servers=kafka_bootstrap),
         f"{topic}-group",
         timedelta(days=7),
         f"check-{topic}",

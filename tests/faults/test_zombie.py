@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store import Changelog, RocksStore
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
@@ -91,7 +92,10 @@ def test_a_paused_old_owner_is_fenced_and_its_batch_never_becomes_visible(
 
     # What any next owner would restore: read_committed, through the real restore path.
     changelog = Changelog(
-        {"bootstrap.servers": kafka_bootstrap}, group, timedelta(days=7), f"check-{topic}"
+        KafkaConnection(bootstrap_servers=kafka_bootstrap),
+        group,
+        timedelta(days=7),
+        f"check-{topic}",
     )
     store = RocksStore(tmp_path / "check", retention_ms=10**12)
     try:

@@ -19,6 +19,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 from structlog.testing import capture_logs
 
 from dedupe_consumer import DedupeConsumer, Event, Handler
+from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
@@ -49,7 +50,7 @@ def cleanup_policy(bootstrap: str, topic: str) -> str:
 
 def changelog_for(bootstrap: str, group: str, **kw: Any) -> Changelog:
     return Changelog(
-        {"bootstrap.servers": bootstrap},
+        KafkaConnection(bootstrap_servers=bootstrap),
         group,
         timedelta(days=7),
         f"test-{group}-{time.monotonic_ns()}",

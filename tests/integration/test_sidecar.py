@@ -31,8 +31,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dedupe_consumer import ConfigError, Settings
+from dedupe_consumer import ConfigError
 from dedupe_consumer.sidecar.runner import Sidecar, sidecar_settings
+from dedupe_consumer.sidecar.settings import SidecarAppSettings
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import (
@@ -171,7 +172,7 @@ def sidecar_for(
     changelog: bool = True,
     **sidecar: Any,
 ) -> Sidecar:
-    settings = Settings.load(
+    settings = SidecarAppSettings.load(
         kafka={
             "bootstrap_servers": bootstrap,
             "group_id": f"g-{topic}",
@@ -253,7 +254,7 @@ def test_sidecar_settings_env_token_statuses_and_retry_mapping(
         "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "g", "topics": ["t"]},
         "processing": {"dead_letter_topic": "t.dlq"},
     }
-    settings = Settings.load(**base, sidecar={"target_url": "http://127.0.0.1:8080/e"})
+    settings = SidecarAppSettings.load(**base, sidecar={"target_url": "http://127.0.0.1:8080/e"})
     sidecar = settings.sidecar
     assert sidecar is not None
     assert sidecar.bearer_token is not None
@@ -267,13 +268,13 @@ def test_sidecar_settings_env_token_statuses_and_retry_mapping(
     ]
 
     effective, _ = sidecar_settings(
-        Settings.load(**base, sidecar={"target_url": "http://h/e", "max_retries": 7})
+        SidecarAppSettings.load(**base, sidecar={"target_url": "http://h/e", "max_retries": 7})
     )
     assert effective.processing.max_retries == 7  # the engine retries with the sidecar's budget
 
     with pytest.raises(ConfigError, match=r"processing.max_retries = 3 but sidecar.max_retries"):
         sidecar_settings(
-            Settings.load(
+            SidecarAppSettings.load(
                 kafka=base["kafka"],
                 processing={"dead_letter_topic": "t.dlq", "max_retries": 3},
                 sidecar={"target_url": "http://h/e", "max_retries": 7},
@@ -281,9 +282,9 @@ def test_sidecar_settings_env_token_statuses_and_retry_mapping(
         )
     monkeypatch.delenv("DEDUPE_SIDECAR__BEARER_TOKEN")  # or it alone would make a section
     with pytest.raises(ConfigError, match="needs a \\[sidecar\\] section"):
-        sidecar_settings(Settings.load(**base))
+        sidecar_settings(SidecarAppSettings.load(**base))
     with pytest.raises(ConfigError) as bad:
-        Settings.load(
+        SidecarAppSettings.load(
             **base,
             sidecar={"target_url": "ftp://h/e", "permanent_statuses": ["2xx"], "timeout": "0s"},
         )
@@ -680,7 +681,7 @@ def test_sigterm_mid_retry_exits_0_and_commits_only_what_was_delivered(
 
         # The target recovers: the restarted sidecar delivers e-1 then e-2, never e-0 again.
         server.script = lambda key, seen: OK
-        with running(Sidecar(Settings.from_toml(config))):  # the same config and port
+        with running(Sidecar(SidecarAppSettings.from_toml(config))):  # the same config and port
             wait_for(lambda: len(server.accepted()) == 3, 90, "e-1 and e-2 delivered")
             wait_for(
                 lambda: committed_offsets(kafka_bootstrap, f"{topic}-group", topic, 1) == {0: 3},

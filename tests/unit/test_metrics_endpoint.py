@@ -15,6 +15,7 @@ from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.replay import ReplaySource
 from dedupe_consumer.sidecar.runner import sidecar_settings
+from dedupe_consumer.sidecar.settings import SidecarAppSettings
 from dedupe_consumer.sources import AssignmentListener
 from dedupe_consumer.store import RocksStore
 
@@ -97,8 +98,10 @@ def test_a_bad_metrics_host_is_refused(tmp_path: Path, host: str) -> None:
 
 
 def test_the_sidecar_refuses_a_second_metrics_endpoint(tmp_path: Path) -> None:
-    settings = make_settings(
-        tmp_path,
+    settings = SidecarAppSettings.load(
+        kafka={"bootstrap_servers": "unused:9092", "group_id": "g", "topics": ["payments"]},
+        store={"path": str(tmp_path)},
+        processing={"dead_letter_topic": "payments.dlq"},
         observability={"metrics_port": 9464},
         sidecar={
             "target_url": "http://127.0.0.1:8080/events",

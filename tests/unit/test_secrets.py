@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from dedupe_consumer import ConfigError, Settings
 from dedupe_consumer.config import KafkaSettings
+from dedupe_consumer.sidecar.settings import SidecarAppSettings
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-Zq8"
@@ -142,7 +143,7 @@ def test_secret_keys_are_recognised_by_name() -> None:
 
 
 def test_settings_repr_and_str_hide_secret_librdkafka_values() -> None:
-    settings = Settings.load(
+    settings = SidecarAppSettings.load(
         kafka={
             "bootstrap_servers": "127.0.0.1:1",
             "group_id": "g",
@@ -161,7 +162,7 @@ def test_settings_repr_and_str_hide_secret_librdkafka_values() -> None:
         assert "http://u:***@127.0.0.1:8080/e" in shown
     # ... while the clients still get the real values.
     assert settings.kafka.consumer["sasl.password"] == SECRET
-    assert settings.kafka.connection()["sasl.password"] == SECRET
+    assert settings.kafka.connection().config("producer")["sasl.password"] == SECRET
     assert settings.sidecar is not None
     assert settings.sidecar.target_url == f"http://u:{SECRET}@127.0.0.1:8080/e"
 

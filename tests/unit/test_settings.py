@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from dedupe_consumer import ConfigError, Settings
+from dedupe_consumer._cli_support import load_settings
+from dedupe_consumer.sidecar.settings import SidecarAppSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,9 +37,9 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def load_error(tmp_path: Path, text: str) -> str:
+def load_error(tmp_path: Path, text: str, kind: type[Settings] = Settings) -> str:
     with pytest.raises(ConfigError) as info:
-        Settings.from_toml(write(tmp_path, text))
+        kind.from_toml(write(tmp_path, text))
     return str(info.value)
 
 
@@ -149,8 +151,36 @@ def test_bad_env_value_is_reported_like_a_file_value(
 
 def test_optional_section_errors_name_accepted_keys_and_ranges(tmp_path: Path) -> None:
     text = GOOD + '\n[sidecar]\ntarget_ur = "http://127.0.0.1:8080/"\nmax_retries = -3\n'
-    msg = load_error(tmp_path, text)
+    msg = load_error(tmp_path, text, SidecarAppSettings)
     [unknown] = [line for line in msg.splitlines() if "sidecar.target_ur:" in line]
     assert "unknown key" in unknown and "target_url" in unknown  # accepted keys are listed
     assert "sidecar.target_url: required but missing: set it to" in msg
     assert "sidecar.max_retries = -3" in msg and "0..100" in msg
+
+
+def test_the_sidecar_section_belongs_to_the_sidecar_settings(tmp_path: Path) -> None:
+    """Core settings know nothing of [sidecar]; the sidecar's settings add it."""
+    assert "sidecar" not in Settings.model_fields
+    text = GOOD + '\n[sidecar]\ntarget_url = "http://127.0.0.1:8080/events"\n'
+    msg = load_error(tmp_path, text)
+    [line] = [line for line in msg.splitlines() if line.startswith("  - sidecar:")]
+    assert "unknown key" in line and "`dedupe-consumer sidecar`" in line
+    loaded = SidecarAppSettings.from_toml(write(tmp_path, text))
+    assert isinstance(loaded, SidecarAppSettings) and isinstance(loaded, Settings)
+    assert loaded.sidecar is not None
+    assert loaded.sidecar.target_url == "http://127.0.0.1:8080/events"
+    assert loaded.kafka.topics == ["payments"]
+
+
+def test_shipped_sidecar_config_loads() -> None:
+    s = SidecarAppSettings.from_toml(REPO / "config" / "sidecar.toml")
+    assert s.sidecar is not None and s.sidecar.target_url.startswith("http")
+
+
+def test_run_reads_a_file_with_a_sidecar_section_and_still_checks_it(tmp_path: Path) -> None:
+    """One file may serve `run` and `sidecar`: `run` loads it, and a bad [sidecar] stops it."""
+    good = write(tmp_path, GOOD + '\n[sidecar]\ntarget_url = "http://127.0.0.1:8080/e"\n')
+    assert load_settings(good, None).kafka.group_id == "payments-dedupe"
+    bad = write(tmp_path, GOOD + '\n[sidecar]\ntarget_url = "ftp://127.0.0.1/e"\n')
+    with pytest.raises(ConfigError, match=r"sidecar\.target_url"):
+        load_settings(bad, "127.0.0.1:1")

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dedupe_consumer import ConfigError, Settings
+from dedupe_consumer import ConfigError
 from dedupe_consumer.errors import PermanentError
 from dedupe_consumer.models import Event
 from dedupe_consumer.sidecar.handler import HttpForwardHandler, retry_after_s
-from dedupe_consumer.sidecar.settings import SidecarSettings
+from dedupe_consumer.sidecar.settings import SidecarAppSettings, SidecarSettings
 
 BASE: dict[str, Any] = {
     "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "g", "topics": ["t"]},
@@ -76,7 +76,7 @@ def test_retry_after_never_raises(header: str) -> None:
 )
 def test_target_url_is_validated_naming_the_key(url: str, why: str) -> None:
     with pytest.raises(ConfigError) as bad:
-        Settings.load(**BASE, sidecar={"target_url": url})
+        SidecarAppSettings.load(**BASE, sidecar={"target_url": url})
     message = str(bad.value)
     assert "sidecar.target_url" in message
     assert why in message
@@ -88,7 +88,7 @@ def test_target_url_is_validated_naming_the_key(url: str, why: str) -> None:
     ["http://127.0.0.1:8080/events", "https://example.com/e", "http://[::1]:65535/", "http://h/"],
 )
 def test_good_target_urls_load(url: str) -> None:
-    settings = Settings.load(**BASE, sidecar={"target_url": url})
+    settings = SidecarAppSettings.load(**BASE, sidecar={"target_url": url})
     assert settings.sidecar is not None
     assert settings.sidecar.target_url == url
 

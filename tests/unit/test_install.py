@@ -1,0 +1,104 @@
+"""What an install carries: one version, httpx only for the sidecar, core settings on their own."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import dedupe_consumer
+from dedupe_consumer.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+
+WITHOUT_HTTPX = """
+import importlib.abc, sys
+
+class NoHttpx(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "httpx" or name.startswith("httpx."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoHttpx())
+"""
+"""Run first in a subprocess: the interpreter behaves as an install without the sidecar extra."""
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+
+def _pyproject() -> dict[str, object]:
+    with (REPO / "pyproject.toml").open("rb") as fh:
+        return tomllib.load(fh)["project"]  # type: ignore[no-any-return]
+
+
+def test_core_settings_import_nothing_of_the_sidecar() -> None:
+    proc = _python(
+        "import sys, dedupe_consumer.config\n"
+        "print(sorted(m for m in sys.modules if m.startswith('dedupe_consumer.sidecar')))"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_core_and_its_command_line_work_without_httpx() -> None:
+    proc = _python(
+        WITHOUT_HTTPX + "import dedupe_consumer, dedupe_consumer.cli\n"
+        "print('httpx' in sys.modules, dedupe_consumer.__version__)"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", dedupe_consumer.__version__]
+
+
+def test_the_sidecar_without_httpx_names_the_extra(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.toml"
+    config.write_text("")  # never read: the missing dependency is reported first
+    proc = _python(
+        WITHOUT_HTTPX + "import runpy\n"
+        "sys.argv = ['dedupe-consumer', *sys.argv[1:]]\n"
+        "runpy.run_module('dedupe_consumer', run_name='__main__')",
+        "sidecar",
+        "--config",
+        str(config),
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "needs httpx" in proc.stderr
+    assert "pip install 'dedupe-consumer[sidecar]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_httpx_is_only_in_the_sidecar_extra_which_the_test_extras_include() -> None:
+    project = _pyproject()
+    dependencies = project["dependencies"]
+    extras = project["optional-dependencies"]
+    assert isinstance(dependencies, list) and isinstance(extras, dict)
+    assert not [d for d in dependencies if d.startswith("httpx")]
+    assert [d for d in extras["sidecar"] if d.startswith("httpx")]
+    assert "dedupe-consumer[sidecar]" in extras["test"]  # the suite tests the sidecar
+    assert "dedupe-consumer[test,bench]" in extras["dev"]  # scripts/test.sh installs dev
+
+
+def test_the_version_is_defined_once_and_everything_agrees() -> None:
+    project = _pyproject()
+    assert "version" not in project and project["dynamic"] == ["version"]
+    with (REPO / "pyproject.toml").open("rb") as fh:
+        dynamic = tomllib.load(fh)["tool"]["setuptools"]["dynamic"]
+    assert dynamic == {"version": {"attr": "dedupe_consumer.__version__"}}
+    assert importlib.metadata.version("dedupe-consumer") == dedupe_consumer.__version__
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"dedupe-consumer {dedupe_consumer.__version__}"
