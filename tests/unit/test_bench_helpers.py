@@ -20,7 +20,7 @@ from bench._engine_options import NO_CONCURRENCY, concurrency_settings, processi
 from bench._http_target import HttpTarget
 from bench.compare import CONTENDERS, Outcome, _correctness, _select, _targets
 from bench.contenders.sidecar import config_sections, settings_toml
-from dedupe_consumer import Settings
+from dedupe_consumer.sidecar.settings import SidecarAppSettings
 
 DATA = DataSet("t", events=100, unique=90, duplicates=0.1)
 BY_KEY = {c.key: c for c in CONTENDERS}
@@ -106,7 +106,7 @@ def test_sidecar_settings_file_loads_as_the_sidecar_reads_it(tmp_path: Path) -> 
     sections = config_sections(
         args, store=tmp_path / "store", target_url="http://127.0.0.1:9/events", knobs=knobs
     )
-    settings = Settings.load(**tomllib.loads(settings_toml(sections)))
+    settings = SidecarAppSettings.load(**tomllib.loads(settings_toml(sections)))
     assert settings.kafka.topics == ['we"ird']
     assert settings.processing.batch_size == 50
     assert settings.sidecar is not None
