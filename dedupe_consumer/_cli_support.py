@@ -1,12 +1,25 @@
-"""What every command does with our errors: one clear line and a meaningful exit code."""
+"""What every command does with an error: one clear line on stderr and an exit code.
+
+Every command reports through :func:`reporting_errors`, so the same error reads
+the same in ``run``, ``sidecar``, ``record``, ``replay``, ``broker`` and ``demo``:
+
+* ``configuration error: <message>``, exit 2: a :class:`ConfigError`, nothing started;
+* ``error: <message>``, exit 2: a bad argument or input file, nothing started;
+* ``error: <ErrorType>: <message>``, exit 1: a started run ended on an error
+  (a :class:`DedupeError`, or for I/O commands anything, e.g. Kafka failing mid-way).
+
+The messages name the setting or argument and what to do about it; the exit
+code lets scripts tell a broken invocation from a failed run.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -16,23 +29,51 @@ from dedupe_consumer.errors import ConfigError, DedupeError
 if TYPE_CHECKING:
     from dedupe_consumer.config import Settings
 
-err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, so they can be grepped
+USAGE_EXIT: int = 2
+"""Bad arguments, configuration or input: nothing was started."""
+FAILED_EXIT: int = 1
+"""A run started and ended on an error."""
+
+
+_err = Console(stderr=True, soft_wrap=True)  # whole lines, so they can be grepped
+
+
+def _report(label: str, message: str, code: int) -> NoReturn:
+    """Print ``label: message`` on stderr and exit with *code*."""
+    # escape(): messages name sections like "[sidecar]" and IDs like "[/x]", which
+    # rich would read as markup.
+    _err.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def usage_error(message: str) -> NoReturn:
+    """A bad argument or input file: ``error: message``, exit 2."""
+    _report("error", message, USAGE_EXIT)
 
 
 @contextmanager
-def reporting_errors() -> Iterator[None]:
-    """Exit 2 on bad configuration (nothing started), 1 when a run stopped on an error."""
+def reporting_errors(
+    *, usage: tuple[type[Exception], ...] = (), unexpected: bool = False
+) -> Iterator[None]:
+    """Report what the block raises as described in the module docstring.
+
+    *usage* names further exception types that mean bad input (exit 2), e.g. a
+    recording that cannot be read. With *unexpected*, any other exception is
+    reported too (exit 1) instead of as a traceback: for commands whose work is
+    mostly someone else's I/O (Kafka, Maven, a JVM).
+    """
     try:
         yield
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise  # typer's own exits and usage errors (typer.Exit is a RuntimeError)
     except ConfigError as exc:
-        # escape(): messages name sections like "[sidecar]", which rich reads as markup.
-        err.print(f"[bold red]configuration error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-    except DedupeError as exc:
-        err.print(
-            f"[bold red]stopped:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False
-        )
-        raise typer.Exit(1) from None
+        _report("configuration error", str(exc), USAGE_EXIT)
+    except usage as exc:
+        usage_error(str(exc))
+    except Exception as exc:
+        if not (unexpected or isinstance(exc, DedupeError)):
+            raise
+        _report("error", f"{type(exc).__name__}: {exc}", FAILED_EXIT)
 
 
 BootstrapServersOption = Annotated[
