@@ -16,7 +16,9 @@ from rich.console import Console
 
 from dedupe_consumer._cli_support import reporting_errors
 from dedupe_consumer._signals import install_stop_handlers
-from dedupe_consumer.testing._local_kafka import KAFKA_VERSION, BrokerUnavailableError, LocalKafka
+from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._local_kafka import LocalKafka
+from dedupe_consumer.testing._maven import KAFKA_VERSION
 
 __all__ = ["broker", "run_broker_foreground"]
 
