@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -64,8 +63,8 @@ def reporting_errors(
     """
     try:
         yield
-    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-        raise  # typer's own exits and usage errors (typer.Exit is a RuntimeError)
+    except (typer.Exit, typer.Abort):
+        raise  # our own exits (a RuntimeError: "unexpected" must not report them)
     except ConfigError as exc:
         _report("configuration error", str(exc), USAGE_EXIT)
     except usage as exc:
