@@ -39,6 +39,11 @@ class Stops:
         self.called.set()
 
 
+def _installed(sig: signal.Signals) -> object:
+    """The handler Python calls for *sig* now."""
+    return signal.getsignal(sig)
+
+
 @pytest.fixture
 def previous() -> Iterator[Previous]:
     handler = Previous()
@@ -53,15 +58,15 @@ def test_sigterm_calls_the_stop_callback_off_the_signal_frame_and_restores_after
 ) -> None:
     stops = Stops()
     with stop_on_signals(stops):
-        assert signal.getsignal(signal.SIGTERM) is not previous
+        assert _installed(signal.SIGTERM) is not previous
         os.kill(os.getpid(), signal.SIGTERM)
         assert stops.called.wait(30), "the stop callback was not called"
     assert stops.signals == [signal.SIGTERM]
     assert stops.threads[0] is not threading.main_thread()  # not inside the signal frame
     assert previous.received == []  # ours took the signal, not the old handler
 
-    assert signal.getsignal(signal.SIGTERM) is previous
-    assert signal.getsignal(signal.SIGINT) is previous
+    assert _installed(signal.SIGTERM) is previous
+    assert _installed(signal.SIGINT) is previous
     os.kill(os.getpid(), signal.SIGTERM)  # and the old handler does its job again
     assert previous.called.wait(30)
     assert previous.received == [signal.SIGTERM]
@@ -81,9 +86,9 @@ def test_every_signal_asks_again_until_restored(previous: Previous) -> None:
         restore()
     assert stops.signals == [signal.SIGINT, signal.SIGTERM]
     assert previous.received == []
-    assert signal.getsignal(signal.SIGINT) is previous
+    assert _installed(signal.SIGINT) is previous
     restore()  # idempotent
-    assert signal.getsignal(signal.SIGINT) is previous
+    assert _installed(signal.SIGINT) is previous
 
 
 def test_once_gives_the_second_signal_back_to_the_previous_handler(previous: Previous) -> None:
@@ -91,7 +96,7 @@ def test_once_gives_the_second_signal_back_to_the_previous_handler(previous: Pre
     with stop_on_signals(stops, once=True):
         os.kill(os.getpid(), signal.SIGINT)
         assert stops.called.wait(30)
-        assert signal.getsignal(signal.SIGINT) is previous  # restored by the first signal
+        assert _installed(signal.SIGINT) is previous  # restored by the first signal
         os.kill(os.getpid(), signal.SIGINT)
         assert previous.called.wait(30)
     assert stops.signals == [signal.SIGINT]
@@ -103,10 +108,10 @@ def test_off_the_main_thread_nothing_is_installed(previous: Previous) -> None:
 
     def worker() -> None:
         with stop_on_signals(Stops()):
-            seen.append(signal.getsignal(signal.SIGTERM))
+            seen.append(_installed(signal.SIGTERM))
 
     thread = threading.Thread(target=worker)
     thread.start()
     thread.join()
     assert seen == [previous]
-    assert signal.getsignal(signal.SIGTERM) is previous
+    assert _installed(signal.SIGTERM) is previous
