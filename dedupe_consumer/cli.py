@@ -3,8 +3,8 @@
 Each feature keeps its commands next to it, in a module named ``cli``:
 ``replay/cli.py`` (``record``, ``replay``), ``sidecar/cli.py`` (``sidecar``) and
 ``testing/cli.py`` (``broker``); this module assembles them into one app. All
-of them report errors through :mod:`dedupe_consumer._cli_support` and stop on
-signals through :mod:`dedupe_consumer._signals`.
+of them report errors through :mod:`dedupe_consumer.cli_support` and stop on
+signals through :mod:`dedupe_consumer.signals`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from dedupe_consumer import __version__
-from dedupe_consumer._cli_support import BootstrapServersOption, load_settings, reporting_errors
+from dedupe_consumer.cli_support import BootstrapServersOption, load_settings, reporting_errors
 
 app = typer.Typer(
     help="Exactly-once effects for Kafka consumers: dedupe by event ID, commit after persist.",

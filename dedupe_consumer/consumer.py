@@ -251,6 +251,6 @@ class DedupeConsumer:
 
     def _install_signals(self) -> Callable[[], None] | None:
         # _stop_on_signal runs on a thread of its own, never inside the signal frame.
-        from dedupe_consumer._signals import install_stop_handlers
+        from dedupe_consumer.signals import install_stop_handlers
 
         return install_stop_handlers(self._stop_on_signal)

@@ -4,7 +4,7 @@ Exit codes, shared by both commands so scripts can tell a failed test from a
 broken invocation: 0 ok; 1 the replay found an ID handled more than once or a
 lost event (or Kafka failed mid-way); 2 bad arguments, configuration or
 recording. Errors are reported as every command reports them
-(:mod:`dedupe_consumer._cli_support`). Progress bars and logs go to stderr,
+(:mod:`dedupe_consumer.cli_support`). Progress bars and logs go to stderr,
 reports to stdout, so ``--json`` output can be piped.
 """
 
@@ -20,9 +20,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dedupe_consumer._cli_support import reporting_errors, usage_error
-from dedupe_consumer._signals import stop_on_signals
+from dedupe_consumer.cli_support import reporting_errors, usage_error
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
+from dedupe_consumer.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress

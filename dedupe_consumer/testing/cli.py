@@ -14,8 +14,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dedupe_consumer._cli_support import reporting_errors
-from dedupe_consumer._signals import install_stop_handlers
+from dedupe_consumer.cli_support import reporting_errors
+from dedupe_consumer.signals import install_stop_handlers
 from dedupe_consumer.testing._errors import BrokerUnavailableError
 from dedupe_consumer.testing._local_kafka import LocalKafka
 from dedupe_consumer.testing._maven import KAFKA_VERSION

@@ -8,8 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from dedupe_consumer._cli_support import reporting_errors, usage_error
 from dedupe_consumer.cli import app
+from dedupe_consumer.cli_support import reporting_errors, usage_error
 from dedupe_consumer.errors import ConfigError, OffsetRegressionError
 
 from .test_settings import GOOD

@@ -10,7 +10,7 @@ from types import FrameType
 
 import pytest
 
-from dedupe_consumer._signals import install_stop_handlers, stop_on_signals
+from dedupe_consumer.signals import install_stop_handlers, stop_on_signals
 
 
 class Previous:
