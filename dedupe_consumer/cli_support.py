@@ -1,16 +1,4 @@
-"""What every command does with an error: one clear line on stderr and an exit code.
-
-Every command reports through :func:`reporting_errors`, so the same error reads
-the same in ``run``, ``sidecar``, ``record``, ``replay``, ``broker`` and ``demo``:
-
-* ``configuration error: <message>``, exit 2: a :class:`ConfigError`, nothing started;
-* ``error: <message>``, exit 2: a bad argument or input file, nothing started;
-* ``error: <ErrorType>: <message>``, exit 1: a started run ended on an error
-  (a :class:`DedupeError`, or for I/O commands anything, e.g. Kafka failing mid-way).
-
-The messages name the setting or argument and what to do about it; the exit
-code lets scripts tell a broken invocation from a failed run.
-"""
+"""What every command does with our errors: one clear line and a meaningful exit code."""
 
 from __future__ import annotations
 
@@ -28,51 +16,42 @@ from dedupe_consumer.errors import ConfigError, DedupeError
 if TYPE_CHECKING:
     from dedupe_consumer.config import Settings
 
-USAGE_EXIT: int = 2
-"""Bad arguments, configuration or input: nothing was started."""
-FAILED_EXIT: int = 1
-"""A run started and ended on an error."""
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, so they can be grepped
 
 
-_err = Console(stderr=True, soft_wrap=True)  # whole lines, so they can be grepped
-
-
-def _report(label: str, message: str, code: int) -> NoReturn:
-    """Print ``label: message`` on stderr and exit with *code*."""
-    # escape(): messages name sections like "[sidecar]" and IDs like "[/x]", which
-    # rich would read as markup.
-    _err.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False)
+def _exit(label: str, message: str, code: int) -> NoReturn:
+    # escape(): messages name sections like "[sidecar]", which rich reads as markup.
+    err.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
 def usage_error(message: str) -> NoReturn:
     """A bad argument or input file: ``error: message``, exit 2."""
-    _report("error", message, USAGE_EXIT)
+    _exit("error", message, 2)
 
 
 @contextmanager
 def reporting_errors(
     *, usage: tuple[type[Exception], ...] = (), unexpected: bool = False
 ) -> Iterator[None]:
-    """Report what the block raises as described in the module docstring.
+    """Exit 2 on bad configuration (nothing started), 1 when a run stopped on an error.
 
-    *usage* names further exception types that mean bad input (exit 2), e.g. a
-    recording that cannot be read. With *unexpected*, any other exception is
-    reported too (exit 1) instead of as a traceback: for commands whose work is
-    mostly someone else's I/O (Kafka, Maven, a JVM).
+    ``configuration error: ...`` (2), ``error: ...`` (2) for the *usage* types (bad
+    input), ``error: <ErrorType>: ...`` (1) for a DedupeError, or any error if
+    *unexpected* (commands mostly doing others' I/O: Kafka, a JVM).
     """
     try:
         yield
     except (typer.Exit, typer.Abort):
-        raise  # our own exits (a RuntimeError: "unexpected" must not report them)
+        raise  # our own exits (typer.Exit is a RuntimeError)
     except ConfigError as exc:
-        _report("configuration error", str(exc), USAGE_EXIT)
+        _exit("configuration error", str(exc), 2)
     except usage as exc:
         usage_error(str(exc))
     except Exception as exc:
         if not (unexpected or isinstance(exc, DedupeError)):
             raise
-        _report("error", f"{type(exc).__name__}: {exc}", FAILED_EXIT)
+        _exit("error", f"{type(exc).__name__}: {exc}", 1)
 
 
 BootstrapServersOption = Annotated[
