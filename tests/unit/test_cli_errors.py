@@ -16,30 +16,48 @@ from .test_settings import GOOD
 
 runner = CliRunner()
 
-BAD = GOOD.replace("batch_size = 500", "batch_size = 0") + "[sidecar]\n"
+BAD = GOOD.replace("batch_size = 500", "batch_size = 0")
 
 
-def test_a_bad_config_file_reads_the_same_in_every_command_that_takes_one(
+def _invocations(config: Path, recording: Path) -> dict[str, list[str]]:
+    """The commands that read a config file, each given *config*."""
+    return {
+        "run": ["run", "-c", str(config), "--handler", "x.y:Z"],
+        "sidecar": ["sidecar", "-c", str(config)],
+        "replay": ["replay", str(recording), "-c", str(config), "--handler", "x.y:Z"],
+    }
+
+
+def test_a_missing_config_file_reads_the_same_in_every_command_that_takes_one(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "missing.toml"
+    reports = {}
+    for command, args in _invocations(missing, tmp_path / "r.jsonl").items():
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (command, result.output)
+        reports[command] = result.stderr
+    expected = (
+        f"configuration error: config file {str(missing)!r} does not exist or is not a file\n"
+    )
+    assert reports == dict.fromkeys(reports, expected), reports
+
+
+def test_a_bad_setting_is_a_configuration_error_naming_key_and_fix_in_every_command(
     tmp_path: Path,
 ) -> None:
     config = tmp_path / "c.toml"
     config.write_text(BAD)
-    invocations = {
-        "run": ["run", "-c", str(config), "--handler", "x.y:Z"],
-        "sidecar": ["sidecar", "-c", str(config)],
-        "replay": ["replay", str(tmp_path / "r.jsonl"), "-c", str(config), "--handler", "x.y:Z"],
-    }
-    reports = {}
-    for command, args in invocations.items():
+    for command, args in _invocations(config, tmp_path / "r.jsonl").items():
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (command, result.output)
         assert "Traceback" not in result.output, command
-        reports[command] = result.stderr
-    first = reports["run"]
-    assert first.startswith("configuration error: "), first
-    assert "processing.batch_size = 0" in first
-    assert "1..100000" in first  # what is accepted: the fix
-    assert reports == dict.fromkeys(invocations, first), reports
+        assert result.stderr.startswith("configuration error: invalid configuration in "), (
+            command,
+            result.stderr,
+        )
+        assert "processing.batch_size = 0" in result.stderr, command
+        assert "1..100000" in result.stderr, command  # what is accepted: the fix
 
 
 def test_a_bad_handler_reads_the_same_in_run_and_replay(tmp_path: Path) -> None:
