@@ -1,4 +1,11 @@
-"""The ``dedupe-consumer`` command."""
+"""The ``dedupe-consumer`` command: ``run`` and ``demo`` here, the rest from their features.
+
+Each feature keeps its commands next to it, in a module named ``cli``:
+``replay/cli.py`` (``record``, ``replay``), ``sidecar/cli.py`` (``sidecar``) and
+``testing/cli.py`` (``broker``); this module assembles them into one app. All
+of them report errors through :mod:`dedupe_consumer.cli_support` and stop on
+signals through :mod:`dedupe_consumer.signals`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from typing import Annotated
 import typer
 
 from dedupe_consumer import __version__
-from dedupe_consumer._cli_support import BootstrapServersOption, load_settings, reporting_errors
+from dedupe_consumer.cli_support import BootstrapServersOption, load_settings, reporting_errors
 
 app = typer.Typer(
     help="Exactly-once effects for Kafka consumers: dedupe by event ID, commit after persist.",
@@ -68,32 +75,20 @@ def demo(
     """Offline demo on librdkafka's embedded mock cluster: no broker needed."""
     from dedupe_consumer.demo import run_demo
 
-    ok = run_demo(events=events, duplicates=duplicates)
+    with reporting_errors():
+        ok = run_demo(events=events, duplicates=duplicates)
     if not ok:
         raise typer.Exit(1)
 
 
-@app.command()
-def broker(
-    port: Annotated[
-        int | None,
-        typer.Option(min=1, max=65535, help="PLAINTEXT port on 127.0.0.1 (default: a free port)."),
-    ] = None,
-) -> None:
-    """Start a local single-node Kafka (KRaft, jars from Maven) until Ctrl-C."""
-    from dedupe_consumer.testing.cli_broker import run_broker_foreground
-
-    run_broker_foreground(port=port)
-
-
 def _register_commands() -> None:
-    """Commands that live next to the feature they drive (replay/, sidecar/)."""
-    from dedupe_consumer.replay.commands import record, replay
-    from dedupe_consumer.sidecar.command import sidecar
+    """Commands that live next to the feature they drive (replay/, sidecar/, testing/)."""
+    from dedupe_consumer.replay.cli import record, replay
+    from dedupe_consumer.sidecar.cli import sidecar
+    from dedupe_consumer.testing.cli import broker
 
-    app.command()(record)
-    app.command()(replay)
-    app.command()(sidecar)
+    for command in (broker, record, replay, sidecar):
+        app.command()(command)
 
 
 _register_commands()

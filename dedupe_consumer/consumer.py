@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from types import FrameType
 
 import structlog
 from confluent_kafka import KafkaException
@@ -251,18 +250,7 @@ class DedupeConsumer:
         self.stop()
 
     def _install_signals(self) -> Callable[[], None] | None:
-        if threading.current_thread() is not threading.main_thread():
-            return None
+        # _stop_on_signal runs on a thread of its own, never inside the signal frame.
+        from dedupe_consumer.signals import install_stop_handlers
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            # A signal handler runs between two bytecodes of the main thread, which may
-            # hold the log writer's or an Event's lock: do the work on another thread.
-            threading.Thread(target=self._stop_on_signal, args=(signum,), daemon=True).start()
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def restore() -> None:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-        return restore
+        return install_stop_handlers(self._stop_on_signal)

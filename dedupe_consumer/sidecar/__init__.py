@@ -9,5 +9,5 @@
 * :mod:`~dedupe_consumer.sidecar.health`: ``/healthz``, ``/readyz``, ``/metrics``.
 * :mod:`~dedupe_consumer.sidecar.runner`: ``Sidecar``, the wiring of the above
   around the library's ``DedupeConsumer``.
-* :mod:`~dedupe_consumer.sidecar.command`: ``dedupe-consumer sidecar``.
+* :mod:`~dedupe_consumer.sidecar.cli`: ``dedupe-consumer sidecar``.
 """

@@ -6,12 +6,9 @@ one: from ``$KAFKA_BOOTSTRAP_SERVERS``, a testcontainers container, or an
 Apache Kafka started from Maven Central jars (:class:`LocalKafka`).
 """
 
-from dedupe_consumer.testing._local_kafka import (
-    KAFKA_VERSION,
-    BrokerUnavailableError,
-    LocalKafka,
-    resolve_kafka_libs,
-)
+from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._local_kafka import LocalKafka
+from dedupe_consumer.testing._maven import KAFKA_VERSION, resolve_kafka_libs
 from dedupe_consumer.testing._providers import (
     ContainerKafka,
     ExternalKafka,

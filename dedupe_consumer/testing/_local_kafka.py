@@ -8,12 +8,11 @@ mock cluster is not one: it has no CreateTopics, caps partitions at 5 MiB and
 does not store transactional offsets.
 
 So we do what ``bin/kafka-storage.sh`` and ``bin/kafka-server-start.sh`` from
-the Kafka distribution do, without the distribution: resolve
-``org.apache.kafka:kafka_2.13`` and its runtime dependencies with
-``mvn dependency:copy-dependencies`` into a per-version cache, format a fresh
-KRaft log directory with ``kafka.tools.StorageTool`` and start
-``kafka.Kafka server.properties`` in combined broker+controller mode on free
-loopback ports.
+the Kafka distribution do, without the distribution: take the jars that
+:mod:`dedupe_consumer.testing._maven` resolved, format a fresh KRaft log
+directory with ``kafka.tools.StorageTool`` and start ``kafka.Kafka
+server.properties`` in combined broker+controller mode on free loopback ports;
+wait until it serves metadata; stop its whole process group.
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ import atexit
 import base64
 import contextlib
 import ctypes
-import fcntl
 import os
-import re
 import shutil
 import signal
 import socket
@@ -32,7 +29,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -40,195 +37,15 @@ from typing import Any, Final, Self
 import structlog
 
 from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.testing._errors import TAIL_CHARS, BrokerUnavailableError, output_tail
+from dedupe_consumer.testing._maven import resolve_kafka_libs
 
-__all__ = [
-    "DEFAULT_MAVEN_ARTIFACT",
-    "ENV_CACHE_DIR",
-    "ENV_MAVEN_ARTIFACT",
-    "KAFKA_VERSION",
-    "BrokerUnavailableError",
-    "LocalKafka",
-    "probe_bootstrap",
-    "resolve_kafka_libs",
-]
+__all__ = ["LocalKafka", "probe_bootstrap"]
 
-KAFKA_VERSION: Final = "4.1.1"
-"""The Apache Kafka release the local broker runs (Scala 2.13 build)."""
-
-DEFAULT_MAVEN_ARTIFACT: Final = f"org.apache.kafka:kafka_2.13:{KAFKA_VERSION}"
-
-# Kafka >= 4 logs through log4j2 behind the slf4j 1.7 API, but the kafka_2.13
-# POM only declares slf4j-api and log4j-core at runtime: without the binding the
-# distribution ships in libs/, slf4j falls back to its no-op logger and the
-# broker log file stays empty -- useless when a start-up fails.
-_SLF4J_BINDING: Final = "org.apache.logging.log4j:log4j-slf4j-impl:2.24.3"
-
-ENV_MAVEN_ARTIFACT: Final = "DEDUPE_KAFKA_MAVEN_ARTIFACT"
-ENV_CACHE_DIR: Final = "DEDUPE_KAFKA_CACHE"
-_DEFAULT_CACHE_DIR: Final = "~/.cache/dedupe-consumer/kafka"
-_COMPLETE_MARKER: Final = ".complete"
-
-_MAVEN_TIMEOUT_S: Final = 900.0
 _FORMAT_TIMEOUT_S: Final = 120.0
 _STOP_GRACE_S: Final = 20.0
-_TAIL_BYTES: Final = 4000
 
 _log = structlog.get_logger(__name__)
-
-
-class BrokerUnavailableError(RuntimeError):
-    """No real Kafka broker could be had; the message says why, provider by provider."""
-
-
-# --------------------------------------------------------------------------- #
-# Jar resolution
-# --------------------------------------------------------------------------- #
-
-
-def _parse_coordinates(coordinates: str) -> tuple[str, str, str]:
-    parts = coordinates.strip().split(":")
-    if len(parts) != 3 or not all(parts):
-        raise BrokerUnavailableError(
-            f"maven coordinates {coordinates!r} (from ${ENV_MAVEN_ARTIFACT} or the "
-            "maven_artifact argument) must look like group:artifact:version"
-        )
-    return parts[0], parts[1], parts[2]
-
-
-def _cache_root(cache_dir: Path | str | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get(ENV_CACHE_DIR) or _DEFAULT_CACHE_DIR).expanduser()
-
-
-def _pom_xml(group: str, artifact: str, version: str) -> str:
-    binding_group, binding_artifact, binding_version = _SLF4J_BINDING.split(":")
-    return f"""<?xml version="1.0" encoding="UTF-8"?>
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>local.dedupe-consumer</groupId>
-  <artifactId>kafka-broker-jars</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency>
-      <groupId>{group}</groupId>
-      <artifactId>{artifact}</artifactId>
-      <version>{version}</version>
-    </dependency>
-    <dependency>
-      <groupId>{binding_group}</groupId>
-      <artifactId>{binding_artifact}</artifactId>
-      <version>{binding_version}</version>
-    </dependency>
-  </dependencies>
-</project>
-"""
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock so parallel test processes resolve the jars once."""
-    with path.open("a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _tail(text: str, limit: int = _TAIL_BYTES) -> str:
-    text = text.strip()
-    return text if len(text) <= limit else "..." + text[-limit:]
-
-
-def resolve_kafka_libs(
-    maven_artifact: str | None = None,
-    cache_dir: Path | str | None = None,
-) -> Path:
-    """Return a directory holding the broker's runtime jars, resolving them once.
-
-    The jars land in ``<cache>/<version>/libs``. Maven writes into a staging
-    directory next to it, which is renamed into place only after Maven
-    succeeded, so a crashed or failed download never leaves a half-filled
-    ``libs`` that a later run would trust; a file lock serialises concurrent
-    resolvers (pytest-xdist workers, two terminals).
-    """
-    coordinates = maven_artifact or os.environ.get(ENV_MAVEN_ARTIFACT) or DEFAULT_MAVEN_ARTIFACT
-    group, artifact, version = _parse_coordinates(coordinates)
-    default_group, default_artifact, _ = DEFAULT_MAVEN_ARTIFACT.split(":")
-    # Key by version as documented; a different group/artifact (another Scala
-    # build, a fork) gets its own directory so it cannot reuse the wrong jars.
-    key = version
-    if (group, artifact) != (default_group, default_artifact):
-        key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{group}_{artifact}_{version}")
-    version_dir = _cache_root(cache_dir) / key
-    libs = version_dir / "libs"
-    if (libs / _COMPLETE_MARKER).is_file():
-        return libs
-
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise BrokerUnavailableError(
-            f"maven (mvn) is not on PATH, so the Kafka jars ({coordinates}) cannot be resolved"
-        )
-    version_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(version_dir / ".lock"):
-        if (libs / _COMPLETE_MARKER).is_file():  # another process won the race
-            return libs
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=version_dir))
-        try:
-            (staging / "pom.xml").write_text(_pom_xml(group, artifact, version), encoding="utf-8")
-            out = staging / "libs"
-            command = [
-                mvn,
-                "-B",
-                "-q",
-                "-Dstyle.color=never",
-                "-f",
-                str(staging / "pom.xml"),
-                "dependency:copy-dependencies",
-                "-DincludeScope=runtime",
-                f"-DoutputDirectory={out}",
-            ]
-            started = time.monotonic()
-            _log.info("kafka.jars.resolving", coordinates=coordinates, into=str(libs))
-            try:
-                result = subprocess.run(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=_MAVEN_TIMEOUT_S,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise BrokerUnavailableError(
-                    f"maven did not resolve {coordinates} within {_MAVEN_TIMEOUT_S:.0f} s"
-                ) from exc
-            if result.returncode != 0:
-                raise BrokerUnavailableError(
-                    f"maven (mvn dependency:copy-dependencies) could not resolve {coordinates} "
-                    f"(exit {result.returncode}):\n{_tail(result.stdout + result.stderr)}"
-                )
-            main_jar = out / f"{artifact}-{version}.jar"
-            if not main_jar.is_file():
-                raise BrokerUnavailableError(
-                    f"maven resolved {coordinates} but {main_jar.name} is not among the jars"
-                )
-            (out / _COMPLETE_MARKER).write_text(coordinates + "\n", encoding="utf-8")
-            if libs.exists():  # leftover without marker, e.g. hand-edited: replace it
-                shutil.rmtree(libs)
-            os.rename(out, libs)
-            _log.info(
-                "kafka.jars.resolved",
-                coordinates=coordinates,
-                jars=len(list(libs.glob("*.jar"))),
-                seconds=round(time.monotonic() - started, 2),
-            )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return libs
 
 
 # --------------------------------------------------------------------------- #
@@ -347,7 +164,7 @@ def _java_executable() -> str:
     return java
 
 
-def _read_tail(path: Path, limit: int = _TAIL_BYTES) -> str:
+def _read_tail(path: Path, limit: int = TAIL_CHARS) -> str:
     try:
         with path.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
@@ -660,7 +477,7 @@ class LocalKafka:
         if result.returncode != 0:
             raise BrokerUnavailableError(
                 f"kafka.tools.StorageTool format failed (exit {result.returncode}):\n"
-                f"{_tail(result.stdout + result.stderr)}"
+                f"{output_tail(result.stdout + result.stderr)}"
             )
 
     def _launch(self, java: str, timeout: float | None = None) -> None:

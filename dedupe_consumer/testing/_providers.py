@@ -24,11 +24,8 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 import structlog
 
-from dedupe_consumer.testing._local_kafka import (
-    BrokerUnavailableError,
-    LocalKafka,
-    probe_bootstrap,
-)
+from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._local_kafka import LocalKafka, probe_bootstrap
 
 __all__ = [
     "ENV_BOOTSTRAP_SERVERS",

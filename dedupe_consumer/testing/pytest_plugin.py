@@ -27,7 +27,7 @@ import pytest
 
 from dedupe_consumer.observability.kafka_logs import kafka_log_config
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
-from dedupe_consumer.testing._local_kafka import BrokerUnavailableError
+from dedupe_consumer.testing._errors import BrokerUnavailableError
 from dedupe_consumer.testing._providers import KafkaBroker, start_broker
 
 if TYPE_CHECKING:

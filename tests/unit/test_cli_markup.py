@@ -14,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from dedupe_consumer.cli import app
-from dedupe_consumer.replay.commands import _print_report
+from dedupe_consumer.replay.cli import _print_report
 from dedupe_consumer.replay.report import LostEvent, ReplayReport
 
 from .test_replay import HANDLER, line, write_recording

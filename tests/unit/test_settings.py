@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dedupe_consumer import ConfigError, Settings
-from dedupe_consumer._cli_support import load_settings
+from dedupe_consumer.cli_support import load_settings
 from dedupe_consumer.sidecar.settings import SidecarAppSettings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,25 +3,26 @@
 Exit codes, shared by both commands so scripts can tell a failed test from a
 broken invocation: 0 ok; 1 the replay found an ID handled more than once or a
 lost event (or Kafka failed mid-way); 2 bad arguments, configuration or
-recording. Progress bars and logs go to stderr, reports to stdout, so
-``--json`` output can be piped.
+recording. Errors are reported as every command reports them
+(:mod:`dedupe_consumer.cli_support`). Progress bars and logs go to stderr,
+reports to stdout, so ``--json`` output can be piped.
 """
 
 from __future__ import annotations
 
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from dedupe_consumer.cli_support import reporting_errors, usage_error
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
+from dedupe_consumer.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
@@ -77,14 +78,16 @@ def record(
 
     err = Console(stderr=True)
     configure_logging("warning")
-    try:
+    stop = threading.Event()
+    # The first SIGINT/SIGTERM asks for a clean stop; a second one is not caught.
+    # Kafka failing mid-way is reported too (exit 1); the .partial file is kept.
+    with reporting_errors(usage=(RecordingError, ValueError), unexpected=True):
         start_at = parse_start(start)
         extra = _properties(properties)
-    except ValueError as exc:
-        _usage(err, str(exc))
-    stop = threading.Event()
-    try:
-        with _progress(err, "recording") as update, _stop_on_signals(stop):
+        with (
+            _progress(err, "recording") as update,
+            stop_on_signals(lambda _signal: stop.set(), once=True),
+        ):
             summary = record_topic(
                 bootstrap_servers,
                 topic,
@@ -97,10 +100,6 @@ def record(
                 stop=stop,
                 progress=update,
             )
-    except (RecordingError, ValueError) as exc:
-        _usage(err, str(exc))
-    except Exception as exc:  # Kafka failed mid-way; the .partial file is kept
-        _failed(err, exc)
     how = {"end": "end offsets reached", "max-messages": "--max-messages reached"}.get(
         summary.stopped_by, "stopped on request"
     )
@@ -172,7 +171,7 @@ def replay(
     event), or re-produce it into a topic with --to-topic."""
     err = Console(stderr=True)
     if (handler is None) == (to_topic is None):
-        _usage(err, "give exactly one of --handler (replay through the engine) or --to-topic")
+        usage_error("give exactly one of --handler (replay through the engine) or --to-topic")
     if to_topic is not None:
         engine_only = {
             "--config": config is not None,
@@ -183,15 +182,14 @@ def replay(
         }
         misplaced = [name for name, given in engine_only.items() if given]
         if misplaced:
-            _usage(err, f"{', '.join(misplaced)} only apply with --handler")
+            usage_error(f"{', '.join(misplaced)} only apply with --handler")
         if bootstrap_servers is None:
-            _usage(err, "--to-topic needs --bootstrap-servers")
+            usage_error("--to-topic needs --bootstrap-servers")
         _produce(err, file, to_topic, bootstrap_servers, properties, not ignore_dlq_partition)
         return
     if bootstrap_servers is not None or properties or ignore_dlq_partition:
-        _usage(
-            err,
-            "--bootstrap-servers, --property and --ignore-dlq-partition only apply with --to-topic",
+        usage_error(
+            "--bootstrap-servers, --property and --ignore-dlq-partition only apply with --to-topic"
         )
     assert handler is not None
     report = _replay_through_engine(
@@ -217,21 +215,17 @@ def _replay_through_engine(
 ) -> ReplayReport:
     from dedupe_consumer._loading import load_handler_class
     from dedupe_consumer.config import Settings
-    from dedupe_consumer.errors import ConfigError
     from dedupe_consumer.observability import configure_logging
     from dedupe_consumer.replay.format import RecordingError
     from dedupe_consumer.replay.harness import replay_recording
 
-    try:
+    with reporting_errors(usage=(RecordingError, ValueError)):
         settings = Settings.from_toml(config) if config is not None else None
         handler_cls = load_handler_class(handler_spec)
-    except ConfigError as exc:
-        _usage(err, f"configuration error: {exc}")
-    if settings is not None:
-        configure_logging(settings.observability.log_level, settings.observability.log_format)
-    else:
-        configure_logging("warning")
-    try:
+        if settings is not None:
+            configure_logging(settings.observability.log_level, settings.observability.log_format)
+        else:
+            configure_logging("warning")
         with _progress(err, "replaying") as update:
             return replay_recording(
                 handler_cls,
@@ -243,8 +237,6 @@ def _replay_through_engine(
                 progress=update,
                 max_dead_lettered=max_dead_lettered,
             )
-    except (RecordingError, ConfigError, ValueError) as exc:
-        _usage(err, str(exc))
 
 
 def _produce(
@@ -258,7 +250,7 @@ def _produce(
     from dedupe_consumer.replay.format import RecordingError
     from dedupe_consumer.replay.producer import produce_recording
 
-    try:
+    with reporting_errors(usage=(RecordingError, ValueError), unexpected=True):
         extra = _properties(properties)
         with _progress(err, f"producing to {escape(topic)}") as update:
             summary = produce_recording(
@@ -269,10 +261,6 @@ def _produce(
                 progress=update,
                 keep_dead_letter_partition=keep_dead_letter_partition,
             )
-    except (RecordingError, ValueError) as exc:
-        _usage(err, str(exc))
-    except Exception as exc:
-        _failed(err, exc)
     where = "original partitions" if summary.kept_partitions else "partitions chosen by key"
     if summary.dead_letter_partitions:
         where += (
@@ -386,40 +374,3 @@ def _progress(err: Console, label: str) -> Iterator[Callable[[int, int | None], 
 
     with bar:
         yield update
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """The first SIGINT/SIGTERM asks for a clean stop; a second one is not caught."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in signals}
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-    for s in signals:
-        signal.signal(s, on_signal)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _usage(err: Console, message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _failed(err: Console, exc: BaseException) -> NoReturn:
-    err.print(
-        f"[bold red]failed:[/] {type(exc).__name__}: {escape(str(exc))}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    raise typer.Exit(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar, overload
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar, overload
 
 import typer
 from rich.console import Console
@@ -21,20 +21,39 @@ S = TypeVar("S", bound="Settings")
 err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, so they can be grepped
 
 
+def _exit(label: str, message: str, code: int) -> NoReturn:
+    # escape(): messages name sections like "[sidecar]", which rich reads as markup.
+    err.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def usage_error(message: str) -> NoReturn:
+    """A bad argument or input file: ``error: message``, exit 2."""
+    _exit("error", message, 2)
+
+
 @contextmanager
-def reporting_errors() -> Iterator[None]:
-    """Exit 2 on bad configuration (nothing started), 1 when a run stopped on an error."""
+def reporting_errors(
+    *, usage: tuple[type[Exception], ...] = (), unexpected: bool = False
+) -> Iterator[None]:
+    """Exit 2 on bad configuration (nothing started), 1 when a run stopped on an error.
+
+    ``configuration error: ...`` (2), ``error: ...`` (2) for the *usage* types (bad
+    input), ``error: <ErrorType>: ...`` (1) for a DedupeError, or any error if
+    *unexpected* (commands mostly doing others' I/O: Kafka, a JVM).
+    """
     try:
         yield
+    except (typer.Exit, typer.Abort):
+        raise  # our own exits (typer.Exit is a RuntimeError)
     except ConfigError as exc:
-        # escape(): messages name sections like "[sidecar]", which rich reads as markup.
-        err.print(f"[bold red]configuration error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-    except DedupeError as exc:
-        err.print(
-            f"[bold red]stopped:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False
-        )
-        raise typer.Exit(1) from None
+        _exit("configuration error", str(exc), 2)
+    except usage as exc:
+        usage_error(str(exc))
+    except Exception as exc:
+        if not (unexpected or isinstance(exc, DedupeError)):
+            raise
+        _exit("error", f"{type(exc).__name__}: {exc}", 1)
 
 
 BootstrapServersOption = Annotated[

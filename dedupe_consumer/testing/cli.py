@@ -7,16 +7,31 @@ with nothing left running.
 
 from __future__ import annotations
 
-import signal
 import threading
-from types import FrameType
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated
 
+import typer
 from rich.console import Console
 
-from dedupe_consumer.testing._local_kafka import KAFKA_VERSION, BrokerUnavailableError, LocalKafka
+from dedupe_consumer.cli_support import reporting_errors
+from dedupe_consumer.signals import install_stop_handlers
+from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._local_kafka import LocalKafka
+from dedupe_consumer.testing._maven import KAFKA_VERSION
 
-__all__ = ["run_broker_foreground"]
+__all__ = ["broker", "run_broker_foreground"]
+
+
+def broker(
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="PLAINTEXT port on 127.0.0.1 (default: a free port)."),
+    ] = None,
+) -> None:
+    """Start a local single-node Kafka (KRaft, jars from Maven) until Ctrl-C."""
+    with reporting_errors(unexpected=True):
+        run_broker_foreground(port=port)
 
 
 def run_broker_foreground(*, port: int | None = None, console: Console | None = None) -> None:
@@ -31,20 +46,15 @@ def run_broker_foreground(*, port: int | None = None, console: Console | None = 
     """
     out = console or Console()
     broker = LocalKafka(port=port)
-    previous: dict[signal.Signals, Any] = {}
+    stop_requested = threading.Event()
+    restore_signals: Callable[[], None] | None = None
     try:
         # Ctrl-C while starting is an ordinary KeyboardInterrupt (abort at
         # once, the finally stops whatever was started); once up, both signals
         # just ask the wait loop below to finish.
         with out.status(f"Starting Apache Kafka {KAFKA_VERSION} (KRaft, single node)..."):
             broker.start()
-        stop_requested = threading.Event()
-
-        def request_stop(signum: int, frame: FrameType | None) -> None:
-            stop_requested.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, request_stop)
+        restore_signals = install_stop_handlers(lambda _signal: stop_requested.set())
         out.print(
             f"[bold green]Kafka {KAFKA_VERSION} is up[/] at [bold]{broker.bootstrap_servers}[/]"
         )
@@ -59,6 +69,6 @@ def run_broker_foreground(*, port: int | None = None, console: Console | None = 
         out.print("Stopping Kafka...")
     finally:
         broker.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if restore_signals is not None:
+            restore_signals()
     out.print("[green]Kafka stopped.[/]")
