@@ -39,6 +39,7 @@ from dedupe_consumer.errors import (
     ConfigError,
     DeadLetterError,
     MissingEventIdError,
+    NotOwnerError,
     OffsetRegressionError,
     PermanentError,
 )
@@ -59,9 +60,8 @@ from dedupe_consumer.partitioners import placed_by_a_common_partitioner
 from dedupe_consumer.sources import PartitionLog
 from dedupe_consumer.store import (
     EPOCH,
-    Changelog,
-    NotOwnerError,
     ProcessedStore,
+    StateChangelog,
     Status,
     StoredDecision,
     WriteSet,
@@ -153,7 +153,7 @@ class Engine:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
-        changelog: Changelog | None = None,
+        changelog: StateChangelog | None = None,
         walk_budget_s: float | None = None,
     ) -> None:
         self.handler = handler

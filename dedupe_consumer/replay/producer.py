@@ -31,7 +31,7 @@ from typing import Any, Final
 from confluent_kafka import KafkaError, Message, Producer
 
 from dedupe_consumer.errors import DedupeError
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.replay.format import RecordingReader
 
 Progress = Callable[[int, int | None], None]

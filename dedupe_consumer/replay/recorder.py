@@ -28,7 +28,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.replay.format import RecordingError, RecordingHeader, RecordingWriter
 
 log = structlog.get_logger("dedupe_consumer.replay")

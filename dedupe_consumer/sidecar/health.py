@@ -25,7 +25,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.kafka.logs import kafka_log_config
 
 log = structlog.get_logger("dedupe_consumer.sidecar")
 

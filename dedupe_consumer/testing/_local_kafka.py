@@ -39,7 +39,7 @@ from typing import Any, Final, Self
 
 import structlog
 
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.kafka.logs import kafka_log_config
 
 __all__ = [
     "DEFAULT_MAVEN_ARTIFACT",

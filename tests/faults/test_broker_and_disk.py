@@ -13,8 +13,9 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import Changelog, RocksStore
+from dedupe_consumer.store import RocksStore
 from dedupe_consumer.testing import LocalKafka
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import Changelog, RocksStore
+from dedupe_consumer.store import RocksStore
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for

@@ -20,11 +20,12 @@ from structlog.testing import capture_logs
 
 from dedupe_consumer import DedupeConsumer, Event, Handler
 from dedupe_consumer.errors import StoreError
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.store import Changelog, RocksStore, StoredDecision, WriteSet
+from dedupe_consumer.store import RocksStore, StoredDecision, WriteSet
 from dedupe_consumer.store.base import Status
-from dedupe_consumer.store.changelog import changelog_topic, legacy_changelog_topic
+from dedupe_consumer.store.changelog_codec import changelog_topic, legacy_changelog_topic
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import produce_events, settings_for
@@ -197,7 +198,7 @@ def test_restore_fails_clearly_when_a_transaction_stays_open(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("dedupe_consumer.store.changelog._OPEN_TRANSACTION_MARGIN_S", 0.0)
+    monkeypatch.setattr("dedupe_consumer.kafka.changelog._OPEN_TRANSACTION_MARGIN_S", 0.0)
     topic = kafka_topic(partitions=1)
     changelog = changelog_for(
         kafka_bootstrap, f"g-{topic}", producer_config={"transaction.timeout.ms": 2000}
@@ -266,7 +267,7 @@ def test_the_transaction_commits_the_source_offsets_and_refuses_without_a_genera
 ) -> None:
     from confluent_kafka import Consumer
 
-    from dedupe_consumer.store import NotOwnerError
+    from dedupe_consumer.errors import NotOwnerError
 
     from ..kafka_helpers import committed_offsets
 

@@ -22,8 +22,8 @@ from dedupe_consumer import Settings
 from dedupe_consumer._librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.kafka import KafkaDeadLetters
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.sidecar.health import BrokerCheck
-from dedupe_consumer.store.changelog import Changelog
 
 GLOBAL: dict[str, Any] = {
     "ssl.endpoint.identification.algorithm": "none",
