@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from dedupe_consumer import __version__
-from dedupe_consumer._cli_support import BootstrapServersOption, load_settings, reporting_errors
+from dedupe_consumer.cli_support import BootstrapServersOption, load_settings, reporting_errors
 
 app = typer.Typer(
     help="Exactly-once effects for Kafka consumers: dedupe by event ID, commit after persist.",
@@ -47,8 +47,8 @@ def run(
 
     SIGTERM or SIGINT finishes the current event, persists, commits and exits 0.
     """
-    from dedupe_consumer._loading import load_handler_class
     from dedupe_consumer.consumer import DedupeConsumer
+    from dedupe_consumer.loading import load_handler_class
     from dedupe_consumer.observability import configure_logging
 
     with reporting_errors():

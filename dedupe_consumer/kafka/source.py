@@ -23,8 +23,10 @@ from confluent_kafka import (
     TopicCollection,
 )
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.admin._listoffsets import OffsetSpec  # admin re-exports it without __all__
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not in __all__
+    AdminClient,
+    OffsetSpec,
+)
 
 from dedupe_consumer.config import Settings
 from dedupe_consumer.kafka.logs import (

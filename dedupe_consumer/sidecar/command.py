@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dedupe_consumer._cli_support import BootstrapServersOption, load_settings, reporting_errors
+from dedupe_consumer.cli_support import BootstrapServersOption, load_settings, reporting_errors
 
 
 def sidecar(

@@ -19,7 +19,7 @@ from dedupe_consumer.store import RocksStore
 from dedupe_consumer.testing import LocalKafka
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
-from ._process import effects_of, log_tail, start_consumer, stop_consumer, write_config
+from .consumer_process import effects_of, log_tail, start_consumer, stop_consumer, write_config
 
 pytestmark = pytest.mark.kafka
 

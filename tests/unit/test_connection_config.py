@@ -19,10 +19,10 @@ from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from dedupe_consumer import Settings
-from dedupe_consumer._librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.kafka import KafkaDeadLetters
 from dedupe_consumer.kafka.changelog import Changelog
+from dedupe_consumer.librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
 from dedupe_consumer.sidecar.health import BrokerCheck
 
 GLOBAL: dict[str, Any] = {
