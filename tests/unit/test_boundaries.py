@@ -124,6 +124,18 @@ def test_no_private_module_is_imported_from_another_package() -> None:
     assert found == [], "\n".join(found)
 
 
+def test_the_engine_and_the_store_do_not_import_the_kafka_package() -> None:
+    """They see the changelog through ``store.StateChangelog``, never its Kafka class."""
+    package = REPO / "dedupe_consumer"
+    found = [
+        f"{path.relative_to(REPO)}:{line}: imports {name}"
+        for path in [package / "engine.py", *sorted((package / "store").rglob("*.py"))]
+        for line, name in imported_modules(path.read_text(), module_name(path), is_package(path))
+        if name == "dedupe_consumer.kafka" or name.startswith("dedupe_consumer.kafka.")
+    ]
+    assert found == [], "\n".join(found)
+
+
 def test_the_scan_covers_every_root_and_the_kafka_package() -> None:
     modules = {module_name(p) for p in python_files()}
     for root in SCANNED:
