@@ -436,7 +436,7 @@ def test_a_hung_send_offsets_replaces_the_producer_and_the_batch_is_written_once
 
     from ..kafka_helpers import committed_offsets
 
-    monkeypatch.setattr("dedupe_consumer.store.changelog._HANG_MARGIN_S", 0.5)
+    monkeypatch.setattr("dedupe_consumer.kafka.changelog._HANG_MARGIN_S", 0.5)
     topic = kafka_topic(partitions=1)
     group = f"g-{topic}"
     member = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
