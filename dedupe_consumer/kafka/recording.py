@@ -15,7 +15,7 @@ not become a duplicate the recording never had.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -78,7 +78,7 @@ class TopicReader:
     )
     """Consumer properties the reader sets itself: they are what makes it leave no trace."""
 
-    def __init__(self, bootstrap_servers: str, properties: Mapping[str, Any] | None = None):
+    def __init__(self, bootstrap_servers: str, properties: Mapping[str, Any] | None = None) -> None:
         clash = sorted(self.OWNED_PROPERTIES & set(properties or {}))
         if clash:
             raise ValueError(
@@ -129,24 +129,22 @@ class TopicReader:
         """Stop fetching ``partition`` (past its end)."""
         self._consumer.pause([KafkaTopicPartition(topic, partition)])
 
-    def read(self, max_messages: int, timeout_s: float) -> list[SourceMessage | PartitionEnd]:
+    def read(self, max_messages: int, timeout_s: float) -> Iterator[SourceMessage | PartitionEnd]:
         """Up to ``max_messages`` messages and partition ends, in the order they came.
 
         A fatal error, or a topic or partition that does not exist, raises
-        ``KafkaException``; other errors are logged and skipped.
+        ``KafkaException`` where it comes; other errors are logged and skipped.
         """
-        out: list[SourceMessage | PartitionEnd] = []
         for message in self._consumer.consume(num_messages=max_messages, timeout=timeout_s):
             error = message.error()
             if error is None:
-                out.append(message)
+                yield message
             elif error.code() == KafkaError._PARTITION_EOF:
-                out.append(PartitionEnd(message.partition() or 0))
+                yield PartitionEnd(message.partition() or 0)
             elif error.fatal() or error.code() in _FATAL_CODES:
                 raise KafkaException(error)
             else:
                 log.warning("consumer_error", error=str(error))
-        return out
 
     def close(self) -> None:
         self._consumer.close()  # no group was joined and nothing is committed: nothing to leave
@@ -157,7 +155,7 @@ class RecordingProducer:
 
     OWNED_PROPERTIES: Final = frozenset({"bootstrap.servers", "enable.idempotence", "acks"})
 
-    def __init__(self, bootstrap_servers: str, properties: Mapping[str, Any] | None = None):
+    def __init__(self, bootstrap_servers: str, properties: Mapping[str, Any] | None = None) -> None:
         clash = sorted(self.OWNED_PROPERTIES & set(properties or {}))
         if clash:
             raise ValueError(
