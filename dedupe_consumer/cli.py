@@ -54,8 +54,8 @@ def run(
 
     SIGTERM or SIGINT finishes the current event, persists, commits and exits 0.
     """
-    from dedupe_consumer._loading import load_handler_class
     from dedupe_consumer.consumer import DedupeConsumer
+    from dedupe_consumer.loading import load_handler_class
     from dedupe_consumer.observability import configure_logging
 
     with reporting_errors():

@@ -36,10 +36,10 @@ from pydantic_settings import (
 
 from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
 from dedupe_consumer._durations import Duration
-from dedupe_consumer._librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
-from dedupe_consumer._secrets import HIDDEN, is_secret_key, redact
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import ID_SOURCE_FORMS, parse_id_source
+from dedupe_consumer.librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
+from dedupe_consumer.redaction import HIDDEN, is_secret_key, redact
 
 LibrdkafkaValue = str | int | float | bool
 

@@ -21,12 +21,13 @@ from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetterSink
 from dedupe_consumer.engine import BatchResult, Engine
 from dedupe_consumer.handler import Handler
+from dedupe_consumer.kafka.changelog import Changelog
+from dedupe_consumer.kafka.logs import kafka_error_fields
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics, configure_logging
-from dedupe_consumer.observability.kafka_logs import kafka_error_fields
 from dedupe_consumer.observability.progress import ProgressLog
 from dedupe_consumer.sources import PartitionLog, Source, SourceFactory
-from dedupe_consumer.store import Changelog, ProcessedStore, RocksStore
+from dedupe_consumer.store import ProcessedStore, RocksStore
 
 log = structlog.get_logger("dedupe_consumer")
 

@@ -24,9 +24,9 @@ from dedupe_consumer.config import Settings
 from dedupe_consumer.consumer import DedupeConsumer
 from dedupe_consumer.engine import BatchResult
 from dedupe_consumer.handler import Handler
+from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.models import Event
 from dedupe_consumer.observability import configure_logging
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
 
 TOPIC = "demo.payments"
 

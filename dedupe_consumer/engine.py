@@ -39,6 +39,7 @@ from dedupe_consumer.errors import (
     ConfigError,
     DeadLetterError,
     MissingEventIdError,
+    NotOwnerError,
     OffsetRegressionError,
     PermanentError,
 )
@@ -61,11 +62,10 @@ from dedupe_consumer.sources import PartitionLog
 from dedupe_consumer.store import (
     EPOCH,
     RECORDED_AS,
-    Changelog,
     IdRecord,
-    NotOwnerError,
     ProcessedStore,
     RecordStatus,
+    StateChangelog,
     WriteSet,
 )
 
@@ -155,7 +155,7 @@ class Engine:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
-        changelog: Changelog | None = None,
+        changelog: StateChangelog | None = None,
         walk_budget_s: float | None = None,
     ) -> None:
         self.handler = handler

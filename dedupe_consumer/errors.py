@@ -24,6 +24,14 @@ class StoreLockedError(StoreError):
     """Another process holds the store: two writers would corrupt the dedupe state."""
 
 
+class NotOwnerError(StoreError):
+    """The group fenced this instance's changelog transaction: its partitions have moved.
+
+    The transaction is aborted, so none of its records or offsets are visible;
+    the batch is not persisted locally either. Not fatal: the rebalance goes on.
+    """
+
+
 class DeadLetterError(DedupeError):
     """A dead-letter record could not be made durable.
 

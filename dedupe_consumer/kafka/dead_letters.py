@@ -10,9 +10,9 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from dedupe_consumer.config import Settings
 from dedupe_consumer.dead_letters import DeadLetter, dead_letter_headers
 from dedupe_consumer.errors import DeadLetterError
+from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.kafka.topics import ensure_dead_letter_topic
 from dedupe_consumer.models import SourceMessage, as_bytes
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
 
 log = structlog.get_logger("dedupe_consumer.dead_letters")
 

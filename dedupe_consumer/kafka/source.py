@@ -23,18 +23,20 @@ from confluent_kafka import (
     TopicCollection,
 )
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.admin._listoffsets import OffsetSpec  # admin re-exports it without __all__
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not in __all__
+    AdminClient,
+    OffsetSpec,
+)
 
 from dedupe_consumer.config import Settings
-from dedupe_consumer.kafka.topics import controller_known
-from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.observability import Metrics
-from dedupe_consumer.observability.kafka_logs import (
+from dedupe_consumer.kafka.logs import (
     kafka_error_fields,
     kafka_log_config,
     plain_offset,
 )
+from dedupe_consumer.kafka.topics import controller_known
+from dedupe_consumer.models import TopicPartition
+from dedupe_consumer.observability import Metrics
 from dedupe_consumer.sources import AssignmentListener, PartitionLog
 
 log = structlog.get_logger("dedupe_consumer.kafka")

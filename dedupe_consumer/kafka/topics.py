@@ -21,7 +21,7 @@ from confluent_kafka.cimpl import NewTopic  # admin re-exports it without __all_
 
 from dedupe_consumer.config import Settings
 from dedupe_consumer.errors import ConfigError
-from dedupe_consumer.observability.kafka_logs import kafka_error_fields, kafka_log_config
+from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
 
 log = structlog.get_logger("dedupe_consumer.dead_letters")
 

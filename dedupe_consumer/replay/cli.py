@@ -213,8 +213,8 @@ def _replay_through_engine(
     seed: int,
     max_dead_lettered: float,
 ) -> ReplayReport:
-    from dedupe_consumer._loading import load_handler_class
     from dedupe_consumer.config import Settings
+    from dedupe_consumer.loading import load_handler_class
     from dedupe_consumer.observability import configure_logging
     from dedupe_consumer.replay.format import RecordingError
     from dedupe_consumer.replay.harness import replay_recording
@@ -335,7 +335,7 @@ def _print_report(out: Console, report: ReplayReport) -> None:
 
 
 def _properties(pairs: list[str] | None) -> dict[str, str]:
-    from dedupe_consumer._secrets import is_secret_key
+    from dedupe_consumer.redaction import is_secret_key
 
     found: dict[str, str] = {}
     for pair in pairs or []:

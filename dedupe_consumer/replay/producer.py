@@ -17,8 +17,9 @@ the partitioner chooses by key. We use ``murmur2_random``, the Java client's
 algorithm, so keys land where a Java producer would put them (librdkafka's own
 default hashes differently).
 
-The producer is idempotent with ``acks=all``: a retried send must not become
-a duplicate the recording never had, or the test would measure the replay.
+The producer (:class:`~dedupe_consumer.kafka.recording.RecordingProducer`) is
+idempotent with ``acks=all``: a retried send must not become a duplicate the
+recording never had, or the test would measure the replay.
 """
 
 from __future__ import annotations
@@ -28,15 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from confluent_kafka import KafkaError, Message, Producer
-
 from dedupe_consumer.errors import DedupeError
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.kafka.recording import RecordingProducer, TopicUnavailableError
 from dedupe_consumer.replay.format import RecordingReader
 
 Progress = Callable[[int, int | None], None]
 
-OWNED_PROPERTIES: Final = frozenset({"bootstrap.servers", "enable.idempotence", "acks"})
 _TIMEOUT_S: Final = 30.0
 
 
@@ -76,37 +74,14 @@ def produce_recording(
     keep_dead_letter_partition: bool = True,
 ) -> ProduceSummary:
     """Produce every message of the recording at ``path`` to ``topic`` and wait for acks."""
-    clash = sorted(OWNED_PROPERTIES & set(properties or {}))
-    if clash:
-        raise ValueError(
-            f"{', '.join(clash)} cannot be set: re-producing must be idempotent with acks=all"
-        )
-    producer = Producer(
-        {
-            "partitioner": "murmur2_random",
-            "linger.ms": 5,
-            # Asking for the target's metadata must not create it with broker defaults.
-            "allow.auto.create.topics": False,
-            **kafka_log_config(),
-            **(properties or {}),
-            "bootstrap.servers": bootstrap_servers,
-            "enable.idempotence": True,
-            "acks": "all",
-        }
-    )
-    failures: list[KafkaError] = []
-
-    def on_delivery(error: KafkaError | None, _message: Message) -> None:
-        if error is not None:
-            failures.append(error)
-
+    producer = RecordingProducer(bootstrap_servers, properties)
     with RecordingReader(path) as reader:
         target = _partition_count(producer, topic)
         keep = target >= reader.header.partitions
         sent = redriven = 0
         for record in reader:
             kind, ms = record.timestamp()
-            extra: dict[str, Any] = {"timestamp": ms} if kind else {}
+            partition: int | None = None
             headers = record.headers()
             original = dead_letter_partition(headers) if keep_dead_letter_partition else None
             if original is not None:
@@ -117,32 +92,26 @@ def produce_recording(
                         "elsewhere would bypass its dedupe state; add partitions, or pass "
                         "--ignore-dlq-partition to let the partitioner choose"
                     )
-                extra["partition"] = original
+                partition = original
                 redriven += 1
             elif keep:
-                extra["partition"] = record.partition_
-            while True:
-                try:
-                    producer.produce(
-                        topic,
-                        key=record.key_,
-                        value=record.value_,
-                        headers=headers,
-                        on_delivery=on_delivery,
-                        **extra,
-                    )
-                    break
-                except BufferError:  # local queue full: let deliveries drain, then retry
-                    producer.poll(0.1)
+                partition = record.partition_
+            producer.send(
+                topic,
+                record.key_,
+                record.value_,
+                headers,
+                partition=partition,
+                timestamp_ms=ms if kind else None,
+            )
             sent += 1
-            producer.poll(0)
-            if failures:
+            if producer.failures:
                 break
             if progress is not None and sent % 1000 == 0:
                 progress(sent, None)
         remaining = producer.flush(_TIMEOUT_S)
-    if failures:
-        raise ProduceError(f"delivery to {topic!r} failed: {failures[0]}")
+    if producer.failures:
+        raise ProduceError(f"delivery to {topic!r} failed: {producer.failures[0]}")
     if remaining:
         raise ProduceError(
             f"{remaining} message(s) to {topic!r} not acknowledged after {_TIMEOUT_S:.0f} s"
@@ -152,13 +121,11 @@ def produce_recording(
     return ProduceSummary(topic, sent, keep, redriven)
 
 
-def _partition_count(producer: Producer, topic: str) -> int:
-    metadata = producer.list_topics(topic, timeout=_TIMEOUT_S)
-    found = metadata.topics.get(topic)
-    if found is None or found.error is not None or not found.partitions:
-        why = found.error if found is not None and found.error is not None else "not found"
+def _partition_count(producer: RecordingProducer, topic: str) -> int:
+    try:
+        return producer.partition_count(topic, _TIMEOUT_S)
+    except TopicUnavailableError as exc:
         raise ProduceError(
-            f"target topic {topic!r} is unusable ({why}); create it first, with at least "
+            f"target topic {topic!r} is unusable ({exc.reason}); create it first, with at least "
             "as many partitions as the recording to keep every message in its partition"
-        )
-    return len(found.partitions)
+        ) from None

@@ -1,11 +1,10 @@
 """Record a topic to a file: ``dedupe-consumer record``.
 
 The recorder is a bystander on the topic, so it must leave no trace there: it
-uses ``assign`` (never ``subscribe``, so it joins no group and triggers no
-rebalance of the real consumers), a throwaway ``group.id`` that librdkafka
-requires but nobody else uses, ``enable.auto.commit = false``, and it never
-commits. Recording the same topic twice therefore starts from the same place
-both times.
+reads with :class:`~dedupe_consumer.kafka.recording.TopicReader` (``assign``,
+never ``subscribe``, so it joins no group and triggers no rebalance of the real
+consumers; a throwaway ``group.id``; it never commits). Recording the same
+topic twice therefore starts from the same place both times.
 
 ``--until-end`` takes each partition's high watermark once, at start, and stops
 there: a recording of a busy topic then has a defined end instead of chasing
@@ -17,7 +16,6 @@ hold no message at all (transaction markers, compacted records).
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,10 +23,8 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException
-from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.kafka.recording import PartitionEnd, TopicReader, TopicUnavailableError
 from dedupe_consumer.replay.format import RecordingError, RecordingHeader, RecordingWriter
 
 log = structlog.get_logger("dedupe_consumer.replay")
@@ -37,26 +33,7 @@ StartSpec = Literal["earliest", "latest"] | datetime
 Progress = Callable[[int, int | None], None]
 """Called as ``progress(recorded, total)``; ``total`` is None when the end is open."""
 
-OWNED_PROPERTIES: Final = frozenset(
-    {
-        "bootstrap.servers",
-        "group.id",
-        "enable.auto.commit",
-        "enable.auto.offset.store",
-        "enable.partition.eof",
-    }
-)
-"""Consumer properties the recorder sets itself: they are what makes it leave no trace."""
-
 _METADATA_TIMEOUT_S: Final = 15.0
-_FATAL_CODES: Final = frozenset(
-    {
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError._UNKNOWN_PARTITION,
-        KafkaError._UNKNOWN_TOPIC,
-    }
-)
 
 
 def parse_start(spec: str) -> StartSpec:
@@ -108,25 +85,7 @@ def record_topic(
     out = Path(out)
     if max_messages is not None and max_messages < 1:
         raise ValueError("max_messages must be at least 1")
-    clash = sorted(OWNED_PROPERTIES & set(properties or {}))
-    if clash:
-        raise ValueError(
-            f"{', '.join(clash)} cannot be set: the recorder sets them so that it never "
-            "joins a group or commits offsets"
-        )
-    group_id = f"dedupe-consumer-recorder-{uuid.uuid4().hex}"
-    consumer = Consumer(
-        {
-            **(properties or {}),
-            **kafka_log_config(),
-            "bootstrap.servers": bootstrap_servers,
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
-    )
+    consumer = TopicReader(bootstrap_servers, properties)
     try:
         count = _partition_count(consumer, topic, out)
         parts = sorted(set(partitions)) if partitions else list(range(count))
@@ -154,13 +113,13 @@ def record_topic(
                 consumer, topic, parts, starts, ends, max_messages, stop, progress, writer
             )
         log.info("recorded", topic=topic, messages=writer.messages, path=str(out))
-        return RecordSummary(out, writer.messages, stopped_by, group_id, starts, ends)
+        return RecordSummary(out, writer.messages, stopped_by, consumer.group_id, starts, ends)
     finally:
-        consumer.close()  # no group was joined and nothing is committed: nothing to leave
+        consumer.close()
 
 
 def _consume(
-    consumer: Consumer,
+    consumer: TopicReader,
     topic: str,
     parts: list[int],
     starts: dict[int, int],
@@ -177,11 +136,11 @@ def _consume(
         total = sum(max(ends[p] - starts[p], 0) for p in parts)
     if max_messages is not None:
         total = max_messages if total is None else min(total, max_messages)
-    consumer.assign([KafkaTopicPartition(topic, p, starts[p]) for p in parts if p not in done])
+    consumer.assign(topic, {p: starts[p] for p in parts if p not in done})
 
     def finish(partition: int) -> None:
         done.add(partition)
-        consumer.pause([KafkaTopicPartition(topic, partition)])  # stop fetching past the end
+        consumer.pause(topic, partition)  # stop fetching past the end
 
     if progress is not None:
         progress(0, total)
@@ -193,18 +152,12 @@ def _consume(
         if stop is not None and stop.is_set():
             return "stop-requested"
         wanted = 500 if max_messages is None else min(500, max_messages - writer.messages)
-        for message in consumer.consume(num_messages=wanted, timeout=0.5):
-            error = message.error()
-            partition = message.partition() or 0
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    if ends is not None and partition not in done:
-                        finish(partition)  # at the log end, which is >= the end taken at start
-                    continue
-                if error.fatal() or error.code() in _FATAL_CODES:
-                    raise KafkaException(error)
-                log.warning("consumer_error", error=str(error))
+        for message in consumer.read(wanted, 0.5):
+            if isinstance(message, PartitionEnd):
+                if ends is not None and message.partition not in done:
+                    finish(message.partition)  # at the log end, which is >= the end taken at start
                 continue
+            partition = message.partition() or 0
             offset = message.offset() or 0
             if ends is not None:
                 if partition in done:
@@ -219,24 +172,20 @@ def _consume(
             progress(writer.messages, total)
 
 
-def _partition_count(consumer: Consumer, topic: str, out: Path) -> int:
-    metadata = consumer.list_topics(topic, timeout=_METADATA_TIMEOUT_S)
-    found = metadata.topics.get(topic)
-    if found is None or found.error is not None or not found.partitions:
-        why = found.error if found is not None and found.error is not None else "not found"
-        raise RecordingError(f"cannot record topic {topic!r}: {why}", path=out)
-    return len(found.partitions)
+def _partition_count(consumer: TopicReader, topic: str, out: Path) -> int:
+    try:
+        return consumer.partition_count(topic, _METADATA_TIMEOUT_S)
+    except TopicUnavailableError as exc:
+        raise RecordingError(f"cannot record topic {topic!r}: {exc.reason}", path=out) from None
 
 
 def _watermarks(
-    consumer: Consumer, topic: str, parts: list[int], out: Path
+    consumer: TopicReader, topic: str, parts: list[int], out: Path
 ) -> tuple[dict[int, int], dict[int, int]]:
     lows: dict[int, int] = {}
     highs: dict[int, int] = {}
     for p in parts:
-        found = consumer.get_watermark_offsets(
-            KafkaTopicPartition(topic, p), timeout=_METADATA_TIMEOUT_S, cached=False
-        )
+        found = consumer.watermarks(topic, p, _METADATA_TIMEOUT_S)
         if found is None:
             raise RecordingError(
                 f"timed out reading the offsets of {topic}[{p}] after {_METADATA_TIMEOUT_S:.0f} s",
@@ -247,7 +196,7 @@ def _watermarks(
 
 
 def _start_offsets(
-    consumer: Consumer,
+    consumer: TopicReader,
     topic: str,
     parts: list[int],
     start: StartSpec,
@@ -261,17 +210,13 @@ def _start_offsets(
         return dict(highs)
     assert isinstance(start, datetime)
     ms = int(start.timestamp() * 1000)
-    found = consumer.offsets_for_times(
-        [KafkaTopicPartition(topic, p, ms) for p in parts], timeout=_METADATA_TIMEOUT_S
-    )
     starts: dict[int, int] = {}
-    for tp in found:
-        if tp.error is not None:
+    for partition, offset, error in consumer.offsets_at(topic, parts, ms, _METADATA_TIMEOUT_S):
+        if error is not None:
             raise RecordingError(
-                f"cannot look up offsets of {topic}[{tp.partition}] at {start.isoformat()}: "
-                f"{tp.error}",
+                f"cannot look up offsets of {topic}[{partition}] at {start.isoformat()}: {error}",
                 path=out,
             )
         # -1: no message at or after that time yet -> start at the end.
-        starts[tp.partition] = tp.offset if tp.offset >= 0 else highs[tp.partition]
+        starts[partition] = offset if offset >= 0 else highs[partition]
     return starts

@@ -14,19 +14,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from dedupe_consumer.config import KafkaConnection
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.kafka.cluster import ClusterProbe
 
 log = structlog.get_logger("dedupe_consumer.sidecar")
 
@@ -51,10 +48,9 @@ class BrokerCheck:
     """
 
     def __init__(self, connection: KafkaConnection, *, timeout_s: float = 2.0) -> None:
-        self._connection = connection  # reach and authenticate only
+        self._probe = ClusterProbe(connection.config("admin"))  # reach and authenticate only
         self._timeout_s = timeout_s
         self.cache_s = 2.0
-        self._admin: Any = None
         self._lock = threading.Lock()
         self._last: tuple[float, bool, str] | None = None
 
@@ -63,23 +59,14 @@ class BrokerCheck:
             now = time.monotonic()
             if self._last is not None and now - self._last[0] < self.cache_s:
                 return self._last[1], self._last[2]
-            try:
-                if self._admin is None:
-                    self._admin = AdminClient(
-                        {**self._connection.config("admin"), **kafka_log_config()}
-                    )
-                future = self._admin.describe_cluster(request_timeout=self._timeout_s)
-                future.result(timeout=self._timeout_s + 1)
-                result = (True, "reachable")
-            except (KafkaException, FutureTimeout) as exc:
-                result = (False, f"unreachable: {exc or type(exc).__name__}")
+            result = self._probe.reachable(self._timeout_s)
             self._last = (time.monotonic(), *result)
             return result
 
     def close(self) -> None:
-        """Let the admin client go (it has no close(); its threads end when it is freed)."""
+        """Let the admin client go."""
         with self._lock:
-            self._admin = None
+            self._probe.close()
 
 
 class _Server(ThreadingHTTPServer):

@@ -28,8 +28,8 @@ from pydantic.functional_validators import BeforeValidator
 
 from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
 from dedupe_consumer._durations import Duration
-from dedupe_consumer._secrets import redact
 from dedupe_consumer.config import Settings
+from dedupe_consumer.redaction import redact
 
 STATUS_FORMS = "a list of HTTP status codes (e.g. 404) or classes (e.g. '4xx'), not 2xx"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

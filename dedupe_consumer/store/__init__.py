@@ -6,20 +6,20 @@ from dedupe_consumer.store.base import (
     IdRecord,
     ProcessedStore,
     RecordStatus,
+    StateChangelog,
     WriteSet,
 )
-from dedupe_consumer.store.changelog import Changelog, NotOwnerError, changelog_topic
+from dedupe_consumer.store.changelog_codec import changelog_topic
 from dedupe_consumer.store.rocks import RocksStore
 
 __all__ = [
     "EPOCH",
     "RECORDED_AS",
-    "Changelog",
     "IdRecord",
-    "NotOwnerError",
     "ProcessedStore",
     "RecordStatus",
     "RocksStore",
+    "StateChangelog",
     "WriteSet",
     "changelog_topic",
 ]

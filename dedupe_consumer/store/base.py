@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -146,3 +146,40 @@ class ProcessedStore(Protocol):
         is not ``tp`` itself (the changelog keys positions by its own topic name)."""
 
     def close(self) -> None: ...
+
+
+class StateChangelog(Protocol):
+    """The changelog as the engine uses it: a copy of the store's state outside it.
+
+    Implemented with Kafka by :class:`dedupe_consumer.kafka.changelog.Changelog`;
+    its records are described in :mod:`dedupe_consumer.store.changelog_codec`.
+    """
+
+    epochs: dict[TopicPartition, bytes]
+    """Each owned partition's offset epoch, announced in the changelog once per epoch."""
+
+    def ensure_topics(self, topics: Iterable[str]) -> None:
+        """Make sure the changelog of each source topic exists and is usable."""
+
+    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
+        """Bring ``store``'s copy of ``tp`` up to the changelog; the number of records read."""
+
+    def position_key(self, tp: TopicPartition) -> TopicPartition:
+        """The key under which ``store.changelog_position`` keeps ``tp``'s position."""
+
+    def reset_epoch(
+        self, tp: TopicPartition, epoch: bytes, store: ProcessedStore | None = None
+    ) -> None:
+        """Start ``tp``'s watermark over in a new offset epoch."""
+
+    def write(
+        self,
+        write: WriteSet,
+        store: ProcessedStore | None = None,
+        offsets: Mapping[TopicPartition, int] | None = None,
+        *,
+        live: bool = False,
+    ) -> dict[TopicPartition, int]:
+        """Make ``write`` durable in the changelog (committing ``offsets`` with it when it
+        can); return the source offsets it committed. Raises
+        :class:`~dedupe_consumer.errors.NotOwnerError` when the group fenced it."""

@@ -36,7 +36,7 @@ from typing import Any, Final, Self
 
 import structlog
 
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.testing._errors import TAIL_CHARS, BrokerUnavailableError, output_tail
 from dedupe_consumer.testing._maven import resolve_kafka_libs
 

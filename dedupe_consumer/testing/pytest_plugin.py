@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import pytest
 
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
+from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
 from dedupe_consumer.testing._errors import BrokerUnavailableError
 from dedupe_consumer.testing._providers import KafkaBroker, start_broker

@@ -113,7 +113,7 @@ def main() -> None:
     broker = None
     bootstrap = args.bootstrap_servers
     if not bootstrap:
-        from dedupe_consumer.testing._local_kafka import LocalKafka
+        from dedupe_consumer.testing import LocalKafka
 
         print("starting a local Kafka (jars from Maven)...", file=sys.stderr)
         broker = LocalKafka().start()

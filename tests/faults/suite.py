@@ -30,7 +30,7 @@ from dedupe_consumer.models import TopicPartition, header_pairs
 from dedupe_consumer.store import RocksStore
 
 from ..kafka_helpers import committed_offsets, end_offsets
-from ._process import effects_of, log_of, start_consumer, write_config
+from .consumer_process import effects_of, log_of, start_consumer, write_config
 
 PARTITIONS = 4
 

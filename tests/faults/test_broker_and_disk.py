@@ -14,12 +14,13 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from dedupe_consumer.config import KafkaConnection
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import Changelog, RocksStore
+from dedupe_consumer.store import RocksStore
 from dedupe_consumer.testing import LocalKafka
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
-from ._process import effects_of, log_tail, start_consumer, stop_consumer, write_config
+from .consumer_process import effects_of, log_tail, start_consumer, stop_consumer, write_config
 
 pytestmark = pytest.mark.kafka
 

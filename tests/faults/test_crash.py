@@ -17,7 +17,7 @@ import pytest
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
-from ._process import effects_of, log_tail, start_consumer, stop_consumer, write_config
+from .consumer_process import effects_of, log_tail, start_consumer, stop_consumer, write_config
 
 pytestmark = pytest.mark.kafka
 BATCH = 50

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 
 from dedupe_consumer.config import KafkaConnection
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import Changelog, RocksStore
+from dedupe_consumer.store import RocksStore
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
-from ._process import effects_of, log_tail, start_consumer, write_config
+from .consumer_process import effects_of, log_tail, start_consumer, write_config
 
 pytestmark = pytest.mark.kafka
 HANDLER = "tests.faults.handlers:PausingLedger"

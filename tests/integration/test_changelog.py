@@ -21,11 +21,12 @@ from structlog.testing import capture_logs
 from dedupe_consumer import DedupeConsumer, Event, Handler
 from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.errors import StoreError
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.store import Changelog, IdRecord, RocksStore, WriteSet
+from dedupe_consumer.store import IdRecord, RocksStore, WriteSet
 from dedupe_consumer.store.base import RecordStatus
-from dedupe_consumer.store.changelog import changelog_topic, legacy_changelog_topic
+from dedupe_consumer.store.changelog_codec import changelog_topic, legacy_changelog_topic
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import produce_events, settings_for
@@ -198,7 +199,7 @@ def test_restore_fails_clearly_when_a_transaction_stays_open(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("dedupe_consumer.store.changelog._OPEN_TRANSACTION_MARGIN_S", 0.0)
+    monkeypatch.setattr("dedupe_consumer.kafka.changelog._OPEN_TRANSACTION_MARGIN_S", 0.0)
     topic = kafka_topic(partitions=1)
     changelog = changelog_for(
         kafka_bootstrap, f"g-{topic}", producer_config={"transaction.timeout.ms": 2000}
@@ -267,7 +268,7 @@ def test_the_transaction_commits_the_source_offsets_and_refuses_without_a_genera
 ) -> None:
     from confluent_kafka import Consumer
 
-    from dedupe_consumer.store import NotOwnerError
+    from dedupe_consumer.errors import NotOwnerError
 
     from ..kafka_helpers import committed_offsets
 
@@ -436,7 +437,7 @@ def test_a_hung_send_offsets_replaces_the_producer_and_the_batch_is_written_once
 
     from ..kafka_helpers import committed_offsets
 
-    monkeypatch.setattr("dedupe_consumer.store.changelog._HANG_MARGIN_S", 0.5)
+    monkeypatch.setattr("dedupe_consumer.kafka.changelog._HANG_MARGIN_S", 0.5)
     topic = kafka_topic(partitions=1)
     group = f"g-{topic}"
     member = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})

@@ -13,7 +13,7 @@ import pytest
 
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
-from ..faults._process import APPEND_HANDLER, REPO, effects_of
+from ..faults.consumer_process import APPEND_HANDLER, REPO, effects_of
 from ..kafka_helpers import committed_offsets, end_offsets, produce_events, wait_for
 
 pytestmark = pytest.mark.kafka

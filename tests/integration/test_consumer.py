@@ -315,7 +315,7 @@ def test_partition_state_moves_to_a_new_instance_through_the_changelog(
     chunk: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("dedupe_consumer.store.changelog._RESTORE_CHUNK", chunk)
+    monkeypatch.setattr("dedupe_consumer.kafka.changelog._RESTORE_CHUNK", chunk)
     topic = kafka_topic(partitions=2)
     ids: list[str] = []
     first = produce_events(kafka_bootstrap, topic, 400, duplicates=0.0, seed=21, ids=ids)

@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 from dedupe_consumer import DedupeConsumer, Event, Handler
-from dedupe_consumer.observability.kafka_logs import kafka_error_fields, plain_offset
+from dedupe_consumer.kafka.logs import kafka_error_fields, plain_offset
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import produce_events, settings_for

@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 
 from dedupe_consumer import DedupeConsumer, Event, Handler, PermanentError
 from dedupe_consumer.cli import app
+from dedupe_consumer.kafka import recording as recorder_module
 from dedupe_consumer.models import header_pairs
 from dedupe_consumer.replay import Record, read_recording, record_topic, replay_recording
-from dedupe_consumer.replay import recorder as recorder_module
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import (

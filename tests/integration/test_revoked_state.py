@@ -14,8 +14,9 @@ from rocksdict import Rdict
 
 from dedupe_consumer.dead_letters import MemoryDeadLetters
 from dedupe_consumer.engine import Engine
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import Changelog, RocksStore
+from dedupe_consumer.store import RocksStore
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import produce_raw, settings_for

@@ -7,7 +7,7 @@ import re
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dedupe_consumer.store.changelog import changelog_topic, legacy_changelog_topic
+from dedupe_consumer.store.changelog_codec import changelog_topic, legacy_changelog_topic
 
 LEGAL = re.compile(r"[A-Za-z0-9._-]{1,249}")
 # Topic names: Kafka's alphabet, biased to the characters that make names ambiguous.

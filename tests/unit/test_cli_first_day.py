@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dedupe_consumer._loading import load_handler_class
 from dedupe_consumer.cli import app
 from dedupe_consumer.cli_support import load_settings
 from dedupe_consumer.errors import ConfigError
+from dedupe_consumer.loading import load_handler_class
 
 from .test_settings import GOOD
 

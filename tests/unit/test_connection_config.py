@@ -21,15 +21,15 @@ from confluent_kafka.admin import AdminClient
 from pydantic import ValidationError
 
 from dedupe_consumer import ConfigError, Settings
-from dedupe_consumer._librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
 from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.kafka import KafkaDeadLetters
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.kafka.source import KafkaSource
+from dedupe_consumer.librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.sidecar.health import BrokerCheck
 from dedupe_consumer.sources import PartitionLog
-from dedupe_consumer.store.changelog import Changelog
 
 from ..log_capture import captured_logs
 

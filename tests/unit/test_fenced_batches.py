@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dedupe_consumer.engine import Engine
+from dedupe_consumer.errors import NotOwnerError
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import NotOwnerError, ProcessedStore, RocksStore, WriteSet
+from dedupe_consumer.store import ProcessedStore, RocksStore, WriteSet
 
 from .conftest import TOPIC, Clock, Recorder, make_settings, rec
 from .test_sweep_tombstones import RecordingChangelog, _Dead

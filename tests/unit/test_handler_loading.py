@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dedupe_consumer._loading import load_handler_class
+from dedupe_consumer.loading import load_handler_class
 
 from .test_replay import line, write_recording
 

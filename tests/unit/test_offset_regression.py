@@ -11,13 +11,13 @@ from dedupe_consumer import OffsetRegressionError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.sources import PartitionLog
 from dedupe_consumer.store import EPOCH, RocksStore
-from dedupe_consumer.store.changelog import (
+from dedupe_consumer.store.changelog_codec import (
     _ADOPT,
     _EPOCH_KEY,
     _OFFSET,
     _RESET,
     _WATERMARK_KEY,
-    _Restored,
+    RestoredState,
 )
 
 from .conftest import TOPIC, Recorder, Rig, rec
@@ -113,14 +113,14 @@ def test_restore_adopts_an_epoch_and_starts_over_only_at_a_reset(tmp_path: Path)
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     try:
         old, new = EPOCH.pack(TOPIC_ID, 0), EPOCH.pack(OTHER_ID, 0)
-        restored = _Restored(TP, TP, store.epoch(TP))
+        restored = RestoredState(TP, TP, store.epoch(TP))
         restored.add(_WATERMARK_KEY, _OFFSET.pack(19))  # before epochs were written
         restored.add(_EPOCH_KEY, old + _ADOPT)  # first announced: the watermark stays
         restored.add(_WATERMARK_KEY, _OFFSET.pack(18))
         restored.apply(store, 3)
         assert (store.watermark(TP), store.epoch(TP)) == (19, old)
 
-        restored = _Restored(TP, TP, store.epoch(TP))  # a later restore, from position 3
+        restored = RestoredState(TP, TP, store.epoch(TP))  # a later restore, from position 3
         restored.add(_EPOCH_KEY, old + _ADOPT)  # announced again by a restarted owner
         restored.add(_WATERMARK_KEY, _OFFSET.pack(25))
         restored.add(_EPOCH_KEY, new + _RESET)  # the topic was recreated: start over
@@ -128,7 +128,7 @@ def test_restore_adopts_an_epoch_and_starts_over_only_at_a_reset(tmp_path: Path)
         restored.apply(store, 6)
         assert (store.watermark(TP), store.epoch(TP)) == (None, new)
 
-        restored = _Restored(TP, TP, store.epoch(TP))
+        restored = RestoredState(TP, TP, store.epoch(TP))
         restored.add(_EPOCH_KEY, new + _RESET)  # read twice (restore is idempotent)
         restored.add(_WATERMARK_KEY, _OFFSET.pack(3))
         restored.apply(store, 8)
@@ -146,7 +146,7 @@ def test_a_compacted_changelog_that_lost_the_reset_record_still_starts_over(
     store = RocksStore(tmp_path / "s", retention_ms=10**9)
     try:
         new = EPOCH.pack(OTHER_ID, 0)
-        restored = _Restored(TP, TP, None)  # a fresh instance
+        restored = RestoredState(TP, TP, None)  # a fresh instance
         restored.add(_EPOCH_KEY, new + _ADOPT)
         restored.add(_WATERMARK_KEY, _OFFSET.pack(-1))  # the reset's: the old 19 is gone
         restored.apply(store, 9)

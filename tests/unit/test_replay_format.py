@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 
 from dedupe_consumer import DedupeError
-from dedupe_consumer.replay import (
-    Record,
-    RecordingError,
+from dedupe_consumer.replay import Record, RecordingError, read_recording
+from dedupe_consumer.replay.format import (
     RecordingHeader,
     RecordingReader,
     RecordingWriter,
-    read_recording,
+    decode_bytes,
+    encode_bytes,
+    partial_path,
 )
-from dedupe_consumer.replay.format import decode_bytes, encode_bytes, partial_path
 from dedupe_consumer.replay.recorder import parse_start
 from dedupe_consumer.replay.records import TIMESTAMP_LOG_APPEND_TIME
 

@@ -124,7 +124,7 @@ def test_rejected_secrets_are_never_printed_by_the_cli(
 
 
 def test_secret_keys_are_recognised_by_name() -> None:
-    from dedupe_consumer._secrets import is_secret_key
+    from dedupe_consumer.redaction import is_secret_key
 
     for key in (
         "sasl.password",

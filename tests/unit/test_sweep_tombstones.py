@@ -10,8 +10,9 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from dedupe_consumer.engine import Engine
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import Changelog, ProcessedStore, RocksStore, WriteSet
+from dedupe_consumer.store import ProcessedStore, RocksStore, WriteSet
 
 from .conftest import TOPIC, Clock, Recorder, make_settings, rec
 

@@ -1,11 +1,9 @@
-"""The changelog: partition state that travels with the partition.
+"""The changelog: partition state that travels with the partition (the Kafka side).
 
 Each source topic ``T`` of group ``G`` has a compacted topic (see
-:func:`changelog_topic` for its name) with the same partition count. Before a
-batch's decisions reach the local store they are produced there (key
-``d:<event id>`` = the 25-byte decision or claim, ``e:<key>`` = a staged
-effect, ``w`` = the watermark, ``t`` = the offset epoch the watermark belongs
-to; a ``None`` value deletes) in one Kafka
+:func:`~dedupe_consumer.store.changelog_codec.changelog_topic` for its name, and
+that module for its records) with the same partition count. Before a
+batch's decisions reach the local store they are produced there in one Kafka
 transaction that also commits the source offsets (``send_offsets_to_transaction``
 with the group metadata of the batch's poll, as Kafka Streams' exactly-once v2
 does): a zombie owner with a stale group generation is fenced by the broker and
@@ -20,9 +18,6 @@ retention sweep writes through the normal persist path.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import re
-import struct
 import sys
 import threading
 import time
@@ -51,53 +46,18 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it without __all__
 
 from dedupe_consumer.config import KafkaConnection
-from dedupe_consumer.errors import StoreError
+from dedupe_consumer.errors import NotOwnerError, StoreError
+from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.observability.kafka_logs import kafka_log_config
-from dedupe_consumer.store.base import IdRecord, ProcessedStore, WriteSet
+from dedupe_consumer.store.base import ProcessedStore, WriteSet
+from dedupe_consumer.store.changelog_codec import (
+    RestoredState,
+    changelog_records,
+    changelog_topic,
+    legacy_changelog_topic,
+)
 
 log = structlog.get_logger("dedupe_consumer.changelog")
-
-_WATERMARK_KEY = b"w"
-_EPOCH_KEY = b"t"
-"""Value: an offset epoch (``store.EPOCH``) and a flag, 1 when the watermark starts over."""
-_ADOPT, _RESET = b"\x00", b"\x01"
-_DECISION_PREFIX = b"d:"
-_EFFECT_PREFIX = b"e:"
-_OFFSET = struct.Struct(">q")
-
-_SUFFIX = "dedupe-changelog"
-_LEGAL_NAME = re.compile(r"[A-Za-z0-9._-]+")
-_MAX_TOPIC_NAME = 249
-_HINT = 80
-"""Characters of the group and of the topic kept, readable, in a hashed name."""
-
-
-def changelog_topic(group_id: str, topic: str) -> str:
-    """The changelog topic of source ``topic`` in group ``group_id``: one name per pair.
-
-    ``<group>.<topic>.<len(group)>.dedupe-changelog``: the length says where the
-    group ends, so ``(payments, orders.v1)`` and ``(payments.orders, v1)`` differ
-    (``payments.orders.v1.8.`` / ``...15.``). A group with characters that a
-    topic name cannot hold, or a name over Kafka's 249 characters, gets
-    ``<hint>.h<sha256>.dedupe-changelog`` instead, where the hint is a cut,
-    cleaned copy of both for people and the hash (over the length-prefixed pair)
-    keeps the name unique. The two forms cannot meet: one has digits before the
-    suffix, the other ``h`` and hex.
-    """
-    name = f"{group_id}.{topic}.{len(group_id)}.{_SUFFIX}"
-    if _LEGAL_NAME.fullmatch(group_id) and len(name) <= _MAX_TOPIC_NAME:
-        return name
-    pair = f"{len(group_id)}:{group_id}{topic}".encode("utf-8", "surrogatepass")
-    digest = hashlib.sha256(pair).hexdigest()[:32]
-    hint = re.sub(r"[^A-Za-z0-9._-]", "-", group_id[:_HINT]) + "." + topic[:_HINT]
-    return f"{hint}.h{digest}.{_SUFFIX}"
-
-
-def legacy_changelog_topic(group_id: str, topic: str) -> str:
-    """The old, non-injective name: no longer read (see :meth:`Changelog.ensure_topics`)."""
-    return f"{group_id}.{topic}.{_SUFFIX}"
-
 
 _RESTORE_CHUNK = 100_000
 """Records held in memory during a restore before they are applied to the store."""
@@ -143,68 +103,6 @@ _HANG_MARGIN_S = 10.0
 
 class _ProducerStuck(Exception):
     """Internal: a producer call did not return long after its timeout (see _send_offsets)."""
-
-
-class NotOwnerError(StoreError):
-    """The group fenced this instance's changelog transaction: its partitions have moved.
-
-    The transaction is aborted, so none of its records or offsets are visible;
-    the batch is not persisted locally either. Not fatal: the rebalance goes on.
-    """
-
-
-class _Restored:
-    """Changelog records read but not yet applied, latest value per key."""
-
-    def __init__(
-        self, tp: TopicPartition, position_key: TopicPartition, epoch: bytes | None = None
-    ) -> None:
-        self.tp = tp
-        self.position_key = position_key
-        self.records: dict[str, IdRecord | None] = {}
-        self.effects: dict[bytes, bytes | None] = {}
-        self.watermark: int | None = None
-        self.epoch = epoch
-        """The offset epoch of the watermark: the store's, then the latest read."""
-        self.epoch_changed = False
-        self.reset = False
-
-    def __len__(self) -> int:
-        return len(self.records) + len(self.effects)
-
-    def add(self, key: bytes, value: bytes | None) -> None:
-        """One changelog record; a ``None`` value is a tombstone."""
-        if key == _WATERMARK_KEY and value is not None:
-            offset = _OFFSET.unpack(value)[0]
-            if offset >= 0:  # -1 comes with a reset: nothing decided in the new epoch yet
-                self.watermark = offset if self.watermark is None else max(self.watermark, offset)
-        elif key == _EPOCH_KEY and value is not None and value[:-1] != self.epoch:
-            self.epoch, self.epoch_changed = value[:-1], True
-            if value[-1:] == _RESET:  # the old watermark counted offsets of another log
-                self.watermark, self.reset = None, True
-        elif key.startswith(_DECISION_PREFIX):
-            event_id = key[len(_DECISION_PREFIX) :].decode()
-            self.records[event_id] = None if value is None else IdRecord.decode(value)
-        elif key.startswith(_EFFECT_PREFIX):
-            self.effects[key[len(_EFFECT_PREFIX) :]] = value
-
-    def apply(self, store: ProcessedStore, position: int) -> int:
-        """Write what was read, and the changelog position it reaches; then forget it."""
-        tp = self.tp
-        if self.epoch_changed and self.epoch is not None:
-            store.set_epoch(tp, self.epoch, reset_watermark=self.reset)
-            self.epoch_changed = self.reset = False
-        write = WriteSet(changelog_positions={self.position_key: position})
-        local = store.watermark(tp)
-        if self.watermark is not None and (local is None or local < self.watermark):
-            write.watermarks[tp] = self.watermark
-        write.records[tp] = [(i, d) for i, d in self.records.items() if d is not None]
-        write.released[tp] = [i for i, d in self.records.items() if d is None]
-        write.effects[tp] = list(self.effects.items())
-        store.persist(write)
-        count = len(self)
-        self.records, self.effects, self.watermark = {}, {}, None
-        return count
 
 
 class Changelog:
@@ -576,20 +474,8 @@ class Changelog:
         self._delivered = {}
         self._errors = []
         self._producer.begin_transaction()
-        for tp, epoch in announce.items():  # first: it applies to the watermark below
-            flag = _RESET if tp in self._resets else _ADOPT
-            self._send(tp, _EPOCH_KEY, epoch + flag)
-        for tp, items in write.records.items():
-            for event_id, decision in items:
-                self._send(tp, _DECISION_PREFIX + event_id.encode(), decision.encode())
-        for tp, ids in write.released.items():
-            for event_id in ids:
-                self._send(tp, _DECISION_PREFIX + event_id.encode(), None)
-        for tp, changes in write.effects.items():
-            for key, value in changes:
-                self._send(tp, _EFFECT_PREFIX + key, value)
-        for tp, offset in write.watermarks.items():
-            self._send(tp, _WATERMARK_KEY, _OFFSET.pack(offset))
+        for tp, key, value in changelog_records(write, announce, self._resets):
+            self._send(tp, key, value)
         if committed:
             # The broker checks the group generation of this commit: a zombie whose
             # partitions moved fails here, and its records above are aborted with it.
@@ -716,7 +602,7 @@ class Changelog:
                 )
                 start = None
             begin = low if start is None else max(low, start)
-            pending = _Restored(tp, key, store.epoch(tp))
+            pending = RestoredState(tp, key, store.epoch(tp))
             if begin >= high:
                 pending.apply(store, begin)  # an empty partition: remember where it starts
                 self._intact.add(tp)
@@ -776,7 +662,7 @@ class Changelog:
                         store.drop_partition(tp, key)
                         incremental = False
                         begin = position = low
-                        pending = _Restored(tp, key, None)
+                        pending = RestoredState(tp, key, None)
                         consumer.assign([KafkaTopicPartition(name, tp.partition, low)])
                         break
                     pending.add(m.key() or b"", m.value())
