@@ -41,10 +41,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import _machine
-from bench._child import Report
-from bench._data import BODY_BYTES, PARTITIONS, DataSet, delete_topics_containing, produce
-from bench._engine_options import NO_CONCURRENCY
 from bench._services import ServiceError, peak_rss_mb, postgres_server, redis_server
+from bench.child import Report
+from bench.data import BODY_BYTES, PARTITIONS, DataSet, delete_topics_containing, produce
+from bench.engine_options import NO_CONCURRENCY
 
 REPO = Path(__file__).resolve().parents[1]
 QUIX_VENV = Path(
@@ -311,7 +311,7 @@ def run_contender(
         outcome.error = f"exit code {proc.returncode}: {tail[-400:]}"
         return outcome
     try:
-        line = json.loads(lines[-1])  # a bench._child Report, or a Refusal
+        line = json.loads(lines[-1])  # a bench.child Report, or a Refusal
     except json.JSONDecodeError:
         outcome.error = f"no report line on stdout, last line was {lines[-1][:200]!r}"
         return outcome

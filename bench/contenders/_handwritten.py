@@ -16,7 +16,7 @@ from typing import Literal
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
-from bench._child import Stopwatch
+from bench.child import Stopwatch
 
 Headers = list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None] | None
 

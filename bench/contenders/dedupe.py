@@ -16,7 +16,7 @@ The I/O-bound rows swap the handler:
 
 ``--concurrency N`` and ``--ordering key|partition`` set
 ``processing.concurrency`` / ``processing.ordering`` when the installed
-engine has them (see :mod:`bench._engine_options`); the report says what the
+engine has them (see :mod:`bench.engine_options`); the report says what the
 engine ran with.
 
 ``--profile PATH`` runs the consumer under pyinstrument and writes
@@ -34,8 +34,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from bench._child import Stopwatch, emit, emit_refused
-from bench._engine_options import concurrency_settings, processing_fields
+from bench.child import Stopwatch, emit, emit_refused
+from bench.engine_options import concurrency_settings, processing_fields
 from dedupe_consumer import ConfigError, DedupeConsumer, Event, Handler, Settings
 from dedupe_consumer.engine import BatchResult
 from dedupe_consumer.models import SourceMessage, TopicPartition

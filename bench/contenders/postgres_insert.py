@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import psycopg
 
-from bench._child import emit, parse_args
+from bench.child import emit, parse_args
 from bench.contenders._handwritten import consume_loop
 
 SCHEMA = """

@@ -13,7 +13,7 @@ comparison is the cost of the dedupe state, not of a deserializer.
 
 This module runs under the interpreter of the Quix virtualenv (quixstreams pins
 an older confluent-kafka than this project, see ``bench/setup.sh``), so it
-imports nothing from this project but :mod:`bench._child`.
+imports nothing from this project but :mod:`bench.child`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 from quixstreams import Application  # type: ignore[import-not-found, unused-ignore]
 
-from bench._child import Stopwatch, emit, parse_args
+from bench.child import Stopwatch, emit, parse_args
 
 
 def main() -> None:

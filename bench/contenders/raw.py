@@ -19,7 +19,7 @@ from typing import Literal
 
 from confluent_kafka import Message
 
-from bench._child import emit, parse_args
+from bench.child import emit, parse_args
 from bench.contenders._handwritten import batch_loop
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import redis
 
-from bench._child import emit, parse_args
+from bench.child import emit, parse_args
 from bench.contenders._handwritten import consume_loop
 
 TTL_SECONDS = 7 * 24 * 3600

@@ -1,7 +1,7 @@
 """``dedupe-consumer sidecar`` POSTing every unique event to a local target that answers in 2 ms.
 
 This process is the sidecar's surroundings, not the sidecar: it starts the
-target (:class:`bench._http_target.HttpTarget`, counting POSTs per
+target (:class:`bench.http_target.HttpTarget`, counting POSTs per
 ``Idempotency-Key``), writes a settings file with a ``[sidecar]`` section,
 runs ``python -m dedupe_consumer sidecar --config ...`` as a child process,
 exactly as a user would, and watches the group's committed offsets.
@@ -16,7 +16,7 @@ exactly as a user would, and watches the group's committed offsets.
 * The peak RSS is the sidecar process's (``RUSAGE_CHILDREN``), not this one's.
 
 ``--concurrency`` and ``--ordering`` go to ``[processing]`` when the engine has
-them (see :mod:`bench._engine_options`).
+them (see :mod:`bench.engine_options`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from bench._child import emit, parse_args
-from bench._engine_options import concurrency_settings, processing_fields
-from bench._http_target import HttpTarget
+from bench.child import emit, parse_args
+from bench.engine_options import concurrency_settings, processing_fields
+from bench.http_target import HttpTarget
 
 POLL_S = 0.025
 STOP_GRACE_S = 60.0

@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench._child import Report
-from bench._data import DataSet
-from bench._engine_options import NO_CONCURRENCY, concurrency_settings, processing_fields
-from bench._http_target import HttpTarget
+from bench.child import Report
 from bench.compare import CONTENDERS, Outcome, _correctness, _select, _targets
 from bench.contenders.sidecar import config_sections, settings_toml
+from bench.data import DataSet
+from bench.engine_options import NO_CONCURRENCY, concurrency_settings, processing_fields
+from bench.http_target import HttpTarget
 from dedupe_consumer.sidecar.settings import SidecarAppSettings
 
 DATA = DataSet("t", events=100, unique=90, duplicates=0.1)
