@@ -44,6 +44,20 @@ class OffsetRegressionError(DedupeError):
     """
 
 
+class CommitError(DedupeError):
+    """A source could not commit offsets now. Never fatal.
+
+    The offsets are durable already (the watermark in the store covers them,
+    invariant 2), so the source keeps them and commits them again later: with
+    the next batch or idle poll, before their partition is revoked, at close.
+    ``code`` names the cause as the source reported it (e.g. a Kafka error name).
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class MissingEventIdError(DedupeError):
     """An event has no usable ID and ``on_missing_id = "fail"`` asks us to stop."""
 

@@ -4,6 +4,14 @@ The source owns the confluent-kafka ``Consumer`` and translates its rebalance
 callbacks into the listener calls the runner understands. Offsets are never
 auto-committed or auto-stored: the only commits are the ones the runner asks
 for after the engine has persisted the decisions they cover.
+
+It is also the one owner of offsets that are durable but not committed yet
+(:attr:`KafkaSource.uncommitted`): a commit is asynchronous, so only the
+source learns whether it went through. It retries failed ones, commits a
+revoked partition's synchronously before it goes, forgets a lost partition's,
+and drops those a changelog transaction committed. Kafka's exceptions stop
+here: :meth:`KafkaSource.commit` raises the library's
+:class:`~dedupe_consumer.errors.CommitError`.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec  # admin re-exports it without __all__
 
 from dedupe_consumer.config import Settings
+from dedupe_consumer.contracts import AssignmentListener, PartitionLog
+from dedupe_consumer.errors import CommitError
 from dedupe_consumer.kafka.topics import controller_known
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
@@ -35,7 +45,7 @@ from dedupe_consumer.observability.kafka_logs import (
     kafka_log_config,
     plain_offset,
 )
-from dedupe_consumer.sources import AssignmentListener, PartitionLog
+from dedupe_consumer.store import Changelog
 
 log = structlog.get_logger("dedupe_consumer.kafka")
 _UUID = struct.Struct(">QQ")
@@ -66,8 +76,16 @@ class KafkaSource:
     """A subscribed consumer that returns batches and commits on request."""
 
     def __init__(
-        self, settings: Settings, listener: AssignmentListener, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        listener: AssignmentListener,
+        metrics: Metrics | None = None,
+        *,
+        changelog: Changelog | None = None,
     ) -> None:
+        """With a ``changelog``, each of its transactions commits the source offsets
+        with this consumer's group metadata (so the broker fences a stale owner),
+        and what it committed is not committed again."""
         self.settings = settings
         self.listener = listener
         self.metrics = metrics or Metrics()
@@ -82,7 +100,8 @@ class KafkaSource:
         conf["enable.auto.commit"] = False
         conf["enable.auto.offset.store"] = False
         conf["on_commit"] = self._on_commit
-        self._issued: dict[TopicPartition, int] = {}
+        self.uncommitted: dict[TopicPartition, int] = {}
+        """Durable offsets, latest per partition, not known to be committed yet."""
         self._group_metadata: object | None = None
         self._admin: AdminClient | None = None
         self._recommit = False
@@ -90,8 +109,13 @@ class KafkaSource:
         # Incremental (un)assignment: cooperative-sticky, and always with the consumer
         # group protocol (KIP-848), where an eager assign() fails with _STATE.
         self.cooperative = "cooperative" in strategy or consumer_protocol(conf)
-        self.max_poll_interval_ms = int(conf.get("max.poll.interval.ms", 300_000))
+        self.max_poll_interval_ms = kafka.max_poll_interval_ms
         self._consumer = Consumer({**conf, **kafka_log_config()})
+        self._changelog = changelog
+        if changelog is not None:
+            changelog.group_metadata = self.consumer_group_metadata
+            changelog.live_group_metadata = self.live_group_metadata
+            changelog.on_offsets_committed = self.committed_in_transaction
         self._consumer.subscribe(
             list(kafka.topics),
             on_assign=self._on_assign,
@@ -121,7 +145,7 @@ class KafkaSource:
                 p.offset = start
                 # Decided but not committed (a crash between persist and commit): commit
                 # it now, or an idle partition would show that lag forever.
-                self._issued[TopicPartition(p.topic, p.partition)] = start
+                self.uncommitted[TopicPartition(p.topic, p.partition)] = start
                 self._recommit = True
             else:
                 p.offset = done if done >= 0 else OFFSET_INVALID
@@ -201,17 +225,17 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
-        self._issued.update(self.listener.on_revoked(tps))
+        self.listener.on_revoked(tps)
         self._commit_now(tps)  # the next owner starts from here: make sure it is committed
         for tp in tps:
-            self._issued.pop(tp, None)
+            self.uncommitted.pop(tp, None)
         log.info("revoked", partitions=[str(tp) for tp in tps])
 
     def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
         self.listener.on_lost(tps)
         for tp in tps:
-            self._issued.pop(tp, None)  # not ours any more: nothing may be committed
+            self.uncommitted.pop(tp, None)  # not ours any more: nothing may be committed
         log.warning("partitions_lost", partitions=[str(tp) for tp in tps])
 
     def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
@@ -222,8 +246,8 @@ class KafkaSource:
                 "commit_failed",
                 **kafka_error_fields(error),
                 offsets={f"{p.topic}[{p.partition}]": plain_offset(p.offset) for p in partitions},
-                note="offsets stay covered by the durable watermark; committed again on the "
-                "next idle poll, revocation or close",
+                note="offsets stay covered by the durable watermark; committed again with "
+                "the next batch or idle poll, at revocation or close",
             )
 
     # -- batches and commits ---------------------------------------------------------------
@@ -234,9 +258,6 @@ class KafkaSource:
         # kicked out, librdkafka resets it to "no generation", which a transactional
         # offset commit would not be fenced by.
         self._group_metadata = self._consumer.consumer_group_metadata()
-        if not messages and self._recommit and self._issued:
-            self._recommit = False  # an async commit failed (a rebalance, say): say it again
-            self._consumer.commit(offsets=_kafka_offsets(self._issued), asynchronous=True)
         if not any(m.error() for m in messages):
             return messages
         good: list[Message] = []
@@ -265,10 +286,23 @@ class KafkaSource:
 
         Waiting for the broker's answer would cost a round trip per batch and buy
         nothing: a lost commit only means redelivered offsets that the watermark
-        skips. Revocation and close commit synchronously.
+        skips. Revocation and close commit synchronously. After a failed commit
+        (reported now, or later to the commit callback), every uncommitted offset
+        is sent again with the next call; ``{}`` (an idle poll) only does that.
+        Raises :class:`CommitError` when librdkafka refuses the commit now.
         """
-        self._issued.update(offsets)
-        self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=True)
+        self.uncommitted.update(offsets)
+        if self._recommit:
+            offsets = self.uncommitted  # an earlier commit failed (a rebalance, say): again
+        if not offsets:
+            return
+        self._recommit = False
+        try:
+            self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=True)
+        except KafkaException as exc:
+            self._recommit = True
+            fields = kafka_error_fields(exc)
+            raise CommitError(fields["error"], code=fields["error_code"]) from exc
 
     def consumer_group_metadata(self) -> object | None:
         """The group metadata of the last poll (opaque), for transactional offset commits."""
@@ -282,15 +316,22 @@ class KafkaSource:
     def committed_in_transaction(self, offsets: Mapping[TopicPartition, int]) -> None:
         """A changelog transaction committed ``offsets``: nothing older is to be re-sent."""
         for tp, offset in offsets.items():
-            if self._issued.get(tp, offset) <= offset:
-                self._issued.pop(tp, None)
+            if self.uncommitted.get(tp, offset) <= offset:
+                self.uncommitted.pop(tp, None)
 
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
-        for ktp in _kafka_offsets(offsets):
-            self._consumer.seek(ktp)
+        try:
+            for ktp in _kafka_offsets(offsets):
+                self._consumer.seek(ktp)
+        except KafkaException as exc:  # revoked meanwhile: its new owner reads it
+            log.warning(
+                "seek_failed",
+                **kafka_error_fields(exc),
+                offsets={str(tp): o for tp, o in offsets.items()},
+            )
 
     def _commit_now(self, tps: Sequence[TopicPartition] | None = None) -> None:
-        offsets = {tp: o for tp, o in self._issued.items() if tps is None or tp in tps}
+        offsets = {tp: o for tp, o in self.uncommitted.items() if tps is None or tp in tps}
         if not offsets:
             return
         try:
@@ -304,6 +345,10 @@ class KafkaSource:
     def close(self) -> None:
         self._commit_now()
         self._consumer.close()
+        if self._changelog is not None:  # it may outlive this source (edges run again)
+            self._changelog.group_metadata = None
+            self._changelog.live_group_metadata = None
+            self._changelog.on_offsets_committed = None
 
 
 def _starts(
