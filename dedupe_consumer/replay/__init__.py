@@ -5,7 +5,9 @@
   through the real consumer loop and engine with no broker, and returns a
   :class:`ReplayReport`;
 * :func:`produce_recording` (``dedupe-consumer replay --to-topic``) sends it
-  back to a topic, for integration tests of a real consumer.
+  back to a topic, for integration tests of a real consumer;
+* :func:`edges` feeds records to a :class:`~dedupe_consumer.DedupeConsumer` you
+  build yourself (what :func:`replay_recording` does).
 
 The file format is specified in ``docs/recording-format.md``.
 """
@@ -25,6 +27,7 @@ from dedupe_consumer.replay.recorder import record_topic
 from dedupe_consumer.replay.records import Record
 from dedupe_consumer.replay.report import LostEvent, ReplayReport
 from dedupe_consumer.replay.source import ReplaySource
+from dedupe_consumer.replay.wiring import edges
 
 __all__ = [
     "FORMAT_VERSION",
@@ -38,6 +41,7 @@ __all__ = [
     "RecordingWriter",
     "ReplayReport",
     "ReplaySource",
+    "edges",
     "produce_recording",
     "read_recording",
     "record_topic",
