@@ -267,9 +267,9 @@ class DedupeConsumer:
                 "commit_failed",
                 error=str(exc),
                 error_code=exc.code,
-                offsets={str(tp): o for tp, o in offsets.items()},
+                offsets={str(tp): o for tp, o in (exc.offsets or offsets).items()},
                 note="offsets stay covered by the durable watermark; the source commits "
-                "them again with the next batch or idle poll",
+                "them again with the next batch or idle poll, at revocation or close",
             )
 
     def _stop_on_signal(self, signum: int) -> None:

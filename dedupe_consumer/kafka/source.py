@@ -105,6 +105,8 @@ class KafkaSource:
         self._group_metadata: object | None = None
         self._admin: AdminClient | None = None
         self._recommit = False
+        self._failed: CommitError | None = None
+        """An asynchronous commit that failed, raised by the next :meth:`commit`."""
         strategy = str(conf.get("partition.assignment.strategy", ""))
         # Incremental (un)assignment: cooperative-sticky, and always with the consumer
         # group protocol (KIP-848), where an eager assign() fails with _STATE.
@@ -239,16 +241,16 @@ class KafkaSource:
         log.warning("partitions_lost", partitions=[str(tp) for tp in tps])
 
     def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
-        if error is not None:
-            self._recommit = True
-            self.metrics.commit_failures.inc()
-            log.warning(
-                "commit_failed",
-                **kafka_error_fields(error),
-                offsets={f"{p.topic}[{p.partition}]": plain_offset(p.offset) for p in partitions},
-                note="offsets stay covered by the durable watermark; committed again with "
-                "the next batch or idle poll, at revocation or close",
-            )
+        if error is None:
+            return
+        self._recommit = True  # sent again with the next commit, which raises this error
+        refused = [p for p in partitions if p.error is not None] or partitions
+        fields = kafka_error_fields(error)
+        self._failed = CommitError(
+            fields["error"],
+            code=fields["error_code"],
+            offsets={TopicPartition(p.topic, p.partition): p.offset for p in refused},
+        )
 
     # -- batches and commits ---------------------------------------------------------------
 
@@ -286,23 +288,28 @@ class KafkaSource:
 
         Waiting for the broker's answer would cost a round trip per batch and buy
         nothing: a lost commit only means redelivered offsets that the watermark
-        skips. Revocation and close commit synchronously. After a failed commit
-        (reported now, or later to the commit callback), every uncommitted offset
-        is sent again with the next call; ``{}`` (an idle poll) only does that.
-        Raises :class:`CommitError` when librdkafka refuses the commit now.
+        skips. Revocation and close commit synchronously. After a failed commit,
+        every uncommitted offset is sent again with the next call; ``{}`` (an idle
+        poll) only does that. Raises :class:`CommitError` when librdkafka refuses
+        the commit now, or when the broker refused an earlier one (its answer
+        comes during a poll): either way it was just sent again.
         """
         self.uncommitted.update(offsets)
         if self._recommit:
             offsets = self.uncommitted  # an earlier commit failed (a rebalance, say): again
-        if not offsets:
-            return
-        self._recommit = False
-        try:
-            self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=True)
-        except KafkaException as exc:
-            self._recommit = True
-            fields = kafka_error_fields(exc)
-            raise CommitError(fields["error"], code=fields["error_code"]) from exc
+        failed, self._failed = self._failed, None
+        if offsets:
+            self._recommit = False
+            try:
+                self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=True)
+            except KafkaException as exc:
+                self._recommit = True
+                fields = kafka_error_fields(exc)
+                raise CommitError(
+                    fields["error"], code=fields["error_code"], offsets=offsets
+                ) from exc
+        if failed is not None:
+            raise failed
 
     def consumer_group_metadata(self) -> object | None:
         """The group metadata of the last poll (opaque), for transactional offset commits."""
