@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol, TypeVar
 
@@ -58,10 +59,20 @@ class LoopSettings(Protocol):
     def observability(self) -> ObservabilitySettings: ...
 
 
+@dataclass(frozen=True)
+class _Hooks:
+    """What extensions registered (see :meth:`DedupeConsumer.on_assign` and co.)."""
+
+    assign: list[PartitionHook] = field(default_factory=list)
+    revoke: list[PartitionHook] = field(default_factory=list)
+    lost: list[PartitionHook] = field(default_factory=list)
+    stop: list[Callable[[], object]] = field(default_factory=list)
+
+
 class _Listener:
     """The loop's side of the source's rebalance callbacks: the engine, then the hooks."""
 
-    def __init__(self, engine: Engine, hooks: Mapping[str, Sequence[PartitionHook]]) -> None:
+    def __init__(self, engine: Engine, hooks: _Hooks) -> None:
         self.engine = engine
         self.hooks = hooks
 
@@ -71,18 +82,18 @@ class _Listener:
         logs: Mapping[TopicPartition, PartitionLog] | None = None,
     ) -> Mapping[TopicPartition, int | None]:
         starts = self.engine.assign(tps, logs)  # restored first: hooks see partitions ready
-        for hook in self.hooks["assign"]:
+        for hook in self.hooks.assign:
             hook(tps)
         return starts
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
         self.engine.release(tps)
-        for hook in self.hooks["revoke"]:
+        for hook in self.hooks.revoke:
             hook(tps)
 
     def on_lost(self, tps: Sequence[TopicPartition]) -> None:
         self.engine.release(tps)
-        for hook in self.hooks["lost"]:
+        for hook in self.hooks.lost:
             hook(tps)
 
 
@@ -113,8 +124,7 @@ class DedupeConsumer:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._edges = edges
-        self._hooks: dict[str, list[PartitionHook]] = {"assign": [], "revoke": [], "lost": []}
-        self._stop_hooks: list[Callable[[], object]] = []
+        self._hooks = _Hooks()
         self._engine: Engine | None = None
         self._stop = threading.Event()
         self.totals = BatchStats()
@@ -127,25 +137,25 @@ class DedupeConsumer:
         Runs on the consuming thread, inside the poll. Returns ``hook`` (usable as a
         decorator).
         """
-        self._hooks["assign"].append(hook)
+        self._hooks.assign.append(hook)
         return hook
 
     def on_revoke(self, hook: _Hook) -> _Hook:
         """Call ``hook(partitions)`` when partitions are revoked, before their offsets are
         committed and they go. Returns ``hook``."""
-        self._hooks["revoke"].append(hook)
+        self._hooks.revoke.append(hook)
         return hook
 
     def on_lost(self, hook: _Hook) -> _Hook:
         """Call ``hook(partitions)`` when partitions were lost (taken away without a
         revocation: nothing is committed for them). Returns ``hook``."""
-        self._hooks["lost"].append(hook)
+        self._hooks.lost.append(hook)
         return hook
 
     def on_stop(self, hook: _Hook) -> _Hook:
         """Call ``hook()`` when a stop is requested (:meth:`stop`, SIGTERM/SIGINT), after the
         engine was told to stop; on the thread that asked. Returns ``hook``."""
-        self._stop_hooks.append(hook)
+        self._hooks.stop.append(hook)
         return hook
 
     # -- the loop --------------------------------------------------------------------------
@@ -160,7 +170,7 @@ class DedupeConsumer:
         self._stop.set()
         if self._engine is not None:
             self._engine.request_stop()
-        for hook in self._stop_hooks:
+        for hook in self._hooks.stop:
             hook()
 
     def run(
