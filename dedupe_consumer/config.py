@@ -241,6 +241,16 @@ class KafkaSettings(_Section):
             )
         return value
 
+    @property
+    def max_poll_interval_ms(self) -> int:
+        """``[kafka.consumer]``'s ``max.poll.interval.ms`` (librdkafka's default: 300000)."""
+        return int(self.consumer.get("max.poll.interval.ms", 300_000))
+
+    @property
+    def max_message_bytes(self) -> int:
+        """``[kafka.producer]``'s ``message.max.bytes`` (librdkafka's default: 1000000)."""
+        return int(self.producer.get("message.max.bytes", 1_000_000))
+
 
 class DedupeSettings(_Section):
     id_source: str = Field("header:event-id", description=f"one of {ID_SOURCE_FORMS}")
@@ -405,7 +415,7 @@ class Settings(BaseSettings):
         if self.processing.mode != "claim":
             return self
         try:
-            interval_ms = int(self.kafka.consumer.get("max.poll.interval.ms", 300_000))
+            interval_ms = self.kafka.max_poll_interval_ms
         except ValueError:
             return self  # librdkafka names the bad value itself
         lease_ms = self.processing.claim_lease.total_seconds() * 1000

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from dedupe_consumer.config import Settings
 from dedupe_consumer.consumer import DedupeConsumer
-from dedupe_consumer.engine import BatchResult
+from dedupe_consumer.contracts import BatchResult
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.models import Event

@@ -27,12 +27,14 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import structlog
 
 from dedupe_consumer._faults import fault_point
-from dedupe_consumer.config import Settings
+from dedupe_consumer.config import DedupeSettings, ProcessingSettings
+from dedupe_consumer.contracts import BatchResult, PartitionLog
 from dedupe_consumer.dead_letters import DeadLetter, DeadLetterSink
 from dedupe_consumer.effects import Effects
 from dedupe_consumer.errors import (
@@ -58,7 +60,6 @@ from dedupe_consumer.models import (
 )
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.partitioners import placed_by_a_common_partitioner
-from dedupe_consumer.sources import PartitionLog
 from dedupe_consumer.store import (
     EPOCH,
     RECORDED_AS,
@@ -86,18 +87,6 @@ _BUSY_REVOKED_SWEEP = 256
 def payload_digest(value: bytes | None) -> bytes:
     """8-byte digest stored with each ID to tell a true duplicate from a reused ID."""
     return hashlib.blake2b(value or b"", digest_size=8).digest()
-
-
-@dataclass(slots=True)
-class BatchResult:
-    stats: BatchStats
-    commits: dict[TopicPartition, int]
-    """Next offset to consume per partition: durable decisions cover everything below."""
-    error: BaseException | None = None
-    """Set when the batch stopped early on a fatal condition (after persisting the prefix)."""
-    handled_ids: list[str] = field(default_factory=list)
-    rewind: dict[TopicPartition, int] = field(default_factory=dict)
-    """Where to re-read partitions whose messages were not all decided (a cut walk)."""
 
 
 class _Stop(Exception):
@@ -149,28 +138,36 @@ class Engine:
     def __init__(
         self,
         handler: Handler,
-        settings: Settings,
+        dedupe: DedupeSettings,
+        processing: ProcessingSettings,
         store: ProcessedStore,
         dead_letters: DeadLetterSink,
         *,
+        sweep_keys: int,
+        revoked_state_grace: timedelta,
+        max_record_bytes: int = 1_000_000,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         changelog: StateChangelog | None = None,
         walk_budget_s: float | None = None,
     ) -> None:
+        """``sweep_keys`` and ``revoked_state_grace`` are ``[store]``'s;
+        ``max_record_bytes`` is the largest changelog record (the producer's
+        ``message.max.bytes``), which bounds a staged effect."""
         self.handler = handler
         self.walk_budget_s = walk_budget_s
         """How long one batch may spend in handlers before the rest is re-read: the
         Kafka source sets it below ``max.poll.interval.ms`` so that a slow batch
         keeps the group membership (a single call longer than that still loses it)."""
-        self.settings = settings
+        self.dedupe = dedupe
+        self.processing = processing
         self.store = store
         self.dead_letters = dead_letters
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.changelog = changelog
-        self.claims = settings.processing.mode == "claim"
-        self._extract = parse_id_source(settings.dedupe.id_source)
+        self.claims = processing.mode == "claim"
+        self._extract = parse_id_source(dedupe.id_source)
         self._watermarks: dict[TopicPartition, int | None] = {}
         self._next: dict[TopicPartition, int] = {}
         """Per owned partition, an offset that is safe to commit (everything before it is
@@ -186,17 +183,17 @@ class Engine:
         """Partitions with local state that we do not own, and since when (clock seconds)."""
         self._revoked_listed = False
         self._stopping = threading.Event()
-        self._sweep_budget = settings.store.sweep_keys
+        self._sweep_budget = sweep_keys
+        self._revoked_grace_s = revoked_state_grace.total_seconds()
         self._walk_effects: Effects | None = None
         self._walk_deadline: float | None = None
         # A staged effect becomes one changelog record: refuse it at stage() time if it
         # cannot fit, so the attempt fails instead of the batch's changelog transaction.
-        max_bytes = int(settings.kafka.producer.get("message.max.bytes", 1_000_000))
-        self._max_effect_bytes = max_bytes - _EFFECT_OVERHEAD
+        self._max_effect_bytes = max_record_bytes - _EFFECT_OVERHEAD
         _refuse_coroutines(handler)
         if (
             self.claims
-            and settings.processing.on_uncertain == "reconcile"
+            and processing.on_uncertain == "reconcile"
             and type(handler).reconcile is Handler.reconcile
         ):
             raise ConfigError(
@@ -328,7 +325,7 @@ class Engine:
         if why is None:
             return wm, wm + 1
         self.metrics.offset_regressions.labels(tp.topic).inc()
-        if self.settings.processing.on_offset_regression == "fail":
+        if self.processing.on_offset_regression == "fail":
             log.error("offset_regression", partition=str(tp), reason=why, watermark=wm)
             raise OffsetRegressionError(
                 f"{tp}: {why}. Its new events at offsets up to {wm} would be taken for "
@@ -438,7 +435,7 @@ class Engine:
             if deleted:  # not ours: deleted locally only, never tombstoned in the changelog
                 self.metrics.expired_deleted.inc(deleted)
             return
-        grace = self.settings.store.revoked_state_grace.total_seconds()
+        grace = self._revoked_grace_s
         for tp, since in list(self._revoked.items()):
             if now - since >= grace:
                 self.store.drop_partition(tp, self.changelog.position_key(tp))
@@ -657,7 +654,7 @@ class Engine:
 
     def _on_missing_id(self, item: _Item, missing: MissingId) -> None:
         message = item.message
-        policy = self.settings.dedupe.on_missing_id
+        policy = self.dedupe.on_missing_id
         why = str(missing)
         if policy == "hash":
             try:
@@ -668,7 +665,7 @@ class Engine:
         elif policy == "fail":
             item.fail = MissingEventIdError(
                 f"{message.topic()}[{message.partition()}]@{message.offset()}: {why} "
-                f"(id_source={self.settings.dedupe.id_source!r}, on_missing_id='fail')"
+                f"(id_source={self.dedupe.id_source!r}, on_missing_id='fail')"
             )
             item.decision = Decision.DEAD_LETTERED  # never reached: the walk stops first
             return
@@ -681,7 +678,7 @@ class Engine:
             item.decision = Decision.DUPLICATE
             return
         item.decision = Decision.CONFLICT
-        if self.settings.dedupe.on_conflict == "dead-letter":
+        if self.dedupe.on_conflict == "dead-letter":
             item.letter = DeadLetter(
                 DeadLetterReason.CONFLICTING_DUPLICATE,
                 item.event_id,
@@ -844,8 +841,8 @@ class Engine:
     ) -> Decision:
         claim = item.found_claim
         assert claim is not None and item.event_id is not None
-        policy = self.settings.processing.on_uncertain
-        lease_ms = int(self.settings.processing.claim_lease.total_seconds() * 1000)
+        policy = self.processing.on_uncertain
+        lease_ms = int(self.processing.claim_lease.total_seconds() * 1000)
         age_ms = int(self.clock() * 1000) - claim.decided_at_ms
         if age_ms < lease_ms:  # another owner may still hold the claim: wait out its lease
             wait_s = (lease_ms - age_ms) / 1000
@@ -966,7 +963,7 @@ class Engine:
             return self._dead_letter(
                 item, DeadLetterReason.INVALID_PAYLOAD, type(invalid).__name__, str(invalid), 0
             )
-        processing = self.settings.processing
+        processing = self.processing
         attempts = processing.max_retries + 1
         effects = self._effects(tp, batch_effects)
         base = self._event(tp, item, payload, effects)

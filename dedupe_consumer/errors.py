@@ -7,6 +7,12 @@ are importable without pulling in Kafka or RocksDB.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dedupe_consumer.models import TopicPartition
+
 
 class DedupeError(Exception):
     """Base class of every error dedupe_consumer raises itself."""
@@ -50,6 +56,28 @@ class OffsetRegressionError(DedupeError):
     Raised at assignment with ``processing.on_offset_regression = "fail"``: new events
     at reused offsets would otherwise be taken for replays and never handled.
     """
+
+
+class CommitError(DedupeError):
+    """A source could not commit offsets: this commit, or an earlier one that failed
+    since. Never fatal.
+
+    The offsets are durable already (the watermark in the store covers them,
+    invariant 2), so the source keeps them and commits them again later: with
+    the next batch or idle poll, before their partition is revoked, at close.
+    ``code`` names the cause as the source reported it (e.g. a Kafka error name);
+    ``offsets`` are the ones that failed, when the source knows.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: str = "",
+        offsets: Mapping[TopicPartition, int] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.offsets = dict(offsets or {})
 
 
 class MissingEventIdError(DedupeError):

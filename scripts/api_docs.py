@@ -5,7 +5,8 @@
 
 The reference is generated so that it cannot drift from the code: a test runs
 ``--check``. It covers what a user writes against: the names exported by
-``dedupe_consumer`` (Handler, Event, DedupeConsumer, Settings, errors) and the
+``dedupe_consumer`` (Handler, Event, DedupeConsumer, Settings, errors), the
+extension contracts (``dedupe_consumer.contracts``, the edges builders) and the
 pytest plugin's fixtures.
 """
 
@@ -120,6 +121,10 @@ def _class_section(cls: type, title: str | None = None) -> list[str]:
     return lines
 
 
+def _function_section(title: str, func: Callable[..., Any]) -> list[str]:
+    return [f"## `{title}{_signature(func)}`", "", _doc(func), ""]
+
+
 def render() -> str:
     sys.path.insert(0, str(ROOT))
     import dedupe_consumer
@@ -149,6 +154,13 @@ def render() -> str:
         "",
     ]
     lines += _class_section(replay.ReplayReport)
+    lines += _function_section("replay.edges", replay.edges)
+    from dedupe_consumer import contracts, kafka
+
+    lines += ["# Extension contracts (`dedupe_consumer.contracts`)", "", _doc(contracts), ""]
+    for name in ("Edges", "Source", "AssignmentListener", "PartitionLog", "BatchResult"):
+        lines += _class_section(getattr(contracts, name))
+    lines += _function_section("kafka.edges", kafka.edges)
     lines += [
         "# pytest fixtures",
         "",

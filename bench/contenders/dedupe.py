@@ -32,15 +32,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from bench.child import Stopwatch, emit, emit_refused
 from bench.engine_options import concurrency_settings, processing_fields
-from dedupe_consumer import ConfigError, DedupeConsumer, Event, Handler, Settings
-from dedupe_consumer.engine import BatchResult
+from dedupe_consumer import ConfigError, DedupeConsumer, Event, Handler, Settings, kafka
+from dedupe_consumer.contracts import AssignmentListener, BatchResult, Edges, Source
 from dedupe_consumer.models import SourceMessage, TopicPartition
 from dedupe_consumer.observability import configure_logging
-from dedupe_consumer.sources import Source
 
 
 class CountingNoOp(Handler):
@@ -116,20 +116,17 @@ class _TimedSource:
         self._inner.close()
 
 
-class _TimedConsumer(DedupeConsumer):
-    """A DedupeConsumer whose Kafka source is wrapped by :class:`_TimedSource`.
+def _timed(edges: Edges, clock: Stopwatch) -> Edges:
+    """The Kafka edges with their source wrapped by :class:`_TimedSource`.
 
-    Wrapping the source the consumer opens itself (rather than passing
-    ``source=``) keeps the code path a user gets: a custom source factory
-    turns the changelog off.
+    Only the source factory is replaced, so the code path is the one a user gets
+    (the changelog stays wired to the Kafka source).
     """
 
-    def __init__(self, handler: Handler, settings: Settings, clock: Stopwatch) -> None:
-        super().__init__(handler, settings)
-        self._clock = clock
+    def open_source(listener: AssignmentListener) -> Source:
+        return _TimedSource(edges.source(listener), clock)
 
-    def _open_source(self) -> Source:
-        return _TimedSource(super()._open_source(), self._clock)
+    return replace(edges, source=open_source)
 
 
 def run(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float, str]:
@@ -155,20 +152,22 @@ def run(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float, str]
     )
     handler = make_handler(args.handler, args.sleep_ms)
     clock = Stopwatch()
-    consumer = _TimedConsumer(handler, settings, clock)
+    edges = kafka.edges(settings)
+    consumer = DedupeConsumer(handler, settings, edges=_timed(edges, clock))
 
     def on_batch(result: BatchResult) -> None:
         clock.lap()  # called after the batch's offsets were committed
 
-    totals = consumer.run(
-        until=lambda t: t.consumed >= args.events,
-        on_batch=on_batch,
-        install_signal_handlers=False,
-    )
-    if not clock.first:  # the override above no longer hooks the loop: fail, don't mismeasure
-        raise RuntimeError(
-            "no batch went through _TimedSource: DedupeConsumer._open_source changed?"
+    try:
+        totals = consumer.run(
+            until=lambda t: t.consumed >= args.events,
+            on_batch=on_batch,
+            install_signal_handlers=False,
         )
+    finally:
+        edges.close()
+    if not clock.first:  # the wrapper above no longer hooks the loop: fail, don't mismeasure
+        raise RuntimeError("no batch went through _TimedSource: the edges' source changed?")
     if totals.handled != handler.calls:
         raise RuntimeError(f"engine counted {totals.handled} handled, handler saw {handler.calls}")
     return totals.consumed, handler.calls, clock.seconds, engine

@@ -4,6 +4,14 @@ The source owns the confluent-kafka ``Consumer`` and translates its rebalance
 callbacks into the listener calls the runner understands. Offsets are never
 auto-committed or auto-stored: the only commits are the ones the runner asks
 for after the engine has persisted the decisions they cover.
+
+It is also the one owner of offsets that are durable but not committed yet
+(:attr:`KafkaSource.uncommitted`): a commit is asynchronous, so only the
+source learns whether it went through. It retries failed ones, commits a
+revoked partition's synchronously before it goes, forgets a lost partition's,
+and drops those a changelog transaction committed. Kafka's exceptions stop
+here: :meth:`KafkaSource.commit` raises the library's
+:class:`~dedupe_consumer.errors.CommitError`.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 )
 
 from dedupe_consumer.config import Settings
+from dedupe_consumer.contracts import AssignmentListener, PartitionLog
+from dedupe_consumer.errors import CommitError
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.kafka.logs import (
     kafka_error_fields,
     kafka_log_config,
@@ -37,7 +48,6 @@ from dedupe_consumer.kafka.logs import (
 from dedupe_consumer.kafka.topics import controller_known
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.sources import AssignmentListener, PartitionLog
 
 log = structlog.get_logger("dedupe_consumer.kafka")
 _UUID = struct.Struct(">QQ")
@@ -68,8 +78,16 @@ class KafkaSource:
     """A subscribed consumer that returns batches and commits on request."""
 
     def __init__(
-        self, settings: Settings, listener: AssignmentListener, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        listener: AssignmentListener,
+        metrics: Metrics | None = None,
+        *,
+        changelog: Changelog | None = None,
     ) -> None:
+        """With a ``changelog``, each of its transactions commits the source offsets
+        with this consumer's group metadata (so the broker fences a stale owner),
+        and what it committed is not committed again."""
         self.settings = settings
         self.listener = listener
         self.metrics = metrics or Metrics()
@@ -84,16 +102,24 @@ class KafkaSource:
         conf["enable.auto.commit"] = False
         conf["enable.auto.offset.store"] = False
         conf["on_commit"] = self._on_commit
-        self._issued: dict[TopicPartition, int] = {}
+        self.uncommitted: dict[TopicPartition, int] = {}
+        """Durable offsets, latest per partition, not known to be committed yet."""
         self._group_metadata: object | None = None
         self._admin: AdminClient | None = None
         self._recommit = False
+        self._failed: CommitError | None = None
+        """An asynchronous commit that failed, raised by the next :meth:`commit`."""
         strategy = str(conf.get("partition.assignment.strategy", ""))
         # Incremental (un)assignment: cooperative-sticky, and always with the consumer
         # group protocol (KIP-848), where an eager assign() fails with _STATE.
         self.cooperative = "cooperative" in strategy or consumer_protocol(conf)
-        self.max_poll_interval_ms = int(conf.get("max.poll.interval.ms", 300_000))
+        self.max_poll_interval_ms = kafka.max_poll_interval_ms
         self._consumer = Consumer({**conf, **kafka_log_config()})
+        self._changelog = changelog
+        if changelog is not None:
+            changelog.group_metadata = self.consumer_group_metadata
+            changelog.live_group_metadata = self.live_group_metadata
+            changelog.on_offsets_committed = self.committed_in_transaction
         self._consumer.subscribe(
             list(kafka.topics),
             on_assign=self._on_assign,
@@ -123,7 +149,7 @@ class KafkaSource:
                 p.offset = start
                 # Decided but not committed (a crash between persist and commit): commit
                 # it now, or an idle partition would show that lag forever.
-                self._issued[TopicPartition(p.topic, p.partition)] = start
+                self.uncommitted[TopicPartition(p.topic, p.partition)] = start
                 self._recommit = True
             else:
                 p.offset = done if done >= 0 else OFFSET_INVALID
@@ -203,30 +229,30 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
-        self._issued.update(self.listener.on_revoked(tps))
+        self.listener.on_revoked(tps)
         self._commit_now(tps)  # the next owner starts from here: make sure it is committed
         for tp in tps:
-            self._issued.pop(tp, None)
+            self.uncommitted.pop(tp, None)
         log.info("revoked", partitions=[str(tp) for tp in tps])
 
     def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
         self.listener.on_lost(tps)
         for tp in tps:
-            self._issued.pop(tp, None)  # not ours any more: nothing may be committed
+            self.uncommitted.pop(tp, None)  # not ours any more: nothing may be committed
         log.warning("partitions_lost", partitions=[str(tp) for tp in tps])
 
     def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
-        if error is not None:
-            self._recommit = True
-            self.metrics.commit_failures.inc()
-            log.warning(
-                "commit_failed",
-                **kafka_error_fields(error),
-                offsets={f"{p.topic}[{p.partition}]": plain_offset(p.offset) for p in partitions},
-                note="offsets stay covered by the durable watermark; committed again on the "
-                "next idle poll, revocation or close",
-            )
+        if error is None:
+            return
+        self._recommit = True  # sent again with the next commit, which raises this error
+        refused = [p for p in partitions if p.error is not None] or partitions
+        fields = kafka_error_fields(error)
+        self._failed = CommitError(
+            fields["error"],
+            code=fields["error_code"],
+            offsets={TopicPartition(p.topic, p.partition): p.offset for p in refused},
+        )
 
     # -- batches and commits ---------------------------------------------------------------
 
@@ -236,9 +262,6 @@ class KafkaSource:
         # kicked out, librdkafka resets it to "no generation", which a transactional
         # offset commit would not be fenced by.
         self._group_metadata = self._consumer.consumer_group_metadata()
-        if not messages and self._recommit and self._issued:
-            self._recommit = False  # an async commit failed (a rebalance, say): say it again
-            self._consumer.commit(offsets=_kafka_offsets(self._issued), asynchronous=True)
         if not any(m.error() for m in messages):
             return messages
         good: list[Message] = []
@@ -267,10 +290,28 @@ class KafkaSource:
 
         Waiting for the broker's answer would cost a round trip per batch and buy
         nothing: a lost commit only means redelivered offsets that the watermark
-        skips. Revocation and close commit synchronously.
+        skips. Revocation and close commit synchronously. After a failed commit,
+        every uncommitted offset is sent again with the next call; ``{}`` (an idle
+        poll) only does that. Raises :class:`CommitError` when librdkafka refuses
+        the commit now, or when the broker refused an earlier one (its answer
+        comes during a poll): either way it was just sent again.
         """
-        self._issued.update(offsets)
-        self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=True)
+        self.uncommitted.update(offsets)
+        if self._recommit:
+            offsets = self.uncommitted  # an earlier commit failed (a rebalance, say): again
+        failed, self._failed = self._failed, None
+        if offsets:
+            self._recommit = False
+            try:
+                self._consumer.commit(offsets=_kafka_offsets(offsets), asynchronous=True)
+            except KafkaException as exc:
+                self._recommit = True
+                fields = kafka_error_fields(exc)
+                raise CommitError(
+                    fields["error"], code=fields["error_code"], offsets=offsets
+                ) from exc
+        if failed is not None:
+            raise failed
 
     def consumer_group_metadata(self) -> object | None:
         """The group metadata of the last poll (opaque), for transactional offset commits."""
@@ -284,15 +325,22 @@ class KafkaSource:
     def committed_in_transaction(self, offsets: Mapping[TopicPartition, int]) -> None:
         """A changelog transaction committed ``offsets``: nothing older is to be re-sent."""
         for tp, offset in offsets.items():
-            if self._issued.get(tp, offset) <= offset:
-                self._issued.pop(tp, None)
+            if self.uncommitted.get(tp, offset) <= offset:
+                self.uncommitted.pop(tp, None)
 
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
-        for ktp in _kafka_offsets(offsets):
-            self._consumer.seek(ktp)
+        try:
+            for ktp in _kafka_offsets(offsets):
+                self._consumer.seek(ktp)
+        except KafkaException as exc:  # revoked meanwhile: its new owner reads it
+            log.warning(
+                "seek_failed",
+                **kafka_error_fields(exc),
+                offsets={str(tp): o for tp, o in offsets.items()},
+            )
 
     def _commit_now(self, tps: Sequence[TopicPartition] | None = None) -> None:
-        offsets = {tp: o for tp, o in self._issued.items() if tps is None or tp in tps}
+        offsets = {tp: o for tp, o in self.uncommitted.items() if tps is None or tp in tps}
         if not offsets:
             return
         try:
@@ -306,6 +354,10 @@ class KafkaSource:
     def close(self) -> None:
         self._commit_now()
         self._consumer.close()
+        if self._changelog is not None:  # it may outlive this source (edges run again)
+            self._changelog.group_metadata = None
+            self._changelog.live_group_metadata = None
+            self._changelog.on_offsets_committed = None
 
 
 def _starts(

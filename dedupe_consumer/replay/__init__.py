@@ -12,7 +12,9 @@ What a test author needs:
   :class:`ReplaySource` feeds records to a ``DedupeConsumer``;
 * :func:`produce_recording` (``dedupe-consumer replay --to-topic``) sends it
   back to a topic, for integration tests of a real consumer, and returns a
-  :class:`ProduceSummary`.
+  :class:`ProduceSummary`;
+* :func:`edges` feeds records to a :class:`~dedupe_consumer.DedupeConsumer` you
+  build yourself (what :func:`replay_recording` does).
 
 The file format is specified in ``docs/recording-format.md``; its reader and
 writer live in :mod:`dedupe_consumer.replay.format`.
@@ -25,6 +27,7 @@ from dedupe_consumer.replay.recorder import RecordSummary, record_topic
 from dedupe_consumer.replay.records import Record
 from dedupe_consumer.replay.report import LostEvent, ReplayReport
 from dedupe_consumer.replay.source import ReplaySource
+from dedupe_consumer.replay.wiring import edges
 
 __all__ = [
     "LostEvent",
@@ -36,6 +39,7 @@ __all__ = [
     "RecordingError",
     "ReplayReport",
     "ReplaySource",
+    "edges",
     "produce_recording",
     "read_recording",
     "record_topic",

@@ -2,10 +2,12 @@
 
 The point of a replay is to test *the code that runs in production*, so this
 module builds a :class:`~dedupe_consumer.consumer.DedupeConsumer` -- the same
-loop and engine as ``dedupe-consumer run`` -- and swaps only its edges: a
+loop and engine as ``dedupe-consumer run`` -- and swaps only its edges
+(:func:`~dedupe_consumer.replay.wiring.edges`): a
 :class:`~dedupe_consumer.replay.source.ReplaySource` instead of Kafka, an
-in-memory dead-letter sink, and a RocksDB store in a temporary directory.
-(The changelog is only built for the Kafka source, so none is needed.)
+in-memory dead-letter sink, and a RocksDB store in a temporary directory, no
+changelog. It builds no ``[kafka]`` settings: the loop and the engine read
+only the dedupe, processing, store and observability sections.
 
 Two stressors turn a plain recording into a harder test:
 
@@ -27,14 +29,20 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dedupe_consumer.config import Settings
-from dedupe_consumer.consumer import DedupeConsumer
-from dedupe_consumer.dead_letters import MemoryDeadLetters
-from dedupe_consumer.engine import BatchResult
+from dedupe_consumer.config import (
+    DedupeSettings,
+    ObservabilitySettings,
+    ProcessingSettings,
+    Settings,
+    StoreSettings,
+)
+from dedupe_consumer.consumer import DedupeConsumer, LoopSettings
+from dedupe_consumer.contracts import BatchResult
 from dedupe_consumer.errors import DedupeError
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.ids import MissingId, hash_id, parse_id_source
@@ -42,8 +50,7 @@ from dedupe_consumer.models import Event, SourceMessage, TopicPartition
 from dedupe_consumer.replay.format import read_recording
 from dedupe_consumer.replay.records import Record
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED, ReplayReport, audit
-from dedupe_consumer.replay.source import ReplaySource
-from dedupe_consumer.store import RocksStore
+from dedupe_consumer.replay.wiring import edges
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(decided, total)`` after each batch."""
@@ -116,7 +123,17 @@ def with_injected_duplicates(
     return [*records, *copies], count
 
 
-def replay_settings(topic: str, store_path: Path, settings: Settings | None = None) -> Settings:
+@dataclass(frozen=True)
+class ReplaySettings:
+    """The sections a replay runs with (a :class:`~dedupe_consumer.consumer.LoopSettings`)."""
+
+    dedupe: DedupeSettings
+    processing: ProcessingSettings
+    store: StoreSettings
+    observability: ObservabilitySettings
+
+
+def replay_settings(store_path: Path, settings: Settings | None = None) -> ReplaySettings:
     """The settings a replay runs with.
 
     Given ``settings`` are kept (ID source, policies, mode, batch size...) except
@@ -125,25 +142,27 @@ def replay_settings(topic: str, store_path: Path, settings: Settings | None = No
     a replay has no downstream system that needs time to recover.
     """
     if settings is not None:
-        return settings.model_copy(
-            update={
-                "store": settings.store.model_copy(update={"path": store_path}),
-                "observability": settings.observability.model_copy(update={"metrics_port": None}),
-            }
+        return ReplaySettings(
+            dedupe=settings.dedupe,
+            processing=settings.processing,
+            store=settings.store.model_copy(update={"path": store_path}),
+            observability=settings.observability.model_copy(update={"metrics_port": None}),
         )
-    return Settings.load(
-        where="replay settings",
-        kafka={"bootstrap_servers": "replay", "group_id": "replay", "topics": [topic]},
-        processing={
-            "dead_letter_topic": "replay.dlq" if topic != "replay.dlq" else "replay.dlq.dlq",
-            "retry_backoff": "1ms",
-            "retry_backoff_max": "10ms",
-        },
-        store={"path": str(store_path)},
+    return ReplaySettings(
+        dedupe=DedupeSettings.model_validate({}),
+        processing=ProcessingSettings.model_validate(
+            {
+                "dead_letter_topic": "replay.dlq",  # never produced to: letters stay in memory
+                "retry_backoff": timedelta(milliseconds=1),
+                "retry_backoff_max": timedelta(milliseconds=10),
+            }
+        ),
+        store=StoreSettings.model_validate({"path": store_path}),
+        observability=ObservabilitySettings.model_validate({}),
     )
 
 
-def event_ids(records: Sequence[SourceMessage], settings: Settings) -> list[str | None]:
+def event_ids(records: Sequence[SourceMessage], settings: LoopSettings) -> list[str | None]:
     """Each record's event ID as the engine will see it (None: the record has none)."""
     extract = parse_id_source(settings.dedupe.id_source)
     found: list[str | None] = []
@@ -198,21 +217,16 @@ def replay_recording(
             # Decisions left by an earlier replay would turn this one's events into
             # duplicates and the report into fiction.
             raise ValueError(f"{store_path} already holds a store: give each replay a fresh one")
-        effective = replay_settings(recording.header.topic, store_path, settings)
+        effective = replay_settings(store_path, settings)
         ids = event_ids(fed, effective)
-        store = RocksStore(
-            store_path,
-            retention_ms=int(effective.dedupe.retention.total_seconds() * 1000),
-            block_cache_mb=effective.store.block_cache_mb,
+        replayed = edges(
+            fed,
+            effective,
+            redeliver_batches=redeliver_batches,
+            max_record_bytes=1_000_000 if settings is None else settings.kafka.max_message_bytes,
         )
-        stack.callback(store.close)
-        dead_letters = MemoryDeadLetters()
-        sources: list[ReplaySource] = []
-
-        def open_source(listener: Any) -> ReplaySource:
-            source = ReplaySource(fed, listener, redeliver_batches=redeliver_batches)
-            sources.append(source)
-            return source
+        stack.callback(replayed.close)
+        store, feed = replayed.store, replayed.source
 
         total = len(fed) * (2 if redeliver_batches else 1)
         decided = 0
@@ -225,13 +239,11 @@ def replay_recording(
 
         if progress is not None:
             progress(0, total)
-        consumer = DedupeConsumer(
-            handler, effective, source=open_source, dead_letters=dead_letters, store=store
-        )
+        consumer = DedupeConsumer(handler, effective, edges=replayed)
         error: str | None = None
         try:
             consumer.run(
-                until=lambda _totals: sources[0].exhausted,
+                until=lambda _totals: feed.exhausted,
                 on_batch=on_batch,
                 install_signal_handlers=False,
             )
@@ -243,8 +255,8 @@ def replay_recording(
         def durable(tp: TopicPartition, event_ids_: Sequence[str]) -> list[bool]:
             return [found is not None for found in store.lookup(tp, event_ids_, now_ms)]
 
-        committed = sources[0].committed if sources else {}
-        checked = audit(fed, ids, handler.calls, dead_letters.letters, committed, durable)
+        letters = replayed.dead_letters.letters
+        checked = audit(fed, ids, handler.calls, letters, feed.committed, durable)
 
     partitions_of: dict[str, set[int]] = {}
     for record, event_id in zip(fed, ids, strict=True):

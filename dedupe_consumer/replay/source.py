@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from dedupe_consumer.contracts import AssignmentListener
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.replay.records import Record
-from dedupe_consumer.sources import AssignmentListener
 
 
 class ReplaySource:
@@ -67,3 +67,27 @@ class ReplaySource:
 
     def close(self) -> None:
         return None
+
+
+class ReplayFeed:
+    """A source factory over ``records``: the loop opens one :class:`ReplaySource` per run."""
+
+    def __init__(self, records: Sequence[Record], *, redeliver_batches: bool = False) -> None:
+        self.records = records
+        self.redeliver_batches = redeliver_batches
+        self.opened: ReplaySource | None = None
+        """The source of the last run (None: not opened yet)."""
+
+    def __call__(self, listener: AssignmentListener) -> ReplaySource:
+        self.opened = ReplaySource(self.records, listener, redeliver_batches=self.redeliver_batches)
+        return self.opened
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the opened source has handed out every record (False before it opens)."""
+        return self.opened is not None and self.opened.exhausted
+
+    @property
+    def committed(self) -> dict[TopicPartition, int]:
+        """What the loop committed (empty before the source opens)."""
+        return {} if self.opened is None else self.opened.committed

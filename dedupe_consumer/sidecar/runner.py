@@ -12,14 +12,13 @@ decided, so an event whose retries were cut short is delivered after restart.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from urllib.parse import urlsplit
 
 import structlog
 
 from dedupe_consumer._durations import format_duration
-from dedupe_consumer.config import Settings
 from dedupe_consumer.consumer import DedupeConsumer
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.models import BatchStats, TopicPartition
@@ -28,7 +27,6 @@ from dedupe_consumer.sidecar.handler import HttpForwardHandler
 from dedupe_consumer.sidecar.health import BrokerCheck, HealthServer, Readiness
 from dedupe_consumer.sidecar.metrics import SidecarMetrics
 from dedupe_consumer.sidecar.settings import SidecarAppSettings, SidecarSettings
-from dedupe_consumer.sources import PartitionLog
 
 log = structlog.get_logger("dedupe_consumer.sidecar")
 
@@ -86,56 +84,16 @@ def redacted(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-class SidecarConsumer(DedupeConsumer):
-    """The library's consumer, plus what the sidecar needs to see from outside its thread.
-
-    * ``assigned``: the partitions owned now, for ``/readyz``. Kept here, under a
-      lock, because the probe runs on another thread than the one that assigns.
-    * ``stop()`` also interrupts the handler's ``Retry-After`` wait.
-    """
-
-    def __init__(
-        self, handler: HttpForwardHandler, settings: Settings, *, metrics: Metrics
-    ) -> None:
-        super().__init__(handler, settings, metrics=metrics)
-        self._forward = handler
-        self._lock = threading.Lock()
-        self._assigned: frozenset[TopicPartition] = frozenset()
-        self.stop_requested = False
-
-    @property
-    def assigned(self) -> frozenset[TopicPartition]:
-        with self._lock:
-            return self._assigned
-
-    def on_assigned(
-        self,
-        tps: Sequence[TopicPartition],
-        logs: Mapping[TopicPartition, PartitionLog] | None = None,
-    ) -> Mapping[TopicPartition, int | None]:
-        starts = super().on_assigned(tps, logs)
-        with self._lock:  # after the restore: ready means "deciding", not "restoring"
-            self._assigned = self._assigned | set(tps)
-        return starts
-
-    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
-        with self._lock:
-            self._assigned = self._assigned - set(tps)
-        return super().on_revoked(tps)
-
-    def on_lost(self, tps: Sequence[TopicPartition]) -> None:
-        with self._lock:
-            self._assigned = self._assigned - set(tps)
-        super().on_lost(tps)
-
-    def stop(self) -> None:
-        self.stop_requested = True
-        super().stop()  # the engine's stop event first: a woken handler must see it set
-        self._forward.interrupt()
-
-
 class Sidecar:
-    """One sidecar process: the consumer on the calling thread, probes on a daemon thread."""
+    """One sidecar process: the consumer on the calling thread, probes on a daemon thread.
+
+    The consumer is the library's, unchanged; the sidecar registers hooks on it:
+
+    * assignment hooks keep :attr:`assigned`, the partitions owned now, for
+      ``/readyz`` (under a lock: the probe runs on another thread than the one that
+      assigns);
+    * a stop hook interrupts the handler's ``Retry-After`` wait.
+    """
 
     def __init__(self, settings: SidecarAppSettings) -> None:
         effective, sidecar = sidecar_settings(settings)
@@ -143,7 +101,14 @@ class Sidecar:
         self.sidecar = sidecar
         self.metrics = Metrics()
         self.handler = HttpForwardHandler(sidecar, metrics=SidecarMetrics(self.metrics.registry))
-        self.consumer = SidecarConsumer(self.handler, effective, metrics=self.metrics)
+        self.consumer = DedupeConsumer(self.handler, effective, metrics=self.metrics)
+        self._lock = threading.Lock()
+        self._assigned: frozenset[TopicPartition] = frozenset()
+        self.consumer.on_assign(self._gained)  # after the restore: ready means "deciding"
+        self.consumer.on_revoke(self._gone)
+        self.consumer.on_lost(self._gone)
+        # After the engine's stop event is set: a woken handler must see it set.
+        self.consumer.on_stop(self.handler.interrupt)
         self.broker = BrokerCheck(settings.kafka.connection())
         try:
             self.health = HealthServer(
@@ -158,12 +123,25 @@ class Sidecar:
                 f"{sidecar.listen_host}:{sidecar.listen_port}: {exc}"
             ) from None
 
+    @property
+    def assigned(self) -> frozenset[TopicPartition]:
+        with self._lock:
+            return self._assigned
+
+    def _gained(self, tps: Sequence[TopicPartition]) -> None:
+        with self._lock:
+            self._assigned = self._assigned | set(tps)
+
+    def _gone(self, tps: Sequence[TopicPartition]) -> None:
+        with self._lock:
+            self._assigned = self._assigned - set(tps)
+
     def readiness(self) -> Readiness:
         """Ready = not stopping, at least one partition assigned, a broker answering."""
         reasons: list[str] = []
-        if self.consumer.stop_requested:
+        if self.consumer.stopping:
             reasons.append("stopping")
-        partitions = sorted(str(tp) for tp in self.consumer.assigned)
+        partitions = sorted(str(tp) for tp in self.assigned)
         if not partitions:
             reasons.append("no partitions assigned")
         reachable, broker = self.broker()

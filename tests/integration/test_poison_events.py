@@ -71,10 +71,10 @@ class Watching(DedupeConsumer):
         super().__init__(*args, **kwargs)
         self.assigned = False
         self.idle = 0
+        self.on_assign(self._assigned)
 
-    def on_assigned(self, tps: Any, logs: Any = None) -> Any:
+    def _assigned(self, tps: Any) -> None:
         self.assigned = True
-        return super().on_assigned(tps, logs)
 
     def run_until_quiet(self, consumed: int = 0, timeout_s: float = 60) -> BatchStats:
         deadline = time.monotonic() + timeout_s

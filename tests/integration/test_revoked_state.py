@@ -57,7 +57,15 @@ def engine_on(
     )
     try:
         yield Engine(
-            handler, settings, store, MemoryDeadLetters(), changelog=changelog, clock=clock
+            handler,
+            settings.dedupe,
+            settings.processing,
+            store,
+            MemoryDeadLetters(),
+            sweep_keys=settings.store.sweep_keys,
+            revoked_state_grace=settings.store.revoked_state_grace,
+            changelog=changelog,
+            clock=clock,
         )
     finally:
         changelog.close()

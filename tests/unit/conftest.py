@@ -100,7 +100,17 @@ class Rig:
             self.settings.store.path,
             retention_ms=int(self.settings.dedupe.retention.total_seconds() * 1000),
         )
-        engine = Engine(self.handler, self.settings, self.store, self.dead, clock=self.clock)
+        engine = Engine(
+            self.handler,
+            self.settings.dedupe,
+            self.settings.processing,
+            self.store,
+            self.dead,
+            sweep_keys=self.settings.store.sweep_keys,
+            revoked_state_grace=self.settings.store.revoked_state_grace,
+            max_record_bytes=self.settings.kafka.max_message_bytes,
+            clock=self.clock,
+        )
         engine.assign([TopicPartition(TOPIC, p) for p in range(4)])
         return engine
 

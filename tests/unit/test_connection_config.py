@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from dedupe_consumer import ConfigError, Settings
 from dedupe_consumer.config import KafkaConnection
+from dedupe_consumer.contracts import PartitionLog
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.kafka import KafkaDeadLetters
 from dedupe_consumer.kafka.changelog import Changelog
@@ -29,7 +30,6 @@ from dedupe_consumer.kafka.source import KafkaSource
 from dedupe_consumer.librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.sidecar.health import BrokerCheck
-from dedupe_consumer.sources import PartitionLog
 
 from ..log_capture import captured_logs
 
@@ -147,8 +147,8 @@ class _NoPartitions:
     ) -> Mapping[TopicPartition, int | None]:
         return {}
 
-    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
-        return {}
+    def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
+        pass
 
     def on_lost(self, tps: Sequence[TopicPartition]) -> None:
         pass

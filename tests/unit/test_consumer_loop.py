@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from confluent_kafka import KafkaError, KafkaException
-
 from dedupe_consumer import DedupeConsumer
+from dedupe_consumer.contracts import AssignmentListener, Edges
 from dedupe_consumer.dead_letters import MemoryDeadLetters
+from dedupe_consumer.errors import CommitError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.replay import Record, ReplaySource
-from dedupe_consumer.sources import AssignmentListener
 from dedupe_consumer.store import RocksStore
 
 from .conftest import TOPIC, Recorder, make_settings, rec
@@ -30,7 +29,7 @@ class FlakyCommits(ReplaySource):
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self.attempts += 1
         if self.attempts <= self.failures:
-            raise KafkaException(KafkaError(KafkaError.REQUEST_TIMED_OUT))
+            raise CommitError("Local: Timed out", code="REQUEST_TIMED_OUT")
         super().commit(offsets)
 
 
@@ -46,7 +45,7 @@ def test_failed_commits_are_retried_and_never_fatal(tmp_path: Path) -> None:
     store = RocksStore(tmp_path / "state", retention_ms=10**9)
     handler = Recorder()
     consumer = DedupeConsumer(
-        handler, settings, source=source, dead_letters=MemoryDeadLetters(), store=store
+        handler, settings, edges=Edges(source=source, dead_letters=MemoryDeadLetters(), store=store)
     )
     try:
         totals = consumer.run(until=lambda t: sources[0].exhausted, install_signal_handlers=False)
@@ -72,7 +71,9 @@ def test_redelivered_batches_are_replays_not_handler_calls(tmp_path: Path) -> No
     store = RocksStore(tmp_path / "state", retention_ms=10**9)
     try:
         totals = DedupeConsumer(
-            handler, settings, source=source, dead_letters=MemoryDeadLetters(), store=store
+            handler,
+            settings,
+            edges=Edges(source=source, dead_letters=MemoryDeadLetters(), store=store),
         ).run(until=lambda t: holder[0].exhausted, install_signal_handlers=False)
     finally:
         store.close()
@@ -91,8 +92,8 @@ def test_replay_source_seek_hands_out_the_rest_of_the_last_batch(tmp_path: Path)
         ) -> dict[TopicPartition, int | None]:
             return {}
 
-        def on_revoked(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-            return {}
+        def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
+            return None
 
         def on_lost(self, tps: Sequence[TopicPartition]) -> None:
             return None

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from dedupe_consumer import DedupeConsumer, Event, PermanentError
+from dedupe_consumer.contracts import AssignmentListener, Edges
 from dedupe_consumer.dead_letters import DeadLetter, MemoryDeadLetters
 from dedupe_consumer.errors import DeadLetterError
 from dedupe_consumer.models import SourceMessage, TopicPartition
 from dedupe_consumer.replay import ReplaySource
-from dedupe_consumer.sources import AssignmentListener
 from dedupe_consumer.store import RocksStore, WriteSet
 
 from .conftest import TOPIC, Recorder, Rig, make_settings, rec
@@ -105,7 +105,7 @@ def run_with(
         return sources[-1]
 
     consumer = DedupeConsumer(
-        Recorder(fail_c), settings, source=source, dead_letters=dead, store=store
+        Recorder(fail_c), settings, edges=Edges(source=source, dead_letters=dead, store=store)
     )
     return consumer, sources, store
 

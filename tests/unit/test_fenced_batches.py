@@ -46,7 +46,17 @@ def rig(tmp_path: Path) -> tuple[Engine, RocksStore, Recorder, FencingChangelog]
     store = RocksStore(settings.store.path, retention_ms=10**9)
     handler = Recorder()
     changelog = FencingChangelog()
-    e = Engine(handler, settings, store, _Dead(), clock=Clock(), changelog=changelog)
+    e = Engine(
+        handler,
+        settings.dedupe,
+        settings.processing,
+        store,
+        _Dead(),
+        sweep_keys=settings.store.sweep_keys,
+        revoked_state_grace=settings.store.revoked_state_grace,
+        clock=Clock(),
+        changelog=changelog,
+    )
     e.assign([TP0])
     return e, store, handler, changelog
 

@@ -10,13 +10,13 @@ import pytest
 
 from dedupe_consumer import DedupeConsumer, Event
 from dedupe_consumer.config import ObservabilitySettings
+from dedupe_consumer.contracts import AssignmentListener, Edges
 from dedupe_consumer.dead_letters import MemoryDeadLetters
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.replay import ReplaySource
 from dedupe_consumer.sidecar.runner import sidecar_settings
 from dedupe_consumer.sidecar.settings import SidecarAppSettings
-from dedupe_consumer.sources import AssignmentListener
 from dedupe_consumer.store import RocksStore
 
 from ..log_capture import captured_logs
@@ -59,7 +59,9 @@ def test_metrics_are_served_on_the_configured_host_while_running(tmp_path: Path,
     try:
         with captured_logs() as logs:
             DedupeConsumer(
-                Scraping(), settings, source=source, dead_letters=MemoryDeadLetters(), store=store
+                Scraping(),
+                settings,
+                edges=Edges(source=source, dead_letters=MemoryDeadLetters(), store=store),
             ).run(until=lambda t: holder[0].exhausted, install_signal_handlers=False)
     finally:
         store.close()

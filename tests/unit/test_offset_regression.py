@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dedupe_consumer import OffsetRegressionError
+from dedupe_consumer.contracts import PartitionLog
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.sources import PartitionLog
 from dedupe_consumer.store import EPOCH, RocksStore
 from dedupe_consumer.store.changelog_codec import (
     _ADOPT,

@@ -7,11 +7,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from dedupe_consumer import DedupeConsumer, Event
+from dedupe_consumer.contracts import AssignmentListener, Edges
 from dedupe_consumer.dead_letters import MemoryDeadLetters
 from dedupe_consumer.models import BatchStats
 from dedupe_consumer.observability.progress import ProgressLog
 from dedupe_consumer.replay import ReplaySource
-from dedupe_consumer.sources import AssignmentListener
 from dedupe_consumer.store import RocksStore
 
 from ..log_capture import captured_logs
@@ -86,7 +86,9 @@ def _run(tmp_path: Path, interval: str) -> list[dict[str, object]]:
     try:
         with captured_logs() as logs:
             DedupeConsumer(
-                Slow(), settings, source=source, dead_letters=MemoryDeadLetters(), store=store
+                Slow(),
+                settings,
+                edges=Edges(source=source, dead_letters=MemoryDeadLetters(), store=store),
             ).run(until=lambda t: holder[0].exhausted, install_signal_handlers=False)
     finally:
         store.close()

@@ -60,7 +60,16 @@ def test_a_partition_found_in_the_store_at_start_up_is_swept_too(
     r.store.close()
     # Restarted, and the partitions went to other instances meanwhile: never assigned.
     r.store = RocksStore(r.settings.store.path, retention_ms=3_600_000)
-    engine = Engine(r.handler, r.settings, r.store, r.dead, clock=r.clock)
+    engine = Engine(
+        r.handler,
+        r.settings.dedupe,
+        r.settings.processing,
+        r.store,
+        r.dead,
+        sweep_keys=r.settings.store.sweep_keys,
+        revoked_state_grace=r.settings.store.revoked_state_grace,
+        clock=r.clock,
+    )
     r.clock.now += 3601
     engine.idle()
     value = engine.metrics.registry.get_sample_value("dedupe_expired_records_deleted_total")

@@ -49,7 +49,17 @@ def engine(tmp_path: Path, changelog: Changelog | None) -> tuple[Engine, RocksSt
     settings = make_settings(tmp_path / "s", dedupe={"retention": "1h"}, store={"sweep_keys": 1000})
     store = RocksStore(settings.store.path, retention_ms=3_600_000)
     clock = Clock()
-    e = Engine(Recorder(), settings, store, _Dead(), clock=clock, changelog=changelog)
+    e = Engine(
+        Recorder(),
+        settings.dedupe,
+        settings.processing,
+        store,
+        _Dead(),
+        sweep_keys=settings.store.sweep_keys,
+        revoked_state_grace=settings.store.revoked_state_grace,
+        clock=clock,
+        changelog=changelog,
+    )
     e.assign([TP0])
     return e, store, clock
 
