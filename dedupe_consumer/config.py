@@ -321,6 +321,21 @@ class ProcessingSettings(_Section):
         description=f"{DURATION_FORMS}; an in-progress claim younger than this is waited "
         "out before it is treated as uncertain (fences a zombie previous owner)",
     )
+    concurrency: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="an integer 1..1024: handler calls in flight at once. 1 (the default) "
+        "calls the handler for one event at a time, always from the same thread; above 1, "
+        "sync handlers are called from that many threads (they must be thread-safe) and "
+        "`async def` handlers have that many calls in flight on one event loop",
+    )
+    ordering: Literal["key", "partition"] = Field(
+        "key",
+        description="'key' or 'partition': with concurrency above 1, events with the same key "
+        "(or, without a key, the same event ID) are handled strictly in offset order and "
+        "different keys in parallel ('key'), or each partition strictly in order ('partition')",
+    )
     on_offset_regression: Literal["fail", "reset"] = Field(
         "fail",
         description="'fail' or 'reset': what to do when a partition's offsets went back below "
