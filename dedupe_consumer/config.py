@@ -309,7 +309,9 @@ class ProcessingSettings(_Section):
     retry_backoff_max: Duration = Field(timedelta(seconds=10), description=DURATION_FORMS)
     dead_letter_topic: str = Field(min_length=1, description="a topic name for dead letters")
     mode: Literal["plain", "claim"] = Field(
-        "plain", description="'plain' (one synced write per batch) or 'claim' (two; see README)"
+        "plain",
+        description="'plain' (one synced write per batch) or 'claim' (two; see Concepts, "
+        "docs/concepts.md)",
     )
     on_uncertain: Literal["retry", "skip", "dead-letter", "reconcile"] = Field(
         "dead-letter",
