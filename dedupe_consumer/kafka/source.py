@@ -229,17 +229,23 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
-        self.listener.on_revoked(tps)
-        self._commit_now(tps)  # the next owner starts from here: make sure it is committed
-        for tp in tps:
-            self.uncommitted.pop(tp, None)
+        try:
+            self.listener.on_revoked(tps)
+        finally:
+            # Whatever the listener did: the next owner starts from here, and nothing of
+            # these partitions may be committed once they are gone.
+            self._commit_now(tps)
+            for tp in tps:
+                self.uncommitted.pop(tp, None)
         log.info("revoked", partitions=[str(tp) for tp in tps])
 
     def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
-        self.listener.on_lost(tps)
-        for tp in tps:
-            self.uncommitted.pop(tp, None)  # not ours any more: nothing may be committed
+        try:
+            self.listener.on_lost(tps)
+        finally:
+            for tp in tps:
+                self.uncommitted.pop(tp, None)  # not ours any more: nothing may be committed
         log.warning("partitions_lost", partitions=[str(tp) for tp in tps])
 
     def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
