@@ -347,7 +347,7 @@ class Engine:
                 "(murmur2) partitioner puts them: a producer with another partitioner, an "
                 "explicit partition, or added partitions. Dedupe is per partition, so the "
                 "same event ID sent by another producer may be handled again; see the "
-                "README (Event IDs). Counted in dedupe_partitioner_mismatch_total",
+                "docs/concepts.md (Dedupe scope). Counted in dedupe_partitioner_mismatch_total",
             )
 
     def _check_offsets(
