@@ -341,7 +341,7 @@ class _ReturnsCoroutine(Recorder):
 
 
 class _AsyncParse(Recorder):
-    async def parse(self, value: bytes | None) -> object:  # type: ignore[override]
+    async def parse(self, value: bytes | None) -> object:
         return None
 
 
