@@ -38,9 +38,9 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, wait
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from functools import partial
 
 import structlog
 
@@ -150,7 +150,9 @@ class _Batch:
     plan: dict[TopicPartition, list[_Item]]
     now_ms: int
     claimed: WriteSet
-    lanes: dict[TopicPartition, list[Future[None]]] = field(default_factory=dict)
+    lanes: dict[TopicPartition, int] = field(default_factory=dict)
+    """Lanes not finished yet, per partition."""
+    changed: threading.Condition = field(default_factory=threading.Condition)
     stop: threading.Event = field(default_factory=threading.Event)
     """Set when no further event may start: a stop request, a cut, an error."""
     cut: bool = False
@@ -162,8 +164,20 @@ class _Batch:
     """Partitions revoked or lost during the walk: none of their events starts any more,
     and the end of the batch does not settle them (a revocation did already)."""
 
-    def running(self) -> set[Future[None]]:
-        return {f for tp, fs in self.lanes.items() if tp not in self.gone for f in fs}
+    def lane_done(self, tp: TopicPartition) -> None:
+        with self.changed:
+            self.lanes[tp] -= 1
+            self.changed.notify_all()
+
+    def wait(self, tps: Sequence[TopicPartition] | None, timeout: float) -> bool:
+        """Wait until the lanes of ``tps`` (None: of every partition still ours) are done."""
+
+        def done() -> bool:
+            todo = self.lanes if tps is None else tps
+            return all(self.lanes.get(tp, 0) == 0 for tp in todo if tps or tp not in self.gone)
+
+        with self.changed:
+            return self.changed.wait_for(done, timeout)
 
     def fail(self, error: BaseException | None, *, cut: bool = False) -> None:
         if error is not None and self.error is None:
@@ -795,16 +809,14 @@ class Engine:
 
     def _walk(self, batch: _Batch) -> None:
         """Run the batch's lanes on the workers; serve the group until they are done."""
-        for tp, items in batch.plan.items():
-            for lane in self._lanes(items):
-                future = self._pool.submit(self._run_lane, batch, tp, lane)
-                batch.lanes.setdefault(tp, []).append(future)
-        running = batch.running()
-        while running:
-            _, running = wait(running, timeout=_KEEP_ALIVE_S)
-            if running and self._keep_alive is not None:
+        lanes = {tp: self._lanes(items) for tp, items in batch.plan.items()}
+        batch.lanes = {tp: len(tp_lanes) for tp, tp_lanes in lanes.items()}
+        for tp, tp_lanes in lanes.items():
+            for lane in tp_lanes:
+                self._pool.submit(partial(self._run_lane, batch, tp, lane))
+        while not batch.wait(None, _KEEP_ALIVE_S):
+            if self._keep_alive is not None:
                 self._keep_alive()  # may revoke partitions: see release()
-            running = {f for f in running if f in batch.running()}
         if batch.crash is not None:
             raise batch.crash
 
@@ -858,6 +870,8 @@ class Engine:
         except BaseException as crash:
             batch.crash = crash
             batch.stop.set()
+        finally:
+            batch.lane_done(tp)
 
     def _settle(
         self, batch: _Batch, tps: Sequence[TopicPartition]
@@ -933,13 +947,11 @@ class Engine:
                 "them again",
             )
             return {}
-        running = {f for tp in tps for f in batch.lanes.get(tp, [])}
-        _, late = wait(running, timeout=self.walk_budget_s or _REVOKE_WAIT_S)
-        if late:
+        if not batch.wait(tps, self.walk_budget_s or _REVOKE_WAIT_S):
             log.warning(
                 "revoked_with_calls_running",
                 partitions=[str(tp) for tp in tps],
-                running=len(late),
+                running=sum(batch.lanes.get(tp, 0) for tp in tps),
                 consequence="their events are left undecided: the new owner handles them "
                 "again if they complete here (plain mode) or finds their claims (claim mode)",
             )

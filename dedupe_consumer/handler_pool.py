@@ -17,7 +17,7 @@ import asyncio
 import inspect
 import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from queue import SimpleQueue
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -26,14 +26,22 @@ T = TypeVar("T")
 class HandlerPool:
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency
-        self._workers = ThreadPoolExecutor(concurrency, thread_name_prefix="dedupe-handler")
+        self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
+        # Daemon threads: a handler call that never returns must not keep the process
+        # alive after the consumer stopped.
+        self._workers = [
+            threading.Thread(target=self._work, name=f"dedupe-handler-{n}", daemon=True)
+            for n in range(concurrency)
+        ]
+        for worker in self._workers:
+            worker.start()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Run ``fn(*args)`` on a worker thread."""
-        return self._workers.submit(fn, *args)
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job()`` on a worker thread (first come, first served); it must not raise."""
+        self._jobs.put(job)
 
     def call(self, fn: Callable[..., object], *args: Any) -> object:
         """``fn(*args)`` on this thread; an awaitable it returns is awaited on the loop."""
@@ -46,17 +54,42 @@ class HandlerPool:
         return asyncio.run_coroutine_threadsafe(_coroutine(awaitable), self._event_loop()).result()
 
     def run(self, fn: Callable[..., object], *args: Any) -> object:
-        """``call(fn, *args)`` on a worker, and wait (``setup``/``teardown``)."""
-        return self.submit(self.call, fn, *args).result()
+        """``call(fn, *args)`` on a worker, and wait for it (``setup``/``teardown``)."""
+        done = threading.Event()
+        outcome: list[tuple[bool, object]] = []
+
+        def job() -> None:
+            try:
+                outcome.append((True, self.call(fn, *args)))
+            except BaseException as exc:
+                outcome.append((False, exc))
+            finally:
+                done.set()
+
+        self.submit(job)
+        done.wait()
+        ok, value = outcome[0]
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        return value
 
     def close(self) -> None:
-        """Stop taking calls; running ones finish on their own (nothing can stop them)."""
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        """Stop the workers once the calls queued before are done (a hung one is left)."""
+        for _ in self._workers:
+            self._jobs.put(None)
         loop = self._loop
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
             if self._loop_thread is not None:
                 self._loop_thread.join(timeout=5)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
