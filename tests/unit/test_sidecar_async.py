@@ -246,6 +246,9 @@ def test_sidecar_concurrency_defaults_to_32_and_an_explicit_value_is_kept(
     config.write_text(config.read_text().replace("concurrency = 1\n", ""))
     assert SidecarAppSettings.from_toml(config).processing.concurrency == 32
 
+    shipped = Path(__file__).resolve().parents[2] / "config" / "sidecar.toml"
+    assert SidecarAppSettings.from_toml(shipped).processing.concurrency == 32
+
     monkeypatch.setenv("DEDUPE_PROCESSING__CONCURRENCY", "1")
     assert SidecarAppSettings.from_toml(config).processing.concurrency == 1
     assert SidecarAppSettings.load(**BASE, processing=processing).processing.concurrency == 1
