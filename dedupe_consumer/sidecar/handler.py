@@ -95,9 +95,12 @@ async def _snippet(response: httpx.Response) -> str:
 class HttpForwardHandler(Handler):
     """POST each unique event to ``settings.target_url``; see the module docstring.
 
-    ``connections`` caps the client's pool; the runner passes
-    ``processing.concurrency``, so every call in flight has a connection and
-    each of them stays open (keep-alive) between events.
+    ``connections`` is how many keep-alive connections the handler keeps to the
+    target; the runner passes ``processing.concurrency``, so every call in flight
+    has one. Each connection is an ``httpx.AsyncClient`` limited to one
+    connection, lent to one call at a time: httpx's shared pool rescans every
+    connection for every queued request (quadratic in the calls in flight), which
+    held 64 calls in flight to about 110 POSTs/s on a 2-core machine.
     """
 
     def __init__(
@@ -112,7 +115,9 @@ class HttpForwardHandler(Handler):
         self.settings = settings
         self.metrics = metrics or SidecarMetrics(CollectorRegistry())
         self.connections = connections
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._idle: asyncio.LifoQueue[httpx.AsyncClient] | None = None
+        """Clients not lent to a call; last in, first out: the warmest connection first."""
         self._stopping = threading.Event()
         """Set by :meth:`interrupt` (any thread); read before a ``Retry-After`` wait."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -120,30 +125,36 @@ class HttpForwardHandler(Handler):
         """Set on :attr:`_loop` when :meth:`interrupt` is called: ends every wait at once."""
 
     async def setup(self) -> None:  # type: ignore[override]
-        """One pooled client for the whole run, on the engine's event loop.
+        """The clients for the whole run, on the engine's event loop.
 
         ``trust_env=False``: the target is local, and a cluster-wide
-        ``HTTP_PROXY`` must not send events through a proxy.
+        ``HTTP_PROXY`` must not send events through a proxy. One TLS context
+        (certifi's trust store, as httpx's default) serves every client.
         """
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         if self._stopping.is_set():  # interrupted before the loop was known
             self._wake.set()
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.settings.timeout.total_seconds()),
-            limits=httpx.Limits(
-                max_connections=self.connections,
-                max_keepalive_connections=self.connections,
-            ),
-            follow_redirects=False,
-            trust_env=False,
-            headers={"User-Agent": f"dedupe-consumer/{__version__} sidecar"},
-        )
+        tls = httpx.create_ssl_context(trust_env=False)
+        self._clients = [
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(self.settings.timeout.total_seconds()),
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                verify=tls,
+                follow_redirects=False,
+                trust_env=False,
+                headers={"User-Agent": f"dedupe-consumer/{__version__} sidecar"},
+            )
+            for _ in range(self.connections)
+        ]
+        self._idle = asyncio.LifoQueue()
+        for client in self._clients:
+            self._idle.put_nowait(client)
 
     async def teardown(self) -> None:  # type: ignore[override]
-        client, self._client = self._client, None
+        clients, self._clients, self._idle = self._clients, [], None
         self._loop = None
-        if client is not None:
+        for client in clients:
             await client.aclose()
 
     def interrupt(self) -> None:
@@ -155,9 +166,17 @@ class HttpForwardHandler(Handler):
                 loop.call_soon_threadsafe(wake.set)
 
     async def handle(self, event: Event) -> None:  # type: ignore[override]
-        client = self._client
-        if client is None:
+        idle = self._idle
+        if idle is None:
             raise RuntimeError("HttpForwardHandler.setup() was not awaited")
+        client = await idle.get()  # at most `connections` calls are in flight: no wait then
+        try:
+            await self._post(client, event)
+        finally:
+            idle.put_nowait(client)
+
+    async def _post(self, client: httpx.AsyncClient, event: Event) -> None:
+        """One attempt on ``client``'s connection; see the module docstring."""
         started = time.monotonic()
         delivered = False
         try:

@@ -199,23 +199,42 @@ def test_handle_without_setup_is_an_error_not_a_silent_success() -> None:
         asyncio.run(handler.handle(event("e-1")))
 
 
-def test_the_client_is_closed_by_teardown_and_its_pool_sized_by_connections() -> None:
+def test_one_single_connection_client_per_connection_all_closed_by_teardown() -> None:
     handler = handler_for("http://127.0.0.1:9/events", connections=5)
 
     async def run() -> None:
         await handler.setup()
-        client = handler._client
-        assert client is not None
-        pool = client._transport._pool  # type: ignore[attr-defined]
-        assert pool._max_connections == 5
-        assert pool._max_keepalive_connections == 5
+        clients = list(handler._clients)
+        assert len(clients) == 5
+        for client in clients:
+            pool = client._transport._pool  # type: ignore[attr-defined]
+            assert (pool._max_connections, pool._max_keepalive_connections) == (1, 1)
         await handler.teardown()
-        assert client.is_closed
-        assert handler._client is None
+        assert all(client.is_closed for client in clients)
+        assert handler._clients == []
 
     asyncio.run(run())
     with pytest.raises(ValueError, match="at least 1"):
         handler_for("http://127.0.0.1:9/events", connections=0)
+
+
+def test_calls_beyond_the_connections_wait_for_one(
+    endpoints: Callable[[Answer], Endpoint],
+) -> None:
+    """More calls than connections (the engine never does this) queue instead of failing."""
+    target = endpoints(lambda key: (200, {}))
+    handler = handler_for(target.url, connections=2)
+
+    async def run() -> None:
+        await handler.setup()
+        try:
+            calls = (handler.handle(event(f"e-{n}")) for n in range(6))
+            await asyncio.wait_for(asyncio.gather(*calls), GUARD_S)
+        finally:
+            await handler.teardown()
+
+    asyncio.run(run())
+    assert sorted(target.arrived()) == [f"e-{n}" for n in range(6)]
 
 
 # -- the sidecar's default concurrency ---------------------------------------------------------
