@@ -5,8 +5,8 @@ ordinary :class:`~dedupe_consumer.DedupeConsumer`, so deduplication, the
 watermark, dead letters and commit-after-persist are the library's, tested
 once. Its ``setup``, ``handle`` and ``teardown`` are ``async def``: the engine
 runs them on its one event loop with up to ``processing.concurrency`` POSTs in
-flight on one ``httpx.AsyncClient`` (the sidecar's default concurrency is 32,
-see :class:`~dedupe_consumer.sidecar.settings.SidecarAppSettings`). One call to
+flight, each on a keep-alive connection of its own (the sidecar's default
+concurrency is 32, see :class:`~dedupe_consumer.sidecar.settings.SidecarAppSettings`). One call to
 :meth:`HttpForwardHandler.handle` is one attempt:
 
 * a 2xx answer means delivered;

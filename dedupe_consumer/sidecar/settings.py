@@ -214,10 +214,10 @@ class SidecarSettings(BaseModel):
 SIDECAR_CONCURRENCY = 32
 """``processing.concurrency`` in sidecar mode when no setting gives it.
 
-The sidecar's handler is ``async def`` on one ``httpx.AsyncClient`` of ours, and
+The sidecar's handler is ``async def`` on ``httpx.AsyncClient`` connections of ours, and
 its target is an HTTP server, concurrent by nature: 32 POSTs in flight hide a
-target's latency (2 ms each: about 16,000/s of head-room, far above what one
-core decides) without flooding it. Events of one key (or, without a key, one
+target's latency (2 ms each: room for 16,000/s, far above what one core can
+POST) without flooding it. Events of one key (or, without a key, one
 event ID) are still delivered in offset order (``processing.ordering = "key"``);
 an explicit ``concurrency`` (file, ``DEDUPE_PROCESSING__CONCURRENCY`` or keyword),
 ``1`` included, is kept.
