@@ -100,7 +100,11 @@ class Sidecar:
         self.settings = effective
         self.sidecar = sidecar
         self.metrics = Metrics()
-        self.handler = HttpForwardHandler(sidecar, metrics=SidecarMetrics(self.metrics.registry))
+        self.handler = HttpForwardHandler(
+            sidecar,
+            metrics=SidecarMetrics(self.metrics.registry),
+            connections=effective.processing.concurrency,
+        )
         self.consumer = DedupeConsumer(self.handler, effective, metrics=self.metrics)
         self._lock = threading.Lock()
         self._assigned: frozenset[TopicPartition] = frozenset()

@@ -147,13 +147,19 @@ def make_handler(journal: Journal) -> type[BaseHTTPRequestHandler]:
     return Endpoint
 
 
+class Server(ThreadingHTTPServer):
+    """A thread per connection; the sidecar opens up to ``processing.concurrency`` (32) at once."""
+
+    request_queue_size = 128  # the default backlog of 5 would drop connects in that burst
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "received.jsonl")))
     args = parser.parse_args(argv)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(Journal(args.out)))
+    server = Server((args.host, args.port), make_handler(Journal(args.out)))
     # As PID 1 in a container, SIGTERM is ignored unless handled: stop cleanly on it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(

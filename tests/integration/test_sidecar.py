@@ -5,6 +5,11 @@ this process, answering from a script so each test decides what the target
 says to which attempt. The sidecar runs in-process (``Sidecar.run`` on a
 thread) except for the SIGTERM test, which runs the real command in a
 subprocess, as the fault tests do.
+
+The sidecar's default is 32 POSTs in flight, ordered per key. A test that
+asserts the order of deliveries across keys runs with ``ordering = "partition"``
+(:data:`IN_ORDER`), which keeps each partition strictly in offset order with the
+same async handler and concurrency.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from .test_cli_run import check_log_format
 
 pytestmark = pytest.mark.kafka
 REPO = Path(__file__).resolve().parents[2]
+IN_ORDER: dict[str, Any] = {"ordering": "partition"}
+"""``[processing]`` for a test that asserts the order of deliveries across keys."""
 
 # -- a scriptable HTTP target ----------------------------------------------------------------
 
@@ -96,12 +103,18 @@ def replies(per_key: dict[bytes, list[Reply]], then: Reply = OK) -> Script:
 
 
 class Target:
-    """A local HTTP endpoint that records every request (thread-safe) and answers by script."""
+    """A local HTTP endpoint that records every request (thread-safe) and answers by script.
 
-    def __init__(self, script: Script | None = None, port: int = 0) -> None:
+    ``delay_s`` is how long each answer takes (outside the lock: requests overlap);
+    :attr:`peak` is the most requests it was serving at once.
+    """
+
+    def __init__(self, script: Script | None = None, port: int = 0, delay_s: float = 0.0) -> None:
         self.script = script or (lambda key, seen: OK)
         self.received: list[Received] = []
         self.lock = threading.Lock()
+        self.in_flight = 0
+        self.peak = 0
         target = self
 
         class Endpoint(BaseHTTPRequestHandler):
@@ -113,6 +126,13 @@ class Target:
                 headers = [(k, v.encode("latin-1")) for k, v in self.headers.items()]
                 key = self.headers.get("Idempotency-Key")
                 raw_key = key.encode("latin-1") if key is not None else None
+                if delay_s:
+                    with target.lock:
+                        target.in_flight += 1
+                        target.peak = max(target.peak, target.in_flight)
+                    time.sleep(delay_s)
+                    with target.lock:
+                        target.in_flight -= 1
                 with target.lock:
                     seen = sum(1 for r in target.received if r.header("Idempotency-Key") == raw_key)
                     status, extra, answer = target.script(raw_key, seen)
@@ -127,8 +147,11 @@ class Target:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Endpoint)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the sidecar opens up to `concurrency` connections at once
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", port), Endpoint)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -170,6 +193,7 @@ def sidecar_for(
     target_url: str,
     *,
     changelog: bool = True,
+    processing: dict[str, Any] | None = None,
     **sidecar: Any,
 ) -> Sidecar:
     settings = SidecarAppSettings.load(
@@ -180,7 +204,11 @@ def sidecar_for(
             "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
         },
         store={"path": str(tmp_path / "state"), "changelog": changelog},
-        processing={"dead_letter_topic": f"{topic}.dlq", "poll_timeout": "200ms"},
+        processing={
+            "dead_letter_topic": f"{topic}.dlq",
+            "poll_timeout": "200ms",
+            **(processing or {}),
+        },
         sidecar={
             "target_url": target_url,
             "timeout": "5s",
@@ -325,7 +353,7 @@ def test_500_twice_then_200_is_one_accepted_delivery_with_exact_headers_and_body
     server = Target(replies({b"e-1": [(500, {}, b"boom"), (500, {}, b"boom")]}))
     monkeypatch.setenv("DEDUPE_SIDECAR__BEARER_TOKEN", "s3cret")
     try:
-        sidecar = sidecar_for(kafka_bootstrap, topic, tmp_path, server.url)
+        sidecar = sidecar_for(kafka_bootstrap, topic, tmp_path, server.url, processing=IN_ORDER)
         with running(sidecar):
             wait_for(lambda: len(server.accepted()) >= 2, 90, "both events delivered")
             wait_for(
@@ -398,7 +426,7 @@ def test_permanent_status_goes_to_dead_letter_topic_with_status_and_snippet(
     body = b"invalid amount: " + b"x" * 3000
     server = Target(replies({b"e-1": [(400, {}, body)]}))
     try:
-        sidecar = sidecar_for(kafka_bootstrap, topic, tmp_path, server.url)
+        sidecar = sidecar_for(kafka_bootstrap, topic, tmp_path, server.url, processing=IN_ORDER)
         with running(sidecar):
             wait_for(lambda: len(server.accepted()) == 1, 90, "the good event delivered")
             letters = read_all(kafka_bootstrap, f"{topic}.dlq", 1, timeout_s=60)
@@ -431,6 +459,7 @@ def test_target_down_for_a_while_then_everything_delivered_in_partition_order(
         topic,
         tmp_path,
         f"http://127.0.0.1:{port}/events",
+        processing=IN_ORDER,
         max_retries=100,
         retry_backoff="50ms",
         retry_backoff_max="200ms",
@@ -562,7 +591,13 @@ def test_example_target_app_records_each_event_once_with_headers_decoded(
     )
     try:
         wait_for(lambda: _answers(port, "/healthz"), 30, "the example app to listen")
-        sidecar = sidecar_for(kafka_bootstrap, topic, tmp_path, f"http://127.0.0.1:{port}/events")
+        sidecar = sidecar_for(
+            kafka_bootstrap,
+            topic,
+            tmp_path,
+            f"http://127.0.0.1:{port}/events",
+            processing=IN_ORDER,
+        )
         with running(sidecar):
             wait_for(lambda: sidecar.consumer.totals.consumed >= 3, 90, "all three decided")
         lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -618,6 +653,7 @@ path = "{tmp_path / "state"}"
 [processing]
 poll_timeout = "200ms"
 dead_letter_topic = "{topic}.dlq"
+ordering = "partition"
 [sidecar]
 target_url = "{target_url}"
 max_retries = 5

@@ -13,7 +13,7 @@ import pytest
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import produce_raw, wait_for
-from .test_sidecar import _answers, event, free_port, running, sidecar_for
+from .test_sidecar import IN_ORDER, _answers, event, free_port, running, sidecar_for
 
 pytestmark = pytest.mark.kafka
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +34,13 @@ def test_an_id_and_the_base64_of_another_are_both_delivered(
     )
     try:
         wait_for(lambda: _answers(port, "/healthz"), 30, "the example app to listen")
-        sidecar = sidecar_for(kafka_bootstrap, topic, tmp_path, f"http://127.0.0.1:{port}/events")
+        sidecar = sidecar_for(
+            kafka_bootstrap,
+            topic,
+            tmp_path,
+            f"http://127.0.0.1:{port}/events",
+            processing=IN_ORDER,
+        )
         with running(sidecar):
             wait_for(lambda: sidecar.consumer.totals.consumed >= len(ids), 90, "all decided")
         lines = [json.loads(line) for line in out.read_text().splitlines()]

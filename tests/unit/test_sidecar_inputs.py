@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -121,10 +122,14 @@ def answering_400() -> Iterator[str]:
 
 def test_a_400_with_a_unicode_digit_retry_after_is_still_permanent(answering_400: str) -> None:
     handler = HttpForwardHandler(SidecarSettings.model_validate({"target_url": answering_400}))
-    handler.setup()
-    try:
-        event = Event("e-1", "t", 0, 0, None, b"{}", (), None)
-        with pytest.raises(PermanentError, match="HTTP 400"):
-            handler.handle(event)
-    finally:
-        handler.teardown()
+
+    async def attempt() -> None:
+        await handler.setup()
+        try:
+            event = Event("e-1", "t", 0, 0, None, b"{}", (), None)
+            with pytest.raises(PermanentError, match="HTTP 400"):
+                await handler.handle(event)
+        finally:
+            await handler.teardown()
+
+    asyncio.run(attempt())
