@@ -149,6 +149,8 @@ class Changelog:
         self._ensured: set[str] = set()
         self._sources: dict[str, str] = {}
         """Changelog topic name → source topic (never parsed back out of the name)."""
+        self._topics: dict[str, str] = {}
+        """Source topic → changelog topic name (a hash of the group and topic names)."""
         self.epochs: dict[TopicPartition, bytes] = {}
         """Each partition's offset epoch (set on assignment), announced once per epoch."""
         self._announced: dict[TopicPartition, bytes] = {}
@@ -221,8 +223,10 @@ class Changelog:
         self._producer = self._start_producer()
 
     def topic(self, source_topic: str) -> str:
-        name = changelog_topic(self.group_id, source_topic)
-        self._sources[name] = source_topic
+        name = self._topics.get(source_topic)
+        if name is None:  # hashed once per topic, not once per record
+            name = self._topics[source_topic] = changelog_topic(self.group_id, source_topic)
+            self._sources[name] = source_topic
         return name
 
     def position_key(self, tp: TopicPartition) -> TopicPartition:
