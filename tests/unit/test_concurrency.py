@@ -27,10 +27,13 @@ from typing import Any
 import pytest
 
 from dedupe_consumer import DedupeConsumer, Event, Handler, RetryableError, Settings
+from dedupe_consumer.engine import payload_digest
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.replay import Record, edges
 from dedupe_consumer.replay.source import ReplayFeed, ReplaySource
 from dedupe_consumer.replay.wiring import ReplayEdges
+from dedupe_consumer.store import RocksStore
+from dedupe_consumer.store.base import IdRecord, RecordStatus, WriteSet
 
 from .conftest import TOPIC, make_settings, rec
 
@@ -595,6 +598,52 @@ def test_async_handlers_have_concurrency_calls_in_flight_on_one_loop(tmp_path: P
     assert handler.max == 8  # and never more than the concurrency
     assert len(handler.threads) == 1 and len(handler.loops) == 1
     assert sorted(handler.done) == sorted(f"e{o}" for o in range(24))
+
+
+class AsyncReconciler(Handler):
+    """``async def`` handle and reconcile; ``done`` plays the downstream system."""
+
+    def __init__(self, done: set[str]) -> None:
+        self.done = done
+        self.reconciled: list[str] = []
+        self.handled: list[str] = []
+
+    async def reconcile(self, event: Event) -> bool:  # type: ignore[override]
+        await asyncio.sleep(0.001)
+        self.reconciled.append(event.id)
+        return event.id in self.done
+
+    async def handle(self, event: Event) -> None:  # type: ignore[override]
+        await asyncio.sleep(0.001)
+        self.handled.append(event.id)
+        self.done.add(event.id)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_an_async_reconcile_is_awaited_for_claims_found_in_progress(
+    tmp_path: Path, concurrency: int
+) -> None:
+    ids = ["a", "b", "c", "d"]
+    records = [keyed(o, i, f"k{i}") for o, i in enumerate(ids)]
+    config = settings(tmp_path / "s", concurrency, mode="claim", on_uncertain="reconcile")
+    # A previous run claimed a, b and c and died: their claims are in progress.
+    store = RocksStore(config.store.path, retention_ms=10**12)
+    try:
+        now_ms = int(time.time() * 1000)
+        claims = [
+            (i, IdRecord(RecordStatus.IN_PROGRESS, r.offset_, now_ms, payload_digest(r.value_)))
+            for i, r in zip(ids[:3], records[:3], strict=True)
+        ]
+        store.persist(WriteSet(records={TP0: claims}))
+    finally:
+        store.close()
+    handler = AsyncReconciler(done={"a"})  # only a's effect had happened
+    with running(handler, config, records) as run:
+        assert run.committed == {TP0: 4}
+        assert run.watermark() == 3
+    assert sorted(handler.reconciled) == ["a", "b", "c"]
+    assert sorted(handler.handled) == ["b", "c", "d"]  # a happened: not called again
+    assert (run.totals.uncertain, run.totals.handled) == (3, 4)
 
 
 class ThreadNoter(Handler):
