@@ -85,13 +85,14 @@ class _Listener:
             hook(tps)
         return starts
 
-    def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
-        self.engine.release(tps)
+    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
+        commits = self.engine.release(tps)
         for hook in self.hooks.revoke:
             hook(tps)
+        return commits
 
     def on_lost(self, tps: Sequence[TopicPartition]) -> None:
-        self.engine.release(tps)
+        self.engine.release(tps, lost=True)
         for hook in self.hooks.lost:
             hook(tps)
 
@@ -197,6 +198,7 @@ class DedupeConsumer:
         restore: Callable[[], None] | None = None
         metrics_server = None
         started = False
+        self._engine = None
         try:
             engine = self._engine = Engine(
                 self.handler,
@@ -216,7 +218,7 @@ class DedupeConsumer:
             restore = self._install_signals() if install_signal_handlers else None
             port, host = settings.observability.metrics_port, settings.observability.metrics_host
             metrics_server = None if port is None else self.metrics.serve(port, host)
-            self.handler.setup()
+            engine.setup_handler()
             started = True
             source = edges.source(_Listener(engine, self._hooks))
             progress = ProgressLog(settings.observability.progress_interval)
@@ -231,7 +233,7 @@ class DedupeConsumer:
                     if until is not None and until(self.totals):
                         break
                     continue
-                result = engine.process(messages)
+                result = engine.process(messages, source.keep_alive)
                 self._commit(source, result.commits)
                 if result.rewind:
                     source.seek(result.rewind)
@@ -249,7 +251,9 @@ class DedupeConsumer:
             if self._edges is None:
                 edges.close()
             if started:
-                self.handler.teardown()
+                engine.teardown_handler()
+            if self._engine is not None:
+                self._engine.close()
             if restore is not None:
                 restore()
             if metrics_server is not None:

@@ -93,8 +93,10 @@ class AssignmentListener(Protocol):
         a topic that was recreated or truncated is not mistaken for a replay.
         """
 
-    def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
-        """The partitions are about to go: the source commits their offsets after this."""
+    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
+        """The partitions are about to go: return offsets decided durable just now (the
+        walk in progress settled them); the source commits those and the partitions'
+        uncommitted offsets after this."""
 
     def on_lost(self, tps: Sequence[TopicPartition]) -> None:
         """The partitions are gone already: nothing may be committed for them."""
@@ -119,6 +121,10 @@ class Source(Protocol):
 
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Deliver these partitions again from these offsets (the rest of a cut batch)."""
+
+    def keep_alive(self) -> None:
+        """Serve the group while a batch's handler calls run: deliver nothing new now
+        (what arrives is kept for the next poll), but heartbeat and rebalance."""
 
     def close(self) -> None:
         """Commit what is durable and not committed yet, then let go of the source."""

@@ -14,9 +14,20 @@ A batch goes through four phases:
 2. *claim* (claim mode only): persist an ``in-progress`` claim for every event
    about to reach the handler, synced, so a crash during phase 3 leaves a
    trace that becomes an *uncertain outcome* instead of a silent repeat;
-3. *walk*: each partition in offset order; handler calls, retries, dead
-   letters. A stop request ends the walk; only the walked prefix counts;
-4. *persist*: dead letters flushed, then the changelog, then one synced
+3. *walk*: handler calls, retries, dead letters, on ``processing.concurrency``
+   worker threads (:mod:`~dedupe_consumer.handler_pool`). The walk's unit is a
+   *lane*: the events of one key (``ordering = "key"``; without a key, of one
+   event ID) or of one partition (``"partition"``, or concurrency 1), handled
+   strictly in offset order, one at a time; lanes run in parallel. Meanwhile the
+   consuming thread keeps the group membership (``keep_alive``: a poll with every
+   partition paused) and serves rebalances: a partition revoked mid-walk starts
+   no new event, its running calls are waited for (bounded), and what it decided
+   is persisted and committed before the revocation returns;
+4. *settle*: per partition, in offset order, the decisions become records; the
+   watermark is the end of the contiguous run of decided offsets. Events decided
+   above a gap (a stop, a cut, a revocation) keep their records: a redelivery of
+   them is found by ID lookup, never handled twice (invariant 2);
+5. *persist*: dead letters flushed, then the changelog, then one synced
    WriteBatch with records, released claims, staged effects and watermarks.
 """
 
@@ -27,7 +38,8 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import structlog
@@ -46,6 +58,7 @@ from dedupe_consumer.errors import (
     PermanentError,
 )
 from dedupe_consumer.handler import Handler
+from dedupe_consumer.handler_pool import HandlerPool
 from dedupe_consumer.ids import InvalidId, MissingId, hash_id, parse_id_source
 from dedupe_consumer.models import (
     BatchStats,
@@ -83,6 +96,12 @@ _LONGEST_CHECKED_KEY = 1024
 _BUSY_REVOKED_SWEEP = 256
 """Records of revoked partitions examined per batch (without a changelog)."""
 
+_KEEP_ALIVE_S = 0.2
+"""While handler calls run, the consuming thread serves the group this often."""
+
+_REVOKE_WAIT_S = 30.0
+"""How long a revocation waits for the partition's running calls, without a walk budget."""
+
 
 def payload_digest(value: bytes | None) -> bytes:
     """8-byte digest stored with each ID to tell a true duplicate from a reused ID."""
@@ -118,6 +137,39 @@ class _Item:
     """A duplicate or conflict: the offset at which this ID was first decided."""
     staged: dict[bytes, bytes | None] | None = None
     """Decided handled: the writes its handler (or reconcile) staged."""
+    walked: bool = False
+    """Decided by the walk (handled or dead-lettered there): its ID gets a record."""
+    uncertain: bool = False
+    """Its claim was found in progress (claim mode): counted in ``BatchStats.uncertain``."""
+
+
+@dataclass(eq=False)
+class _Batch:
+    """A batch being walked: shared by the consuming thread and the workers."""
+
+    plan: dict[TopicPartition, list[_Item]]
+    now_ms: int
+    claimed: WriteSet
+    lanes: dict[TopicPartition, list[Future[None]]] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Set when no further event may start: a stop request, a cut, an error."""
+    cut: bool = False
+    error: BaseException | None = None
+    crash: BaseException | None = None
+    """A BaseException on a worker (SystemExit, KeyboardInterrupt...): raised from the
+    walk, and nothing of the batch is persisted, as if the process had died there."""
+    gone: set[TopicPartition] = field(default_factory=set)
+    """Partitions revoked or lost during the walk: none of their events starts any more,
+    and the end of the batch does not settle them (a revocation did already)."""
+
+    def running(self) -> set[Future[None]]:
+        return {f for tp, fs in self.lanes.items() if tp not in self.gone for f in fs}
+
+    def fail(self, error: BaseException | None, *, cut: bool = False) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.cut = self.cut or cut
+        self.stop.set()
 
 
 @dataclass(slots=True)
@@ -185,8 +237,10 @@ class Engine:
         self._stopping = threading.Event()
         self._sweep_budget = sweep_keys
         self._revoked_grace_s = revoked_state_grace.total_seconds()
-        self._walk_effects: Effects | None = None
         self._walk_deadline: float | None = None
+        self._pool = HandlerPool(processing.concurrency)
+        self._batch: _Batch | None = None
+        self._keep_alive: Callable[[], None] | None = None
         # A staged effect becomes one changelog record: refuse it at stage() time if it
         # cannot fit, so the attempt fails instead of the batch's changelog transaction.
         self._max_effect_bytes = max_record_bytes - _EFFECT_OVERHEAD
@@ -364,8 +418,22 @@ class Engine:
         )
         return None, resume
 
-    def release(self, tps: Sequence[TopicPartition]) -> None:
-        """Forget partitions (revoked or lost): their messages are no longer ours to decide."""
+    def release(
+        self, tps: Sequence[TopicPartition], *, lost: bool = False
+    ) -> dict[TopicPartition, int]:
+        """Forget partitions (revoked or lost): their messages are no longer ours to decide.
+
+        During a walk (a rebalance served by ``keep_alive``), a revoked partition starts
+        no new event; its running calls are waited for (bounded by the walk budget), and
+        what it decided is persisted now. Returns the offsets to commit before it goes.
+        A lost partition's decisions are dropped: it is someone else's already.
+        """
+        commits: dict[TopicPartition, int] = {}
+        batch = self._batch
+        if batch is not None:
+            mine = [tp for tp in tps if tp in batch.plan and tp not in batch.gone]
+            if mine:
+                commits = self._settle_revoked(batch, mine, lost=lost)
         now = self.clock()
         for tp in tps:
             self._watermarks.pop(tp, None)
@@ -374,14 +442,26 @@ class Engine:
             if orphan is not None:
                 orphan.released = True  # only a restore that reads nothing new revives it
             self._revoked[tp] = now  # its local state goes after the grace period
+        return commits
 
     @property
     def assigned(self) -> list[TopicPartition]:
         return list(self._watermarks)
 
     def request_stop(self) -> None:
-        """Finish the event in hand, then stop deciding (used by SIGTERM/SIGINT)."""
+        """Finish the events in hand, then stop deciding (used by SIGTERM/SIGINT)."""
         self._stopping.set()
+
+    def setup_handler(self) -> None:
+        """``handler.setup()`` on a worker (the only one at concurrency 1), awaited if async."""
+        self._pool.run(self.handler.setup)
+
+    def teardown_handler(self) -> None:
+        self._pool.run(self.handler.teardown)
+
+    def close(self) -> None:
+        """Stop the workers (a call still running finishes on its own)."""
+        self._pool.close()
 
     @property
     def stopping(self) -> bool:
@@ -454,7 +534,17 @@ class Engine:
 
     # -- the batch -------------------------------------------------------------------------
 
-    def process(self, messages: Sequence[SourceMessage]) -> BatchResult:
+    def process(
+        self,
+        messages: Sequence[SourceMessage],
+        keep_alive: Callable[[], None] | None = None,
+    ) -> BatchResult:
+        """Decide ``messages``; persist; return what may be committed.
+
+        ``keep_alive`` is called on this thread while handler calls run (the Kafka
+        source polls with its partitions paused: heartbeats, rebalances).
+        """
+        self._keep_alive = keep_alive
         started = time.monotonic()
         for tp, orphan in list(self._orphans.items()):
             if not orphan.released:  # still ours since it was fenced: try once more
@@ -544,31 +634,26 @@ class Engine:
         self, plan: dict[TopicPartition, list[_Item]], now_ms: int, started: float
     ) -> BatchResult:
         claimed = self._claim(plan, now_ms) if self.claims else WriteSet()
-
-        write = WriteSet()
-        per_topic: dict[str, BatchStats] = {}
-        handled_ids: list[str] = []
-        error: BaseException | None = None
-        rewind: dict[TopicPartition, int] = {}
         self._walk_deadline = (
             None if self.walk_budget_s is None else time.monotonic() + self.walk_budget_s
         )
+        batch = self._batch = _Batch(plan, now_ms, claimed)
         try:
-            for tp, items in plan.items():
-                stats = per_topic.setdefault(tp.topic, BatchStats())
-                self._walk(tp, items, now_ms, stats, write, handled_ids)
-        except _Cut:
-            rewind = _undecided(plan, write)
+            self._walk(batch)
+        finally:
+            self._batch = None
+        owned = [tp for tp in plan if tp not in batch.gone]
+        write, rewind, per_topic, handled_ids = self._settle(batch, owned)
+        error = batch.error
+        if batch.cut:
             self.metrics.walks_cut.inc()
             log.warning(
                 "batch_cut",
                 rewind={str(tp): o for tp, o in rewind.items()},
-                reason="handlers ran past the walk budget; the rest is re-read so "
-                "the consumer keeps its group membership",
+                reason="handlers ran past the walk budget; the rest is re-read",
             )
-        except _Stop as stop:
-            error = stop.__cause__
-        _release_undecided(claimed, write)
+        plan = {tp: plan[tp] for tp in owned}
+        claimed = _only(batch.claimed, owned)
 
         committed: dict[TopicPartition, int] = {}
         if write:
@@ -650,6 +735,11 @@ class Engine:
             if record.status is RecordStatus.IN_PROGRESS:
                 item.found_claim = record  # uncertain: the walk applies processing.on_uncertain
                 continue
+            if record.offset == item.offset and record.digest == item.digest:
+                # This very message, decided above a gap before a stop, a cut or a crash:
+                # already decided, as if below the watermark (invariant 2).
+                item.decision = Decision.REPLAY
+                continue
             self._on_seen(item, record.offset, record.digest)
 
     def _on_missing_id(self, item: _Item, missing: MissingId) -> None:
@@ -708,31 +798,100 @@ class Engine:
 
     # -- phase 3: walk ---------------------------------------------------------------------
 
-    def _walk(
-        self,
-        tp: TopicPartition,
-        items: list[_Item],
-        now_ms: int,
-        stats: BatchStats,
-        write: WriteSet,
-        handled_ids: list[str],
-    ) -> None:
-        records = write.records.setdefault(tp, [])
-        effects: dict[bytes, bytes | None] = {}
+    def _walk(self, batch: _Batch) -> None:
+        """Run the batch's lanes on the workers; serve the group until they are done."""
+        for tp, items in batch.plan.items():
+            for lane in self._lanes(items):
+                future = self._pool.submit(self._run_lane, batch, tp, lane)
+                batch.lanes.setdefault(tp, []).append(future)
+        running = batch.running()
+        while running:
+            _, running = wait(running, timeout=_KEEP_ALIVE_S)
+            if running and self._keep_alive is not None:
+                self._keep_alive()  # may revoke partitions: see release()
+            running = {f for f in running if f in batch.running()}
+        if batch.crash is not None:
+            raise batch.crash
+
+    def _lanes(self, items: list[_Item]) -> list[list[_Item]]:
+        """The events of a partition that need the handler, cut into lanes.
+
+        Each lane is handled in offset order, one event at a time. Nothing after an
+        event whose missing ID stops the partition (``on_missing_id = "fail"``) starts.
+        """
+        todo: list[_Item] = []
+        for item in items:
+            if item.fail is not None:
+                break
+            if item.decision is None:
+                todo.append(item)
+        if not todo:
+            return []
+        if self._pool.concurrency == 1 or self.processing.ordering == "partition":
+            return [todo]
+        lanes: dict[object, list[_Item]] = {}
+        for item in todo:
+            key = item.message.key()
+            lanes.setdefault(("id", item.event_id) if key is None else key, []).append(item)
+        return list(lanes.values())
+
+    def _run_lane(self, batch: _Batch, tp: TopicPartition, lane: list[_Item]) -> None:
+        """On a worker: decide the lane's events in order until done or told to stop."""
+        staged: dict[bytes, bytes | None] = {}  # what this lane's earlier events staged
         try:
-            for item in items:
+            for item in lane:
+                if batch.stop.is_set() or tp in batch.gone:
+                    return
                 if self._stopping.is_set():
-                    raise _Stop
+                    batch.fail(None)
+                    return
                 if self._walk_deadline is not None and time.monotonic() > self._walk_deadline:
-                    raise _Cut
-                if item.fail is not None:
-                    raise _Stop from item.fail
-                decision = self._walk_one(tp, item, stats, effects)
-                if decision is not None:  # decided now, not in phase 1: its ID gets a record
-                    assert item.event_id is not None
-                    item.decision = decision
-                    record = IdRecord(RECORDED_AS[decision], item.offset, now_ms, item.digest)
+                    batch.fail(None, cut=True)
+                    return
+                decision = self._walk_one(tp, item, staged)
+                item.decision = decision
+                item.walked = True
+                if decision is Decision.HANDLED and item.staged:
+                    staged.update(item.staged)
+        except _Cut:
+            batch.fail(None, cut=True)
+        except _Stop as stop:
+            batch.fail(stop.__cause__)
+        except Exception as bug:  # never lose it on a worker: the batch stops on it
+            log.exception("walk_failed", partition=str(tp))
+            batch.fail(bug)
+        except BaseException as crash:
+            batch.crash = crash
+            batch.stop.set()
+
+    def _settle(
+        self, batch: _Batch, tps: Sequence[TopicPartition]
+    ) -> tuple[WriteSet, dict[TopicPartition, int], dict[str, BatchStats], list[str]]:
+        """Turn the decisions of ``tps`` into a write: records, effects, watermarks.
+
+        Per partition in offset order: the watermark moves over the contiguous run of
+        decided offsets; an event decided in phase 1 (replay, duplicate, no ID) counts
+        only inside that run (else it is re-read and decided then); an event decided
+        by the walk is recorded wherever it lies. Returns the write, where each
+        partition with a gap is to be re-read from, the stats and the handled IDs.
+        """
+        write = WriteSet()
+        rewind: dict[TopicPartition, int] = {}
+        per_topic: dict[str, BatchStats] = {}
+        handled_ids: list[str] = []
+        for tp in tps:
+            stats = per_topic.setdefault(tp.topic, BatchStats())
+            records: list[tuple[str, IdRecord]] = []
+            effects: dict[bytes, bytes | None] = {}
+            current = self._watermarks.get(tp)
+            gap: int | None = None
+            for item in batch.plan[tp]:
+                if item.walked:
+                    decision = item.decision
+                    assert decision is not None and item.event_id is not None
+                    record = IdRecord(RECORDED_AS[decision], item.offset, batch.now_ms, item.digest)
                     records.append((item.event_id, record))
+                    stats.uncertain += item.uncertain
                     if decision is Decision.HANDLED:
                         if item.staged:
                             effects.update(item.staged)
@@ -742,31 +901,82 @@ class Engine:
                         reason = item.letter.reason
                         stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
                     stats.add(decision)
-                current = self._watermarks.get(tp)
-                if current is None or item.offset > current:  # never backwards
+                elif gap is None and item.decision is not None and item.fail is None:
+                    try:
+                        self._walk_decided(item, stats)
+                    except Exception as unsent:  # not even a letter without its value
+                        batch.fail(unsent)
+                        gap = item.offset
+                        continue
+                else:
+                    if item.fail is not None:
+                        batch.fail(item.fail)
+                    if gap is None:
+                        gap = item.offset
+                    continue
+                if gap is None and (current is None or item.offset > current):  # never back
                     write.watermarks[tp] = item.offset
-        finally:
+            if records:
+                write.records[tp] = records
             if effects:
                 write.effects[tp] = list(effects.items())
+            if gap is not None:
+                rewind[tp] = gap
+        _release_undecided(_only(batch.claimed, tps), write)
+        return write, rewind, per_topic, handled_ids
+
+    def _settle_revoked(
+        self, batch: _Batch, tps: list[TopicPartition], *, lost: bool
+    ) -> dict[TopicPartition, int]:
+        """A rebalance took ``tps`` during the walk: settle them now, before they go."""
+        batch.gone.update(tps)
+        if lost:
+            log.warning(
+                "lost_during_walk",
+                partitions=[str(tp) for tp in tps],
+                consequence="their decisions in this batch are dropped: the new owner reads "
+                "them again",
+            )
+            return {}
+        running = {f for tp in tps for f in batch.lanes.get(tp, [])}
+        _, late = wait(running, timeout=self.walk_budget_s or _REVOKE_WAIT_S)
+        if late:
+            log.warning(
+                "revoked_with_calls_running",
+                partitions=[str(tp) for tp in tps],
+                running=len(late),
+                consequence="their events are left undecided: the new owner handles them "
+                "again if they complete here (plain mode) or finds their claims (claim mode)",
+            )
+        write, _, per_topic, _ = self._settle(batch, tps)
+        for topic, stats in per_topic.items():
+            self.metrics.record(topic, stats)
+        if not write:
+            return {}
+        try:
+            committed = self._persist(write, live=True)
+        except NotOwnerError as fenced:
+            log.warning("changelog_fenced", error=str(fenced), during="revocation")
+            return {}
+        for tp, offset in write.watermarks.items():
+            self._watermarks[tp] = offset
+        return {
+            tp: offset + 1
+            for tp, offset in write.watermarks.items()
+            if committed.get(tp) != offset + 1
+        }
 
     def _walk_one(
-        self,
-        tp: TopicPartition,
-        item: _Item,
-        stats: BatchStats,
-        batch_effects: dict[bytes, bytes | None],
-    ) -> Decision | None:
+        self, tp: TopicPartition, item: _Item, staged: dict[bytes, bytes | None]
+    ) -> Decision:
         """Decide one event. An error on its behalf is its own: it never stops the partition.
 
-        Returns the decision to record, or None for an event decided in phase 1. Only a
-        dead letter that cannot be sent at all stops the walk (the prefix is persisted).
+        Only a dead letter that cannot be sent at all stops the walk (the decided
+        prefix is persisted).
         """
         try:
-            if item.decision is not None:
-                self._walk_decided(item, stats)
-                return None
             try:
-                return self._decide(tp, item, stats, batch_effects)
+                return self._decide(tp, item, staged)
             except (_Stop, DeadLetterError):
                 raise
             except Exception as failure:  # not the handler's (that is retried): ours
@@ -822,7 +1032,6 @@ class Engine:
         self,
         tp: TopicPartition,
         item: _Item,
-        stats: BatchStats,
         batch_effects: dict[bytes, bytes | None],
     ) -> Decision:
         """Handle one unseen (or uncertain) event; returns how it ended.
@@ -832,7 +1041,7 @@ class Engine:
         """
         assert item.event_id is not None
         if item.found_claim is not None:  # an in-progress claim from a process that died
-            stats.uncertain += 1
+            item.uncertain = True
             return self._resolve_uncertain(tp, item, batch_effects)
         return self._handle(tp, item, batch_effects)
 
@@ -911,15 +1120,6 @@ class Engine:
             effects=effects,
         )
 
-    def _effects(self, tp: TopicPartition, batch_effects: dict[bytes, bytes | None]) -> Effects:
-        """One Effects per partition walk, reset per call: not one object per event."""
-        effects = self._walk_effects
-        if effects is None or effects.batch is not batch_effects:
-            effects = self._walk_effects = Effects(
-                lambda key: self.store.effect(tp, key), batch_effects, self._max_effect_bytes
-            )
-        return effects
-
     def _handle(
         self, tp: TopicPartition, item: _Item, batch_effects: dict[bytes, bytes | None]
     ) -> Decision:
@@ -965,13 +1165,16 @@ class Engine:
             )
         processing = self.processing
         attempts = processing.max_retries + 1
-        effects = self._effects(tp, batch_effects)
+        # Reads see this lane's earlier staged writes, then the store.
+        effects = Effects(
+            lambda key: self.store.effect(tp, key), batch_effects, self._max_effect_bytes
+        )
         base = self._event(tp, item, payload, effects)
         for attempt in range(1, attempts + 1):
             effects.staged = {}  # a failed attempt's writes are dropped here
             event = base if attempt == 1 else replace(base, attempt=attempt)
             try:
-                result = call(event)
+                result = self._pool.call(call, event)  # an awaitable is awaited on the loop
             except PermanentError as permanent:
                 return self._dead_letter(
                     item,
@@ -1007,16 +1210,6 @@ class Engine:
                 if self._stopping.wait(delay):
                     raise _Stop from None
             else:
-                if inspect.isawaitable(result):
-                    # Recording this as handled would lose the event: nothing ran.
-                    _discard(result)
-                    raise _Stop from ConfigError(
-                        f"{type(self.handler).__name__}.{_name_of(call)} returned an "
-                        f"awaitable ({type(result).__name__}) for event {event.id!r}: async "
-                        "handlers are not supported yet; define it with plain `def` and do "
-                        "the I/O synchronously. The event was not recorded; it is re-read "
-                        "on restart"
-                    )
                 return _Called(result, effects.staged)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1077,27 +1270,28 @@ class Engine:
         return offsets
 
 
-def _name_of(call: Callable[[Event], object]) -> str:
-    return getattr(call, "__name__", "handle")
-
-
-def _discard(awaitable: object) -> None:
-    close = getattr(awaitable, "close", None)
-    if callable(close):  # a coroutine never awaited: close it without a RuntimeWarning
-        close()
-
-
 def _refuse_coroutines(handler: Handler) -> None:
-    """Refuse ``async def`` hooks at start-up: nothing would await them (invariant 4)."""
-    for name in ("handle", "reconcile", "setup", "teardown", "parse"):
-        hook = getattr(handler, name, None)
-        if inspect.iscoroutinefunction(hook) or inspect.isasyncgenfunction(hook):
-            raise ConfigError(
-                f"{type(handler).__name__}.{name} is `async def`: async handlers are not "
-                "supported yet, and a coroutine that nobody awaits would record every event "
-                f"as handled while doing nothing. Define {name} with plain `def` (call your "
-                "async client through a sync API, or asyncio.run in a worker thread)"
-            )
+    """``parse`` runs on the consuming thread's path to every hook: it must be plain ``def``."""
+    if inspect.iscoroutinefunction(handler.parse) or inspect.isasyncgenfunction(handler.parse):
+        raise ConfigError(
+            f"{type(handler).__name__}.parse is `async def`: parse must be plain `def` "
+            "(handle, reconcile, setup and teardown may be async)"
+        )
+
+
+def _only(write: WriteSet, tps: Sequence[TopicPartition]) -> WriteSet:
+    """The share of ``write`` that belongs to ``tps``."""
+    part = WriteSet()
+    for tp in tps:
+        if tp in write.records:
+            part.records[tp] = write.records[tp]
+        if tp in write.released:
+            part.released[tp] = write.released[tp]
+        if tp in write.effects:
+            part.effects[tp] = write.effects[tp]
+        if tp in write.watermarks:
+            part.watermarks[tp] = write.watermarks[tp]
+    return part
 
 
 @dataclass(slots=True)
@@ -1109,16 +1303,7 @@ class _Orphan:
 
 def _part(write: WriteSet, tp: TopicPartition) -> WriteSet:
     """The share of ``write`` that belongs to ``tp``."""
-    part = WriteSet()
-    if tp in write.records:
-        part.records[tp] = write.records[tp]
-    if tp in write.released:
-        part.released[tp] = write.released[tp]
-    if tp in write.effects:
-        part.effects[tp] = write.effects[tp]
-    if tp in write.watermarks:
-        part.watermarks[tp] = write.watermarks[tp]
-    return part
+    return _only(write, [tp])
 
 
 def _undecided(

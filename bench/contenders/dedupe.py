@@ -109,6 +109,9 @@ class _TimedSource:
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self._inner.commit(offsets)
 
+    def keep_alive(self) -> None:
+        self._inner.keep_alive()
+
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
         self._inner.seek(offsets)
 

@@ -109,6 +109,9 @@ class KafkaSource:
         self._recommit = False
         self._failed: CommitError | None = None
         """An asynchronous commit that failed, raised by the next :meth:`commit`."""
+        self._kept: list[Message] = []
+        """Messages that arrived while a batch was walked (keep_alive): the next batch."""
+        self._paused = False
         strategy = str(conf.get("partition.assignment.strategy", ""))
         # Incremental (un)assignment: cooperative-sticky, and always with the consumer
         # group protocol (KIP-848), where an eager assign() fails with _STATE.
@@ -229,7 +232,8 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
-        self.listener.on_revoked(tps)
+        self._forget_kept(tps)
+        self.uncommitted.update(self.listener.on_revoked(tps))  # settled in the walk
         self._commit_now(tps)  # the next owner starts from here: make sure it is committed
         for tp in tps:
             self.uncommitted.pop(tp, None)
@@ -237,6 +241,7 @@ class KafkaSource:
 
     def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
+        self._forget_kept(tps)
         self.listener.on_lost(tps)
         for tp in tps:
             self.uncommitted.pop(tp, None)  # not ours any more: nothing may be committed
@@ -256,8 +261,30 @@ class KafkaSource:
 
     # -- batches and commits ---------------------------------------------------------------
 
+    def keep_alive(self) -> None:
+        """Poll with every assigned partition paused: the group sees a live member and
+        rebalances are served while handler calls run, however long they take."""
+        assignment = self._consumer.assignment()
+        if assignment:
+            self._consumer.pause(assignment)
+        self._paused = True
+        # Fetched before the pause, or assigned just now: kept for the next poll.
+        self._kept.extend(self._consumer.consume(num_messages=1000, timeout=0))
+
+    def _forget_kept(self, tps: Sequence[TopicPartition]) -> None:
+        gone = set(tps)
+        self._kept = [m for m in self._kept if (m.topic(), m.partition()) not in gone]
+
     def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
-        messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
+        if self._paused:
+            self._paused = False
+            assignment = self._consumer.assignment()
+            if assignment:
+                self._consumer.resume(assignment)
+        if self._kept:
+            messages, self._kept = self._kept[:max_messages], self._kept[max_messages:]
+        else:
+            messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
         # The generation this batch was fetched in. Taken now, not at commit time: once
         # kicked out, librdkafka resets it to "no generation", which a transactional
         # offset commit would not be fenced by.

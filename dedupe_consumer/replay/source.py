@@ -55,6 +55,9 @@ class ReplaySource:
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self.committed.update(offsets)
 
+    def keep_alive(self) -> None:
+        """A recording has no group to keep."""
+
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Hand the undecided rest of the last batch out again, as a Kafka seek would."""
         again = [

@@ -116,11 +116,13 @@ class Rig:
 
     def restart(self) -> Engine:
         assert self.store is not None
+        self.engine.close()
         self.store.close()
         self.engine = self.open()
         return self.engine
 
     def close(self) -> None:
+        self.engine.close()
         if self.store is not None:
             self.store.close()
             self.store = None

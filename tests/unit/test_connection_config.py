@@ -147,8 +147,8 @@ class _NoPartitions:
     ) -> Mapping[TopicPartition, int | None]:
         return {}
 
-    def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
-        pass
+    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
+        return {}
 
     def on_lost(self, tps: Sequence[TopicPartition]) -> None:
         pass

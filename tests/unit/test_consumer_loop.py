@@ -92,8 +92,8 @@ def test_replay_source_seek_hands_out_the_rest_of_the_last_batch(tmp_path: Path)
         ) -> dict[TopicPartition, int | None]:
             return {}
 
-        def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
-            return None
+        def on_revoked(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+            return {}
 
         def on_lost(self, tps: Sequence[TopicPartition]) -> None:
             return None

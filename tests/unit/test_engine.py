@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -324,33 +326,39 @@ def test_a_walk_past_its_budget_is_cut_and_the_rest_re_read(rig: RigFactory) -> 
 
 class _AsyncHandle(Recorder):
     async def handle(self, event: Event) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
         self.calls.append(event)
 
 
 class _ReturnsCoroutine(Recorder):
-    """Not ``async def`` itself, but hands back a coroutine that nobody would await."""
+    """Not ``async def`` itself, but hands back a coroutine: it is awaited too."""
 
     def handle(self, event: Event) -> None:
-        self.calls.append(event)
         return self._later(event)  # type: ignore[return-value]
 
     async def _later(self, event: Event) -> None:
-        raise AssertionError("never awaited")
+        await asyncio.sleep(0)
+        self.calls.append(event)
 
 
-def test_an_async_def_handler_is_refused_at_start_up(rig: RigFactory) -> None:
-    with pytest.raises(ConfigError, match=r"_AsyncHandle.handle is `async def`"):
-        rig(_AsyncHandle())
+class _AsyncParse(Recorder):
+    async def parse(self, value: bytes | None) -> object:  # type: ignore[override]
+        return None
 
 
-def test_a_handler_returning_a_coroutine_stops_without_recording_the_event(
-    rig: RigFactory,
+@pytest.mark.parametrize("handler", [_AsyncHandle, _ReturnsCoroutine])
+def test_an_async_handler_is_awaited_for_every_event(
+    rig: RigFactory, handler: type[Recorder]
 ) -> None:
-    r = rig(_ReturnsCoroutine())
-    result = r.engine.process([rec(0, "a"), rec(1, "b")])
-    assert isinstance(result.error, ConfigError)
-    assert "returned an awaitable" in str(result.error)
-    assert result.stats.handled == 0
-    assert result.commits == {}  # offset 0 is not decided: it is read again
-    engine = r.restart()
-    assert engine.assign([TP0]) == {TP0: None}  # no watermark: nothing was recorded
+    """Issue 13: an ``async def handle`` was never awaited and every event was lost."""
+    r = rig(handler())
+    result = r.engine.process([rec(0, "a"), rec(1, "b"), rec(2, "a")])
+    assert result.error is None
+    assert r.handler.ids == ["a", "b"]  # type: ignore[attr-defined]
+    assert (result.stats.handled, result.stats.duplicates) == (2, 1)
+    assert result.commits == {TP0: 3}
+
+
+def test_an_async_parse_is_refused_at_start_up(rig: RigFactory) -> None:
+    with pytest.raises(ConfigError, match=r"_AsyncParse.parse is `async def`"):
+        rig(_AsyncParse())
