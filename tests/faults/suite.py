@@ -26,6 +26,7 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from dedupe_consumer import Settings
 from dedupe_consumer.models import TopicPartition, header_pairs
 from dedupe_consumer.store import RocksStore
 
@@ -221,6 +222,8 @@ def run_mode(
         concurrency=mode.concurrency,
         ordering=mode.ordering,
     )
+    processing = Settings.from_toml(config).processing  # what the process will run with
+    assert (processing.concurrency, processing.ordering) == (mode.concurrency, mode.ordering)
     effects, log = workdir / "effects", log_of(config)
     outcome = Outcome(mode.name, events=events, unique=len(unique), max_batch=batch)
     deadline = time.monotonic() + timeout_s
