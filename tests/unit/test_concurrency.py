@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -667,3 +667,172 @@ def test_at_concurrency_1_a_sync_handler_lives_on_one_thread(tmp_path: Path) -> 
         assert run.totals.handled == 30
     assert set(handler.threads) == {"setup", "handle", "teardown"}
     assert len(set().union(*handler.threads.values())) == 1, dict(handler.threads)
+
+
+# -- a revoke in the middle of a batch ---------------------------------------------------
+
+
+class RebalancingSource:
+    """One partition, revoked once while handler calls run (as Kafka does inside a poll
+    that ``keep_alive`` makes), then assigned back at the next poll.
+
+    Like the Kafka source it commits what ``on_revoked`` returns before the partition
+    goes, and it notes any commit offered for a partition it does not hold.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        listener: Any,
+        revoke_when: Callable[[], bool],
+        after_revoke: Callable[[], None],
+        on_reassign: Callable[[], None],
+    ) -> None:
+        self.records = list(records)
+        self.listener = listener
+        self.revoke_when = revoke_when
+        self.after_revoke = after_revoke
+        self.on_reassign = on_reassign
+        self.committed: dict[TopicPartition, int] = {}
+        self.foreign_commits: list[dict[TopicPartition, int]] = []
+        self.revoke_commits: dict[TopicPartition, int] | None = None
+        self.assigned = False
+        self.pending: list[Record] = []
+        self._assign()
+
+    def _assign(self) -> None:
+        start = self.listener.on_assigned([TP0]).get(TP0)
+        if start is None:
+            start = self.committed.get(TP0, 0)
+        self.pending = [r for r in self.records if r.offset_ >= start]
+        self.assigned = True
+
+    @property
+    def exhausted(self) -> bool:
+        return self.revoke_commits is not None and self.assigned and not self.pending
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[Record]:
+        if not self.assigned:
+            self.on_reassign()
+            self._assign()  # the partition comes back (to this same instance)
+        batch, self.pending = self.pending[:max_messages], self.pending[max_messages:]
+        return batch
+
+    def keep_alive(self) -> None:
+        if self.assigned and self.revoke_commits is None and self.revoke_when():
+            self.revoke_commits = dict(self.listener.on_revoked([TP0]))
+            self.committed.update(self.revoke_commits)
+            self.assigned = False
+            self.pending = []
+            self.after_revoke()
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        if offsets and not self.assigned:
+            self.foreign_commits.append(dict(offsets))
+        self.committed.update(offsets)
+
+    def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
+        if self.assigned and TP0 in offsets:
+            self.pending = [r for r in self.records if r.offset_ >= offsets[TP0]]
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_revoke_mid_batch_waits_for_running_calls_commits_them_and_starts_nothing_more(
+    tmp_path: Path,
+) -> None:
+    records = [keyed(o, f"e{o}", f"k{o}") for o in range(12)]
+    revoking = threading.Event()
+    handler_lock = threading.Lock()
+    running_now: set[int] = set()
+    calls: list[int] = []
+    finished: list[int] = []
+
+    class HeldUntilRevoke(Handler):
+        def handle(self, event: Event) -> None:
+            with handler_lock:
+                calls.append(event.offset)
+                running_now.add(event.offset)
+            try:
+                if event.offset >= 2 and not sources[0].revoke_commits:
+                    revoking.wait(10)  # still running when the revoke comes...
+                    time.sleep(0.2)  # ...and for a while after it started
+            finally:
+                with handler_lock:
+                    running_now.discard(event.offset)
+                    finished.append(event.offset)
+
+    sources: list[RebalancingSource] = []
+    at_revoke: dict[str, Any] = {}
+
+    def four_running() -> bool:
+        with handler_lock:
+            return len(running_now) == 4
+
+    def snapshot() -> None:
+        with handler_lock:
+            at_revoke["calls"] = list(calls)
+            at_revoke["finished"] = sorted(finished)
+            at_revoke["running"] = set(running_now)
+
+    def source_factory(listener: Any) -> RebalancingSource:
+        def revoke_when() -> bool:
+            if four_running():
+                revoking.set()
+                return True
+            return False
+
+        def reassigned() -> None:
+            with handler_lock:
+                at_revoke["calls_at_reassign"] = list(calls)
+
+        source = RebalancingSource(records, listener, revoke_when, snapshot, reassigned)
+        sources.append(source)
+        return source
+
+    config = settings(tmp_path / "s", 4)
+    base = edges(records, config)
+    replayed = dataclasses.replace(base, source=cast(Any, source_factory))
+    consumer = DedupeConsumer(HeldUntilRevoke(), config, edges=replayed)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            consumer.run(
+                until=lambda _t: bool(sources) and sources[0].exhausted,
+                install_signal_handlers=False,
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(RUN_TIMEOUT_S)
+    try:
+        if thread.is_alive():
+            consumer.stop()
+            thread.join(10)
+            pytest.fail(f"the consumer did not finish within {RUN_TIMEOUT_S}s")
+        assert errors == []
+        source = sources[0]
+        assert source.revoke_commits is not None, "the revoke never happened"
+        # The calls running at the revoke were waited for, none was started during it...
+        assert at_revoke["running"] == set(), "the revoke returned with calls still running"
+        started_by_revoke = at_revoke["calls"]
+        assert sorted(started_by_revoke) == at_revoke["finished"]
+        # nor after it, until the partition came back.
+        assert at_revoke["calls_at_reassign"] == started_by_revoke
+        decided = sorted(started_by_revoke)
+        # ...and what they decided was committed before the partition went.
+        assert decided == list(range(len(decided))), "decided offsets should be a prefix here"
+        assert 4 <= len(decided) < 12  # some were running, some not started yet
+        assert source.revoke_commits == {TP0: len(decided)}
+        assert source.foreign_commits == [], "offsets committed for a partition not held"
+        # Back again: only what was not decided is handled, each offset once.
+        assert sorted(calls) == list(range(12))
+        assert source.committed == {TP0: 12}
+        assert replayed.store.watermark(TP0) == 11
+    finally:
+        if not thread.is_alive():
+            replayed.close()
