@@ -26,7 +26,14 @@ from typing import Any, cast
 
 import pytest
 
-from dedupe_consumer import DedupeConsumer, Event, Handler, RetryableError, Settings
+from dedupe_consumer import (
+    DedupeConsumer,
+    Event,
+    Handler,
+    PermanentError,
+    RetryableError,
+    Settings,
+)
 from dedupe_consumer.engine import payload_digest
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.replay import Record, edges
@@ -374,12 +381,13 @@ def random_topic(seed: int) -> list[Record]:
     return records
 
 
+@pytest.mark.parametrize("mode", ["plain", "claim"])
 @pytest.mark.parametrize("ordering", ["key", "partition"])
 @pytest.mark.parametrize("concurrency", [1, 4, 16])
 def test_every_id_handled_once_in_lane_order_and_commits_never_pass_an_undecided_offset(
-    tmp_path: Path, concurrency: int, ordering: str
+    tmp_path: Path, concurrency: int, ordering: str, mode: str
 ) -> None:
-    seed = concurrency * 10 + len(ordering)
+    seed = concurrency * 10 + len(ordering) + len(mode)
     records = random_topic(seed)
     latency_rng = random.Random(seed)
     latencies = {r.offset_ + 1000 * r.partition_: latency_rng.random() * 0.004 for r in records}
@@ -417,7 +425,7 @@ def test_every_id_handled_once_in_lane_order_and_commits_never_pass_an_undecided
                 bad_commits.append(f"{tp}: commit {end} before the watermark ({wm}) covers it")
 
     handler = Recording(latency=lambda e: latencies[e.offset + 1000 * e.partition])
-    config = settings(tmp_path / "s", concurrency, ordering, batch_size=64)
+    config = settings(tmp_path / "s", concurrency, ordering, batch_size=64, mode=mode)
     with running(handler, config, records, check=check, on_start=started.append) as run:
         ends = {TopicPartition(TOPIC, p): n for p, n in enumerate(_counts(records))}
         assert run.committed == ends
@@ -836,3 +844,111 @@ def test_a_revoke_mid_batch_waits_for_running_calls_commits_them_and_starts_noth
     finally:
         if not thread.is_alive():
             replayed.close()
+
+
+# -- more: a stop during a call, async failures, worker threads, redelivered batches -----
+
+
+def test_a_stop_during_a_running_call_waits_for_it_and_a_restart_does_not_call_it_again(
+    tmp_path: Path,
+) -> None:
+    records = [keyed(o, f"e{o}", f"k{o % 3}") for o in range(9)]
+    calls: list[str] = []
+    consumers: list[DedupeConsumer] = []
+
+    class StopsWhileRunning(Handler):
+        def handle(self, event: Event) -> None:
+            calls.append(event.id)
+            if event.offset == 1:  # ask for a stop, then take a while to finish
+                threading.Thread(target=consumers[0].stop, name="stopper").start()
+                deadline = time.monotonic() + 10
+                while not consumers[0].stopping and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                time.sleep(0.2)
+
+    config = settings(tmp_path / "s", 2)
+    with running(
+        StopsWhileRunning(),
+        config,
+        records,
+        on_start=lambda run: consumers.append(run.consumer),
+        until_exhausted=False,
+    ) as run:
+        assert "e1" in calls
+        wm = run.watermark()
+        assert wm is not None and wm >= 1  # the running call was finished and recorded
+        first_calls = list(calls)
+        assert run.recorded(first_calls) == {i: int(i[1:]) for i in first_calls}
+    calls.clear()
+    second = Tracker()
+    with running(second, config, records) as again:
+        assert again.committed == {TP0: 9}
+    assert sorted(e.id for e in second.started) == sorted(
+        f"e{o}" for o in range(9) if f"e{o}" not in first_calls
+    )
+
+
+class AsyncFailing(Handler):
+    def __init__(self) -> None:
+        self.attempts: dict[str, list[int]] = defaultdict(list)
+
+    async def handle(self, event: Event) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        self.attempts[event.id].append(event.attempt)
+        if event.id == "flaky" and event.attempt < 3:
+            raise RetryableError("try again")
+        if event.id == "broken":
+            raise PermanentError("never")
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_async_handler_errors_are_retried_or_dead_lettered_like_sync_ones(
+    tmp_path: Path, concurrency: int
+) -> None:
+    records = [keyed(0, "flaky", "a"), keyed(1, "broken", "b"), keyed(2, "fine", "c")]
+    handler = AsyncFailing()
+    with running(handler, settings(tmp_path / "s", concurrency), records) as run:
+        assert run.committed == {TP0: 3}
+        assert [kept.letter.event_id for kept in run.edges.dead_letters.letters] == ["broken"]
+    assert dict(handler.attempts) == {"flaky": [1, 2, 3], "broken": [1], "fine": [1]}
+    assert (run.totals.handled, run.totals.dead_lettered) == (2, 1)
+
+
+def test_sync_calls_run_on_at_most_concurrency_worker_threads(tmp_path: Path) -> None:
+    records = [keyed(o, f"e{o}", f"k{o}") for o in range(40)]
+    threads: set[int] = set()
+    lock = threading.Lock()
+
+    class Noter(Tracker):
+        def handle(self, event: Event) -> None:
+            with lock:
+                threads.add(threading.get_ident())
+            super().handle(event)
+
+    handler = Noter(latency=lambda _e: 0.003)
+    with running(handler, settings(tmp_path / "s", 4), records) as run:
+        assert run.totals.handled == 40
+    assert 1 < len(threads) <= 4
+    assert handler.inflight.max <= 4
+
+
+@pytest.mark.parametrize("ordering", ["key", "partition"])
+def test_redelivered_batches_are_replays_never_second_calls(tmp_path: Path, ordering: str) -> None:
+    # Every batch handed out twice, as after a crash between persist and commit.
+    records = random_topic(7)
+    config = settings(tmp_path / "s", 16, ordering, batch_size=32)
+    replayed = edges(records, config)
+    replayed = dataclasses.replace(replayed, source=ReplayFeed(records, redeliver_batches=True))
+    handler = Tracker(latency=lambda e: (e.offset % 5) * 0.0005)
+    consumer = DedupeConsumer(handler, config, edges=replayed)
+    try:
+        totals = consumer.run(
+            until=lambda _t: replayed.source.exhausted, install_signal_handlers=False
+        )
+    finally:
+        replayed.close()
+    assert all(n == 1 for n in handler.by_id.values())
+    unique = len({(e.partition, e.id) for e in handler.started})
+    assert totals.handled == unique
+    assert totals.replays == 200
+    assert totals.consumed == 400
