@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -33,10 +33,14 @@ LONG_CALL_S = 2 * MAX_POLL_INTERVAL_MS / 1000
 
 
 class OneLongCall(Handler):
-    """The first event's call takes twice ``max.poll.interval.ms``; the rest are instant."""
+    """The first event's call takes twice ``max.poll.interval.ms``; the rest are instant.
 
-    def __init__(self, slow_id: str) -> None:
+    While the long call runs, ``during`` is called once (more traffic arrives then).
+    """
+
+    def __init__(self, slow_id: str, during: Callable[[], object]) -> None:
         self.slow_id = slow_id
+        self.during = during
         self.lock = threading.Lock()
         self.ids: list[str] = []
         self.slow_took_s = 0.0
@@ -44,6 +48,7 @@ class OneLongCall(Handler):
     def handle(self, event: Event) -> None:
         if event.id == self.slow_id:
             started = time.monotonic()
+            threading.Thread(target=self.during, name="second-wave").start()
             time.sleep(LONG_CALL_S)
             self.slow_took_s = time.monotonic() - started
         with self.lock:
@@ -69,7 +74,13 @@ def test_a_call_of_twice_max_poll_interval_keeps_the_membership_and_runs_once(
         },
         processing={"concurrency": concurrency, "batch_size": 10},
     )
-    handler = OneLongCall(sent[0])
+    wave: list[str] = []
+
+    def second_wave() -> None:  # fetched while the partition is paused: kept, not lost
+        time.sleep(1)
+        wave.extend(produce_events(kafka_bootstrap, topic, 20, duplicates=0.0, seed=14))
+
+    handler = OneLongCall(sent[0], second_wave)
     consumer = DedupeConsumer(handler, settings)
     finishing = threading.Event()  # revocations after this are the close's own
     assigned: list[Sequence[TopicPartition]] = []
@@ -83,8 +94,9 @@ def test_a_call_of_twice_max_poll_interval_keeps_the_membership_and_runs_once(
 
     def done(_totals: object) -> bool:
         if time.monotonic() > deadline or (
-            len(handler.ids) >= len(sent)
-            and committed_offsets(kafka_bootstrap, group, topic, 1) == {0: len(sent)}
+            len(wave) == 20
+            and len(handler.ids) >= len(sent) + len(wave)
+            and committed_offsets(kafka_bootstrap, group, topic, 1) == {0: len(sent) + 20}
         ):
             finishing.set()
         return finishing.is_set()
@@ -98,8 +110,9 @@ def test_a_call_of_twice_max_poll_interval_keeps_the_membership_and_runs_once(
     exceeded = consumer.metrics.registry.get_sample_value("dedupe_max_poll_interval_exceeded_total")
     assert not exceeded
     assert [e for e in logs if e.get("event") == "max_poll_interval_exceeded"] == []
-    # Each event handled exactly once, the long one included; everything committed.
-    assert sorted(handler.ids) == sorted(sent)
+    # Each event handled exactly once, the long one included, and the second wave
+    # that arrived during it; everything committed.
+    assert sorted(handler.ids) == sorted(sent + wave)
     assert handler.ids.count(sent[0]) == 1
-    assert consumer.totals.handled == len(sent)
-    assert committed_offsets(kafka_bootstrap, group, topic, 1) == {0: len(sent)}
+    assert consumer.totals.handled == len(sent) + len(wave) == 40
+    assert committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 40}
