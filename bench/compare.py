@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Literal
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bench import _machine
@@ -446,7 +447,7 @@ def report(
             table.add_column(column, justify="right" if column in columns[1:3] else "left")
         rows = _rows(mine, data, baseline)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(escape(cell) for cell in row))  # "[sidecar]" is not markup
         console.print(table)
         md += ["", f"**{title}**", ""]
         md += ["| " + " | ".join(columns) + " |", "|---|---:|---:|---|---:|---|---|"]
@@ -583,7 +584,7 @@ def main() -> None:
                         if rate is not None
                         else "refused at start-up"
                         if outcome.refused
-                        else f"[red]{outcome.error}"
+                        else f"[red]{escape(outcome.error)}"
                     )
                 )
     finally:

@@ -36,7 +36,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   done
 fi
 
-"$python" -m pip install -q --disable-pip-version-check -e .
+"$python" -m pip install -q --disable-pip-version-check -e ".[sidecar]"
 "$python" -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 
 if [ ! -x "$venv/bin/python" ]; then

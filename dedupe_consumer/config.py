@@ -248,8 +248,10 @@ class KafkaSettings(_Section):
 
     @property
     def max_message_bytes(self) -> int:
-        """``[kafka.producer]``'s ``message.max.bytes`` (librdkafka's default: 1000000)."""
-        return int(self.producer.get("message.max.bytes", 1_000_000))
+        """``message.max.bytes`` of the producers: ``[kafka.producer]``'s, else the one the
+        connection carries from ``[kafka.consumer]``, else librdkafka's 1000000."""
+        shared = self.consumer.get("message.max.bytes", 1_000_000)
+        return int(self.producer.get("message.max.bytes", shared))
 
 
 class DedupeSettings(_Section):
@@ -309,7 +311,9 @@ class ProcessingSettings(_Section):
     retry_backoff_max: Duration = Field(timedelta(seconds=10), description=DURATION_FORMS)
     dead_letter_topic: str = Field(min_length=1, description="a topic name for dead letters")
     mode: Literal["plain", "claim"] = Field(
-        "plain", description="'plain' (one synced write per batch) or 'claim' (two; see README)"
+        "plain",
+        description="'plain' (one synced write per batch) or 'claim' (two; see Concepts, "
+        "docs/concepts.md)",
     )
     on_uncertain: Literal["retry", "skip", "dead-letter", "reconcile"] = Field(
         "dead-letter",
@@ -408,7 +412,10 @@ class Settings(BaseSettings):
     )
 
     # Sections this type refuses, and the command whose settings read them (for the error).
-    _other_commands_sections: ClassVar[Mapping[str, str]] = {"sidecar": "dedupe-consumer sidecar"}
+    _other_commands_sections: ClassVar[Mapping[str, str]] = {
+        "sidecar": "`dedupe-consumer sidecar` and `run` read it; in Python, load the file with "
+        "dedupe_consumer.sidecar.settings.SidecarAppSettings"
+    }
 
     @model_validator(mode="after")
     def _backoff_order(self) -> Self:
@@ -563,7 +570,7 @@ def explain(exc: ValidationError, where: str, root: type[Settings] | None = None
             line = f"  - {key}: unknown key; accepted keys here: {accepted}"
             command = root._other_commands_sections.get(key)
             if command is not None:
-                line += f" ([{key}] is read by `{command}` only: run that, or remove the section)"
+                line += f" ([{key}]: {command}; or remove the section)"
             lines.append(line)
             continue
         if kind == "missing":

@@ -87,14 +87,35 @@ class _Listener:
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
         commits = self.engine.release(tps)
-        for hook in self.hooks.revoke:
-            hook(tps)
+        _call_hooks(self.hooks.revoke, tps, "on_revoke")
         return commits
 
     def on_lost(self, tps: Sequence[TopicPartition]) -> None:
         self.engine.release(tps, lost=True)
-        for hook in self.hooks.lost:
+        _call_hooks(self.hooks.lost, tps, "on_lost")
+
+
+def _call_hooks(hooks: list[PartitionHook], tps: Sequence[TopicPartition], kind: str) -> None:
+    """The partitions go whatever a hook does: a failing one is logged, the rest still run."""
+    for hook in hooks:
+        try:
             hook(tps)
+        except Exception:
+            log.exception("hook_failed", hook=kind, partitions=[str(tp) for tp in tps])
+
+
+def _each(*steps: Callable[[], object] | None) -> None:
+    """Run every step; raise the first failure once all have run."""
+    failure: BaseException | None = None
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            step()
+        except BaseException as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 class DedupeConsumer:
@@ -134,15 +155,17 @@ class DedupeConsumer:
     def on_assign(self, hook: _Hook) -> _Hook:
         """Call ``hook(partitions)`` after partitions are assigned and their state restored.
 
-        Runs on the consuming thread, inside the poll. Returns ``hook`` (usable as a
-        decorator).
+        Runs on the consuming thread, inside the poll. An exception it raises stops
+        :meth:`run` (the partitions are not ready for you). Returns ``hook`` (usable as
+        a decorator).
         """
         self._hooks.assign.append(hook)
         return hook
 
     def on_revoke(self, hook: _Hook) -> _Hook:
         """Call ``hook(partitions)`` when partitions are revoked, before their offsets are
-        committed and they go. Returns ``hook``."""
+        committed and they go. An exception it raises is logged (``hook_failed``): the
+        partitions go all the same. Returns ``hook``."""
         self._hooks.revoke.append(hook)
         return hook
 
@@ -246,19 +269,17 @@ class DedupeConsumer:
                 if until is not None and until(self.totals):
                     break
         finally:
-            if source is not None:
-                source.close()  # commits what is durable and not committed yet
-            if self._edges is None:
-                edges.close()
-            if started:
-                engine.teardown_handler()
-            if self._engine is not None:
-                self._engine.close()
-            if restore is not None:
-                restore()
-            if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
+            # Each step runs even if one before it failed: a RocksDB lock left held would
+            # stop the next start. The first failure is raised after the last step.
+            _each(
+                source.close if source is not None else None,  # commits what is durable
+                edges.close if self._edges is None else None,
+                engine.teardown_handler if started else None,
+                self._engine.close if self._engine is not None else None,
+                restore,
+                metrics_server.shutdown if metrics_server is not None else None,
+                metrics_server.server_close if metrics_server is not None else None,
+            )
             if started:
                 log.info(
                     "stopped",

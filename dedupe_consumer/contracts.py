@@ -162,6 +162,15 @@ class Edges:
     """What :meth:`close` calls, last first: the parts these edges opened themselves."""
 
     def close(self) -> None:
-        """Close the parts these edges opened (last opened, first closed)."""
+        """Close the parts these edges opened (last opened, first closed).
+
+        Each one is closed even if an earlier one fails (a RocksDB lock left held
+        would stop the next start); the first failure is raised afterwards."""
+        failure: BaseException | None = None
         for close in reversed(self.closers):
-            close()
+            try:
+                close()
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure

@@ -26,7 +26,7 @@ A batch goes through four phases:
 4. *settle*: per partition, in offset order, the decisions become records; the
    watermark is the end of the contiguous run of decided offsets. Events decided
    above a gap (a stop, a cut, a revocation) keep their records: a redelivery of
-   them is found by ID lookup, never handled twice (invariant 2);
+   them is found by ID lookup (a duplicate), never handled twice (invariant 2);
 5. *persist*: dead letters flushed, then the changelog, then one synced
    WriteBatch with records, released claims, staged effects and watermarks.
 """
@@ -347,7 +347,7 @@ class Engine:
                 "(murmur2) partitioner puts them: a producer with another partitioner, an "
                 "explicit partition, or added partitions. Dedupe is per partition, so the "
                 "same event ID sent by another producer may be handled again; see the "
-                "README (Event IDs). Counted in dedupe_partitioner_mismatch_total",
+                "docs/concepts.md (Dedupe scope). Counted in dedupe_partitioner_mismatch_total",
             )
 
     def _check_offsets(
@@ -734,11 +734,6 @@ class Engine:
             first_offset[event_id] = (record.offset, record.digest)
             if record.status is RecordStatus.IN_PROGRESS:
                 item.found_claim = record  # uncertain: the walk applies processing.on_uncertain
-                continue
-            if record.offset == item.offset and record.digest == item.digest:
-                # This very message, decided above a gap before a stop, a cut or a crash:
-                # already decided, as if below the watermark (invariant 2).
-                item.decision = Decision.REPLAY
                 continue
             self._on_seen(item, record.offset, record.digest)
 

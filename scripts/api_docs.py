@@ -44,7 +44,7 @@ def _signature(obj: Callable[..., Any]) -> str:
         return "(...)"
 
 
-INTERNAL = frozenset({"settings_customise_sources", "on_assigned", "on_revoked", "on_lost"})
+INTERNAL = frozenset({"settings_customise_sources", "on_assigned", "on_revoked"})
 """Public by Python's rules but not for users: pydantic hooks, the source's listener calls."""
 
 

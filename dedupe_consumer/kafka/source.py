@@ -233,18 +233,26 @@ class KafkaSource:
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
         self._forget_kept(tps)
-        self.uncommitted.update(self.listener.on_revoked(tps))  # settled in the walk
-        self._commit_now(tps)  # the next owner starts from here: make sure it is committed
-        for tp in tps:
-            self.uncommitted.pop(tp, None)
+        commits: Mapping[TopicPartition, int] = {}
+        try:
+            commits = self.listener.on_revoked(tps)  # what the walk in progress settled
+        finally:
+            # Whatever the listener did: the next owner starts from here, and nothing of
+            # these partitions may be committed once they are gone.
+            self.uncommitted.update(commits)
+            self._commit_now(tps)
+            for tp in tps:
+                self.uncommitted.pop(tp, None)
         log.info("revoked", partitions=[str(tp) for tp in tps])
 
     def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
         self._forget_kept(tps)
-        self.listener.on_lost(tps)
-        for tp in tps:
-            self.uncommitted.pop(tp, None)  # not ours any more: nothing may be committed
+        try:
+            self.listener.on_lost(tps)
+        finally:
+            for tp in tps:
+                self.uncommitted.pop(tp, None)  # not ours any more: nothing may be committed
         log.warning("partitions_lost", partitions=[str(tp) for tp in tps])
 
     def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:

@@ -275,7 +275,7 @@ class SlowFirstHandler(Recorder):
         super().handle(event)
 
 
-def test_handler_slower_than_max_poll_interval_is_reported_and_loses_nothing(
+def test_handler_slower_than_max_poll_interval_keeps_the_membership_and_loses_nothing(
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
 ) -> None:
     topic = kafka_topic(partitions=1)
@@ -301,8 +301,10 @@ def test_handler_slower_than_max_poll_interval_is_reported_and_loses_nothing(
         ),
         install_signal_handlers=False,
     )
+    # Issue 13: the call runs on a worker while the consuming thread keeps polling (its
+    # partitions paused), so the group never sees the member as stuck.
     exceeded = consumer.metrics.registry.get_sample_value("dedupe_max_poll_interval_exceeded_total")
-    assert exceeded is not None and exceeded >= 1, "membership loss went unreported"
+    assert not exceeded, "the membership was lost during a long handler call"
     assert sorted(handler.ids) == sorted(sent)  # each exactly once, none lost
     assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 50}
 

@@ -142,3 +142,30 @@ def test_assignment_hooks_see_a_real_rebalance(
     a_revoked = [tps for who, what, tps in seen[:b_assigned] if (who, what) == ("a", "revoke")]
     assert a_revoked and all(a_revoked), seen  # a gave partitions up before b got one
     assert seen[0] == ("a", "assign", [0, 1])
+
+
+def test_a_failing_revoke_hook_neither_skips_the_commit_nor_leaks_the_edges(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """Review of issue 12: a raising on_revoke hook skipped the revoked partitions'
+    commit (close() committed them later, no longer ours) and run()'s clean-up, so
+    the RocksDB lock stayed held and the next start failed."""
+    topic = kafka_topic(partitions=1)
+    sent = produce_events(kafka_bootstrap, topic, 30, duplicates=0.0)
+    settings = settings_for(kafka_bootstrap, topic, tmp_path / "state")
+    first = Recorder()
+    consumer = DedupeConsumer(first, settings)
+
+    @consumer.on_revoke
+    def broken(tps: Sequence[TopicPartition]) -> None:
+        raise RuntimeError("user hook failed")
+
+    with captured_logs() as logs:
+        consumer.run(until=lambda t: t.consumed >= len(sent), install_signal_handlers=False)
+    assert sorted(first.ids) == sorted(sent)
+    assert any(r["event"] == "hook_failed" and r["hook"] == "on_revoke" for r in logs)
+    assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, topic, 1) == {0: 30}
+    # The store was closed: the same path opens again in this process.
+    again = Recorder()
+    DedupeConsumer(again, settings).run(until=lambda t: True, install_signal_handlers=False)
+    assert again.ids == []

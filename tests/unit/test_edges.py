@@ -91,3 +91,23 @@ def test_a_stop_hook_runs_after_the_stop_is_requested(tmp_path: Path) -> None:
     consumer.on_stop(lambda: states.append(consumer.stopping))
     consumer.stop()
     assert states == [True]
+
+
+def test_edges_close_every_part_even_when_one_fails() -> None:
+    from dedupe_consumer.contracts import Edges
+
+    closed: list[str] = []
+
+    def failing() -> None:
+        closed.append("changelog")
+        raise RuntimeError("producer stuck")
+
+    edges = Edges(
+        source=lambda listener: None,  # type: ignore[arg-type,return-value]
+        dead_letters=None,  # type: ignore[arg-type]
+        store=None,  # type: ignore[arg-type]
+        closers=(lambda: closed.append("store"), failing, lambda: closed.append("letters")),
+    )
+    with pytest.raises(RuntimeError, match="producer stuck"):
+        edges.close()
+    assert closed == ["letters", "changelog", "store"]  # the store is closed all the same

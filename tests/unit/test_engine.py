@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -342,7 +341,7 @@ class _ReturnsCoroutine(Recorder):
 
 
 class _AsyncParse(Recorder):
-    async def parse(self, value: bytes | None) -> object:  # type: ignore[override]
+    async def parse(self, value: bytes | None) -> object:
         return None
 
 
