@@ -25,6 +25,8 @@ def write_config(
     on_uncertain: str = "dead-letter",
     static_member: bool = False,
     store: Path | None = None,
+    concurrency: int = 1,
+    ordering: str = "key",
 ) -> Path:
     """A consumer config in ``workdir``; logs are JSON so tests can read them."""
     member = f'"group.instance.id" = "{topic}-member"\n' if static_member else ""
@@ -46,6 +48,8 @@ poll_timeout = "100ms"
 dead_letter_topic = "{topic}.dlq"
 mode = "{mode}"
 on_uncertain = "{on_uncertain}"
+concurrency = {concurrency}
+ordering = "{ordering}"
 [observability]
 log_level = "warning"
 log_format = "json"

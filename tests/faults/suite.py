@@ -26,6 +26,7 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from dedupe_consumer import Settings
 from dedupe_consumer.models import TopicPartition, header_pairs
 from dedupe_consumer.store import RocksStore
 
@@ -42,6 +43,8 @@ class Mode:
     on_uncertain: str = "dead-letter"
     handler: str = "tests.faults.handlers:AppendHandler"
     transactional: bool = False
+    concurrency: int = 1
+    ordering: str = "key"
 
     @property
     def points(self) -> list[str]:
@@ -57,6 +60,29 @@ MODES = [
     Mode("claim+reconcile", "claim", "reconcile", "tests.faults.handlers:ReconcilingHandler"),
     Mode("transactional", handler="tests.faults.handlers:LedgerHandler", transactional=True),
 ]
+"""The sequential engine (``processing.concurrency = 1``), every mode."""
+
+CONCURRENT_MODES = [
+    Mode("plain@c8-key", concurrency=8),
+    Mode("claim+retry@c8-key", "claim", "retry", concurrency=8),
+    Mode("plain@c4-partition", concurrency=4, ordering="partition"),
+    Mode("claim+dead-letter@c4-partition", "claim", concurrency=4, ordering="partition"),
+]
+"""Handlers in parallel (issue 13): plain and claim mode with concurrency 8 in key
+order, and with concurrency 4 in partition order."""
+
+
+def plain_repeat_bound(mode: Mode, batch: int) -> int:
+    """The most handler calls one kill may repeat in plain mode.
+
+    Sequential: the handled part of the batch in flight. Concurrent: the events in
+    flight or decided but not yet durable at the kill, at most
+    ``processing.max_in_flight`` (default 10 x concurrency, at least one batch)
+    plus one batch (docs/design/concurrent-engine.md, "Bounds").
+    """
+    if mode.concurrency == 1:
+        return batch
+    return batch + max(batch, 10 * mode.concurrency)
 
 
 @dataclass
@@ -181,7 +207,8 @@ def run_mode(
     """Produce, kill ``kills`` times, finish, and check; returns what was measured."""
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    topic = f"suite-{mode.name.replace('+', '-')}-{uuid.uuid4().hex[:8]}"
+    slug = mode.name.replace("+", "-").replace("@", "-")
+    topic = f"suite-{slug}-{uuid.uuid4().hex[:8]}"
     sent = produce(bootstrap, topic, events, duplicates, seed)
     unique = set(sent)
     config = write_config(
@@ -192,7 +219,11 @@ def run_mode(
         mode=mode.mode,
         on_uncertain=mode.on_uncertain,
         static_member=True,
+        concurrency=mode.concurrency,
+        ordering=mode.ordering,
     )
+    processing = Settings.from_toml(config).processing  # what the process will run with
+    assert (processing.concurrency, processing.ordering) == (mode.concurrency, mode.ordering)
     effects, log = workdir / "effects", log_of(config)
     outcome = Outcome(mode.name, events=events, unique=len(unique), max_batch=batch)
     deadline = time.monotonic() + timeout_s
