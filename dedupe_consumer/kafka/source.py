@@ -161,6 +161,10 @@ class KafkaSource:
             consumer.incremental_assign(partitions)
         else:
             consumer.assign(partitions)
+        # librdkafka keeps a partition paused across its revocation and a later
+        # assignment: one paused by keep_alive would never be fetched again. A batch
+        # still being walked pauses it anew at its next keep_alive.
+        consumer.resume(partitions)
 
     def _partition_logs(
         self, partitions: list[KafkaTopicPartition]
