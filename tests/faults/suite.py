@@ -75,14 +75,11 @@ order, and with concurrency 4 in partition order."""
 def plain_repeat_bound(mode: Mode, batch: int) -> int:
     """The most handler calls one kill may repeat in plain mode.
 
-    Sequential: the handled part of the batch in flight. Concurrent: the events in
-    flight or decided but not yet durable at the kill, at most
-    ``processing.max_in_flight`` (default 10 x concurrency, at least one batch)
-    plus one batch (docs/design/concurrent-engine.md, "Bounds").
+    The events decided but not yet durable at the kill: the handled part of the batch
+    being walked, whatever the concurrency (a batch is persisted before the next one
+    is polled; docs/concurrency.md).
     """
-    if mode.concurrency == 1:
-        return batch
-    return batch + max(batch, 10 * mode.concurrency)
+    return batch
 
 
 @dataclass
