@@ -141,6 +141,8 @@ class _Item:
     """Decided by the walk (handled or dead-lettered there): its ID gets a record."""
     uncertain: bool = False
     """Its claim was found in progress (claim mode): counted in ``BatchStats.uncertain``."""
+    running: bool = False
+    """Its handler call is in progress on a worker (or about to start)."""
 
 
 @dataclass(eq=False)
@@ -847,17 +849,24 @@ class Engine:
         staged: dict[bytes, bytes | None] = {}  # what this lane's earlier events staged
         try:
             for item in lane:
+                # Marked before the checks: a revocation that sees it not running knows
+                # that it will not start (it reads ``gone`` after this).
+                item.running = True
                 if batch.stop.is_set() or tp in batch.gone:
+                    item.running = False
                     return
                 if self._stopping.is_set():
+                    item.running = False
                     batch.fail(None)
                     return
                 if self._walk_deadline is not None and time.monotonic() > self._walk_deadline:
+                    item.running = False
                     batch.fail(None, cut=True)
                     return
                 decision = self._walk_one(tp, item, staged)
                 item.decision = decision
                 item.walked = True
+                item.running = False
                 if decision is Decision.HANDLED and item.staged:
                     staged.update(item.staged)
         except _Cut:
@@ -931,7 +940,10 @@ class Engine:
                 write.effects[tp] = list(effects.items())
             if gap is not None:
                 rewind[tp] = gap
-        _release_undecided(_only(batch.claimed, tps), write)
+        # A call still running (a revocation that stopped waiting) keeps its claim: its
+        # effect may happen, and the next owner must find it uncertain, not unseen.
+        running = {i.event_id for tp in tps for i in batch.plan[tp] if i.running}
+        _release_undecided(_only(batch.claimed, tps), write, keep=running)
         return write, rewind, per_topic, handled_ids
 
     def _settle_revoked(
@@ -1327,11 +1339,18 @@ def _undecided(
     return rewind
 
 
-def _release_undecided(claimed: WriteSet, write: WriteSet) -> None:
-    """Claims of events that were never decided must not read as uncertain later."""
+def _release_undecided(
+    claimed: WriteSet, write: WriteSet, keep: set[str | None] | None = None
+) -> None:
+    """Claims of events that were never decided must not read as uncertain later
+    (except ``keep``: events whose call is still running)."""
     for tp, claims in claimed.records.items():
         decided = {event_id for event_id, _ in write.records.get(tp, [])}
-        undecided = [event_id for event_id, _ in claims if event_id not in decided]
+        undecided = [
+            event_id
+            for event_id, _ in claims
+            if event_id not in decided and (keep is None or event_id not in keep)
+        ]
         if undecided:
             write.released[tp] = undecided
         else:

@@ -42,7 +42,7 @@ from dedupe_consumer.replay.wiring import ReplayEdges
 from dedupe_consumer.store import RocksStore
 from dedupe_consumer.store.base import IdRecord, RecordStatus, WriteSet
 
-from .conftest import TOPIC, make_settings, rec
+from .conftest import TOPIC, Recorder, Rig, make_settings, rec
 
 RUN_TIMEOUT_S = 30.0
 """A run that has not ended by then is stopped and fails the test (no hangs)."""
@@ -952,3 +952,43 @@ def test_redelivered_batches_are_replays_never_second_calls(tmp_path: Path, orde
     assert totals.handled == unique
     assert totals.replays == 200
     assert totals.consumed == 400
+
+
+def test_a_revoke_that_stops_waiting_keeps_the_claim_of_the_call_still_running(
+    rig: Callable[..., Rig],
+) -> None:
+    """Claim mode: a call still running when the revocation stops waiting may yet have
+    its effect; the next owner must find its claim (uncertain), not an unseen event."""
+    release = threading.Event()
+    started = threading.Event()
+
+    class Stuck(Recorder):
+        def handle(self, event: Event) -> None:
+            super().handle(event)
+            if event.id == "slow":
+                started.set()
+                release.wait(10)
+
+    r = rig(Stuck(), processing={"mode": "claim", "concurrency": 2})
+    r.engine.walk_budget_s = 0.3  # how long the revocation waits for running calls
+    revoked: list[dict[TopicPartition, int]] = []
+
+    def keep_alive() -> None:
+        if started.is_set() and not revoked:
+            revoked.append(r.engine.release([TP0]))
+
+    try:
+        msgs = [
+            rec(0, "a", key=b"k1"),
+            rec(1, "slow", key=b"k2"),
+            rec(2, "after", key=b"k2"),  # same key: waits behind "slow", never starts
+        ]
+        result = r.engine.process(msgs, keep_alive)
+        assert revoked == [{TP0: 1}]  # only "a" (offset 0) is settled and committed
+        assert result.commits == {}  # nothing of the partition after its revocation
+        assert r.store is not None
+        slow, after = r.store.lookup(TP0, ["slow", "after"], 1_800_000_000_000)
+        assert slow is not None and slow.status is RecordStatus.IN_PROGRESS
+        assert after is None  # never started: its claim is withdrawn
+    finally:
+        release.set()
