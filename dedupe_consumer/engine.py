@@ -7,7 +7,7 @@ about Kafka: it decides each offset, makes the decisions durable in one synced
 store write together with each partition's watermark, and only then returns the
 offsets that are safe to commit (invariant 1: commit after persist).
 
-A batch goes through four phases:
+A batch goes through five phases:
 
 1. *classify*: replays (offset <= watermark), IDs, one multi-get per partition,
    duplicates and conflicts; no side effects yet;
@@ -224,9 +224,10 @@ class Engine:
         ``message.max.bytes``), which bounds a staged effect."""
         self.handler = handler
         self.walk_budget_s = walk_budget_s
-        """How long one batch may spend in handlers before the rest is re-read: the
-        Kafka source sets it below ``max.poll.interval.ms`` so that a slow batch
-        keeps the group membership (a single call longer than that still loses it)."""
+        """How long one batch may start handler calls before the rest is re-read (the
+        calls running then are waited for), and how long a revocation waits for its
+        partitions' running calls. The Kafka edges set it below ``max.poll.interval.ms``;
+        the membership is kept meanwhile by ``keep_alive``, however long a call takes."""
         self.dedupe = dedupe
         self.processing = processing
         self.store = store

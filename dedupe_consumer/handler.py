@@ -13,7 +13,11 @@ __all__ = ["Handler", "PermanentError", "RetryableError"]
 
 
 class Handler:
-    """Called once per unseen event ID, in partition order.
+    """Called once per unseen event ID: in partition order at the default
+    ``processing.concurrency = 1``; above it, in offset order per key (or per
+    partition, ``processing.ordering = "partition"``), on several threads.
+    ``handle``, ``reconcile``, ``setup`` and ``teardown`` may be ``async def``
+    (awaited on one event loop); ``parse`` may not.
 
     ``handle`` returning normally means the effect happened. Raise
     :class:`RetryableError` for a transient failure (retried with backoff, as is
