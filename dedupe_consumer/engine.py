@@ -864,10 +864,14 @@ class Engine:
                     item.running = False
                     batch.fail(None, cut=True)
                     return
-                decision = self._walk_one(tp, item, staged)
+                try:
+                    decision = self._walk_one(tp, item, staged)
+                except BaseException:
+                    item.running = False  # undecided: its claim may go
+                    raise
                 item.decision = decision
                 item.walked = True
-                item.running = False
+                item.running = False  # after the decision: a settle sees one or the other
                 if decision is Decision.HANDLED and item.staged:
                     staged.update(item.staged)
         except _Cut:
