@@ -99,6 +99,9 @@ _BUSY_REVOKED_SWEEP = 256
 _KEEP_ALIVE_S = 0.2
 """While handler calls run, the consuming thread serves the group this often."""
 
+_TEARDOWN_WAIT_S = 30.0
+"""How long teardown waits for a worker (one may be held by a hung call)."""
+
 _REVOKE_WAIT_S = 30.0
 """How long a revocation waits for the partition's running calls, without a walk budget."""
 
@@ -162,6 +165,9 @@ class _Batch:
     crash: BaseException | None = None
     """A BaseException on a worker (SystemExit, KeyboardInterrupt...): raised from the
     walk, and nothing of the batch is persisted, as if the process had died there."""
+    revoked_stats: dict[str, BatchStats] = field(default_factory=dict)
+    """What revocations during the walk settled (and persisted), for the batch's result."""
+    revoked_ids: list[str] = field(default_factory=list)
     gone: set[TopicPartition] = field(default_factory=set)
     """Partitions revoked or lost during the walk: none of their events starts any more,
     and the end of the batch does not settle them (a revocation did already)."""
@@ -255,7 +261,6 @@ class Engine:
         self._sweep_budget = sweep_keys
         self._revoked_grace_s = revoked_state_grace.total_seconds()
         self._walk_deadline: float | None = None
-        self._pool = HandlerPool(processing.concurrency)
         self._batch: _Batch | None = None
         self._keep_alive: Callable[[], None] | None = None
         # A staged effect becomes one changelog record: refuse it at stage() time if it
@@ -271,6 +276,7 @@ class Engine:
                 "processing.on_uncertain = 'reconcile' needs the handler to implement "
                 f"reconcile(event) -> bool; {type(handler).__name__} does not"
             )
+        self._pool = HandlerPool(processing.concurrency)  # threads: after the checks
 
     # -- assignment ------------------------------------------------------------------------
 
@@ -474,7 +480,11 @@ class Engine:
         self._pool.run(self.handler.setup)
 
     def teardown_handler(self) -> None:
-        self._pool.run(self.handler.teardown)
+        """``handler.teardown()``, given up after a while if a hung call holds the workers."""
+        try:
+            self._pool.run(self.handler.teardown, timeout=_TEARDOWN_WAIT_S)
+        except TimeoutError as hung:
+            log.error("teardown_not_run", error=str(hung), reason="a handler call never returned")
 
     def close(self) -> None:
         """Stop the workers (a call still running finishes on its own)."""
@@ -661,6 +671,9 @@ class Engine:
             self._batch = None
         owned = [tp for tp in plan if tp not in batch.gone]
         write, rewind, per_topic, handled_ids = self._settle(batch, owned)
+        for topic, stats in batch.revoked_stats.items():
+            per_topic.setdefault(topic, BatchStats()).merge(stats)
+        handled_ids.extend(batch.revoked_ids)
         error = batch.error
         if batch.cut:
             self.metrics.walks_cut.inc()
@@ -817,9 +830,22 @@ class Engine:
         for tp, tp_lanes in lanes.items():
             for lane in tp_lanes:
                 self._pool.submit(partial(self._run_lane, batch, tp, lane))
+        abandon_at: float | None = None
         while not batch.wait(None, _KEEP_ALIVE_S):
             if self._keep_alive is not None:
                 self._keep_alive()  # may revoke partitions: see release()
+            if self._stopping.is_set():
+                # A stop waits for running calls, but not for ever: a hung one is left
+                # undecided (read again on restart; its claim, in claim mode, kept).
+                now = time.monotonic()
+                abandon_at = abandon_at or now + (self.walk_budget_s or _REVOKE_WAIT_S)
+                if now > abandon_at:
+                    log.warning(
+                        "stopped_with_calls_running",
+                        running=sum(batch.lanes.values()),
+                        consequence="their events stay undecided and are read again",
+                    )
+                    break
         if batch.crash is not None:
             raise batch.crash
 
@@ -909,6 +935,10 @@ class Engine:
             current = self._watermarks.get(tp)
             gap: int | None = None
             for item in batch.plan[tp]:
+                if item.running:  # abandoned by a revocation or a stop: undecided
+                    if gap is None:
+                        gap = item.offset
+                    continue
                 if item.walked:
                     decision = item.decision
                     assert decision is not None and item.event_id is not None
@@ -972,9 +1002,7 @@ class Engine:
                 consequence="their events are left undecided: the new owner handles them "
                 "again if they complete here (plain mode) or finds their claims (claim mode)",
             )
-        write, _, per_topic, _ = self._settle(batch, tps)
-        for topic, stats in per_topic.items():
-            self.metrics.record(topic, stats)
+        write, _, per_topic, handled_ids = self._settle(batch, tps)
         if not write:
             return {}
         try:
@@ -982,6 +1010,13 @@ class Engine:
         except NotOwnerError as fenced:
             log.warning("changelog_fenced", error=str(fenced), during="revocation")
             return {}
+        except Exception as failed:  # a lost dead letter, a store error: never out of a
+            # rebalance callback. Nothing of it is durable: the next owner reads it again.
+            log.error("revocation_persist_failed", error=f"{type(failed).__name__}: {failed}")
+            return {}
+        for topic, stats in per_topic.items():
+            batch.revoked_stats.setdefault(topic, BatchStats()).merge(stats)
+        batch.revoked_ids.extend(handled_ids)
         for tp, offset in write.watermarks.items():
             self._watermarks[tp] = offset
         return {
@@ -1388,7 +1423,9 @@ def _cut_before(
             write.records[tp] = [(i, r) for i, r in write.records[tp] if (tp, r.offset) not in lost]
         items = plan.get(tp)
         current = watermarks.get(tp)
-        last = offset - 1
+        # Below the first lost letter, and never above the settled prefix (a gap of
+        # undecided events may lie below the letter: a stop, a cut, a revocation).
+        last = min(offset - 1, write.watermarks.get(tp, offset - 1))
         if tp in write.watermarks and items and last >= items[0].offset:
             if current is None or last > current:
                 write.watermarks[tp] = last

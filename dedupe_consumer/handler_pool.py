@@ -53,8 +53,11 @@ class HandlerPool:
     def wait_for(self, awaitable: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(_coroutine(awaitable), self._event_loop()).result()
 
-    def run(self, fn: Callable[..., object], *args: Any) -> object:
-        """``call(fn, *args)`` on a worker, and wait for it (``setup``/``teardown``)."""
+    def run(self, fn: Callable[..., object], *args: Any, timeout: float | None = None) -> object:
+        """``call(fn, *args)`` on a worker, and wait for it (``setup``/``teardown``).
+
+        With a ``timeout``, :class:`TimeoutError` when it has not run by then (every
+        worker may be held by a call that never returns)."""
         done = threading.Event()
         outcome: list[tuple[bool, object]] = []
 
@@ -67,7 +70,8 @@ class HandlerPool:
                 done.set()
 
         self.submit(job)
-        done.wait()
+        if not done.wait(timeout):
+            raise TimeoutError(f"{getattr(fn, '__qualname__', fn)} did not run within {timeout}s")
         ok, value = outcome[0]
         if not ok:
             assert isinstance(value, BaseException)
@@ -83,6 +87,8 @@ class HandlerPool:
             loop.call_soon_threadsafe(loop.stop)
             if self._loop_thread is not None:
                 self._loop_thread.join(timeout=5)
+                if not self._loop_thread.is_alive():
+                    loop.close()  # its selector and self-pipe: no descriptors left behind
 
     def _work(self) -> None:
         while True:

@@ -137,7 +137,9 @@ class Event:
         self.effects.stage(key, value)
 
     def staged(self, key: bytes | str) -> bytes | None:
-        """Read a staged value of this partition (this call's, the batch's, or persisted)."""
+        """Read a staged value of this partition: this call's, then those of earlier
+        events of its lane in this batch (same key under ``ordering = "key"``, the whole
+        partition under ``"partition"``), then the persisted one."""
         if self.effects is None:
             raise RuntimeError("this event was not created by the engine: nothing to read")
         return self.effects.get(key)

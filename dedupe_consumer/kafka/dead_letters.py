@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import structlog
@@ -58,6 +59,9 @@ class KafkaDeadLetters:
         """Letters not yet delivered, with how much was left out (see ``_SHRINKS``)."""
         self._failures: dict[_Where, str] = {}
         self._too_large: list[_Where] = []
+        self._lock = threading.RLock()
+        """Handler threads send while a persist flushes: a letter sent during a flush
+        must not be counted lost by it (nor slip out of its bookkeeping)."""
 
     def _on_delivery(self, where: _Where) -> Callable[[KafkaError | None, Message], None]:
         def delivered(error: KafkaError | None, message: Message) -> None:
@@ -75,7 +79,8 @@ class KafkaDeadLetters:
         return delivered
 
     def send(self, message: SourceMessage, letter: DeadLetter) -> None:
-        self._produce(message, letter, shrink=0)
+        with self._lock:
+            self._produce(message, letter, shrink=0)
 
     def _produce(self, message: SourceMessage, letter: DeadLetter, *, shrink: int) -> None:
         kind, ts = message.timestamp()
@@ -129,6 +134,10 @@ class KafkaDeadLetters:
         self._produce(message, letter, shrink=shrink + 1)
 
     def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if not self._pending:
             return
         remaining = self._producer.flush(self.flush_timeout_s)

@@ -368,6 +368,7 @@ class KafkaSource:
                 self.uncommitted.pop(tp, None)
 
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
+        self._forget_kept(list(offsets))  # read again from there, not from what was kept
         try:
             for ktp in _kafka_offsets(offsets):
                 self._consumer.seek(ktp)
