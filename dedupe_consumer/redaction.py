@@ -6,7 +6,7 @@ section) and by the CLI: a secret's value is never printed.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 SECRET_WORDS = ("password", "secret", "token", "credential", "private")
 """A setting or librdkafka property whose name contains one of these holds a secret."""
@@ -40,14 +40,29 @@ def redact(value: object) -> object:
     return value
 
 
+_QUERY_SECRET_WORDS = ("key", "sig", "auth")
+"""Query parameters named like these hold a secret too (``api_key``, ``sig``, ``auth``)."""
+
+
 def _mask_url_password(text: str) -> str:
-    if "@" not in text or "://" not in text:
+    """A URL's password and the values of its secret-looking query parameters masked."""
+    if "://" not in text or ("@" not in text and "?" not in text):
         return text
     try:
         parts = urlsplit(text)
     except ValueError:
         return text
-    if parts.password is None:
-        return text
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        masked = [(k, "***" if _secret_param(k) else v) for k, v in pairs]
+        if masked != pairs:
+            parts = parts._replace(query=urlencode(masked, safe="*"))
+    return parts.geturl()
+
+
+def _secret_param(name: str) -> bool:
+    lowered = name.lower()
+    return is_secret_key(lowered) or any(word in lowered for word in _QUERY_SECRET_WORDS)

@@ -167,6 +167,21 @@ def test_settings_repr_and_str_hide_secret_librdkafka_values() -> None:
     assert settings.sidecar.target_url == f"http://u:{SECRET}@127.0.0.1:8080/e"
 
 
+def test_secret_query_parameters_of_the_target_url_are_not_shown() -> None:
+    """A token in the target URL's query string (``?token=...``) was shown by repr()."""
+    url = f"http://127.0.0.1:8080/e?token={SECRET}&api_key={SECRET}&region=eu"
+    settings = SidecarAppSettings.load(
+        kafka={"bootstrap_servers": "h:9092", "group_id": "g", "topics": ["t"]},
+        processing={"dead_letter_topic": "t.dlq"},
+        sidecar={"target_url": url},
+    )
+    assert settings.sidecar is not None
+    for shown in (repr(settings), str(settings), repr(settings.sidecar)):
+        assert SECRET not in shown
+        assert "region=eu" in shown and "token=***" in shown
+    assert settings.sidecar.target_url == url  # the client still gets the real one
+
+
 def test_a_raw_validation_error_does_not_show_inputs() -> None:
     """Users who build models directly get pydantic's error: it must not echo values."""
     with pytest.raises(ValidationError) as info:
