@@ -691,6 +691,7 @@ class Engine:
             # wherever the load lands (invariant 5). Expired IDs go in this same write.
             budgets = {tp: 2 * len(records) + 32 for tp, records in write.records.items()}
             self._sweep(now_ms, budgets, write)
+            fault_point("before_persist")
             try:
                 try:
                     committed = self._persist(write)
