@@ -340,6 +340,16 @@ class ProcessingSettings(_Section):
         "(or, without a key, the same event ID) are handled strictly in offset order and "
         "different keys in parallel ('key'), or each partition strictly in order ('partition')",
     )
+    max_unpersisted: int = Field(
+        5000,
+        ge=1,
+        le=1_000_000,
+        description="an integer 1..1000000: events decided while the previous write is being "
+        "made durable are gathered into the next write (one changelog transaction and one "
+        "synced write for all of them); past this many, the consumer waits for the "
+        "persister. In plain mode, a crash repeats at most this many handler calls plus "
+        "one batch",
+    )
     on_offset_regression: Literal["fail", "reset"] = Field(
         "fail",
         description="'fail' or 'reset': what to do when a partition's offsets went back below "

@@ -247,31 +247,30 @@ class DedupeConsumer:
             progress = ProgressLog(settings.observability.progress_interval)
             batch_size = settings.processing.batch_size
             timeout_s = settings.processing.poll_timeout.total_seconds()
-            while not engine.stopping:
+            done = False
+            while not done and not engine.stopping:
                 progress.tick(self.totals)
                 messages = source.poll(batch_size, timeout_s)
                 if not messages:
+                    # Nothing new: the batch being persisted is waited for, so an idle
+                    # consumer has everything durable and committed.
+                    self._apply(source, engine.drain(), on_batch)
                     engine.idle()
                     self._commit(source, {})  # retry a commit that failed earlier
-                    if until is not None and until(self.totals):
-                        break
+                    done = until is not None and until(self.totals)
                     continue
-                result = engine.process(messages, source.keep_alive)
-                self._commit(source, result.commits)
-                if result.rewind:
-                    source.seek(result.rewind)
-                fault_point("after_commit")
-                self.totals.merge(result.stats)
-                if on_batch is not None:
-                    on_batch(result)
-                if result.error is not None:
-                    raise result.error
-                if until is not None and until(self.totals):
-                    break
+                # Decides this batch while the one before becomes durable, and returns
+                # what is durable now (invariant 1: commit after persist).
+                self._apply(source, engine.pipeline(messages, source.keep_alive), on_batch)
+                done = until is not None and until(self.totals)
+            self._apply(source, engine.drain(), on_batch)
         finally:
             # Each step runs even if one before it failed: a RocksDB lock left held would
             # stop the next start. The first failure is raised after the last step.
             _each(
+                # The persister done before the source goes: its transaction needs the
+                # group's metadata, and what it made durable is committed by close.
+                self._engine.drain if self._engine is not None else None,
                 source.close if source is not None else None,  # commits what is durable
                 edges.close if self._edges is None else None,
                 engine.teardown_handler if started else None,
@@ -291,6 +290,25 @@ class DedupeConsumer:
                     conflicts=self.totals.conflicts,
                 )
         return self.totals
+
+    def _apply(
+        self,
+        source: Source,
+        result: BatchResult,
+        on_batch: Callable[[BatchResult], None] | None,
+    ) -> None:
+        """Commit what became durable, re-read what was not decided, count, report."""
+        if not (result.commits or result.rewind or result.stats.consumed or result.error):
+            return
+        self._commit(source, result.commits)
+        if result.rewind:
+            source.seek(result.rewind)
+        fault_point("after_commit")
+        self.totals.merge(result.stats)
+        if on_batch is not None:
+            on_batch(result)
+        if result.error is not None:
+            raise result.error
 
     def _commit(self, source: Source, offsets: Mapping[TopicPartition, int]) -> None:
         try:

@@ -38,6 +38,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import partial
@@ -277,6 +278,16 @@ class Engine:
                 f"reconcile(event) -> bool; {type(handler).__name__} does not"
             )
         self._pool = HandlerPool(processing.concurrency)  # threads: after the checks
+        self._persister = ThreadPoolExecutor(1, thread_name_prefix="dedupe-persist")
+        self._pending: _Pending | None = None
+        """The write being made durable on the persister while the next batches are decided."""
+        self._filling: _Pending | None = None
+        """Batches decided since, gathered into the next write."""
+        self._pending_overlay = _Overlay()
+        self._filling_overlay = _Overlay()
+        self._fenced_before: NotOwnerError | None = None
+        self._drained: list[BatchResult] = []
+        """Results of persisted batches not yet handed to the loop (see :meth:`drain`)."""
 
     # -- assignment ------------------------------------------------------------------------
 
@@ -290,6 +301,7 @@ class Engine:
         ``logs`` (from the Kafka source) lets a partition whose offsets went back below
         its watermark be caught here, before its new events are taken for replays.
         """
+        self._settle_all()  # the changelog producer and the store are ours alone now
         starts: dict[TopicPartition, int | None] = {}
         if self.changelog is not None and tps:
             self.changelog.ensure_topics({tp.topic for tp in tps})
@@ -452,11 +464,18 @@ class Engine:
         A lost partition's decisions are dropped: it is someone else's already.
         """
         commits: dict[TopicPartition, int] = {}
+        self._settle_all()
+        for earlier in self._drained:  # what the pending batch made durable of them
+            for tp in tps:
+                earlier.rewind.pop(tp, None)
+                offset = earlier.commits.pop(tp, None)
+                if offset is not None and not lost:
+                    commits[tp] = offset
         batch = self._batch
         if batch is not None:
             mine = [tp for tp in tps if tp in batch.plan and tp not in batch.gone]
             if mine:
-                commits = self._settle_revoked(batch, mine, lost=lost)
+                commits.update(self._settle_revoked(batch, mine, lost=lost))
         now = self.clock()
         for tp in tps:
             self._watermarks.pop(tp, None)
@@ -487,8 +506,9 @@ class Engine:
             log.error("teardown_not_run", error=str(hung), reason="a handler call never returned")
 
     def close(self) -> None:
-        """Stop the workers (a call still running finishes on its own)."""
+        """Stop the workers (a call still running finishes on its own) and the persister."""
         self._pool.close()
+        self._persister.shutdown(wait=True)
 
     @property
     def stopping(self) -> bool:
@@ -504,6 +524,7 @@ class Engine:
         assignment, none is known and nothing is swept. Revoked partitions are
         tended first (:meth:`_tend_revoked`).
         """
+        self._settle_all()
         self._tend_revoked(idle=True)
         owned = list(self._watermarks)
         if not owned or (self.changelog is not None and not self._next):
@@ -553,7 +574,11 @@ class Engine:
     def _sweep(self, now_ms: int, budgets: dict[TopicPartition, int], write: WriteSet) -> None:
         """Add expired IDs to ``write`` as deletions (tombstones in the changelog)."""
         for tp, ids in self.store.find_expired(now_ms, budgets).items():
+            # Not the IDs decided in this write or in the one still being persisted: an
+            # expired record found on disk may have been decided anew since.
             decided = {event_id for event_id, _ in write.records.get(tp, [])}
+            for overlay in (self._pending_overlay, self._filling_overlay):
+                decided.update(overlay.records.get(tp, ()))
             gone = [event_id for event_id in ids if event_id not in decided]
             if gone:
                 write.released.setdefault(tp, []).extend(gone)
@@ -566,10 +591,35 @@ class Engine:
         messages: Sequence[SourceMessage],
         keep_alive: Callable[[], None] | None = None,
     ) -> BatchResult:
-        """Decide ``messages``; persist; return what may be committed.
+        """Decide ``messages`` and make them durable; return what may be committed.
 
-        ``keep_alive`` is called on this thread while handler calls run (the Kafka
-        source polls with its partitions paused: heartbeats, rebalances).
+        The synchronous form of :meth:`pipeline` followed by :meth:`drain`.
+        """
+        return _merged([self.pipeline(messages, keep_alive), self.drain()])
+
+    def drain(self) -> BatchResult:
+        """Make every decided batch durable; return what became durable since the last
+        result (empty when nothing did)."""
+        self._settle_all()
+        drained, self._drained = self._drained, []
+        return _merged(drained)
+
+    def pipeline(
+        self,
+        messages: Sequence[SourceMessage],
+        keep_alive: Callable[[], None] | None = None,
+    ) -> BatchResult:
+        """Decide ``messages`` while the batch before is made durable; hand them to the
+        persister; return what became durable since the last result.
+
+        The previous batch's changelog transaction and synced write run on the
+        persister thread while this batch is classified (lookups see its records
+        through an overlay) and walked; it is waited for before this batch is handed
+        over, so at most one batch is in flight and offsets come back only once
+        durable (invariant 1). Everything else (claims, rebalances, idle sweeps,
+        stops) waits for it first. ``keep_alive`` is called on this thread while
+        handler calls run (the Kafka source polls with its partitions paused:
+        heartbeats, rebalances).
         """
         self._keep_alive = keep_alive
         started = time.monotonic()
@@ -599,9 +649,14 @@ class Engine:
             start = items[0].offset if wm is None else max(items[0].offset, wm + 1)
             self._next[tp] = max(self._next.get(tp, start), start)
         try:
-            return self._process(plan, now_ms, started)
+            decided = self._decide_batch(plan, now_ms, started)
         except NotOwnerError as fenced:  # in the claim phase: nothing walked yet
-            return self._fenced(plan, fenced, None, started)
+            self._settle_all()
+            self._drained.append(self._fenced(plan, fenced, None, started))
+            return self.drain()
+        self._hand_over(decided)
+        drained, self._drained = self._drained, []
+        return _merged(drained)
 
     def _fenced(
         self,
@@ -636,6 +691,7 @@ class Engine:
 
     def _adopt(self, tp: TopicPartition, write: WriteSet, *, live: bool) -> None:
         """Persist a fenced batch of ``tp`` now that this instance owns ``tp`` again."""
+        self._settle_all()
         try:
             self._persist(write, live=live)
         except NotOwnerError as again:
@@ -657,9 +713,9 @@ class Engine:
             "meanwhile: the batch's decisions still hold",
         )
 
-    def _process(
+    def _decide_batch(
         self, plan: dict[TopicPartition, list[_Item]], now_ms: int, started: float
-    ) -> BatchResult:
+    ) -> _Pending:
         claimed = self._claim(plan, now_ms) if self.claims else WriteSet()
         self._walk_deadline = (
             None if self.walk_budget_s is None else time.monotonic() + self.walk_budget_s
@@ -685,51 +741,150 @@ class Engine:
         plan = {tp: plan[tp] for tp in owned}
         claimed = _only(batch.claimed, owned)
 
-        committed: dict[TopicPartition, int] = {}
         if write:
             # Each partition sweeps twice what it writes: deletion keeps pace with inserts
             # wherever the load lands (invariant 5). Expired IDs go in this same write.
             budgets = {tp: 2 * len(records) + 32 for tp, records in write.records.items()}
             self._sweep(now_ms, budgets, write)
-            fault_point("before_persist")
+        return _Pending(write, plan, claimed, per_topic, handled_ids, rewind, error, started)
+
+    def _hand_over(self, decided: _Pending) -> None:
+        """Queue a decided batch for durability (group commit).
+
+        It joins the batches gathered while the persister is busy; they go to the
+        persister together, as one write, as soon as it is free. Past
+        ``processing.max_unpersisted`` events, or when the loop must act on this batch
+        now (an error, a cut, a stop), this waits for the persister.
+        """
+        if self._filling is None:
+            self._filling = decided
+        else:
+            self._filling.absorb(decided)
+        self._filling_overlay.add(decided.write)
+        urgent = decided.error is not None or bool(decided.rewind) or self.stopping
+        pending = self._pending
+        if (
+            pending is not None
+            and not urgent
+            and not (pending.future is not None and pending.future.done())
+            and self._filling.events < self.processing.max_unpersisted
+        ):
+            return  # the persister is busy: keep gathering
+        self._settle_pending()
+        self._submit_filling()
+        if urgent:
+            self._settle_pending()  # the loop acts on it now: seek, stop, raise
+
+    def _settle_all(self) -> None:
+        """Make everything decided durable (or fenced). Everything but the walk of the
+        next batch (claims, rebalances, idle sweeps, stops) waits for this first."""
+        self._settle_pending()
+        if self._filling is not None:
+            self._submit_filling()
+            self._settle_pending()
+
+    def _submit_filling(self) -> None:
+        """Start making the gathered batches durable on the persister, as one write.
+
+        When the write before was fenced, they were decided in the same stale
+        generation: nothing of them is kept, they are read again."""
+        assert self._pending is None
+        pending, self._filling = self._filling, None
+        if pending is None:
+            return
+        # Handlers of a walk in progress read effects through the overlays: the gathered
+        # ones stay visible until they are durable (pending first, then filling cleared).
+        self._pending_overlay = self._filling_overlay
+        self._filling_overlay = _Overlay()
+        if self._fenced_before is not None:
+            fenced, self._fenced_before = self._fenced_before, None
+            self._pending_overlay = _Overlay()
+            self._drained.append(self._fenced(pending.plan, fenced, None, pending.started))
+            return
+        write = pending.write
+        if not write:
+            self._pending_overlay = _Overlay()
+            self._drained.append(self._finish(pending))
+            return
+        pending.next = dict(self._next)  # now: the next batch moves _next on
+        fence = self._fence_offsets(write, pending.next)
+        pending.future = self._persister.submit(self._make_durable, pending, fence)
+        self._pending = pending
+
+    def _make_durable(
+        self, pending: _Pending, fence: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        """On the persister: dead letters, changelog, synced store write. Returns the
+        source offsets the changelog transaction committed."""
+        write = pending.write
+        fault_point("before_persist")
+        try:
+            committed = self._persist(write, fence)
+        except DeadLetterError as unsent:
+            # A letter that could not be made durable: keep every other decision, so a
+            # restart neither repeats a handled event nor loses the lost letter's.
+            if not _cut_before(unsent.failed, pending.plan, write, self._watermarks):
+                raise
+            _release_undecided(pending.claimed, write)
+            log.error("dead_letter_failed", error=str(unsent), stopping=True)
+            pending.error = unsent
+            # Nothing is queued: the flush is a no-op.
+            committed = self._persist(write, self._fence_offsets(write, pending.next))
+        fault_point("after_persist")
+        return committed
+
+    def _settle_pending(self) -> None:
+        """Wait until the write on the persister is durable (or fenced); keep its result
+        for the loop."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            self._drained.append(self._finish(pending))
+        finally:
+            self._pending_overlay = _Overlay()
+        if pending.fenced is not None and self._filling is not None:
+            self._fenced_before = pending.fenced  # the gathered batches go the same way
+
+    def _finish(self, pending: _Pending) -> BatchResult:
+        """On the consuming thread, once ``pending`` is durable: watermarks, metrics, and
+        the offsets to commit."""
+        write = pending.write
+        committed: dict[TopicPartition, int] = {}
+        if pending.future is not None:
             try:
-                try:
-                    committed = self._persist(write)
-                except DeadLetterError as unsent:
-                    # A letter that could not be made durable: keep every other decision,
-                    # so a restart neither repeats a handled event nor loses the lost
-                    # letter's.
-                    if not _cut_before(unsent.failed, plan, write, self._watermarks):
-                        raise
-                    _release_undecided(claimed, write)
-                    log.error("dead_letter_failed", error=str(unsent), stopping=True)
-                    error = unsent
-                    committed = self._persist(write)  # nothing is queued: the flush is a no-op
+                committed = pending.future.result()
             except NotOwnerError as fenced:
-                return self._fenced(plan, fenced, write, started)
+                pending.fenced = fenced
+                return self._fenced(pending.plan, fenced, write, pending.started)
             for tp, offset in write.watermarks.items():
-                self._watermarks[tp] = offset
-                self._next[tp] = offset + 1
-                self.metrics.watermark.labels(tp.topic, str(tp.partition)).set(offset)
-            fault_point("after_persist")
+                if tp in self._watermarks:  # not released meanwhile
+                    self._watermarks[tp] = offset
+                    self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+                    self.metrics.watermark.labels(tp.topic, str(tp.partition)).set(offset)
         self._tend_revoked(idle=False)
         total = BatchStats()
-        for topic, stats in per_topic.items():
+        for topic, stats in pending.per_topic.items():
             self.metrics.record(topic, stats)
             total.merge(stats)
-        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        self.metrics.batch_seconds.observe(time.monotonic() - pending.started)
         # Offsets that the changelog transaction committed need no second commit.
         commits = {
             tp: offset + 1
             for tp, offset in write.watermarks.items()
             if committed.get(tp) != offset + 1
         }
-        return BatchResult(total, commits, error, handled_ids, rewind)
+        return BatchResult(total, commits, pending.error, pending.handled_ids, pending.rewind)
 
     # -- phase 1: classify -----------------------------------------------------------------
 
     def _classify(self, tp: TopicPartition, items: list[_Item], now_ms: int) -> None:
         wm = self._watermarks.get(tp)
+        for overlay in (self._pending_overlay, self._filling_overlay):
+            # Decided, durable once the writes before it are (a later write never is first).
+            ahead = overlay.watermarks.get(tp)
+            if ahead is not None and (wm is None or ahead > wm):
+                wm = ahead
         fresh: list[_Item] = []
         for item in items:
             if wm is not None and item.offset <= wm:
@@ -749,6 +904,13 @@ class Engine:
             return
         unique = list(dict.fromkeys(i.event_id for i in fresh if i.event_id is not None))
         found = dict(zip(unique, self.store.lookup(tp, unique, now_ms), strict=True))
+        unpersisted: set[str] = set()
+        for overlay in (self._pending_overlay, self._filling_overlay):  # not durable yet
+            decided = overlay.records.get(tp)
+            if decided:
+                hits = [i for i in unique if i in decided]
+                found.update((i, decided[i]) for i in hits)
+                unpersisted.update(hits)
         first_offset: dict[str, tuple[int, bytes]] = {}
         for item in fresh:
             event_id = item.event_id
@@ -765,6 +927,11 @@ class Engine:
             first_offset[event_id] = (record.offset, record.digest)
             if record.status is RecordStatus.IN_PROGRESS:
                 item.found_claim = record  # uncertain: the walk applies processing.on_uncertain
+                continue
+            if record.offset == item.offset and event_id in unpersisted:
+                # The same message again, decided moments ago in this log (a seek back):
+                # what its watermark will say once durable.
+                item.decision = Decision.REPLAY
                 continue
             self._on_seen(item, record.offset, record.digest)
 
@@ -818,6 +985,9 @@ class Engine:
             if todo:
                 claims.records[tp] = todo
         if claims:
+            # Claims go through the changelog producer too, and may re-commit offsets
+            # that only the batches before make safe: those are durable first.
+            self._settle_all()
             self._persist(claims)  # a second synced write: the price of knowing
             fault_point("after_claim")
         return claims
@@ -1226,9 +1396,7 @@ class Engine:
         processing = self.processing
         attempts = processing.max_retries + 1
         # Reads see this lane's earlier staged writes, then the store.
-        effects = Effects(
-            lambda key: self.store.effect(tp, key), batch_effects, self._max_effect_bytes
-        )
+        effects = Effects(partial(self._effect, tp), batch_effects, self._max_effect_bytes)
         base = self._event(tp, item, payload, effects)
         for attempt in range(1, attempts + 1):
             effects.staged = {}  # a failed attempt's writes are dropped here
@@ -1297,10 +1465,26 @@ class Engine:
         self.dead_letters.send(message, item.letter)
         return Decision.DEAD_LETTERED
 
+    def _effect(self, tp: TopicPartition, key: bytes) -> bytes | None:
+        """A staged effect's value: the latest not yet durable, else the store's."""
+        for overlay in (self._filling_overlay, self._pending_overlay):
+            staged = overlay.effects.get(tp)
+            if staged is not None and key in staged:
+                return staged[key]
+        return self.store.effect(tp, key)
+
     # -- phase 4: persist ------------------------------------------------------------------
 
-    def _persist(self, write: WriteSet, *, live: bool = False) -> dict[TopicPartition, int]:
-        """Make ``write`` durable; return the source offsets its transaction committed."""
+    def _persist(
+        self,
+        write: WriteSet,
+        fence: Mapping[TopicPartition, int] | None = None,
+        *,
+        live: bool = False,
+    ) -> dict[TopicPartition, int]:
+        """Make ``write`` durable; return the source offsets its transaction committed.
+
+        ``fence``: the offsets its changelog transaction commits (default: from now)."""
         self.dead_letters.flush()  # a dead-lettered decision must not outlive its letter
         started = time.monotonic()
         committed: dict[TopicPartition, int] = {}
@@ -1308,24 +1492,28 @@ class Engine:
             # The changelog first: it must never be behind what any instance did. Its
             # transaction commits the source offsets too, so that the broker fences it
             # if the group has moved on (NotOwnerError: nothing is persisted then).
-            committed = self.changelog.write(
-                write, self.store, self._fence_offsets(write), live=live
-            )
+            if fence is None:
+                fence = self._fence_offsets(write)
+            committed = self.changelog.write(write, self.store, fence, live=live)
         self.store.persist(write)
         self.metrics.persist_seconds.observe(time.monotonic() - started)
         return committed
 
-    def _fence_offsets(self, write: WriteSet) -> dict[TopicPartition, int]:
+    def _fence_offsets(
+        self, write: WriteSet, safe: Mapping[TopicPartition, int] | None = None
+    ) -> dict[TopicPartition, int]:
         """The offsets a changelog transaction commits: this write's, or safe re-commits.
 
         A write without a new watermark (claims, tombstones) re-commits a safe
         offset of its partitions, or of any owned partition: the broker checks the
         group generation of the whole commit, which is what fences a zombie.
+        ``safe``: the safe offsets when the write was handed over (default ``_next``).
         """
-        offsets = {tp: o for tp, o in self._next.items() if tp in write.partitions()}
+        safe = self._next if safe is None else safe
+        offsets = {tp: o for tp, o in safe.items() if tp in write.partitions()}
         offsets.update({tp: o + 1 for tp, o in write.watermarks.items()})
-        if not offsets and self._next:
-            tp, offset = next(iter(self._next.items()))
+        if not offsets and safe:
+            tp, offset = next(iter(safe.items()))
             offsets[tp] = offset
         return offsets
 
@@ -1435,3 +1623,92 @@ def _cut_before(
         else:
             write.watermarks.pop(tp, None)
     return True
+
+
+@dataclass
+class _Pending:
+    """A decided batch on its way to durability."""
+
+    write: WriteSet
+    plan: dict[TopicPartition, list[_Item]]
+    claimed: WriteSet
+    per_topic: dict[str, BatchStats]
+    handled_ids: list[str]
+    rewind: dict[TopicPartition, int]
+    error: BaseException | None
+    started: float
+    next: dict[TopicPartition, int] = field(default_factory=dict)
+    """The safe offsets when it was handed over (what its transaction may re-commit)."""
+    future: Future[dict[TopicPartition, int]] | None = None
+    fenced: NotOwnerError | None = None
+
+    @property
+    def events(self) -> int:
+        return sum(len(items) for items in self.plan.values())
+
+    def absorb(self, later: _Pending) -> None:
+        """Gather ``later`` (decided after this) into this write."""
+        _extend(self.write, later.write)
+        _extend(self.claimed, later.claimed)
+        for tp, items in later.plan.items():
+            self.plan.setdefault(tp, []).extend(items)
+        for topic, stats in later.per_topic.items():
+            self.per_topic.setdefault(topic, BatchStats()).merge(stats)
+        self.handled_ids.extend(later.handled_ids)
+        for tp, offset in later.rewind.items():
+            self.rewind[tp] = min(offset, self.rewind.get(tp, offset))
+        self.error = self.error or later.error
+
+
+def _extend(write: WriteSet, later: WriteSet) -> None:
+    """Append ``later`` to ``write``: applied in order, as one atomic write."""
+    for tp, records in later.records.items():
+        write.records.setdefault(tp, []).extend(records)
+    for tp, ids in later.released.items():
+        write.released.setdefault(tp, []).extend(ids)
+    for tp, changes in later.effects.items():
+        write.effects.setdefault(tp, []).extend(changes)
+    write.watermarks.update(later.watermarks)
+    write.changelog_positions.update(later.changelog_positions)
+
+
+class _Overlay:
+    """Records and staged effects decided but not durable yet, seen before the store's."""
+
+    def __init__(self) -> None:
+        self.records: dict[TopicPartition, dict[str, IdRecord | None]] = {}
+        """None: released (deleted by the write)."""
+        self.effects: dict[TopicPartition, dict[bytes, bytes | None]] = {}
+        self.watermarks: dict[TopicPartition, int] = {}
+
+    def add(self, write: WriteSet) -> None:
+        """In the order the store applies a write: records, released IDs, effects."""
+        for tp, records in write.records.items():
+            self.records.setdefault(tp, {}).update(records)
+        for tp, ids in write.released.items():
+            self.records.setdefault(tp, {}).update(dict.fromkeys(ids))
+        for tp, changes in write.effects.items():
+            self.effects.setdefault(tp, {}).update(changes)
+        self.watermarks.update(write.watermarks)
+
+
+def _merged(results: Sequence[BatchResult]) -> BatchResult:
+    """One result for several batches, in the order they were decided."""
+    if len(results) == 1:
+        return results[0]
+    total = BatchStats()
+    commits: dict[TopicPartition, int] = {}
+    rewind: dict[TopicPartition, int] = {}
+    handled: list[str] = []
+    error: BaseException | None = None
+    for result in results:
+        total.merge(result.stats)
+        commits.update(result.commits)
+        for tp, offset in result.rewind.items():
+            rewind[tp] = min(offset, rewind.get(tp, offset))
+        handled.extend(result.handled_ids)
+        error = error or result.error
+    for tp, offset in rewind.items():  # re-read from there: nothing above it is committed
+        if commits.get(tp, -1) > offset:
+            del commits[tp]
+    return BatchResult(total, commits, error, handled, rewind)

@@ -17,6 +17,7 @@ here: :meth:`KafkaSource.commit` raises the library's
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -104,6 +105,8 @@ class KafkaSource:
         conf["on_commit"] = self._on_commit
         self.uncommitted: dict[TopicPartition, int] = {}
         """Durable offsets, latest per partition, not known to be committed yet."""
+        self._uncommitted_lock = threading.Lock()
+        """The engine's persister thread reports offsets its transaction committed."""
         self._group_metadata: object | None = None
         self._admin: AdminClient | None = None
         self._recommit = False
@@ -335,9 +338,10 @@ class KafkaSource:
         the commit now, or when the broker refused an earlier one (its answer
         comes during a poll): either way it was just sent again.
         """
-        self.uncommitted.update(offsets)
-        if self._recommit:
-            offsets = self.uncommitted  # an earlier commit failed (a rebalance, say): again
+        with self._uncommitted_lock:
+            self.uncommitted.update(offsets)
+            if self._recommit:  # an earlier commit failed (a rebalance, say): again
+                offsets = dict(self.uncommitted)
         failed, self._failed = self._failed, None
         if offsets:
             self._recommit = False
@@ -363,9 +367,10 @@ class KafkaSource:
 
     def committed_in_transaction(self, offsets: Mapping[TopicPartition, int]) -> None:
         """A changelog transaction committed ``offsets``: nothing older is to be re-sent."""
-        for tp, offset in offsets.items():
-            if self.uncommitted.get(tp, offset) <= offset:
-                self.uncommitted.pop(tp, None)
+        with self._uncommitted_lock:
+            for tp, offset in offsets.items():
+                if self.uncommitted.get(tp, offset) <= offset:
+                    self.uncommitted.pop(tp, None)
 
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
         self._forget_kept(list(offsets))  # read again from there, not from what was kept
