@@ -1661,10 +1661,22 @@ class _Pending:
 
 
 def _extend(write: WriteSet, later: WriteSet) -> None:
-    """Append ``later`` to ``write``: applied in order, as one atomic write."""
+    """Append ``later`` to ``write``, as one atomic write that ends as the two in order.
+
+    A write applies its records before its released IDs, so an ID that one of them
+    records and the other releases keeps only the later of the two.
+    """
     for tp, records in later.records.items():
+        recorded = {event_id for event_id, _ in records}
+        released = write.released.get(tp)
+        if released:
+            write.released[tp] = [i for i in released if i not in recorded]
         write.records.setdefault(tp, []).extend(records)
     for tp, ids in later.released.items():
+        gone = set(ids)
+        earlier = write.records.get(tp)
+        if earlier:
+            write.records[tp] = [(i, r) for i, r in earlier if i not in gone]
         write.released.setdefault(tp, []).extend(ids)
     for tp, changes in later.effects.items():
         write.effects.setdefault(tp, []).extend(changes)

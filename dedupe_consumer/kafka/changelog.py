@@ -478,8 +478,17 @@ class Changelog:
         self._delivered = {}
         self._errors = []
         self._producer.begin_transaction()
-        for tp, key, value in changelog_records(write, announce, self._resets):
-            self._send(tp, key, value)
+        records = list(changelog_records(write, announce, self._resets))
+        # Delivery reports only for each partition's first and last record: they bound
+        # the positions; a record that fails makes commit_transaction fail anyway.
+        first: dict[TopicPartition, int] = {}
+        last: dict[TopicPartition, int] = {}
+        for i, (tp, _, _) in enumerate(records):
+            first.setdefault(tp, i)
+            last[tp] = i
+        reported_at = {*first.values(), *last.values()}
+        for i, (tp, key, value) in enumerate(records):
+            self._send(tp, key, value, report=i in reported_at)
         if committed:
             # The broker checks the group generation of this commit: a zombie whose
             # partitions moved fails here, and its records above are aborted with it.
@@ -543,16 +552,23 @@ class Changelog:
         except KafkaException as exc:
             log.error("changelog_abort_failed", error=str(exc))
 
-    def _send(self, tp: TopicPartition, key: bytes, value: bytes | None) -> None:
+    def _send(
+        self, tp: TopicPartition, key: bytes, value: bytes | None, *, report: bool = True
+    ) -> None:
         while True:
             try:
-                self._producer.produce(
-                    self.topic(tp.topic),
-                    key=key,
-                    value=value,
-                    partition=tp.partition,
-                    on_delivery=self._on_delivery,
-                )
+                if report:
+                    self._producer.produce(
+                        self.topic(tp.topic),
+                        key=key,
+                        value=value,
+                        partition=tp.partition,
+                        on_delivery=self._on_delivery,
+                    )
+                else:
+                    self._producer.produce(
+                        self.topic(tp.topic), key=key, value=value, partition=tp.partition
+                    )
                 return
             except BufferError:  # local queue full on a huge batch: drain and go on
                 self._producer.poll(0.1)

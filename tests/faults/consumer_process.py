@@ -27,8 +27,13 @@ def write_config(
     store: Path | None = None,
     concurrency: int = 1,
     ordering: str = "key",
+    max_unpersisted: int = 1,
 ) -> Path:
-    """A consumer config in ``workdir``; logs are JSON so tests can read them."""
+    """A consumer config in ``workdir``; logs are JSON so tests can read them.
+
+    ``max_unpersisted`` 1 (the default here): no batches gathered while a write is
+    persisted, so a plain-mode kill repeats at most two batches (see
+    :func:`tests.faults.suite.plain_repeat_bound`)."""
     member = f'"group.instance.id" = "{topic}-member"\n' if static_member else ""
     path = workdir / "consumer.toml"
     path.write_text(f"""
@@ -50,6 +55,7 @@ mode = "{mode}"
 on_uncertain = "{on_uncertain}"
 concurrency = {concurrency}
 ordering = "{ordering}"
+max_unpersisted = {max_unpersisted}
 [observability]
 log_level = "warning"
 log_format = "json"

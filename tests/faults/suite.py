@@ -72,14 +72,15 @@ CONCURRENT_MODES = [
 order, and with concurrency 4 in partition order."""
 
 
-def plain_repeat_bound(mode: Mode, batch: int) -> int:
+def plain_repeat_bound(mode: Mode, batch: int, max_unpersisted: int = 1) -> int:
     """The most handler calls one kill may repeat in plain mode.
 
-    The events decided but not yet durable at the kill: the handled part of the batch
-    being walked, whatever the concurrency (a batch is persisted before the next one
-    is polled; docs/concurrency.md).
+    The events decided but not yet durable at the kill, whatever the concurrency: the
+    write on the persister and the batches gathered for the next one, each at most
+    ``max_unpersisted - 1`` events plus the batch that passed the bound
+    (docs/concurrency.md).
     """
-    return batch
+    return 2 * (max_unpersisted - 1 + batch)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Outcome:
     uncertain: set[str] = field(default_factory=set)
     dead_lettered: set[str] = field(default_factory=set)
     exit_codes: list[int] = field(default_factory=list)
+    max_unpersisted: int = 1
     max_batch: int = 0
     notes: list[str] = field(default_factory=list)
     stalls: int = 0
@@ -200,6 +202,7 @@ def run_mode(
     seed: int,
     batch: int = 100,
     timeout_s: float = 240,
+    max_unpersisted: int = 1,
 ) -> Outcome:
     """Produce, kill ``kills`` times, finish, and check; returns what was measured."""
     rng = random.Random(seed)
@@ -218,11 +221,18 @@ def run_mode(
         static_member=True,
         concurrency=mode.concurrency,
         ordering=mode.ordering,
+        max_unpersisted=max_unpersisted,
     )
     processing = Settings.from_toml(config).processing  # what the process will run with
     assert (processing.concurrency, processing.ordering) == (mode.concurrency, mode.ordering)
     effects, log = workdir / "effects", log_of(config)
-    outcome = Outcome(mode.name, events=events, unique=len(unique), max_batch=batch)
+    outcome = Outcome(
+        mode.name,
+        events=events,
+        unique=len(unique),
+        max_batch=batch,
+        max_unpersisted=max_unpersisted,
+    )
     deadline = time.monotonic() + timeout_s
 
     def done() -> bool:
