@@ -341,14 +341,15 @@ class ProcessingSettings(_Section):
         "different keys in parallel ('key'), or each partition strictly in order ('partition')",
     )
     max_unpersisted: int = Field(
-        5000,
+        2000,
         ge=1,
         le=1_000_000,
         description="an integer 1..1000000: events decided while the previous write is being "
         "made durable are gathered into the next write (one changelog transaction and one "
         "synced write for all of them); past this many, the consumer waits for the "
-        "persister. In plain mode, a crash repeats at most this many handler calls plus "
-        "one batch",
+        "persister. In plain mode, a kill repeats at most 2 x (max_unpersisted - 1 + "
+        "batch_size) handler calls (the write being made durable and the one gathered); 1 "
+        "gathers nothing: at most two batches",
     )
     on_offset_regression: Literal["fail", "reset"] = Field(
         "fail",
