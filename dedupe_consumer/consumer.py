@@ -256,7 +256,6 @@ class DedupeConsumer:
                     # consumer has everything durable and committed.
                     self._apply(source, engine.drain(), on_batch)
                     engine.idle()
-                    self._commit(source, {})  # retry a commit that failed earlier
                     done = until is not None and until(self.totals)
                     continue
                 # Decides this batch while the one before becomes durable, and returns
@@ -298,9 +297,9 @@ class DedupeConsumer:
         on_batch: Callable[[BatchResult], None] | None,
     ) -> None:
         """Commit what became durable, re-read what was not decided, count, report."""
+        self._commit(source, result.commits)  # {}: retries a commit that failed earlier
         if not (result.commits or result.rewind or result.stats.consumed or result.error):
             return
-        self._commit(source, result.commits)
         if result.rewind:
             source.seek(result.rewind)
         fault_point("after_commit")

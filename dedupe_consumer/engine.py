@@ -285,7 +285,12 @@ class Engine:
         """Batches decided since, gathered into the next write."""
         self._pending_overlay = _Overlay()
         self._filling_overlay = _Overlay()
-        self._fenced_before: NotOwnerError | None = None
+        self._failures = 0
+        """Writes that failed (fenced, or an error): a batch decided on top of one of them
+        (classified while it was not durable) is never persisted."""
+        self._last_failure: BaseException | None = None
+        self._broken: BaseException | None = None
+        """A write failed with an error: nothing decided after it is persisted."""
         self._drained: list[BatchResult] = []
         """Results of persisted batches not yet handed to the loop (see :meth:`drain`)."""
 
@@ -464,7 +469,11 @@ class Engine:
         A lost partition's decisions are dropped: it is someone else's already.
         """
         commits: dict[TopicPartition, int] = {}
-        self._settle_all()
+        try:
+            self._settle_all()
+        except Exception as failed:  # never out of a rebalance callback: the next
+            # batch raises it (nothing decided after the failed write is persisted)
+            log.error("persist_failed", error=f"{type(failed).__name__}: {failed}")
         for earlier in self._drained:  # what the pending batch made durable of them
             for tp in tps:
                 earlier.rewind.pop(tp, None)
@@ -623,6 +632,13 @@ class Engine:
         """
         self._keep_alive = keep_alive
         started = time.monotonic()
+        if self._broken is not None:
+            raise self._broken
+        failures = self._failures
+        if self.claims:
+            # Claims wait for every write before them: wait before classifying, so this
+            # batch is decided on durable state only.
+            self._settle_all()
         for tp, orphan in list(self._orphans.items()):
             if not orphan.released:  # still ours since it was fenced: try once more
                 del self._orphans[tp]
@@ -648,15 +664,36 @@ class Engine:
             # decided (<= watermark) or was committed before.
             start = items[0].offset if wm is None else max(items[0].offset, wm + 1)
             self._next[tp] = max(self._next.get(tp, start), start)
+        if self._failures != failures:
+            # A write failed while this batch was polled: read it again after the rewind.
+            self._drained.append(self._rewound(plan, started))
+            return self.drain()
         try:
             decided = self._decide_batch(plan, now_ms, started)
         except NotOwnerError as fenced:  # in the claim phase: nothing walked yet
             self._settle_all()
             self._drained.append(self._fenced(plan, fenced, None, started))
             return self.drain()
+        decided.failures = failures
         self._hand_over(decided)
         drained, self._drained = self._drained, []
         return _merged(drained)
+
+    def _not_persisted(self, decided: _Pending) -> BatchResult:
+        """A batch decided on top of a write that failed: never persisted on its own."""
+        failure = self._last_failure
+        if isinstance(failure, NotOwnerError):
+            return self._fenced(decided.plan, failure, decided.write, decided.started)
+        return self._rewound(decided.plan, decided.started)
+
+    def _rewound(self, plan: dict[TopicPartition, list[_Item]], started: float) -> BatchResult:
+        """Nothing of ``plan`` is persisted: read it again from its first offsets."""
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        rewind = {tp: items[0].offset for tp, items in plan.items()}
+        for tp, offset in rewind.items():  # nothing from there on is safe to commit
+            if tp in self._next:
+                self._next[tp] = min(self._next[tp], offset)
+        return BatchResult(BatchStats(), {}, None, [], rewind)
 
     def _fenced(
         self,
@@ -672,13 +709,16 @@ class Engine:
         the changelog shows that nobody wrote it meanwhile, the batch is still
         valid and is persisted then, so its events are not handled twice.
         """
-        self.metrics.batch_seconds.observe(time.monotonic() - started)
-        rewind = {tp: items[0].offset for tp, items in plan.items()}
+        result = self._rewound(plan, started)
         if write is not None:
             for tp in plan:
                 part = _part(write, tp)
                 if part.watermarks:
-                    self._orphans[tp] = _Orphan(part)
+                    orphan = self._orphans.get(tp)
+                    if orphan is not None and not orphan.released:
+                        _extend(orphan.write, part)  # decided on top of it: after it
+                    else:
+                        self._orphans[tp] = _Orphan(part)
         log.error(
             "changelog_fenced",
             error=str(fenced),
@@ -687,11 +727,19 @@ class Engine:
             "in case this instance owns the partitions again and nobody wrote them "
             "meanwhile, else its events are read and handled again",
         )
-        return BatchResult(BatchStats(), {}, None, [], rewind)
+        return result
 
     def _adopt(self, tp: TopicPartition, write: WriteSet, *, live: bool) -> None:
         """Persist a fenced batch of ``tp`` now that this instance owns ``tp`` again."""
         self._settle_all()
+        durable = self.store.watermark(tp)
+        if durable is not None and durable >= write.watermarks[tp]:
+            log.warning(
+                "fenced_batch_dropped",
+                partition=str(tp),
+                reason="the partition's watermark is already past it",
+            )
+            return
         try:
             self._persist(write, live=live)
         except NotOwnerError as again:
@@ -756,6 +804,13 @@ class Engine:
         ``processing.max_unpersisted`` events, or when the loop must act on this batch
         now (an error, a cut, a stop), this waits for the persister.
         """
+        if self._broken is not None:
+            raise self._broken  # nothing decided after a failed write is persisted
+        if self._failures != decided.failures:
+            # A write it was decided on top of failed meanwhile: kept with it (fenced), or
+            # read again.
+            self._drained.append(self._not_persisted(decided))
+            return
         if self._filling is None:
             self._filling = decided
         else:
@@ -779,6 +834,9 @@ class Engine:
         """Make everything decided durable (or fenced). Everything but the walk of the
         next batch (claims, rebalances, idle sweeps, stops) waits for this first."""
         self._settle_pending()
+        if self._broken is not None:
+            self._drop_filling()
+            raise self._broken
         if self._filling is not None:
             self._submit_filling()
             self._settle_pending()
@@ -796,11 +854,6 @@ class Engine:
         # ones stay visible until they are durable (pending first, then filling cleared).
         self._pending_overlay = self._filling_overlay
         self._filling_overlay = _Overlay()
-        if self._fenced_before is not None:
-            fenced, self._fenced_before = self._fenced_before, None
-            self._pending_overlay = _Overlay()
-            self._drained.append(self._fenced(pending.plan, fenced, None, pending.started))
-            return
         write = pending.write
         if not write:
             self._pending_overlay = _Overlay()
@@ -839,12 +892,22 @@ class Engine:
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        seen = self._failures
         try:
             self._drained.append(self._finish(pending))
         finally:
             self._pending_overlay = _Overlay()
-        if pending.fenced is not None and self._filling is not None:
-            self._fenced_before = pending.fenced  # the gathered batches go the same way
+            if self._failures != seen:  # the gathered batches were decided on top of it
+                self._drop_filling()
+
+    def _drop_filling(self) -> None:
+        """The gathered batches go the way of the failed write they were decided on:
+        after a fence, kept with it in case this instance owns the partitions again
+        and nobody wrote meanwhile; after an error, dropped (the consumer stops)."""
+        filling, self._filling = self._filling, None
+        self._filling_overlay = _Overlay()
+        if filling is not None:
+            self._drained.append(self._not_persisted(filling))
 
     def _finish(self, pending: _Pending) -> BatchResult:
         """On the consuming thread, once ``pending`` is durable: watermarks, metrics, and
@@ -856,7 +919,16 @@ class Engine:
                 committed = pending.future.result()
             except NotOwnerError as fenced:
                 pending.fenced = fenced
+                self._last_failure = fenced
+                self._failures += 1
                 return self._fenced(pending.plan, fenced, write, pending.started)
+            except BaseException as failed:
+                self._failures += 1
+                self._broken = self._last_failure = failed
+                raise
+            if pending.error is not None:  # persisted up to a fatal event only
+                self._failures += 1
+                self._last_failure = pending.error
             for tp, offset in write.watermarks.items():
                 if tp in self._watermarks:  # not released meanwhile
                     self._watermarks[tp] = offset
@@ -1641,6 +1713,8 @@ class _Pending:
     """The safe offsets when it was handed over (what its transaction may re-commit)."""
     future: Future[dict[TopicPartition, int]] | None = None
     fenced: NotOwnerError | None = None
+    failures: int = 0
+    """The engine's count of failed writes when this batch was classified."""
 
     @property
     def events(self) -> int:

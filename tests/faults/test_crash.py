@@ -50,7 +50,7 @@ def finish(
 
 
 @pytest.mark.parametrize("point", ["after_persist", "after_commit"])
-def test_crash_after_persist_or_commit_never_repeats_a_handler_call(
+def test_crash_after_persist_or_commit_repeats_only_the_batch_walked_meanwhile(
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path, point: str
 ) -> None:
     topic = kafka_topic(partitions=2)
@@ -66,7 +66,10 @@ def test_crash_after_persist_or_commit_never_repeats_a_handler_call(
     finish(start_consumer(config, effects), config, effects, set(sent), kafka_bootstrap, topic, 2)
     calls = effects_of(effects)
     assert set(calls) == set(sent)
-    assert [i for i, n in calls.items() if n > 1] == []
+    # What was durable never runs again. The write is made durable while the next batch
+    # is walked (max_unpersisted = 1: one batch, not more), and that batch may run again.
+    repeated = [i for i, n in calls.items() if n > 1]
+    assert len(repeated) <= BATCH, len(repeated)
 
 
 def test_crash_between_handler_and_persist_repeats_at_most_what_was_not_durable(
