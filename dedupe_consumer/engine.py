@@ -33,15 +33,17 @@ A batch goes through five phases:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import partial
+from typing import TypeVar, cast
 
 import structlog
 
@@ -278,6 +280,8 @@ class Engine:
                 f"reconcile(event) -> bool; {type(handler).__name__} does not"
             )
         self._pool = HandlerPool(processing.concurrency)  # threads: after the checks
+        self._async_lanes = inspect.iscoroutinefunction(handler.handle)
+        """``async def handle``: lanes run on the event loop, not on worker threads."""
         self._persister = ThreadPoolExecutor(1, thread_name_prefix="dedupe-persist")
         self._pending: _Pending | None = None
         """The write being made durable on the persister while the next batches are decided."""
@@ -1072,7 +1076,10 @@ class Engine:
         batch.lanes = {tp: len(tp_lanes) for tp, tp_lanes in lanes.items()}
         for tp, tp_lanes in lanes.items():
             for lane in tp_lanes:
-                self._pool.submit(partial(self._run_lane, batch, tp, lane))
+                if self._async_lanes:
+                    self._pool.start_on_loop(self._run_lane_async(batch, tp, lane))
+                else:
+                    self._pool.submit(partial(self._run_lane, batch, tp, lane))
         abandon_at: float | None = None
         while not batch.wait(None, _KEEP_ALIVE_S):
             if self._keep_alive is not None:
@@ -1116,6 +1123,18 @@ class Engine:
 
     def _run_lane(self, batch: _Batch, tp: TopicPartition, lane: list[_Item]) -> None:
         """On a worker: decide the lane's events in order until done or told to stop."""
+        _drive(self._lane(batch, tp, lane), self._stopping, self._pool)
+
+    async def _run_lane_async(self, batch: _Batch, tp: TopicPartition, lane: list[_Item]) -> None:
+        """On the event loop (an ``async def`` handler): the same lane, its calls awaited
+        here instead of by a worker thread blocked on each."""
+        limit = self._pool.lane_slots()
+        async with limit:
+            await _drive_async(self._lane(batch, tp, lane), self._stopping)
+
+    def _lane(self, batch: _Batch, tp: TopicPartition, lane: list[_Item]) -> _Steps[None]:
+        """Decide the lane's events in order until done or told to stop; yields where it
+        waits (a user call, a backoff), so a thread or the event loop can drive it."""
         staged: dict[bytes, bytes | None] = {}  # what this lane's earlier events staged
         try:
             for item in lane:
@@ -1134,7 +1153,7 @@ class Engine:
                     batch.fail(None, cut=True)
                     return
                 try:
-                    decision = self._walk_one(tp, item, staged)
+                    decision = yield from self._walk_one(tp, item, staged)
                 except BaseException:
                     item.running = False  # undecided: its claim may go
                     raise
@@ -1270,7 +1289,7 @@ class Engine:
 
     def _walk_one(
         self, tp: TopicPartition, item: _Item, staged: dict[bytes, bytes | None]
-    ) -> Decision:
+    ) -> _Steps[Decision]:
         """Decide one event. An error on its behalf is its own: it never stops the partition.
 
         Only a dead letter that cannot be sent at all stops the walk (the decided
@@ -1278,7 +1297,7 @@ class Engine:
         """
         try:
             try:
-                return self._decide(tp, item, staged)
+                return (yield from self._decide(tp, item, staged))
             except (_Stop, DeadLetterError):
                 raise
             except Exception as failure:  # not the handler's (that is retried): ours
@@ -1335,7 +1354,7 @@ class Engine:
         tp: TopicPartition,
         item: _Item,
         batch_effects: dict[bytes, bytes | None],
-    ) -> Decision:
+    ) -> _Steps[Decision]:
         """Handle one unseen (or uncertain) event; returns how it ended.
 
         Handled: what it staged is in ``item.staged``. Dead-lettered: its letter is
@@ -1344,12 +1363,12 @@ class Engine:
         assert item.event_id is not None
         if item.found_claim is not None:  # an in-progress claim from a process that died
             item.uncertain = True
-            return self._resolve_uncertain(tp, item, batch_effects)
-        return self._handle(tp, item, batch_effects)
+            return (yield from self._resolve_uncertain(tp, item, batch_effects))
+        return (yield from self._handle(tp, item, batch_effects))
 
     def _resolve_uncertain(
         self, tp: TopicPartition, item: _Item, batch_effects: dict[bytes, bytes | None]
-    ) -> Decision:
+    ) -> _Steps[Decision]:
         claim = item.found_claim
         assert claim is not None and item.event_id is not None
         policy = self.processing.on_uncertain
@@ -1362,7 +1381,7 @@ class Engine:
                 left = self._walk_deadline - time.monotonic()
                 if left < wait_s:  # never wait past the walk budget: re-read it later
                     wait_s, cut = max(0.0, left), True
-            if self._stopping.wait(wait_s):
+            if (yield _Wait(wait_s)):
                 raise _Stop
             if cut:
                 raise _Cut
@@ -1388,7 +1407,7 @@ class Engine:
                 0,
             )
         if policy == "reconcile":
-            called = self._attempts(
+            called = yield from self._attempts(
                 tp,
                 item,
                 batch_effects,
@@ -1402,7 +1421,7 @@ class Engine:
             if called.result:  # it happened: recorded as handled, with what reconcile staged
                 item.staged = called.effects
                 return Decision.HANDLED
-        return self._handle(tp, item, batch_effects)
+        return (yield from self._handle(tp, item, batch_effects))
 
     def _event(
         self, tp: TopicPartition, item: _Item, payload: object, effects: Effects | None
@@ -1424,9 +1443,9 @@ class Engine:
 
     def _handle(
         self, tp: TopicPartition, item: _Item, batch_effects: dict[bytes, bytes | None]
-    ) -> Decision:
+    ) -> _Steps[Decision]:
         """Call the handler with retries."""
-        called = self._attempts(
+        called = yield from self._attempts(
             tp,
             item,
             batch_effects,
@@ -1451,7 +1470,7 @@ class Engine:
         *,
         permanent_reason: DeadLetterReason,
         exhausted_reason: DeadLetterReason,
-    ) -> _Called | Decision:
+    ) -> _Steps[_Called | Decision]:
         """Parse the payload, then ``call(event)`` with retries and backoff.
 
         Returns what the call returned with its staged writes, or
@@ -1474,7 +1493,7 @@ class Engine:
             effects.staged = {}  # a failed attempt's writes are dropped here
             event = base if attempt == 1 else replace(base, attempt=attempt)
             try:
-                result = self._pool.call(call, event)  # an awaitable is awaited on the loop
+                result = yield _Call(call, event)
             except PermanentError as permanent:
                 return self._dead_letter(
                     item,
@@ -1507,7 +1526,7 @@ class Engine:
                     error=f"{type(failure).__name__}: {failure}",
                     retry_in_s=delay,
                 )
-                if self._stopping.wait(delay):
+                if (yield _Wait(delay)):
                     raise _Stop from None
             else:
                 return _Called(result, effects.staged)
@@ -1798,3 +1817,81 @@ def _merged(results: Sequence[BatchResult]) -> BatchResult:
         if commits.get(tp, -1) > offset:
             del commits[tp]
     return BatchResult(total, commits, error, handled, rewind)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A lane's step: call ``fn(event)`` (a user hook); the driver sends back what it
+    returned (awaited if it is awaitable) or throws in what it raised."""
+
+    fn: Callable[[Event], object]
+    event: Event
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """A lane's step: wait ``seconds`` (a backoff, a lease); the driver sends back True
+    when the consumer is stopping (the wait ends at once then)."""
+
+    seconds: float
+
+
+_R = TypeVar("_R")
+_Steps = Generator[_Call | _Wait, object, _R]
+"""A lane's work: one code path, driven by a worker thread or by the event loop."""
+
+
+def _drive(steps: _Steps[_R], stopping: threading.Event, pool: HandlerPool) -> _R:
+    """Run ``steps`` on this thread: calls made here (an awaitable awaited on the loop),
+    waits on ``stopping``."""
+    reply: object = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = steps.send(reply) if error is None else steps.throw(error)
+        except StopIteration as done:
+            return cast(_R, done.value)
+        reply, error = None, None
+        if isinstance(step, _Wait):
+            reply = stopping.wait(step.seconds)
+            continue
+        try:
+            reply = pool.call(step.fn, step.event)
+        except BaseException as raised:
+            error = raised
+
+
+async def _drive_async(steps: _Steps[_R], stopping: threading.Event) -> _R:
+    """Run ``steps`` on the event loop: coroutine calls awaited here, plain ones on a
+    thread (never blocking the loop), waits as sleeps that end when stopping."""
+    reply: object = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = steps.send(reply) if error is None else steps.throw(error)
+        except StopIteration as done:
+            return cast(_R, done.value)
+        reply, error = None, None
+        if isinstance(step, _Wait):
+            reply = await _sleep_unless(stopping, step.seconds)
+            continue
+        try:
+            if inspect.iscoroutinefunction(step.fn):
+                reply = await cast(Awaitable[object], step.fn(step.event))
+            else:
+                reply = await asyncio.to_thread(step.fn, step.event)
+                if inspect.isawaitable(reply):
+                    reply = await reply
+        except BaseException as raised:
+            error = raised
+
+
+async def _sleep_unless(stopping: threading.Event, seconds: float) -> bool:
+    """Sleep ``seconds``; True (at once, or within 50 ms) when the consumer is stopping."""
+    deadline = time.monotonic() + seconds
+    while not stopping.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, 0.05))
+    return True

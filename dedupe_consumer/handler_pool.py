@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ class HandlerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._slots: asyncio.Semaphore | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
         """Run ``job()`` on a worker thread (first come, first served); it must not raise."""
@@ -49,6 +50,16 @@ class HandlerPool:
         if inspect.isawaitable(result):
             return self.wait_for(result)
         return result
+
+    def start_on_loop(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` on the event loop; it must not raise (lanes catch their own)."""
+        asyncio.run_coroutine_threadsafe(coroutine, self._event_loop())
+
+    def lane_slots(self) -> asyncio.Semaphore:
+        """On the loop: at most ``concurrency`` lanes run at once (one call each)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+        return self._slots
 
     def wait_for(self, awaitable: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(_coroutine(awaitable), self._event_loop()).result()

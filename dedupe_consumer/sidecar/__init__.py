@@ -2,7 +2,7 @@
 
 * :mod:`~dedupe_consumer.sidecar.settings`: ``SidecarAppSettings``, the core
   settings plus the ``[sidecar]`` section (the core settings do not import it).
-  It needs only the core install; ``handler`` (and so ``runner``) needs httpx:
+  It needs only the core install; ``handler`` (and so ``runner``) needs aiohttp:
   ``pip install "dedupe-consumer[sidecar]"``. This package imports nothing here.
 * :mod:`~dedupe_consumer.sidecar.headers`: an event as HTTP headers.
 * :mod:`~dedupe_consumer.sidecar.handler`: ``HttpForwardHandler``, one POST per attempt.

@@ -10,8 +10,8 @@ import typer
 from dedupe_consumer.cli_support import BootstrapServersOption, load_settings, reporting_errors
 from dedupe_consumer.errors import ConfigError
 
-MISSING_HTTPX = (
-    "`dedupe-consumer sidecar` needs httpx, which the core install leaves out: "
+MISSING_AIOHTTP = (
+    "`dedupe-consumer sidecar` needs aiohttp, which the core install leaves out: "
     "pip install 'dedupe-consumer[sidecar]'"
 )
 
@@ -36,9 +36,9 @@ def sidecar(
         try:
             from dedupe_consumer.sidecar.runner import Sidecar
         except ModuleNotFoundError as exc:
-            if exc.name != "httpx":
+            if exc.name != "aiohttp":
                 raise
-            raise ConfigError(MISSING_HTTPX) from None
+            raise ConfigError(MISSING_AIOHTTP) from None
         settings = load_settings(config, bootstrap_servers, SidecarAppSettings)
         configure_logging(settings.observability.log_level, settings.observability.log_format)
         Sidecar(settings).run()

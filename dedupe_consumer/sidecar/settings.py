@@ -214,7 +214,7 @@ class SidecarSettings(BaseModel):
 SIDECAR_CONCURRENCY = 32
 """``processing.concurrency`` in sidecar mode when no setting gives it.
 
-The sidecar's handler is ``async def`` on ``httpx.AsyncClient`` connections of ours, and
+The sidecar's handler is ``async def`` on an ``aiohttp`` session of ours, and
 its target is an HTTP server, concurrent by nature: 32 POSTs in flight hide a
 target's latency (2 ms each: room for 16,000/s, far above what one core can
 POST) without flooding it. Events of one key (or, without a key, one

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import tomllib
+from http.client import HTTPConnection
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
 from bench.child import Report
@@ -115,11 +116,18 @@ def test_sidecar_settings_file_loads_as_the_sidecar_reads_it(tmp_path: Path) -> 
 
 
 def test_http_target_counts_posts_per_idempotency_key() -> None:
-    with HttpTarget(0.001) as target, httpx.Client(trust_env=False) as client:
-        for key in ("a", "b", "a"):
-            answer = client.post(target.url, content=b"{}", headers={"Idempotency-Key": key})
-            assert answer.status_code == 200
-        assert client.post(target.url, content=b"").status_code == 200
+    with HttpTarget(0.001) as target:
+        url = urlsplit(target.url)
+        client = HTTPConnection(url.hostname or "", url.port)  # one keep-alive connection
+        try:
+            for key, body in (("a", b"{}"), ("b", b"{}"), ("a", b"{}"), (None, b"")):
+                headers = {} if key is None else {"Idempotency-Key": key}
+                client.request("POST", url.path or "/", body=body, headers=headers)
+                answer = client.getresponse()
+                answer.read()
+                assert answer.status == 200
+        finally:
+            client.close()
     assert target.deliveries == {"a": 2, "b": 1}
     assert target.unkeyed == 1
     assert target.first_at is not None

@@ -1,4 +1,4 @@
-"""What an install carries: one version, httpx only for the sidecar, core settings on their own."""
+"""What an install carries: one version, aiohttp for the sidecar only, core settings alone."""
 
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ from dedupe_consumer.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 
-WITHOUT_HTTPX = """
+WITHOUT_AIOHTTP = """
 import importlib.abc, sys
 
-class NoHttpx(importlib.abc.MetaPathFinder):
+class NoAiohttp(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "httpx" or name.startswith("httpx."):
+        if name == "aiohttp" or name.startswith("aiohttp."):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
-sys.meta_path.insert(0, NoHttpx())
+sys.meta_path.insert(0, NoAiohttp())
 """
 """Run first in a subprocess: the interpreter behaves as an install without the sidecar extra."""
 
@@ -55,20 +55,20 @@ def test_core_settings_import_nothing_of_the_sidecar() -> None:
     assert proc.stdout.strip() == "[]"
 
 
-def test_the_core_and_its_command_line_work_without_httpx() -> None:
+def test_the_core_and_its_command_line_work_without_aiohttp() -> None:
     proc = _python(
-        WITHOUT_HTTPX + "import dedupe_consumer, dedupe_consumer.cli\n"
-        "print('httpx' in sys.modules, dedupe_consumer.__version__)"
+        WITHOUT_AIOHTTP + "import dedupe_consumer, dedupe_consumer.cli\n"
+        "print('aiohttp' in sys.modules, dedupe_consumer.__version__)"
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", dedupe_consumer.__version__]
 
 
-def test_the_sidecar_without_httpx_names_the_extra(tmp_path: Path) -> None:
+def test_the_sidecar_without_aiohttp_names_the_extra(tmp_path: Path) -> None:
     config = tmp_path / "sidecar.toml"
     config.write_text("")  # never read: the missing dependency is reported first
     proc = _python(
-        WITHOUT_HTTPX + "import runpy\n"
+        WITHOUT_AIOHTTP + "import runpy\n"
         "sys.argv = ['dedupe-consumer', *sys.argv[1:]]\n"
         "runpy.run_module('dedupe_consumer', run_name='__main__')",
         "sidecar",
@@ -76,18 +76,18 @@ def test_the_sidecar_without_httpx_names_the_extra(tmp_path: Path) -> None:
         str(config),
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "needs httpx" in proc.stderr
+    assert "needs aiohttp" in proc.stderr
     assert "pip install 'dedupe-consumer[sidecar]'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_httpx_is_only_in_the_sidecar_extra_which_the_test_extras_include() -> None:
+def test_aiohttp_is_only_in_the_sidecar_extra_which_the_test_extras_include() -> None:
     project = _pyproject()
     dependencies = project["dependencies"]
     extras = project["optional-dependencies"]
     assert isinstance(dependencies, list) and isinstance(extras, dict)
-    assert not [d for d in dependencies if d.startswith("httpx")]
-    assert [d for d in extras["sidecar"] if d.startswith("httpx")]
+    assert not [d for d in dependencies if d.startswith("aiohttp")]
+    assert [d for d in extras["sidecar"] if d.startswith("aiohttp")]
     assert "dedupe-consumer[sidecar]" in extras["test"]  # the suite tests the sidecar
     assert "dedupe-consumer[test,bench]" in extras["dev"]  # scripts/test.sh installs dev
 

@@ -199,19 +199,17 @@ def test_handle_without_setup_is_an_error_not_a_silent_success() -> None:
         asyncio.run(handler.handle(event("e-1")))
 
 
-def test_one_single_connection_client_per_connection_all_closed_by_teardown() -> None:
+def test_one_session_with_a_connection_per_call_closed_by_teardown() -> None:
     handler = handler_for("http://127.0.0.1:9/events", connections=5)
 
     async def run() -> None:
         await handler.setup()
-        clients = list(handler._clients)
-        assert len(clients) == 5
-        for client in clients:
-            pool = client._transport._pool  # type: ignore[attr-defined]
-            assert (pool._max_connections, pool._max_keepalive_connections) == (1, 1)
+        session = handler._session
+        assert session is not None and session.connector is not None
+        assert session.connector.limit == 5  # a keep-alive connection per call in flight
         await handler.teardown()
-        assert all(client.is_closed for client in clients)
-        assert handler._clients == []
+        assert session.closed
+        assert handler._session is None
 
     asyncio.run(run())
     with pytest.raises(ValueError, match="at least 1"):
