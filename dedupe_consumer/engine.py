@@ -38,12 +38,12 @@ import hashlib
 import inspect
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import partial
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -1130,7 +1130,7 @@ class Engine:
         here instead of by a worker thread blocked on each."""
         limit = self._pool.lane_slots()
         async with limit:
-            await _drive_async(self._lane(batch, tp, lane), self._stopping)
+            await _drive_async(self._lane(batch, tp, lane), self._stopping, self._pool)
 
     def _lane(self, batch: _Batch, tp: TopicPartition, lane: list[_Item]) -> _Steps[None]:
         """Decide the lane's events in order until done or told to stop; yields where it
@@ -1308,8 +1308,14 @@ class Engine:
                     partition=tp.partition,
                     offset=item.offset,
                 )
-                return self._dead_letter(
-                    item, DeadLetterReason.INTERNAL_ERROR, type(failure).__name__, str(failure), 0
+                return (
+                    yield from self._dead_letter(
+                        item,
+                        DeadLetterReason.INTERNAL_ERROR,
+                        type(failure).__name__,
+                        str(failure),
+                        0,
+                    )
                 )
         except _Stop:
             raise
@@ -1399,12 +1405,14 @@ class Engine:
         if policy == "skip":
             return Decision.HANDLED
         if policy == "dead-letter":
-            return self._dead_letter(
-                item,
-                DeadLetterReason.UNCERTAIN,
-                "UncertainOutcome",
-                "a claim was found in progress: the handler may or may not have completed",
-                0,
+            return (
+                yield from self._dead_letter(
+                    item,
+                    DeadLetterReason.UNCERTAIN,
+                    "UncertainOutcome",
+                    "a claim was found in progress: the handler may or may not have completed",
+                    0,
+                )
             )
         if policy == "reconcile":
             called = yield from self._attempts(
@@ -1481,8 +1489,10 @@ class Engine:
         try:
             payload = self.handler.parse(as_bytes(item.message.value()))
         except Exception as invalid:  # a ValueError by contract; anything else is the same
-            return self._dead_letter(
-                item, DeadLetterReason.INVALID_PAYLOAD, type(invalid).__name__, str(invalid), 0
+            return (
+                yield from self._dead_letter(
+                    item, DeadLetterReason.INVALID_PAYLOAD, type(invalid).__name__, str(invalid), 0
+                )
             )
         processing = self.processing
         attempts = processing.max_retries + 1
@@ -1495,21 +1505,25 @@ class Engine:
             try:
                 result = yield _Call(call, event)
             except PermanentError as permanent:
-                return self._dead_letter(
-                    item,
-                    permanent_reason,
-                    type(permanent).__name__,
-                    str(permanent),
-                    attempt,
+                return (
+                    yield from self._dead_letter(
+                        item,
+                        permanent_reason,
+                        type(permanent).__name__,
+                        str(permanent),
+                        attempt,
+                    )
                 )
             except Exception as failure:
                 if attempt == attempts:
-                    return self._dead_letter(
-                        item,
-                        exhausted_reason,
-                        type(failure).__name__,
-                        str(failure),
-                        attempt,
+                    return (
+                        yield from self._dead_letter(
+                            item,
+                            exhausted_reason,
+                            type(failure).__name__,
+                            str(failure),
+                            attempt,
+                        )
                     )
                 self.metrics.handler_retries.labels(tp.topic).inc()
                 delay = min(
@@ -1539,7 +1553,7 @@ class Engine:
         error_class: str,
         error_message: str,
         attempts: int,
-    ) -> Decision:
+    ) -> _Steps[Decision]:
         """Send ``item``'s dead letter (kept in ``item.letter``); it is decided dead-lettered."""
         message = item.message
         log.error(
@@ -1553,7 +1567,9 @@ class Engine:
             attempts=attempts,
         )
         item.letter = DeadLetter(reason, item.event_id, error_class, error_message, attempts)
-        self.dead_letters.send(message, item.letter)
+        # A step of its own: a send may wait (a full queue, a flush in progress), which
+        # must never stall the event loop of async handlers.
+        yield _Call(partial(self.dead_letters.send, message), item.letter)
         return Decision.DEAD_LETTERED
 
     def _effect(self, tp: TopicPartition, key: bytes) -> bytes | None:
@@ -1821,11 +1837,12 @@ def _merged(results: Sequence[BatchResult]) -> BatchResult:
 
 @dataclass(frozen=True)
 class _Call:
-    """A lane's step: call ``fn(event)`` (a user hook); the driver sends back what it
-    returned (awaited if it is awaitable) or throws in what it raised."""
+    """A lane's step: call ``fn(arg)`` (a user hook with its event, or a dead letter's
+    send); the driver sends back what it returned (awaited if it is awaitable) or throws
+    in what it raised."""
 
-    fn: Callable[[Event], object]
-    event: Event
+    fn: Callable[[Any], object]
+    event: object
 
 
 @dataclass(frozen=True)
@@ -1861,7 +1878,11 @@ def _drive(steps: _Steps[_R], stopping: threading.Event, pool: HandlerPool) -> _
             error = raised
 
 
-async def _drive_async(steps: _Steps[_R], stopping: threading.Event) -> _R:
+async def _coroutine(awaitable: Awaitable[object]) -> object:
+    return await awaitable
+
+
+async def _drive_async(steps: _Steps[_R], stopping: threading.Event, pool: HandlerPool) -> _R:
     """Run ``steps`` on the event loop: coroutine calls awaited here, plain ones on a
     thread (never blocking the loop), waits as sleeps that end when stopping."""
     reply: object = None
@@ -1877,11 +1898,21 @@ async def _drive_async(steps: _Steps[_R], stopping: threading.Event) -> _R:
             continue
         try:
             if inspect.iscoroutinefunction(step.fn):
-                reply = await cast(Awaitable[object], step.fn(step.event))
-            else:
-                reply = await asyncio.to_thread(step.fn, step.event)
+                # A task of its own: context variables the call sets stay with it.
+                reply = await asyncio.create_task(
+                    cast(Coroutine[Any, Any, object], step.fn(step.event))
+                )
+            else:  # never on the loop: on a worker of the pool (at concurrency 1, the
+                # thread that ran setup), its outcome handed back as a value
+                reply = await pool.call_on_worker(step.fn, step.event)
                 if inspect.isawaitable(reply):
-                    reply = await reply
+                    reply = await asyncio.create_task(_coroutine(reply))
+        except asyncio.CancelledError as cancelled:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the lane itself is cancelled: not the call's outcome
+            # The call raised it (a timeout inside the handler, say): a failure like any
+            error = RuntimeError(f"the call was cancelled: {cancelled!r}")
         except BaseException as raised:
             error = raised
 

@@ -55,6 +55,27 @@ class HandlerPool:
         """Run ``coroutine`` on the event loop; it must not raise (lanes catch their own)."""
         asyncio.run_coroutine_threadsafe(coroutine, self._event_loop())
 
+    async def call_on_worker(self, fn: Callable[..., object], *args: Any) -> object:
+        """On the loop: ``fn(*args)`` on a worker thread, awaited without blocking the
+        loop. The outcome comes back as a value (a ``StopIteration`` raised by ``fn``
+        cannot travel through a future) and is raised here."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[bool, object]] = loop.create_future()
+
+        def job() -> None:
+            try:
+                outcome: tuple[bool, object] = (True, fn(*args))
+            except BaseException as exc:
+                outcome = (False, exc)
+            loop.call_soon_threadsafe(_settle, done, outcome)
+
+        self.submit(job)
+        ok, value = await done
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        return value
+
     def lane_slots(self) -> asyncio.Semaphore:
         """On the loop: at most ``concurrency`` lanes run at once (one call each)."""
         if self._slots is None:
@@ -122,3 +143,8 @@ class HandlerPool:
 
 async def _coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
+
+
+def _settle(future: asyncio.Future[tuple[bool, object]], outcome: tuple[bool, object]) -> None:
+    if not future.done():  # the awaiting lane may have been cancelled
+        future.set_result(outcome)

@@ -134,7 +134,11 @@ class HttpForwardHandler(Handler):
             connector=aiohttp.TCPConnector(
                 limit=self.connections, ssl=ssl.create_default_context()
             ),
-            timeout=aiohttp.ClientTimeout(total=timeout),
+            # Each of connecting (a pooled connection included), sending and every read of
+            # the answer within the timeout; no limit on the exchange as a whole.
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
+            ),
             trust_env=False,
             headers={"User-Agent": f"dedupe-consumer/{__version__} sidecar"},
             skip_auto_headers=("Accept-Encoding",),
@@ -177,7 +181,9 @@ class HttpForwardHandler(Handler):
                 status = response.status
                 if 200 <= status < 300:
                     delivered = True  # the status line decides; the body cannot undo it
-                    await response.read()  # read to the end: the connection is reused
+                    # Read to the end (the connection is reused), a chunk at a time.
+                    async for _ in response.content.iter_chunked(65536):
+                        pass
                 else:
                     reason = f" {response.reason}" if response.reason else ""
                     message = f"HTTP {status}{reason}: {await _snippet(response)}"
