@@ -9,7 +9,8 @@ It is an asyncio server on its own thread, not ``http.server``: one thread per
 connection and the GIL would make the target, rather than the sidecar, the
 limit once the sidecar keeps dozens of requests in flight. It speaks just
 enough HTTP/1.1 for a client that sends ``Content-Length`` bodies over
-keep-alive connections (httpx does); anything else is answered 400.
+keep-alive connections (aiohttp and httpx both do); anything else is
+answered 400.
 """
 
 from __future__ import annotations
