@@ -105,6 +105,9 @@ class KafkaSource:
         conf["on_commit"] = self._on_commit
         self.uncommitted: dict[TopicPartition, int] = {}
         """Durable offsets, latest per partition, not known to be committed yet."""
+        self._consuming_thread = threading.get_ident()
+        """The thread that polls (it builds the source): the only one that may call the
+        consumer."""
         self._uncommitted_lock = threading.Lock()
         """The engine's persister thread reports offsets its transaction committed."""
         self._group_metadata: object | None = None
@@ -361,7 +364,15 @@ class KafkaSource:
         return self._group_metadata
 
     def live_group_metadata(self) -> object | None:
-        """The group metadata now, for a transaction retried after a cooperative rebalance."""
+        """The group metadata now, for a transaction retried after a cooperative rebalance.
+
+        None off the consuming thread: the engine's persister must never call into the
+        consumer, which may be inside a rebalance callback that waits for the persister
+        (a deadlock). Its write, fenced by a stale generation, is then treated as
+        fenced, kept, and persisted again on the consuming thread if still ours.
+        """
+        if threading.get_ident() != self._consuming_thread:
+            return None
         metadata: object = self._consumer.consumer_group_metadata()
         return metadata
 

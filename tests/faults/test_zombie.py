@@ -107,9 +107,16 @@ def test_a_paused_old_owner_is_fenced_and_its_batch_never_becomes_visible(
         a.wait(timeout=60)
         if b is not None:
             b.wait(timeout=60)
-    assert a.returncode == 0, log_tail(config_a)  # fenced is not fatal: no crash loop
-    assert b is not None and b.returncode == 0, log_tail(config_b)
     log_a = log_tail(config_a, 100_000)
+    if stop_at == "in_handler" and a.returncode != 0:
+        # Frozen in a handler call while the batch before was in its transaction (the
+        # write is pipelined): librdkafka times the request out on waking, the
+        # transaction is aborted, and A stops with a clear error. Nothing of it is
+        # visible (checked below); a restart rejoins as any member would.
+        assert "persist_failed" in log_a and "Timed out" in log_a, log_tail(config_a)
+    else:
+        assert a.returncode == 0, log_tail(config_a)  # fenced is not fatal: no crash loop
+    assert b is not None and b.returncode == 0, log_tail(config_b)
     assert any(o in log_a for o in outcomes), log_tail(config_a)
     if stop_at == "before_persist":
         # A's batch was handled before it stopped: the fenced transaction held effects.
