@@ -38,8 +38,9 @@ from .consumer_process import effects_of, log_tail, start_consumer, write_config
 pytestmark = pytest.mark.kafka
 HANDLER = "tests.faults.handlers:PausingLedger"
 PARTITIONS = 2
-# A zombie woken in a handler call: fenced at its transaction, or told by the group first.
-_EITHER = ("changelog_fenced", "lost_during_walk", "partitions_lost")
+# A zombie woken in a handler call: fenced at its transaction, told by the group first, or
+# stopped with a clear error when it was frozen in the middle of its pipelined transaction.
+_EITHER = ("changelog_fenced", "lost_during_walk", "partitions_lost", "persist_failed")
 
 
 def stopped(pid: int) -> bool:
@@ -110,10 +111,11 @@ def test_a_paused_old_owner_is_fenced_and_its_batch_never_becomes_visible(
     log_a = log_tail(config_a, 100_000)
     if stop_at == "in_handler" and a.returncode != 0:
         # Frozen in a handler call while the batch before was in its transaction (the
-        # write is pipelined): librdkafka times the request out on waking, the
-        # transaction is aborted, and A stops with a clear error. Nothing of it is
+        # write is pipelined): on waking, librdkafka may time the request out, or the
+        # frozen call may count as stuck and its producer be replaced (fencing it). The
+        # transaction is aborted and A stops with a clear error. Nothing of it is
         # visible (checked below); a restart rejoins as any member would.
-        assert "persist_failed" in log_a and "Timed out" in log_a, log_tail(config_a)
+        assert "persist_failed" in log_a, log_tail(config_a)
     else:
         assert a.returncode == 0, log_tail(config_a)  # fenced is not fatal: no crash loop
     assert b is not None and b.returncode == 0, log_tail(config_b)
