@@ -6,9 +6,12 @@ group membership. ``processing.concurrency`` workers take the calls; at 1, one
 thread runs ``setup``, every ``handle`` and ``teardown``, so a handler that keeps
 thread-bound resources (a sqlite3 connection, say) works as written.
 
-A hook written ``async def`` (or any call that returns an awaitable) is awaited
-on one asyncio loop in a thread of its own; the worker that made the call waits
-for it, so up to ``concurrency`` coroutines are in flight on that loop.
+With ``async def handle``, the engine runs its lanes as coroutines on one
+asyncio loop in a thread of its own (:meth:`HandlerPool.start_on_loop`), at most
+``concurrency`` at once (:meth:`HandlerPool.lane_slots`); plain ``def`` hooks next
+to it run on the workers (:meth:`HandlerPool.call_on_worker`), never on the loop.
+An awaitable returned to a worker (a plain ``def`` returning a coroutine) is
+awaited on that loop while the worker waits for it.
 """
 
 from __future__ import annotations

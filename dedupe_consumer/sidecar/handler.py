@@ -95,8 +95,9 @@ class HttpForwardHandler(Handler):
 
     ``connections`` is how many keep-alive connections the handler keeps to the
     target; the runner passes ``processing.concurrency``, so every call in flight
-    has one. They are one aiohttp session's pool: about 0.2 ms of CPU per POST on
-    a 2-core machine, where httpx took about 1.8 ms (the sidecar's ceiling then).
+    has one. They are one aiohttp session's pool: about 0.5 ms of CPU per POST on
+    a 2-core machine (the benchmark's HTTP target included), where httpx took
+    about 2.3 ms and was the sidecar's ceiling.
     """
 
     def __init__(
