@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 from dedupe_consumer.engine import Engine
@@ -10,10 +9,8 @@ from dedupe_consumer.errors import NotOwnerError
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store import ProcessedStore, RocksStore, WriteSet
 
-from .conftest import TOPIC, Clock, Recorder, make_settings, rec
-from .test_sweep_tombstones import RecordingChangelog, _Dead
-
-TP0 = TopicPartition(TOPIC, 0)
+from .changelog_rig import TP0, RecordingChangelog, changelog_engine
+from .conftest import Recorder, rec
 
 
 class FencingChangelog(RecordingChangelog):
@@ -27,37 +24,16 @@ class FencingChangelog(RecordingChangelog):
     def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
         return self.restored_records
 
-    def write(
-        self,
-        write: WriteSet,
-        store: ProcessedStore | None = None,
-        offsets: Mapping[TopicPartition, int] | None = None,
-        *,
-        live: bool = False,
-    ) -> dict[TopicPartition, int]:
+    def before_write(self, write: WriteSet) -> None:
         if self.fence:
             self.fence -= 1
             raise NotOwnerError("UNKNOWN_MEMBER_ID")
-        return super().write(write, store, offsets, live=live)
 
 
 def rig(tmp_path: Path) -> tuple[Engine, RocksStore, Recorder, FencingChangelog]:
-    settings = make_settings(tmp_path / "s")
-    store = RocksStore(settings.store.path, retention_ms=10**9)
     handler = Recorder()
     changelog = FencingChangelog()
-    e = Engine(
-        handler,
-        settings.dedupe,
-        settings.processing,
-        store,
-        _Dead(),
-        sweep_keys=settings.store.sweep_keys,
-        revoked_state_grace=settings.store.revoked_state_grace,
-        clock=Clock(),
-        changelog=changelog,
-    )
-    e.assign([TP0])
+    e, store = changelog_engine(tmp_path, handler, changelog)
     return e, store, handler, changelog
 
 

@@ -9,7 +9,6 @@ if that write did. Each test drives Engine.pipeline / Engine.drain the way Dedup
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,11 @@ from dedupe_consumer import Event, PermanentError
 from dedupe_consumer.engine import Engine
 from dedupe_consumer.errors import DeadLetterError, NotOwnerError, StoreError
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import ProcessedStore, RecordStatus, RocksStore, WriteSet
+from dedupe_consumer.store import RecordStatus, RocksStore, WriteSet
 
+from .changelog_rig import RecordingChangelog, changelog_engine
 from .conftest import TOPIC, Clock, Recorder, make_settings, rec
 from .test_event_errors import RefusingDeadLetters
-from .test_sweep_tombstones import RecordingChangelog, _Dead
 
 TP0 = TopicPartition(TOPIC, 0)
 
@@ -36,19 +35,11 @@ class GatedChangelog(RecordingChangelog):
         self.gate = threading.Event()
         self.error: BaseException | None = error
 
-    def write(
-        self,
-        write: WriteSet,
-        store: ProcessedStore | None = None,
-        offsets: Mapping[TopicPartition, int] | None = None,
-        *,
-        live: bool = False,
-    ) -> dict[TopicPartition, int]:
+    def before_write(self, write: WriteSet) -> None:
         if write.watermarks and self.error is not None:
             error, self.error = self.error, None
             assert self.gate.wait(10)
             raise error
-        return super().write(write, store, offsets, live=live)
 
 
 class Counter(Recorder):
@@ -63,21 +54,7 @@ class Counter(Recorder):
 def make_engine(
     tmp_path: Path, changelog: RecordingChangelog | None, handler: Recorder, **processing: object
 ) -> tuple[Engine, RocksStore]:
-    settings = make_settings(tmp_path / "s", processing=dict(processing))
-    store = RocksStore(settings.store.path, retention_ms=10**9)
-    e = Engine(
-        handler,
-        settings.dedupe,
-        settings.processing,
-        store,
-        _Dead(),
-        sweep_keys=settings.store.sweep_keys,
-        revoked_state_grace=settings.store.revoked_state_grace,
-        clock=Clock(),
-        changelog=changelog,
-    )
-    e.assign([TP0])
-    return e, store
+    return changelog_engine(tmp_path, handler, changelog, processing=dict(processing))
 
 
 # -- 1. a failed (not fenced) pending write: the gathered batches are persisted anyway --------
@@ -165,23 +142,11 @@ class FenceFirstBatch(RecordingChangelog):
     def __init__(self) -> None:
         super().__init__()
         self.fenced = False
-        self.gate = threading.Event()
 
-    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
-        return 0
-
-    def write(
-        self,
-        write: WriteSet,
-        store: ProcessedStore | None = None,
-        offsets: Mapping[TopicPartition, int] | None = None,
-        *,
-        live: bool = False,
-    ) -> dict[TopicPartition, int]:
+    def before_write(self, write: WriteSet) -> None:
         if write.watermarks and not self.fenced:
             self.fenced = True
             raise NotOwnerError("ILLEGAL_GENERATION")
-        return super().write(write, store, offsets, live=live)
 
 
 def test_a_batch_classified_against_a_fenced_pending_write_is_not_persisted(
@@ -240,16 +205,8 @@ class OneAtATime(RecordingChangelog):
         super().__init__()
         self.allow = threading.Semaphore(0)
 
-    def write(
-        self,
-        write: WriteSet,
-        store: ProcessedStore | None = None,
-        offsets: Mapping[TopicPartition, int] | None = None,
-        *,
-        live: bool = False,
-    ) -> dict[TopicPartition, int]:
+    def before_write(self, write: WriteSet) -> None:
         assert self.allow.acquire(timeout=10)
-        return super().write(write, store, offsets, live=live)
 
 
 def test_handled_but_not_durable_events_stay_within_the_documented_bound(

@@ -9,17 +9,16 @@ write must end as the batches would have, one after the other.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
 from dedupe_consumer import Event, Handler
 from dedupe_consumer.engine import Engine
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import ProcessedStore, RocksStore, WriteSet
+from dedupe_consumer.store import RocksStore, WriteSet
 
-from .conftest import TOPIC, Clock, make_settings, rec
-from .test_sweep_tombstones import RecordingChangelog, _Dead
+from .changelog_rig import RecordingChangelog, changelog_engine
+from .conftest import TOPIC, Clock, rec
 
 TP0 = TopicPartition(TOPIC, 0)
 
@@ -33,17 +32,9 @@ class GatedChangelog(RecordingChangelog):
         self.gate.set()
         self.waiting = threading.Event()
 
-    def write(
-        self,
-        write: WriteSet,
-        store: ProcessedStore | None = None,
-        offsets: Mapping[TopicPartition, int] | None = None,
-        *,
-        live: bool = False,
-    ) -> dict[TopicPartition, int]:
+    def before_write(self, write: WriteSet) -> None:
         self.waiting.set()
         assert self.gate.wait(10), "the test never opened the gate"
-        return super().write(write, store, offsets, live=live)
 
 
 class Counter(Handler):
@@ -59,22 +50,17 @@ class Counter(Handler):
 
 
 def rig(tmp_path: Path, handler: Handler) -> tuple[Engine, RocksStore, Clock, GatedChangelog]:
-    settings = make_settings(tmp_path / "s", dedupe={"retention": "1h"}, store={"sweep_keys": 1000})
-    store = RocksStore(settings.store.path, retention_ms=3_600_000)
     clock = Clock()
     changelog = GatedChangelog()
-    e = Engine(
+    e, store = changelog_engine(
+        tmp_path,
         handler,
-        settings.dedupe,
-        settings.processing,
-        store,
-        _Dead(),
-        sweep_keys=settings.store.sweep_keys,
-        revoked_state_grace=settings.store.revoked_state_grace,
+        changelog,
+        retention_ms=3_600_000,
         clock=clock,
-        changelog=changelog,
+        dedupe={"retention": "1h"},
+        store={"sweep_keys": 1000},
     )
-    e.assign([TP0])
     return e, store, clock, changelog
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,64 +10,26 @@ from structlog.testing import capture_logs
 from dedupe_consumer.engine import Engine
 from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store import ProcessedStore, RocksStore, WriteSet
+from dedupe_consumer.store import RocksStore
 
-from .conftest import TOPIC, Clock, Recorder, make_settings, rec
+from .changelog_rig import RecordingChangelog, changelog_engine
+from .conftest import TOPIC, Clock, Recorder, rec
 
 TP0 = TopicPartition(TOPIC, 0)
 
 
-class RecordingChangelog(Changelog):
-    """The changelog's write contract without a broker: records each transaction."""
-
-    def __init__(self) -> None:  # no producer
-        self.writes: list[WriteSet] = []
-        self.offsets: list[dict[TopicPartition, int]] = []
-
-    def ensure_topics(self, topics: object) -> None:
-        pass
-
-    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
-        return 0
-
-    def write(
-        self,
-        write: WriteSet,
-        store: ProcessedStore | None = None,
-        offsets: Mapping[TopicPartition, int] | None = None,
-        *,
-        live: bool = False,
-    ) -> dict[TopicPartition, int]:
-        self.writes.append(copy.deepcopy(write))
-        self.offsets.append(dict(offsets or {}))
-        return {}
-
-
 def engine(tmp_path: Path, changelog: Changelog | None) -> tuple[Engine, RocksStore, Clock]:
-    settings = make_settings(tmp_path / "s", dedupe={"retention": "1h"}, store={"sweep_keys": 1000})
-    store = RocksStore(settings.store.path, retention_ms=3_600_000)
     clock = Clock()
-    e = Engine(
+    e, store = changelog_engine(
+        tmp_path,
         Recorder(),
-        settings.dedupe,
-        settings.processing,
-        store,
-        _Dead(),
-        sweep_keys=settings.store.sweep_keys,
-        revoked_state_grace=settings.store.revoked_state_grace,
+        changelog,
+        retention_ms=3_600_000,
         clock=clock,
-        changelog=changelog,
+        dedupe={"retention": "1h"},
+        store={"sweep_keys": 1000},
     )
-    e.assign([TP0])
     return e, store, clock
-
-
-class _Dead:
-    def send(self, message: object, letter: object) -> None:
-        raise AssertionError("no dead letters expected")
-
-    def flush(self) -> None:
-        pass
 
 
 def test_a_batch_write_carries_the_expired_ids_as_deletions(tmp_path: Path) -> None:
