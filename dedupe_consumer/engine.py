@@ -484,6 +484,9 @@ class Engine:
                 offset = earlier.commits.pop(tp, None)
                 if offset is not None and not lost:
                     commits[tp] = offset
+        if not lost:
+            for tp in tps:  # still ours until this callback returns: persist it now
+                self._adopt_before_revoke(tp)
         batch = self._batch
         if batch is not None:
             mine = [tp for tp in tps if tp in batch.plan and tp not in batch.gone]
@@ -764,6 +767,29 @@ class Engine:
             reason="this instance owns the partition again and nobody wrote its changelog "
             "meanwhile: the batch's decisions still hold",
         )
+
+    def _adopt_before_revoke(self, tp: TopicPartition) -> None:
+        """A batch of ``tp`` fenced by a generation that moved on while it was in flight.
+
+        A rebalance bumps the group generation before it revokes anything: a write
+        on the persister in that moment is refused although this instance still owns
+        ``tp``. In the revoke callback it still does, so the kept batch is persisted
+        now (in the current generation), not left for the next owner to handle again.
+        """
+        orphan = self._orphans.get(tp)
+        if orphan is None or orphan.released:
+            return
+        del self._orphans[tp]
+        try:
+            self._adopt(tp, orphan.write, live=True)
+        except Exception as failed:  # never out of a rebalance callback: the next owner
+            # reads the batch again
+            log.error(
+                "fenced_batch_dropped",
+                partition=str(tp),
+                error=f"{type(failed).__name__}: {failed}",
+                consequence="its events are read and handled again by the next owner",
+            )
 
     def _decide_batch(
         self, plan: dict[TopicPartition, list[_Item]], now_ms: int, started: float
