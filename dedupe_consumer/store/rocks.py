@@ -10,9 +10,11 @@ configuration rather than by the number of partitions or IDs.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import struct
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -95,6 +97,12 @@ class RocksStore:
         self._families: dict[TopicPartition, Rdict] = {}
         self._effect_families: dict[TopicPartition, Rdict] = {}
         self._sweep_cursor: dict[str, bytes | None] = {}
+        self._decided_floor: dict[str, float] = {}
+        """Per record family, no live record was decided before this (ms): the sweep skips
+        the family while nothing can have expired. Known once a pass has seen every key."""
+        self._pass_floor: dict[str, float] = {}
+        """The oldest decision seen or written since the family's current pass began."""
+        self._floor_lock = threading.Lock()  # persist runs on the persister thread
         self._note_retention()
 
     def _note_retention(self) -> None:
@@ -241,6 +249,8 @@ class RocksStore:
             handle = self._handle(tp)
             for event_id, record in items:
                 batch.put(event_id.encode(), record.encode(), handle)
+            if items:
+                self._lower_floor(_cf_name(tp), min(r.decided_at_ms for _, r in items))
         for tp, ids in write.released.items():
             handle = self._handle(tp)
             for event_id in ids:
@@ -314,31 +324,66 @@ class RocksStore:
         for tp, budget in budgets.items():
             name = _cf_name(tp)
             keys = found[tp] = []
+            if self._decided_floor.get(name, -math.inf) >= oldest:
+                continue  # every record was decided since: none has expired
             it = self._family(tp).iter()
             cursor = self._sweep_cursor.get(name)
             if cursor is None:
                 it.seek_to_first()
+                self._begin_pass(name)
             else:
                 it.seek(cursor)
             seen = 0
             wrapped = cursor is None
+            floor = math.inf
             while seen < budget:
                 if not it.valid():
+                    self._end_pass(name, floor)  # every key seen since the pass began
+                    floor = math.inf
                     if wrapped:
                         break
                     it.seek_to_first()  # wrap once, up to where this call started
+                    self._begin_pass(name)
                     wrapped = True
                     continue
                 key = it.key()
                 if cursor is not None and wrapped and key >= cursor:
                     break
-                if _DECIDED_AT.unpack_from(it.value(), 9)[0] < oldest:  # no full decode
+                decided_at = _DECIDED_AT.unpack_from(it.value(), 9)[0]  # no full decode
+                if decided_at < oldest:
                     keys.append(bytes(key))
+                floor = min(floor, decided_at)
                 seen += 1
                 it.next()
+            self._lower_floor(name, floor, pass_only=True)
             self._sweep_cursor[name] = it.key() if it.valid() else None
             del it
         return found
+
+    # The sweep's floor: a pass walks a family's keys from the first to the last (over
+    # several calls); its oldest decision, with the oldest written meanwhile, bounds
+    # every record then. Expired records count too: a floor only rises after a pass
+    # that no longer finds them.
+
+    def _begin_pass(self, name: str) -> None:
+        with self._floor_lock:
+            self._pass_floor[name] = math.inf
+
+    def _end_pass(self, name: str, seen: float) -> None:
+        with self._floor_lock:
+            self._decided_floor[name] = min(self._pass_floor.pop(name, -math.inf), seen)
+
+    def _lower_floor(self, name: str, decided_at: float, *, pass_only: bool = False) -> None:
+        with self._floor_lock:
+            if name in self._pass_floor:
+                self._pass_floor[name] = min(self._pass_floor[name], decided_at)
+            if not pass_only and name in self._decided_floor:
+                self._decided_floor[name] = min(self._decided_floor[name], decided_at)
+
+    def _forget_floor(self, name: str) -> None:
+        with self._floor_lock:
+            self._decided_floor.pop(name, None)
+            self._pass_floor.pop(name, None)
 
     def partitions(self) -> list[TopicPartition]:
         found: list[TopicPartition] = []
@@ -370,6 +415,7 @@ class RocksStore:
             name = _cf_name(tp, effects=effects)
             (self._effect_families if effects else self._families).pop(tp, None)
             self._sweep_cursor.pop(name, None)
+            self._forget_floor(name)
             if name in existing:
                 try:
                     self._db.drop_column_family(name)
