@@ -133,7 +133,7 @@ def test_whatever_the_writes_every_expired_record_is_found(tmp_path: Path, seed:
     live: dict[str, int] = {}
     try:
         now = 100_000
-        for step in range(60):
+        for _ in range(60):
             now += rng.randint(0, 300)
             batch = {
                 f"id{rng.randint(0, 300)}": now - rng.choice([0, 0, 0, 200, 900, 1500])
