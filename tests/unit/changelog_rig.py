@@ -29,6 +29,8 @@ class RecordingChangelog(Changelog):
     def __init__(self) -> None:  # no producer
         self.writes: list[WriteSet] = []
         self.offsets: list[dict[TopicPartition, int]] = []
+        self.live: list[bool] = []
+        """Per write: whether it asked for the group metadata of now (``live``)."""
 
     def ensure_topics(self, topics: object) -> None:
         pass
@@ -47,6 +49,7 @@ class RecordingChangelog(Changelog):
         self.before_write(write)
         self.writes.append(copy.deepcopy(write))
         self.offsets.append(dict(offsets or {}))
+        self.live.append(live)
         return {}
 
     def before_write(self, write: WriteSet) -> None:

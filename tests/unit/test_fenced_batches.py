@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 from dedupe_consumer.engine import Engine
@@ -85,25 +84,6 @@ def test_a_fenced_batch_is_dropped_when_another_owner_wrote_meanwhile(tmp_path: 
         store.close()
 
 
-class LiveRecordingChangelog(FencingChangelog):
-    """Also records whether each write asked for the group metadata of now (``live``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: list[bool] = []
-
-    def write(
-        self,
-        write: WriteSet,
-        store: ProcessedStore | None = None,
-        offsets: Mapping[TopicPartition, int] | None = None,
-        *,
-        live: bool = False,
-    ) -> dict[TopicPartition, int]:
-        self.live.append(live)
-        return super().write(write, store, offsets, live=live)
-
-
 def test_a_batch_fenced_by_a_moving_generation_is_persisted_in_the_revoke_callback(
     tmp_path: Path,
 ) -> None:
@@ -112,7 +92,7 @@ def test_a_batch_fenced_by_a_moving_generation_is_persisted_in_the_revoke_callba
     partition was then revoked. In the revoke callback this instance still owns it, so
     the kept batch is persisted there, not left for the next owner to handle again."""
     handler = Recorder()
-    changelog = LiveRecordingChangelog()
+    changelog = FencingChangelog()
     e, store = changelog_engine(tmp_path, handler, changelog)
     try:
         changelog.fence = 1  # ILLEGAL_GENERATION on the persister
