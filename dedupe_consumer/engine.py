@@ -678,11 +678,12 @@ class Engine:
         if final or self.stopping:
             with self._lanes_changed:
                 if not self._lanes_changed.wait_for(
-                    lambda: not self._carried, self.walk_budget_s or _REVOKE_WAIT_S
+                    lambda: all(lane.closed for lane in self._carried.values()),
+                    self.walk_budget_s or _REVOKE_WAIT_S,
                 ):
                     log.warning(
                         "stopped_with_calls_running",
-                        running=len(self._carried),
+                        running=sum(1 for lane in self._carried.values() if not lane.closed),
                         consequence="their events stay undecided and are read again",
                     )
         carried = self._collect_carried(int(self.clock() * 1000))
@@ -1289,11 +1290,16 @@ class Engine:
         lanes: list[_Lane] = []
         for lane_key, lane_items in grouped.items():
             carried = self._carried.get((tp, lane_key))
-            if carried is not None and not carried.closed and not carried.gone:
+            if carried is not None and carried.closed and not self._still_held(carried):
+                del self._carried[(tp, lane_key)]  # its decisions are written (or overlaid)
+                carried = None
+            if carried is None or carried.gone:
+                lanes.append(_Lane(tp, lane_key, lane_items))
+            elif not carried.closed:
                 carried.items.extend(lane_items)  # after the key's earlier events
                 self._hold(tp, lane_items)
-            else:
-                lanes.append(_Lane(tp, lane_key, lane_items))
+            else:  # done, its decisions not written yet: the key's events read its writes
+                lanes.append(_Lane(tp, lane_key, lane_items, staged=dict(carried.staged)))
         return lanes
 
     def _run_lane(self, batch: _Batch, lane: _Lane) -> None:
@@ -1394,11 +1400,10 @@ class Engine:
             self._close(lane)
 
     def _close(self, lane: _Lane) -> None:
-        """No event starts or joins ``lane`` any more (the lock is re-entrant)."""
+        """No event starts or joins ``lane`` any more (the lock is re-entrant). A carried
+        lane stays registered until its decisions are collected (see :meth:`_lanes`)."""
         with self._lanes_changed:
             lane.closed = True
-            if self._carried.get((lane.tp, lane.key)) is lane:
-                del self._carried[(lane.tp, lane.key)]
             self._lanes_changed.notify_all()
 
     def _parking(self, lane: _Lane, steps: _Steps[Decision]) -> _Steps[Decision]:
@@ -1524,6 +1529,11 @@ class Engine:
         if watermark >= 0 and (current is None or watermark > current):
             write.watermarks[tp] = watermark
 
+    def _still_held(self, lane: _Lane) -> bool:
+        """Under the lanes' lock: an event of ``lane`` is held (not written yet)."""
+        held = self._held.get(lane.tp, {})
+        return any(held.get(item.offset) is item for item in lane.items)
+
     def _collect_carried(
         self, now_ms: int, tps: Collection[TopicPartition] | None = None
     ) -> _Pending | None:
@@ -1534,8 +1544,6 @@ class Engine:
             done = [(tp, item) for tp, item in self._carried_done if tp in wanted]
             rewind = {tp: o for tp, o in self._carry_rewind.items() if tp in wanted}
             error, self._carry_error = self._carry_error, None
-            if not done and not rewind and error is None:
-                return None
             self._carried_done = [(tp, i) for tp, i in self._carried_done if tp not in wanted]
             for tp in rewind:
                 del self._carry_rewind[tp]
@@ -1544,6 +1552,11 @@ class Engine:
                 ids = self._held_ids.get(tp, {})
                 if item.event_id is not None and ids.get(item.event_id, (-1,))[0] == item.offset:
                     del ids[item.event_id]
+            for key, lane in list(self._carried.items()):
+                if lane.closed and not self._still_held(lane):
+                    del self._carried[key]
+            if not done and not rewind and error is None:
+                return None
         write = WriteSet()
         plan: dict[TopicPartition, list[_Item]] = {}
         per_topic: dict[str, BatchStats] = {}
@@ -1597,6 +1610,8 @@ class Engine:
                 )
             commits = self._persist_carried(gone)
         with self._lanes_changed:
+            for key in [key for key, lane in self._carried.items() if lane.tp in gone]:
+                del self._carried[key]
             for tp in gone:
                 held = self._held.pop(tp, {})
                 self._held_open -= sum(1 for item in held.values() if not item.walked)

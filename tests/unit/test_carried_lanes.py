@@ -231,3 +231,35 @@ def test_partition_ordering_carries_the_whole_partition(tmp_path: Path) -> None:
     finally:
         e.close()
         store.close()
+
+
+class RunningTotal(FlakyKey):
+    """A transactional effect every event of the partition adds to."""
+
+    def handle(self, event: Event) -> None:
+        super().handle(event)
+        event.stage(b"total", str(int(event.staged(b"total") or b"0") + 1))
+
+
+def test_a_lane_after_a_finished_carried_one_reads_its_writes(tmp_path: Path) -> None:
+    """The carried lane finished (its decisions not written yet) before the next batch
+    started a lane of the same key: that lane must read what the carried one staged,
+    or the running total loses the carried lane's events."""
+    handler = RunningTotal()
+    e, store = engine(
+        tmp_path, handler, ordering="partition", retry_backoff="200ms", retry_backoff_max="200ms"
+    )
+    try:
+        e.pipeline(first_batch())  # one lane: s1 fails once, then s1, a, b
+        stop = threading.Event()
+        while "b" not in handler.succeeded:
+            assert not stop.wait(0.05)
+        stop.wait(0.2)  # the lane closes
+        e.pipeline([rec(3, "c", key=b"c"), rec(4, "d", key=b"d")])
+        e.drain(final=True)
+        assert handler.succeeded == ["s1", "a", "b", "c", "d"]
+        assert store.effect(TP0, b"total") == b"5"
+        assert store.watermark(TP0) == 4
+    finally:
+        e.close()
+        store.close()
