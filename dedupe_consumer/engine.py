@@ -1003,7 +1003,14 @@ class Engine:
             # restart neither repeats a handled event nor loses the lost letter's.
             if not _cut_before(unsent.failed, pending.plan, write, self._watermarks):
                 raise
-            _release_undecided(pending.claimed, write)
+            # Events a carried lane still decides (or a call still running) keep theirs.
+            keep = {
+                i.event_id
+                for items in pending.plan.values()
+                for i in items
+                if i.carried or i.running
+            }
+            _release_undecided(pending.claimed, write, keep=keep)
             log.error("dead_letter_failed", error=str(unsent), stopping=True)
             pending.error = unsent
             # Nothing is queued: the flush is a no-op.
@@ -2105,20 +2112,6 @@ class _Orphan:
 def _part(write: WriteSet, tp: TopicPartition) -> WriteSet:
     """The share of ``write`` that belongs to ``tp``."""
     return _only(write, [tp])
-
-
-def _undecided(
-    plan: dict[TopicPartition, list[_Item]], write: WriteSet
-) -> dict[TopicPartition, int]:
-    """The first offset of each partition that the walk did not decide."""
-    rewind: dict[TopicPartition, int] = {}
-    for tp, items in plan.items():
-        last = write.watermarks.get(tp)
-        if last is None:
-            rewind[tp] = items[0].offset
-        elif last < items[-1].offset:
-            rewind[tp] = last + 1
-    return rewind
 
 
 def _release_undecided(
