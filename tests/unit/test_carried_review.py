@@ -154,3 +154,50 @@ def test_a_final_drain_that_gives_up_stops_the_carried_lane(tmp_path: Path) -> N
     finally:
         e.close()
         store.close()
+
+
+class AlwaysFailsSlow(Handler):
+    """Every attempt of key ``b"slow"`` fails (its retries run out: a dead letter)."""
+
+    def __init__(self) -> None:
+        self.succeeded: list[str] = []
+        self.lock = threading.Lock()
+
+    def handle(self, event: Event) -> None:
+        if event.key == b"slow":
+            raise RuntimeError("the payment API answered 503")
+        with self.lock:
+            self.succeeded.append(event.id)
+
+
+class UnsendableLetters:
+    """The dead-letter topic refuses every send."""
+
+    def send(self, message: Any, letter: Any) -> None:
+        from dedupe_consumer.errors import DeadLetterError
+
+        raise DeadLetterError("dead-letter topic unavailable")
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_carried_event_given_back_is_never_passed_by_the_watermark(tmp_path: Path) -> None:
+    """s1 (offset 0) is carried; its retries run out and its dead letter cannot be
+    sent: the lane gives s1 back (_give_back lowers _covered to -1, rewind to 0) and
+    reports the error. The next batch collects that, then _settle overwrites
+    _covered with the batch's end and, s1 being no longer held, the write carries
+    watermark 3: s1 (neither handled nor dead-lettered) is below the watermark, and
+    the restart skips it as a replay. A lost payment."""
+    handler = AlwaysFailsSlow()
+    e, store = engine(tmp_path, handler, backoff="200ms", max_retries=1)
+    e.dead_letters = UnsendableLetters()
+    try:
+        e.pipeline(first_batch())
+        time.sleep(0.6)  # s1's last attempt fails; its letter is not accepted
+        e.pipeline([rec(3, "c", key=b"c")])
+        e.drain()
+        assert store.watermark(TP0) is None, "the watermark passed the undecided s1"
+    finally:
+        e.close()
+        store.close()
