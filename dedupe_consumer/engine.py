@@ -345,6 +345,12 @@ class Engine:
         """Carried events decided, for the next write."""
         self._carry_rewind: dict[TopicPartition, int] = {}
         """Where partitions are read again from: carried events a lane gave back."""
+        self._given_back: dict[TopicPartition, int] = {}
+        """The first offset given back, per partition, until a batch reads it again: the
+        watermark stays before it meanwhile."""
+        self._carry_released: dict[TopicPartition, list[str]] = {}
+        """Claims of carried events that end undecided (a stop, a give-back): released
+        with the next write, so a restart does not find them uncertain."""
         self._carry_error: BaseException | None = None
         """What stopped a carried lane (a lost dead letter, a bug): the consumer stops."""
         self._carry_crash: BaseException | None = None
@@ -578,6 +584,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop the workers (a call still running finishes on its own) and the persister."""
+        self._abandon_carried()
         self._pool.close()
         self._persister.shutdown(wait=True)
 
@@ -686,6 +693,7 @@ class Engine:
                         running=sum(1 for lane in self._carried.values() if not lane.closed),
                         consequence="their events stay undecided and are read again",
                     )
+                    self._abandon_carried()
         carried = self._collect_carried(int(self.clock() * 1000))
         if carried is not None:
             carried.failures = self._failures
@@ -745,6 +753,9 @@ class Engine:
             # decided (<= watermark) or was committed before.
             start = items[0].offset if wm is None else max(items[0].offset, wm + 1)
             self._next[tp] = max(self._next.get(tp, start), start)
+            given_back = self._given_back.get(tp)
+            if given_back is not None and items[0].offset <= given_back:
+                del self._given_back[tp]  # read again from it: this batch covers it
             with self._lanes_changed:  # never past an event a carried lane holds
                 held = self._held.get(tp)
                 if held:
@@ -774,7 +785,8 @@ class Engine:
     def _rewound(self, plan: dict[TopicPartition, list[_Item]], started: float) -> BatchResult:
         """Nothing of ``plan`` is persisted: read it again from its first offsets."""
         self.metrics.batch_seconds.observe(time.monotonic() - started)
-        rewind = {tp: items[0].offset for tp, items in plan.items() if items}
+        # An absorbed plan (carried events, gathered batches) is not in offset order.
+        rewind = {tp: min(i.offset for i in items) for tp, items in plan.items() if items}
         for tp, offset in rewind.items():  # nothing from there on is safe to commit
             if tp in self._next:
                 self._next[tp] = min(self._next[tp], offset)
@@ -1222,6 +1234,8 @@ class Engine:
         bound = self.processing.max_unpersisted
 
         def done() -> bool:
+            if self._carry_crash is not None:
+                return True  # raised below, as if the process had died there
             return self._held_open <= bound and all(
                 lane.closed or lane.parked or lane.tp in batch.gone for lane in batch.lanes
             )
@@ -1248,6 +1262,7 @@ class Engine:
                     break
         if batch.crash is not None:
             raise batch.crash
+        self._raise_carry_crash()
 
     def _carry(self, batch: _Batch) -> None:
         """Under the lanes' lock, at the end of a walk: its lanes still open go on
@@ -1343,9 +1358,11 @@ class Engine:
                         return
                     if self._stopping.is_set():
                         self._close(lane)
-                        if not lane.carried:
+                        if lane.carried:  # its events stay held: read again after the restart
+                            self._release_claims(lane)
+                        else:
                             batch.fail(None)
-                        return  # a carried event stays held: read again after the restart
+                        return
                     if (
                         not lane.carried
                         and self._walk_deadline is not None
@@ -1386,6 +1403,8 @@ class Engine:
                 if stop.__cause__ is not None:
                     self._carry_error = self._carry_error or stop.__cause__
                     self._give_back(lane)
+                else:  # a stop: held, read again after the restart
+                    self._release_claims(lane)
             else:
                 batch.fail(stop.__cause__)
         except Exception as bug:  # never lose it on a worker: the batch stops on it
@@ -1436,6 +1455,34 @@ class Engine:
             except BaseException as raised:
                 error = raised
 
+    def _abandon_carried(self) -> None:
+        """No carried lane starts another call (or waits out its backoff): the engine is
+        done with them. Their undecided events stay held, read again after a restart."""
+        with self._lanes_changed:
+            for lane in self._carried.values():
+                if not lane.closed:
+                    lane.gone = True
+                    self._release_claims(lane)
+            self._lanes_changed.notify_all()
+
+    def _release_claims(self, lane: _Lane) -> None:
+        """Claim mode: the claims of ``lane``'s events that end undecided, with no call
+        of theirs running, go with the next write."""
+        if not self.claims:
+            return
+        with self._lanes_changed:
+            held = self._held.get(lane.tp, {})
+            ids = [
+                item.event_id
+                for item in lane.items[max(0, lane.position - 1) :]
+                if not item.walked
+                and not item.running
+                and item.event_id is not None
+                and held.get(item.offset) is item
+            ]
+            if ids:
+                self._carry_released.setdefault(lane.tp, []).extend(ids)
+
     def _set_parked(self, lane: _Lane, parked: bool) -> None:
         with self._lanes_changed:
             lane.parked = parked
@@ -1447,10 +1494,12 @@ class Engine:
             tp = lane.tp
             held = self._held.get(tp, {})
             ids = self._held_ids.get(tp, {})
+            self._release_claims(lane)
             for item in lane.items[max(0, lane.position - 1) :]:
                 if item.walked or held.pop(item.offset, None) is None:
                     continue
                 self._held_open -= 1
+                self._given_back[tp] = min(self._given_back.get(tp, item.offset), item.offset)
                 if item.event_id is not None and ids.get(item.event_id, (None,))[0] == item.offset:
                     del ids[item.event_id]
                 self._carry_rewind[tp] = min(self._carry_rewind.get(tp, item.offset), item.offset)
@@ -1531,6 +1580,9 @@ class Engine:
         with self._lanes_changed:
             held = self._held.get(tp)
             first_held = min(held) if held else None
+            given_back = self._given_back.get(tp)
+        if given_back is not None:
+            first_held = given_back if first_held is None else min(first_held, given_back)
         watermark = covered if first_held is None else min(covered, first_held - 1)
         current = self._watermarks.get(tp)
         if watermark >= 0 and (current is None or watermark > current):
@@ -1550,6 +1602,9 @@ class Engine:
             wanted = set(self._watermarks) if tps is None else set(tps)
             done = [(tp, item) for tp, item in self._carried_done if tp in wanted]
             rewind = {tp: o for tp, o in self._carry_rewind.items() if tp in wanted}
+            released = {tp: ids for tp, ids in self._carry_released.items() if tp in wanted}
+            for tp in released:
+                del self._carry_released[tp]
             error, self._carry_error = self._carry_error, None
             self._carried_done = [(tp, i) for tp, i in self._carried_done if tp not in wanted]
             for tp in rewind:
@@ -1562,7 +1617,7 @@ class Engine:
             for key, lane in list(self._carried.items()):
                 if lane.closed and not self._still_held(lane):
                     del self._carried[key]
-            if not done and not rewind and error is None:
+            if not done and not rewind and not released and error is None:
                 return None
         write = WriteSet()
         plan: dict[TopicPartition, list[_Item]] = {}
@@ -1580,6 +1635,9 @@ class Engine:
             write.records[tp] = records
             if effects:
                 write.effects[tp] = list(effects.items())
+        for tp, claims in released.items():
+            decided = {event_id for event_id, _ in write.records.get(tp, [])}
+            write.released[tp] = [i for i in claims if i not in decided]
         for tp in set(plan) | set(rewind):
             self._cap_watermark(write, tp)
         return _Pending(
@@ -1598,10 +1656,11 @@ class Engine:
             for lane in lanes:
                 lane.gone = True
             self._lanes_changed.notify_all()
-            if not lanes and not any(self._held.get(tp) for tp in gone):
-                return {}
+            carrying = bool(lanes) or any(
+                self._held.get(tp) or self._carry_released.get(tp) for tp in gone
+            )
         commits: dict[TopicPartition, int] = {}
-        if not lost:
+        if carrying and not lost:
             with self._lanes_changed:
                 closed = self._lanes_changed.wait_for(
                     lambda: all(lane.closed for lane in lanes),
@@ -1625,6 +1684,8 @@ class Engine:
                 self._held_ids.pop(tp, None)
                 self._covered.pop(tp, None)
                 self._carry_rewind.pop(tp, None)
+                self._given_back.pop(tp, None)
+                self._carry_released.pop(tp, None)
             self._carried_done = [(tp, i) for tp, i in self._carried_done if tp not in gone]
         return commits
 
@@ -2161,7 +2222,7 @@ def _cut_before(
         # Below the first lost letter, and never above the settled prefix (a gap of
         # undecided events may lie below the letter: a stop, a cut, a revocation).
         last = min(offset - 1, write.watermarks.get(tp, offset - 1))
-        if tp in write.watermarks and items and last >= items[0].offset:
+        if tp in write.watermarks and items and last >= min(i.offset for i in items):
             if current is None or last > current:
                 write.watermarks[tp] = last
             else:

@@ -9,7 +9,7 @@ from typing import Any
 
 from dedupe_consumer import Event, Handler
 from dedupe_consumer.engine import Engine
-from dedupe_consumer.store import RecordStatus, RocksStore
+from dedupe_consumer.store import RocksStore
 
 from .changelog_rig import TP0, RecordingChangelog, changelog_engine
 from .conftest import rec
@@ -66,7 +66,7 @@ def test_a_stop_releases_the_claims_of_held_events(tmp_path: Path) -> None:
     handler = FlakyKey()
     e, store = engine(tmp_path, handler, mode="claim", on_uncertain="skip")
     try:
-        e.pipeline(first_batch() + [rec(3, "s2", key=b"slow")])
+        e.pipeline([*first_batch(), rec(3, "s2", key=b"slow")])
         e.request_stop()
         e.drain(final=True)
         assert handler.attempts.get("s2") is None and "s1" not in handler.succeeded
@@ -77,8 +77,8 @@ def test_a_stop_releases_the_claims_of_held_events(tmp_path: Path) -> None:
     handler.attempts["s1"] = 1  # its next attempt succeeds
     e, store = engine(tmp_path, handler, mode="claim", on_uncertain="skip")
     try:
-        e.process(first_batch() + [rec(3, "s2", key=b"slow")])
-        assert sorted(handler.succeeded) == ["s1", "s2"]  # fails: both skipped as 'uncertain'
+        e.process([*first_batch(), rec(3, "s2", key=b"slow")])
+        assert sorted(handler.succeeded) == ["s1", "s2"]
     finally:
         e.close()
         store.close()
@@ -104,7 +104,7 @@ def test_a_crash_in_a_carried_lane_does_not_hang_the_next_batch(tmp_path: Path) 
     e, store = engine(tmp_path, handler, backoff="200ms", max_unpersisted=1)
     outcome: list[BaseException | None] = []
     try:
-        e.pipeline(first_batch() + [rec(3, "s2", key=b"slow")])
+        e.pipeline([*first_batch(), rec(3, "s2", key=b"slow")])
         time.sleep(0.6)  # s1's retry crashes the carried lane
 
         def second() -> None:
