@@ -1,4 +1,4 @@
-"""Review of carried lanes: each test here shows a defect (it fails on ``carry``)."""
+"""Carried lanes, found by an adversarial review: each test failed before its fix."""
 
 from __future__ import annotations
 
@@ -11,25 +11,10 @@ from dedupe_consumer import Event, Handler
 from dedupe_consumer.engine import Engine
 from dedupe_consumer.store import RocksStore
 
-from .changelog_rig import TP0, RecordingChangelog, changelog_engine
+from .changelog_rig import TP0, RecordingChangelog
 from .conftest import rec
-
-
-class FlakyKey(Handler):
-    """Fails the first attempt of s1 (key ``b"slow"``); records successes in order."""
-
-    def __init__(self) -> None:
-        self.succeeded: list[str] = []
-        self.attempts: dict[str, int] = {}
-        self.lock = threading.Lock()
-
-    def handle(self, event: Event) -> None:
-        with self.lock:
-            self.attempts[event.id] = self.attempts.get(event.id, 0) + 1
-        if event.id == "s1" and event.attempt == 1:
-            raise RuntimeError("the payment API answered 503")
-        with self.lock:
-            self.succeeded.append(event.id)
+from .test_carried_lanes import FlakyKey, first_batch
+from .test_carried_lanes import engine as carried_engine
 
 
 def engine(
@@ -39,21 +24,9 @@ def engine(
     backoff: str = "3s",
     **processing: Any,
 ) -> tuple[Engine, RocksStore]:
-    return changelog_engine(
-        tmp_path,
-        handler,
-        changelog,
-        processing={
-            "concurrency": 4,
-            "retry_backoff": backoff,
-            "retry_backoff_max": backoff,
-            **processing,
-        },
+    return carried_engine(
+        tmp_path, handler, changelog, retry_backoff=backoff, retry_backoff_max=backoff, **processing
     )
-
-
-def first_batch() -> list[Any]:
-    return [rec(0, "s1", key=b"slow"), rec(1, "a", key=b"a"), rec(2, "b", key=b"b")]
 
 
 def test_a_stop_releases_the_claims_of_held_events(tmp_path: Path) -> None:
