@@ -12,7 +12,7 @@ from dedupe_consumer.errors import DeadLetterError
 
 from .changelog_rig import TP0, RecordingChangelog
 from .conftest import rec
-from .test_carried_lanes import FlakyKey, first_batch, engine
+from .test_carried_lanes import FlakyKey, engine, first_batch
 from .test_fenced_batches import FencingChangelog
 
 
@@ -62,7 +62,11 @@ def test_a_given_back_event_is_never_passed_by_the_changelog_offsets(tmp_path: P
     handler = AlwaysFailsSlow()
     changelog = RecordingChangelog()
     e, store = engine(
-        tmp_path, handler, changelog, retry_backoff="200ms", retry_backoff_max="200ms",
+        tmp_path,
+        handler,
+        changelog,
+        retry_backoff="200ms",
+        retry_backoff_max="200ms",
         max_retries=1,
     )
     e.dead_letters = UnsendableLetters()
