@@ -694,6 +694,10 @@ class Engine:
                         consequence="their events stay undecided and are read again",
                     )
                     self._abandon_carried()
+                    if not self.stopping:  # the engine goes on (Engine.process): read
+                        # them again, unless a call of theirs still runs
+                        for lane in list(self._carried.values()):
+                            self._give_back(lane, keep_running=True)
         carried = self._collect_carried(int(self.clock() * 1000))
         if carried is not None:
             carried.failures = self._failures
@@ -757,9 +761,9 @@ class Engine:
             if given_back is not None and items[0].offset <= given_back:
                 del self._given_back[tp]  # read again from it: this batch covers it
             with self._lanes_changed:  # never past an event a carried lane holds
-                held = self._held.get(tp)
-                if held:
-                    self._next[tp] = min(self._next[tp], *held)
+                first = self._first_undecided(tp)
+                if first is not None:
+                    self._next[tp] = min(self._next[tp], first)
         if self._failures != failures:
             # A write failed while this batch was polled: read it again after the rewind.
             self._drained.append(self._rewound(plan, started))
@@ -779,14 +783,24 @@ class Engine:
         """A batch decided on top of a write that failed: never persisted on its own."""
         failure = self._last_failure
         if isinstance(failure, NotOwnerError):
-            return self._fenced(decided.plan, failure, decided.write, decided.started)
-        return self._rewound(decided.plan, decided.started)
+            return self._fenced(
+                decided.plan, failure, decided.write, decided.started, decided.rewind
+            )
+        return self._rewound(decided.plan, decided.started, decided.rewind)
 
-    def _rewound(self, plan: dict[TopicPartition, list[_Item]], started: float) -> BatchResult:
-        """Nothing of ``plan`` is persisted: read it again from its first offsets."""
+    def _rewound(
+        self,
+        plan: dict[TopicPartition, list[_Item]],
+        started: float,
+        also: Mapping[TopicPartition, int] | None = None,
+    ) -> BatchResult:
+        """Nothing of ``plan`` is persisted: read it again from its first offsets (or
+        from ``also``'s, where earlier: a given-back event's)."""
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         # An absorbed plan (carried events, gathered batches) is not in offset order.
         rewind = {tp: min(i.offset for i in items) for tp, items in plan.items() if items}
+        for tp, offset in (also or {}).items():
+            rewind[tp] = min(offset, rewind.get(tp, offset))
         for tp, offset in rewind.items():  # nothing from there on is safe to commit
             if tp in self._next:
                 self._next[tp] = min(self._next[tp], offset)
@@ -801,6 +815,7 @@ class Engine:
         fenced: NotOwnerError,
         write: WriteSet | None,
         started: float,
+        also: Mapping[TopicPartition, int] | None = None,
     ) -> BatchResult:
         """The group fenced the batch's transaction: it may be a zombie's. Persist nothing.
 
@@ -809,11 +824,11 @@ class Engine:
         the changelog shows that nobody wrote it meanwhile, the batch is still
         valid and is persisted then, so its events are not handled twice.
         """
-        result = self._rewound(plan, started)
+        result = self._rewound(plan, started, also)
         if write is not None:
             for tp in plan:
                 part = _part(write, tp)
-                if part.watermarks:
+                if part.watermarks or part.records:  # records only: a carried lane held it
                     orphan = self._orphans.get(tp)
                     if orphan is not None and not orphan.released:
                         _extend(orphan.write, part)  # decided on top of it: after it
@@ -833,7 +848,8 @@ class Engine:
         """Persist a fenced batch of ``tp`` now that this instance owns ``tp`` again."""
         self._settle_all()
         durable = self.store.watermark(tp)
-        if durable is not None and durable >= write.watermarks[tp]:
+        watermark = write.watermarks.get(tp)
+        if durable is not None and watermark is not None and durable >= watermark:
             log.warning(
                 "fenced_batch_dropped",
                 partition=str(tp),
@@ -850,9 +866,9 @@ class Engine:
                 consequence="its events are read and handled again",
             )
             return
-        watermark = write.watermarks[tp]
-        self._watermarks[tp] = watermark
-        self._next[tp] = watermark + 1
+        if watermark is not None:
+            self._watermarks[tp] = watermark
+            self._next[tp] = watermark + 1
         log.info(
             "fenced_batch_persisted",
             partition=str(tp),
@@ -1065,7 +1081,7 @@ class Engine:
                 pending.fenced = fenced
                 self._last_failure = fenced
                 self._failures += 1
-                return self._fenced(pending.plan, fenced, write, pending.started)
+                return self._fenced(pending.plan, fenced, write, pending.started, pending.rewind)
             except BaseException as failed:
                 self._failures += 1
                 self._broken = self._last_failure = failed
@@ -1488,16 +1504,20 @@ class Engine:
             lane.parked = parked
             self._lanes_changed.notify_all()
 
-    def _give_back(self, lane: _Lane) -> None:
-        """A carried lane stopped early: its undecided events are read again."""
+    def _give_back(self, lane: _Lane, *, keep_running: bool = False) -> None:
+        """A carried lane stopped early: its undecided events are read again (but, with
+        ``keep_running``, one whose call still runs: it stays held)."""
         with self._lanes_changed:
             tp = lane.tp
             held = self._held.get(tp, {})
             ids = self._held_ids.get(tp, {})
             self._release_claims(lane)
             for item in lane.items[max(0, lane.position - 1) :]:
-                if item.walked or held.pop(item.offset, None) is None:
+                if item.walked or (keep_running and item.running):
                     continue
+                if held.get(item.offset) is not item:
+                    continue
+                del held[item.offset]
                 self._held_open -= 1
                 self._given_back[tp] = min(self._given_back.get(tp, item.offset), item.offset)
                 if item.event_id is not None and ids.get(item.event_id, (None,))[0] == item.offset:
@@ -1578,15 +1598,20 @@ class Engine:
         if covered is None:
             return
         with self._lanes_changed:
-            held = self._held.get(tp)
-            first_held = min(held) if held else None
-            given_back = self._given_back.get(tp)
-        if given_back is not None:
-            first_held = given_back if first_held is None else min(first_held, given_back)
-        watermark = covered if first_held is None else min(covered, first_held - 1)
+            first = self._first_undecided(tp)
+        watermark = covered if first is None else min(covered, first - 1)
         current = self._watermarks.get(tp)
         if watermark >= 0 and (current is None or watermark > current):
             write.watermarks[tp] = watermark
+
+    def _first_undecided(self, tp: TopicPartition) -> int | None:
+        """Under the lanes' lock: ``tp``'s first offset a carried lane holds or gave back."""
+        held = self._held.get(tp)
+        firsts = [min(held)] if held else []
+        given_back = self._given_back.get(tp)
+        if given_back is not None:
+            firsts.append(given_back)
+        return min(firsts) if firsts else None
 
     def _still_held(self, lane: _Lane) -> bool:
         """Under the lanes' lock: an event of ``lane`` is held (not written yet)."""
@@ -2104,7 +2129,12 @@ class Engine:
         group generation of the whole commit, which is what fences a zombie.
         ``safe``: the safe offsets when the write was handed over (default ``_next``).
         """
-        safe = self._next if safe is None else safe
+        safe = dict(self._next if safe is None else safe)
+        with self._lanes_changed:  # never past an event a carried lane holds or gave back
+            for tp, offset in safe.items():
+                first = self._first_undecided(tp)
+                if first is not None and first < offset:
+                    safe[tp] = first
         offsets = {tp: o for tp, o in safe.items() if tp in write.partitions()}
         offsets.update({tp: o + 1 for tp, o in write.watermarks.items()})
         if not offsets and safe:
