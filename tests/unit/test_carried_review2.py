@@ -1,4 +1,4 @@
-"""Carried lanes, second adversarial review: each test fails because of a defect."""
+"""Carried lanes, found by a second adversarial review: each test failed before its fix."""
 
 from __future__ import annotations
 
