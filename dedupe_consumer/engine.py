@@ -67,6 +67,7 @@ from dedupe_consumer.errors import (
     NotOwnerError,
     OffsetRegressionError,
     PermanentError,
+    RetryableError,
 )
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.handler_pool import HandlerPool
@@ -2039,10 +2040,11 @@ class Engine:
                         )
                     )
                 self.metrics.handler_retries.labels(tp.topic).inc()
-                delay = min(
-                    processing.retry_backoff.total_seconds() * 2 ** (attempt - 1),
-                    processing.retry_backoff_max.total_seconds(),
-                )
+                delay = processing.retry_backoff.total_seconds() * 2 ** (attempt - 1)
+                asked = failure.retry_after if isinstance(failure, RetryableError) else None
+                if isinstance(asked, int | float) and asked > delay:  # the downstream's
+                    delay = float(asked)  # wish (NaN and negatives are no wish)
+                delay = min(delay, processing.retry_backoff_max.total_seconds())
                 log.warning(
                     f"{what}_retry",
                     event_id=event.id,

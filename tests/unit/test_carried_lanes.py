@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 
 from dedupe_consumer import Event, Handler
 from dedupe_consumer.engine import Engine
+from dedupe_consumer.errors import RetryableError
 from dedupe_consumer.store import RecordStatus, RocksStore
 
 from .changelog_rig import TP0, RecordingChangelog, changelog_engine
@@ -260,6 +262,51 @@ def test_a_lane_after_a_finished_carried_one_reads_its_writes(tmp_path: Path) ->
         assert handler.succeeded == ["s1", "a", "b", "c", "d"]
         assert store.effect(TP0, b"total") == b"5"
         assert store.watermark(TP0) == 4
+    finally:
+        e.close()
+        store.close()
+
+
+class RateLimited(FlakyKey):
+    """s1's first attempt is refused with a wish to wait (an HTTP 429's Retry-After)."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__()
+        self.wait_s = wait_s
+        self.at: dict[tuple[str, int], float] = {}
+
+    def handle(self, event: Event) -> None:
+        self.at[(event.id, event.attempt)] = time.monotonic()
+        if event.id == "s1" and event.attempt == 1:
+            raise RetryableError("HTTP 429: slow down", retry_after=self.wait_s)
+        super().handle(event)
+
+
+def test_a_retry_after_wish_is_waited_out_as_the_backoff_holding_only_its_key(
+    tmp_path: Path,
+) -> None:
+    handler = RateLimited(0.5)
+    e, store = engine(tmp_path, handler, retry_backoff="1ms", retry_backoff_max="10s")
+    try:
+        e.pipeline(first_batch())
+        e.pipeline(second_batch())  # the other keys go on while s1 waits
+        e.drain(final=True)
+        waited = handler.at[("s1", 2)] - handler.at[("s1", 1)]
+        assert waited >= 0.5  # the wish, not the 1 ms backoff
+        assert handler.succeeded.index("c") < handler.succeeded.index("s1")
+        assert store.watermark(TP0) == 5
+    finally:
+        e.close()
+        store.close()
+
+
+def test_a_retry_after_wish_is_capped_by_retry_backoff_max(tmp_path: Path) -> None:
+    handler = RateLimited(3600)
+    e, store = engine(tmp_path, handler, retry_backoff="1ms", retry_backoff_max="300ms")
+    try:
+        e.process(first_batch())  # an hour asked, 300 ms granted: it ends
+        assert handler.at[("s1", 2)] - handler.at[("s1", 1)] < 60
+        assert sorted(handler.succeeded) == ["a", "b", "s1"]
     finally:
         e.close()
         store.close()
