@@ -96,6 +96,20 @@ def _io_rows() -> tuple[Contender, ...]:
                         sleeps=True,
                     )
                 )
+    rows.append(
+        Contender(
+            "io-flaky-c64-key",
+            "dedupe_consumer, sync handler (time.sleep), 1 event in 20 fails once "
+            "(retry after processing.retry_backoff, 200 ms), concurrency 64, ordering key",
+            "bench.contenders.dedupe",
+            (
+                *("--mode", "plain", "--changelog", "true", "--handler", "flaky-sleep"),
+                *("--concurrency", "64", "--ordering", "key"),
+            ),
+            workload="io",
+            sleeps=True,
+        )
+    )
     return tuple(rows)
 
 

@@ -262,7 +262,7 @@ class DedupeConsumer:
                 # what is durable now (invariant 1: commit after persist).
                 self._apply(source, engine.pipeline(messages, source.keep_alive), on_batch)
                 done = until is not None and until(self.totals)
-            self._apply(source, engine.drain(), on_batch)
+            self._apply(source, engine.drain(final=True), on_batch)
         finally:
             # Each step runs even if one before it failed: a RocksDB lock left held would
             # stop the next start. The first failure is raised after the last step.

@@ -38,7 +38,15 @@ import hashlib
 import inspect
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Generator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -59,6 +67,7 @@ from dedupe_consumer.errors import (
     NotOwnerError,
     OffsetRegressionError,
     PermanentError,
+    RetryableError,
 )
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.handler_pool import HandlerPool
@@ -149,6 +158,36 @@ class _Item:
     """Its claim was found in progress (claim mode): counted in ``BatchStats.uncertain``."""
     running: bool = False
     """Its handler call is in progress on a worker (or about to start)."""
+    carried: bool = False
+    """Its lane outlived its batch (see :class:`_Lane`): decided later, written then."""
+
+
+@dataclass(eq=False)
+class _Lane:
+    """Events of one partition with one key (or one ID), decided in offset order.
+
+    A lane may outlive its batch: when every other lane of the batch is done and it
+    only waits out a retry's backoff, the batch settles without it. It is *carried*
+    then: its undecided events hold the partition's watermark (the committed offset
+    stops before the first of them) while later batches go on; events of the same
+    key in later batches join it, so the key stays in order; each event it decides
+    is written with the next batch (or the next idle drain).
+    """
+
+    tp: TopicPartition
+    key: object
+    items: list[_Item]
+    position: int = 0
+    """The next event to start."""
+    staged: dict[bytes, bytes | None] = field(default_factory=dict)
+    """What this lane's earlier events staged (their handlers' reads see it)."""
+    parked: bool = False
+    """Waiting out a retry's backoff: its batch need not wait for it."""
+    carried: bool = False
+    gone: bool = False
+    """Its partition was revoked or lost: no event starts, a backoff ends at once."""
+    closed: bool = False
+    """Done: no event may join it any more."""
 
 
 @dataclass(eq=False)
@@ -158,9 +197,9 @@ class _Batch:
     plan: dict[TopicPartition, list[_Item]]
     now_ms: int
     claimed: WriteSet
-    lanes: dict[TopicPartition, int] = field(default_factory=dict)
-    """Lanes not finished yet, per partition."""
-    changed: threading.Condition = field(default_factory=threading.Condition)
+    changed: threading.Condition
+    """The engine's: every lane's state changes under it (see :meth:`Engine._lane`)."""
+    lanes: list[_Lane] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     """Set when no further event may start: a stop request, a cut, an error."""
     cut: bool = False
@@ -175,20 +214,14 @@ class _Batch:
     """Partitions revoked or lost during the walk: none of their events starts any more,
     and the end of the batch does not settle them (a revocation did already)."""
 
-    def lane_done(self, tp: TopicPartition) -> None:
+    def running(self, tps: Sequence[TopicPartition] | None = None) -> int:
+        """Lanes of ``tps`` (None: of every partition) not closed yet."""
+        return sum(1 for lane in self.lanes if not lane.closed and (tps is None or lane.tp in tps))
+
+    def wait(self, tps: Sequence[TopicPartition], timeout: float) -> bool:
+        """Wait until the lanes of ``tps`` are closed."""
         with self.changed:
-            self.lanes[tp] -= 1
-            self.changed.notify_all()
-
-    def wait(self, tps: Sequence[TopicPartition] | None, timeout: float) -> bool:
-        """Wait until the lanes of ``tps`` (None: of every partition still ours) are done."""
-
-        def done() -> bool:
-            todo = self.lanes if tps is None else tps
-            return all(self.lanes.get(tp, 0) == 0 for tp in todo if tps or tp not in self.gone)
-
-        with self.changed:
-            return self.changed.wait_for(done, timeout)
+            return self.changed.wait_for(lambda: self.running(tps) == 0, timeout)
 
     def fail(self, error: BaseException | None, *, cut: bool = False) -> None:
         if error is not None and self.error is None:
@@ -297,6 +330,34 @@ class Engine:
         """A write failed with an error: nothing decided after it is persisted."""
         self._drained: list[BatchResult] = []
         """Results of persisted batches not yet handed to the loop (see :meth:`drain`)."""
+        self._lanes_changed = threading.Condition(threading.RLock())
+        """Guards the state of every lane and the carried lanes' bookkeeping below."""
+        self._carried: dict[tuple[TopicPartition, object], _Lane] = {}
+        """Lanes that outlived their batch and are not closed, by partition and key."""
+        self._held: dict[TopicPartition, dict[int, _Item]] = {}
+        """Events of carried lanes not written yet, by partition and offset: the
+        partition's watermark stays below the first of them."""
+        self._held_ids: dict[TopicPartition, dict[str, tuple[int, bytes]]] = {}
+        """Their IDs (offset, digest): a later copy of one is its duplicate."""
+        self._held_open = 0
+        """Carried events not decided yet: past ``processing.max_unpersisted``, a batch
+        waits for them (see :meth:`_walk`)."""
+        self._carried_done: list[tuple[TopicPartition, _Item]] = []
+        """Carried events decided, for the next write."""
+        self._carry_rewind: dict[TopicPartition, int] = {}
+        """Where partitions are read again from: carried events a lane gave back."""
+        self._given_back: dict[TopicPartition, int] = {}
+        """The first offset given back, per partition, until a batch reads it again: the
+        watermark stays before it meanwhile."""
+        self._carry_released: dict[TopicPartition, list[str]] = {}
+        """Claims of carried events that end undecided (a stop, a give-back): released
+        with the next write, so a restart does not find them uncertain."""
+        self._carry_error: BaseException | None = None
+        """What stopped a carried lane (a lost dead letter, a bug): the consumer stops."""
+        self._carry_crash: BaseException | None = None
+        self._covered: dict[TopicPartition, int] = {}
+        """Per partition, the end of the run of offsets decided or carried: the
+        watermark, once no carried event holds it back."""
 
     # -- assignment ------------------------------------------------------------------------
 
@@ -492,6 +553,7 @@ class Engine:
             mine = [tp for tp in tps if tp in batch.plan and tp not in batch.gone]
             if mine:
                 commits.update(self._settle_revoked(batch, mine, lost=lost))
+        commits.update(self._release_carried(tps, lost=lost))
         now = self.clock()
         for tp in tps:
             self._watermarks.pop(tp, None)
@@ -523,6 +585,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop the workers (a call still running finishes on its own) and the persister."""
+        self._abandon_carried()
         self._pool.close()
         self._persister.shutdown(wait=True)
 
@@ -611,11 +674,35 @@ class Engine:
 
         The synchronous form of :meth:`pipeline` followed by :meth:`drain`.
         """
-        return _merged([self.pipeline(messages, keep_alive), self.drain()])
+        return _merged([self.pipeline(messages, keep_alive), self.drain(final=True)])
 
-    def drain(self) -> BatchResult:
-        """Make every decided batch durable; return what became durable since the last
-        result (empty when nothing did)."""
+    def drain(self, *, final: bool = False) -> BatchResult:
+        """Make every decided batch durable, and what carried lanes decided; return what
+        became durable since the last result (empty when nothing did).
+
+        ``final`` (the end of a run, or :meth:`process`) or a stop: carried lanes are
+        waited for first (bounded like a revocation)."""
+        self._raise_carry_crash()
+        if final or self.stopping:
+            with self._lanes_changed:
+                if not self._lanes_changed.wait_for(
+                    lambda: all(lane.closed for lane in self._carried.values()),
+                    self.walk_budget_s or _REVOKE_WAIT_S,
+                ):
+                    log.warning(
+                        "stopped_with_calls_running",
+                        running=sum(1 for lane in self._carried.values() if not lane.closed),
+                        consequence="their events stay undecided and are read again",
+                    )
+                    self._abandon_carried()
+                    if not self.stopping:  # the engine goes on (Engine.process): read
+                        # them again, unless a call of theirs still runs
+                        for lane in list(self._carried.values()):
+                            self._give_back(lane, keep_running=True)
+        carried = self._collect_carried(int(self.clock() * 1000))
+        if carried is not None:
+            carried.failures = self._failures
+            self._hand_over(carried)
         self._settle_all()
         drained, self._drained = self._drained, []
         return _merged(drained)
@@ -671,6 +758,13 @@ class Engine:
             # decided (<= watermark) or was committed before.
             start = items[0].offset if wm is None else max(items[0].offset, wm + 1)
             self._next[tp] = max(self._next.get(tp, start), start)
+            given_back = self._given_back.get(tp)
+            if given_back is not None and items[0].offset <= given_back:
+                del self._given_back[tp]  # read again from it: this batch covers it
+            with self._lanes_changed:  # never past an event a carried lane holds
+                first = self._first_undecided(tp)
+                if first is not None:
+                    self._next[tp] = min(self._next[tp], first)
         if self._failures != failures:
             # A write failed while this batch was polled: read it again after the rewind.
             self._drained.append(self._rewound(plan, started))
@@ -690,16 +784,30 @@ class Engine:
         """A batch decided on top of a write that failed: never persisted on its own."""
         failure = self._last_failure
         if isinstance(failure, NotOwnerError):
-            return self._fenced(decided.plan, failure, decided.write, decided.started)
-        return self._rewound(decided.plan, decided.started)
+            return self._fenced(
+                decided.plan, failure, decided.write, decided.started, decided.rewind
+            )
+        return self._rewound(decided.plan, decided.started, decided.rewind)
 
-    def _rewound(self, plan: dict[TopicPartition, list[_Item]], started: float) -> BatchResult:
-        """Nothing of ``plan`` is persisted: read it again from its first offsets."""
+    def _rewound(
+        self,
+        plan: dict[TopicPartition, list[_Item]],
+        started: float,
+        also: Mapping[TopicPartition, int] | None = None,
+    ) -> BatchResult:
+        """Nothing of ``plan`` is persisted: read it again from its first offsets (or
+        from ``also``'s, where earlier: a given-back event's)."""
         self.metrics.batch_seconds.observe(time.monotonic() - started)
-        rewind = {tp: items[0].offset for tp, items in plan.items()}
+        # An absorbed plan (carried events, gathered batches) is not in offset order.
+        rewind = {tp: min(i.offset for i in items) for tp, items in plan.items() if items}
+        for tp, offset in (also or {}).items():
+            rewind[tp] = min(offset, rewind.get(tp, offset))
         for tp, offset in rewind.items():  # nothing from there on is safe to commit
             if tp in self._next:
                 self._next[tp] = min(self._next[tp], offset)
+            covered = self._covered.get(tp)
+            if covered is not None and covered >= offset:
+                self._covered[tp] = offset - 1
         return BatchResult(BatchStats(), {}, None, [], rewind)
 
     def _fenced(
@@ -708,6 +816,7 @@ class Engine:
         fenced: NotOwnerError,
         write: WriteSet | None,
         started: float,
+        also: Mapping[TopicPartition, int] | None = None,
     ) -> BatchResult:
         """The group fenced the batch's transaction: it may be a zombie's. Persist nothing.
 
@@ -716,11 +825,11 @@ class Engine:
         the changelog shows that nobody wrote it meanwhile, the batch is still
         valid and is persisted then, so its events are not handled twice.
         """
-        result = self._rewound(plan, started)
+        result = self._rewound(plan, started, also)
         if write is not None:
             for tp in plan:
                 part = _part(write, tp)
-                if part.watermarks:
+                if part.watermarks or part.records:  # records only: a carried lane held it
                     orphan = self._orphans.get(tp)
                     if orphan is not None and not orphan.released:
                         _extend(orphan.write, part)  # decided on top of it: after it
@@ -740,7 +849,8 @@ class Engine:
         """Persist a fenced batch of ``tp`` now that this instance owns ``tp`` again."""
         self._settle_all()
         durable = self.store.watermark(tp)
-        if durable is not None and durable >= write.watermarks[tp]:
+        watermark = write.watermarks.get(tp)
+        if durable is not None and watermark is not None and durable >= watermark:
             log.warning(
                 "fenced_batch_dropped",
                 partition=str(tp),
@@ -757,9 +867,9 @@ class Engine:
                 consequence="its events are read and handled again",
             )
             return
-        watermark = write.watermarks[tp]
-        self._watermarks[tp] = watermark
-        self._next[tp] = watermark + 1
+        if watermark is not None:
+            self._watermarks[tp] = watermark
+            self._next[tp] = watermark + 1
         log.info(
             "fenced_batch_persisted",
             partition=str(tp),
@@ -798,11 +908,13 @@ class Engine:
         self._walk_deadline = (
             None if self.walk_budget_s is None else time.monotonic() + self.walk_budget_s
         )
-        batch = self._batch = _Batch(plan, now_ms, claimed)
+        batch = self._batch = _Batch(plan, now_ms, claimed, self._lanes_changed)
         try:
             self._walk(batch)
         finally:
             self._batch = None
+        self._raise_carry_crash()
+        carried = self._collect_carried(now_ms)  # first: this batch's watermark follows
         owned = [tp for tp in plan if tp not in batch.gone]
         write, rewind, per_topic, handled_ids = self._settle(batch, owned)
         for topic, stats in batch.revoked_stats.items():
@@ -824,7 +936,19 @@ class Engine:
             # wherever the load lands (invariant 5). Expired IDs go in this same write.
             budgets = {tp: 2 * len(records) + 32 for tp, records in write.records.items()}
             self._sweep(now_ms, budgets, write)
-        return _Pending(write, plan, claimed, per_topic, handled_ids, rewind, error, started)
+        decided = _Pending(write, plan, claimed, per_topic, handled_ids, rewind, error, started)
+        if carried is None:
+            return decided
+        carried.started = started
+        carried.absorb(decided)  # carried events are older: first in the plan and write
+        return carried
+
+    def _raise_carry_crash(self) -> None:
+        """A carried lane's handler raised a BaseException (SystemExit...): as if the
+        process died there, nothing more is persisted."""
+        crash = self._carry_crash
+        if crash is not None:
+            raise crash
 
     def _hand_over(self, decided: _Pending) -> None:
         """Queue a decided batch for durability (group commit).
@@ -908,7 +1032,14 @@ class Engine:
             # restart neither repeats a handled event nor loses the lost letter's.
             if not _cut_before(unsent.failed, pending.plan, write, self._watermarks):
                 raise
-            _release_undecided(pending.claimed, write)
+            # Events a carried lane still decides (or a call still running) keep theirs.
+            keep = {
+                i.event_id
+                for items in pending.plan.values()
+                for i in items
+                if i.carried or i.running
+            }
+            _release_undecided(pending.claimed, write, keep=keep)
             log.error("dead_letter_failed", error=str(unsent), stopping=True)
             pending.error = unsent
             # Nothing is queued: the flush is a no-op.
@@ -951,7 +1082,7 @@ class Engine:
                 pending.fenced = fenced
                 self._last_failure = fenced
                 self._failures += 1
-                return self._fenced(pending.plan, fenced, write, pending.started)
+                return self._fenced(pending.plan, fenced, write, pending.started, pending.rewind)
             except BaseException as failed:
                 self._failures += 1
                 self._broken = self._last_failure = failed
@@ -987,9 +1118,13 @@ class Engine:
             ahead = overlay.watermarks.get(tp)
             if ahead is not None and (wm is None or ahead > wm):
                 wm = ahead
+        with self._lanes_changed:
+            held = set(self._held.get(tp, ()))
+            held_ids = dict(self._held_ids.get(tp, {}))
         fresh: list[_Item] = []
         for item in items:
-            if wm is not None and item.offset <= wm:
+            if (wm is not None and item.offset <= wm) or item.offset in held:
+                # decided, or being decided by its carried lane (read again after a seek)
                 item.decision = Decision.REPLAY
                 continue
             try:
@@ -1013,7 +1148,8 @@ class Engine:
                 hits = [i for i in unique if i in decided]
                 found.update((i, decided[i]) for i in hits)
                 unpersisted.update(hits)
-        first_offset: dict[str, tuple[int, bytes]] = {}
+        # An ID a carried lane holds is decided there: a later copy is its duplicate.
+        first_offset = {i: held_ids[i] for i in unique if i in held_ids} if held_ids else {}
         for item in fresh:
             event_id = item.event_id
             assert event_id is not None
@@ -1097,17 +1233,36 @@ class Engine:
     # -- phase 3: walk ---------------------------------------------------------------------
 
     def _walk(self, batch: _Batch) -> None:
-        """Run the batch's lanes on the workers; serve the group until they are done."""
-        lanes = {tp: self._lanes(items) for tp, items in batch.plan.items()}
-        batch.lanes = {tp: len(tp_lanes) for tp, tp_lanes in lanes.items()}
-        for tp, tp_lanes in lanes.items():
-            for lane in tp_lanes:
-                if self._async_lanes:
-                    self._pool.start_on_loop(self._run_lane_async(batch, tp, lane))
-                else:
-                    self._pool.submit(partial(self._run_lane, batch, tp, lane))
+        """Run the batch's lanes on the workers; serve the group until they are done.
+
+        A lane that only waits out a backoff does not hold the batch: it is carried
+        (see :class:`_Lane`), unless the carried events not decided yet are past
+        ``processing.max_unpersisted``: then the batch waits for them too.
+        """
+        with self._lanes_changed:
+            batch.lanes = [
+                lane for tp, items in batch.plan.items() for lane in self._lanes(tp, items)
+            ]
+        for lane in batch.lanes:
+            if self._async_lanes:
+                self._pool.start_on_loop(self._run_lane_async(batch, lane))
+            else:
+                self._pool.submit(partial(self._run_lane, batch, lane))
+        bound = self.processing.max_unpersisted
+
+        def done() -> bool:
+            if self._carry_crash is not None:
+                return True  # raised below, as if the process had died there
+            return self._held_open <= bound and all(
+                lane.closed or lane.parked or lane.tp in batch.gone for lane in batch.lanes
+            )
+
         abandon_at: float | None = None
-        while not batch.wait(None, _KEEP_ALIVE_S):
+        while True:
+            with self._lanes_changed:
+                if self._lanes_changed.wait_for(done, _KEEP_ALIVE_S):
+                    self._carry(batch)
+                    break
             if self._keep_alive is not None:
                 self._keep_alive()  # may revoke partitions: see release()
             if self._stopping.is_set():
@@ -1118,15 +1273,40 @@ class Engine:
                 if now > abandon_at:
                     log.warning(
                         "stopped_with_calls_running",
-                        running=sum(batch.lanes.values()),
+                        running=batch.running(),
                         consequence="their events stay undecided and are read again",
                     )
                     break
         if batch.crash is not None:
             raise batch.crash
+        self._raise_carry_crash()
 
-    def _lanes(self, items: list[_Item]) -> list[list[_Item]]:
-        """The events of a partition that need the handler, cut into lanes.
+    def _carry(self, batch: _Batch) -> None:
+        """Under the lanes' lock, at the end of a walk: its lanes still open go on
+        without it; their undecided events are held (see :class:`_Lane`)."""
+        for lane in batch.lanes:
+            if lane.closed or lane.tp in batch.gone:
+                continue
+            lane.carried = True
+            self._carried[(lane.tp, lane.key)] = lane
+            self._hold(lane.tp, lane.items[max(0, lane.position - 1) :])
+
+    def _hold(self, tp: TopicPartition, items: Sequence[_Item]) -> None:
+        """Under the lanes' lock: ``items`` (undecided) belong to a carried lane now."""
+        held = self._held.setdefault(tp, {})
+        ids = self._held_ids.setdefault(tp, {})
+        for item in items:
+            if item.walked:
+                continue
+            item.carried = True
+            held[item.offset] = item
+            assert item.event_id is not None
+            ids.setdefault(item.event_id, (item.offset, item.digest))
+            self._held_open += 1
+
+    def _lanes(self, tp: TopicPartition, items: list[_Item]) -> list[_Lane]:
+        """Under the lanes' lock: the events of a partition that need the handler, cut
+        into new lanes; an event whose key has a carried lane joins that lane instead.
 
         Each lane is handled in offset order, one event at a time. Nothing after an
         event whose missing ID stops the partition (``on_missing_id = "fail"``) starts.
@@ -1139,67 +1319,215 @@ class Engine:
                 todo.append(item)
         if not todo:
             return []
+        grouped: dict[object, list[_Item]] = {}
         if self._pool.concurrency == 1 or self.processing.ordering == "partition":
-            return [todo]
-        lanes: dict[object, list[_Item]] = {}
-        for item in todo:
-            key = item.message.key()
-            lanes.setdefault(("id", item.event_id) if key is None else key, []).append(item)
-        return list(lanes.values())
+            grouped[None] = todo
+        else:
+            for item in todo:
+                key = item.message.key()
+                grouped.setdefault(("id", item.event_id) if key is None else key, []).append(item)
+        lanes: list[_Lane] = []
+        for lane_key, lane_items in grouped.items():
+            carried = self._carried.get((tp, lane_key))
+            if carried is not None and carried.closed and not self._still_held(carried):
+                del self._carried[(tp, lane_key)]  # its decisions are written (or overlaid)
+                carried = None
+            if carried is None or carried.gone:
+                lanes.append(_Lane(tp, lane_key, lane_items))
+            elif not carried.closed:
+                carried.items.extend(lane_items)  # after the key's earlier events
+                self._hold(tp, lane_items)
+            else:  # done, its decisions not written yet: the key's events read its writes
+                lanes.append(_Lane(tp, lane_key, lane_items, staged=dict(carried.staged)))
+        return lanes
 
-    def _run_lane(self, batch: _Batch, tp: TopicPartition, lane: list[_Item]) -> None:
+    def _run_lane(self, batch: _Batch, lane: _Lane) -> None:
         """On a worker: decide the lane's events in order until done or told to stop."""
-        _drive(self._lane(batch, tp, lane), self._stopping, self._pool)
+        _drive(self._lane(batch, lane), self._stopping, self._pool)
 
-    async def _run_lane_async(self, batch: _Batch, tp: TopicPartition, lane: list[_Item]) -> None:
+    async def _run_lane_async(self, batch: _Batch, lane: _Lane) -> None:
         """On the event loop (an ``async def`` handler): the same lane, its calls awaited
         here instead of by a worker thread blocked on each."""
         limit = self._pool.lane_slots()
         async with limit:
-            await _drive_async(self._lane(batch, tp, lane), self._stopping, self._pool)
+            await _drive_async(self._lane(batch, lane), self._stopping, self._pool)
 
-    def _lane(self, batch: _Batch, tp: TopicPartition, lane: list[_Item]) -> _Steps[None]:
+    def _lane(self, batch: _Batch, lane: _Lane) -> _Steps[None]:
         """Decide the lane's events in order until done or told to stop; yields where it
-        waits (a user call, a backoff), so a thread or the event loop can drive it."""
-        staged: dict[bytes, bytes | None] = {}  # what this lane's earlier events staged
+        waits (a user call, a backoff), so a thread or the event loop can drive it.
+
+        Events may join the lane while it runs (see :meth:`_lanes`); it closes, under
+        the lanes' lock, only when none is left. Once carried, it answers to the
+        engine (a stop, a revocation), no longer to its batch.
+        """
+        tp = lane.tp
+        changed = self._lanes_changed
         try:
-            for item in lane:
-                # Marked before the checks: a revocation that sees it not running knows
-                # that it will not start (it reads ``gone`` after this).
-                item.running = True
-                if batch.stop.is_set() or tp in batch.gone:
-                    item.running = False
-                    return
-                if self._stopping.is_set():
-                    item.running = False
-                    batch.fail(None)
-                    return
-                if self._walk_deadline is not None and time.monotonic() > self._walk_deadline:
-                    item.running = False
-                    batch.fail(None, cut=True)
-                    return
+            while True:
+                with changed:  # whether to go on, and closing if not, in one step: an
+                    # event joins only a lane that is not closed (see _lanes)
+                    if (
+                        lane.position >= len(lane.items)
+                        or lane.gone
+                        or (not lane.carried and (batch.stop.is_set() or tp in batch.gone))
+                    ):
+                        self._close(lane)
+                        return
+                    if self._stopping.is_set():
+                        self._close(lane)
+                        if lane.carried:  # its events stay held: read again after the restart
+                            self._release_claims(lane)
+                        else:
+                            batch.fail(None)
+                        return
+                    if (
+                        not lane.carried
+                        and self._walk_deadline is not None
+                        and time.monotonic() > self._walk_deadline
+                    ):
+                        self._close(lane)
+                        batch.fail(None, cut=True)
+                        return
+                    item = lane.items[lane.position]
+                    lane.position += 1
+                    item.running = True
                 try:
-                    decision = yield from self._walk_one(tp, item, staged)
+                    decision = yield from self._parking(lane, self._walk_one(tp, item, lane.staged))
                 except BaseException:
                     item.running = False  # undecided: its claim may go
                     raise
-                item.decision = decision
-                item.walked = True
-                item.running = False  # after the decision: a settle sees one or the other
+                with changed:
+                    item.decision = decision
+                    item.walked = True
+                    item.running = False  # after the decision: a settle sees one or the other
+                    if item.carried and self._held.get(tp, {}).get(item.offset) is item:
+                        self._carried_done.append((tp, item))  # written with the next batch
+                        self._held_open -= 1
+                    changed.notify_all()
                 if decision is Decision.HANDLED and item.staged:
-                    staged.update(item.staged)
+                    lane.staged.update(item.staged)
         except _Cut:
-            batch.fail(None, cut=True)
+            self._close(lane)
+            if lane.carried:
+                self._give_back(lane)
+            else:
+                batch.fail(None, cut=True)
         except _Stop as stop:
-            batch.fail(stop.__cause__)
+            self._close(lane)
+            if lane.gone:
+                pass  # revoked or lost: the revocation settles what it decided
+            elif lane.carried:
+                if stop.__cause__ is not None:
+                    self._carry_error = self._carry_error or stop.__cause__
+                    self._give_back(lane)
+                else:  # a stop: held, read again after the restart
+                    self._release_claims(lane)
+            else:
+                batch.fail(stop.__cause__)
         except Exception as bug:  # never lose it on a worker: the batch stops on it
+            self._close(lane)
             log.exception("walk_failed", partition=str(tp))
-            batch.fail(bug)
+            if lane.carried:
+                self._carry_error = self._carry_error or bug
+                self._give_back(lane)
+            else:
+                batch.fail(bug)
         except BaseException as crash:
-            batch.crash = crash
-            batch.stop.set()
+            self._close(lane)
+            if lane.carried:
+                self._carry_crash = crash
+            else:
+                batch.crash = crash
+                batch.stop.set()
         finally:
-            batch.lane_done(tp)
+            self._close(lane)
+
+    def _close(self, lane: _Lane) -> None:
+        """No event starts or joins ``lane`` any more (the lock is re-entrant). A carried
+        lane stays registered until its decisions are collected (see :meth:`_lanes`)."""
+        with self._lanes_changed:
+            lane.closed = True
+            self._lanes_changed.notify_all()
+
+    def _parking(self, lane: _Lane, steps: _Steps[Decision]) -> _Steps[Decision]:
+        """``steps``, with the lane marked parked while it waits out a backoff, and
+        every wait ended at once when its partition goes."""
+        reply: object = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.send(reply) if error is None else steps.throw(error)
+            except StopIteration as done:
+                return cast(Decision, done.value)
+            reply, error = None, None
+            if isinstance(step, _Wait):
+                self._set_parked(lane, step.park)
+                try:
+                    reply = yield _Wait(step.seconds, step.park, lambda: lane.gone)
+                finally:
+                    self._set_parked(lane, False)
+                continue
+            try:
+                reply = yield step
+            except BaseException as raised:
+                error = raised
+
+    def _abandon_carried(self) -> None:
+        """No carried lane starts another call (or waits out its backoff): the engine is
+        done with them. Their undecided events stay held, read again after a restart."""
+        with self._lanes_changed:
+            for lane in self._carried.values():
+                if not lane.closed:
+                    lane.gone = True
+                    self._release_claims(lane)
+            self._lanes_changed.notify_all()
+
+    def _release_claims(self, lane: _Lane) -> None:
+        """Claim mode: the claims of ``lane``'s events that end undecided, with no call
+        of theirs running, go with the next write."""
+        if not self.claims:
+            return
+        with self._lanes_changed:
+            held = self._held.get(lane.tp, {})
+            ids = [
+                item.event_id
+                for item in lane.items[max(0, lane.position - 1) :]
+                if not item.walked
+                and not item.running
+                and item.event_id is not None
+                and held.get(item.offset) is item
+            ]
+            if ids:
+                self._carry_released.setdefault(lane.tp, []).extend(ids)
+
+    def _set_parked(self, lane: _Lane, parked: bool) -> None:
+        with self._lanes_changed:
+            lane.parked = parked
+            self._lanes_changed.notify_all()
+
+    def _give_back(self, lane: _Lane, *, keep_running: bool = False) -> None:
+        """A carried lane stopped early: its undecided events are read again (but, with
+        ``keep_running``, one whose call still runs: it stays held)."""
+        with self._lanes_changed:
+            tp = lane.tp
+            held = self._held.get(tp, {})
+            ids = self._held_ids.get(tp, {})
+            self._release_claims(lane)
+            for item in lane.items[max(0, lane.position - 1) :]:
+                if item.walked or (keep_running and item.running):
+                    continue
+                if held.get(item.offset) is not item:
+                    continue
+                del held[item.offset]
+                self._held_open -= 1
+                self._given_back[tp] = min(self._given_back.get(tp, item.offset), item.offset)
+                if item.event_id is not None and ids.get(item.event_id, (None,))[0] == item.offset:
+                    del ids[item.event_id]
+                self._carry_rewind[tp] = min(self._carry_rewind.get(tp, item.offset), item.offset)
+                covered = self._covered.get(tp)
+                if covered is not None and covered >= item.offset:
+                    self._covered[tp] = item.offset - 1
+            self._lanes_changed.notify_all()
 
     def _settle(
         self, batch: _Batch, tps: Sequence[TopicPartition]
@@ -1220,28 +1548,19 @@ class Engine:
             stats = per_topic.setdefault(tp.topic, BatchStats())
             records: list[tuple[str, IdRecord]] = []
             effects: dict[bytes, bytes | None] = {}
-            current = self._watermarks.get(tp)
+            covered: int | None = None
             gap: int | None = None
             for item in batch.plan[tp]:
+                if item.carried:  # its carried lane decides it; it holds the watermark
+                    if gap is None:
+                        covered = item.offset
+                    continue
                 if item.running:  # abandoned by a revocation or a stop: undecided
                     if gap is None:
                         gap = item.offset
                     continue
                 if item.walked:
-                    decision = item.decision
-                    assert decision is not None and item.event_id is not None
-                    record = IdRecord(RECORDED_AS[decision], item.offset, batch.now_ms, item.digest)
-                    records.append((item.event_id, record))
-                    stats.uncertain += item.uncertain
-                    if decision is Decision.HANDLED:
-                        if item.staged:
-                            effects.update(item.staged)
-                        handled_ids.append(item.event_id)
-                    else:
-                        assert item.letter is not None
-                        reason = item.letter.reason
-                        stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
-                    stats.add(decision)
+                    _record(item, batch.now_ms, records, effects, stats, handled_ids)
                 elif gap is None and item.decision is not None and item.fail is None:
                     try:
                         self._walk_decided(item, stats)
@@ -1255,25 +1574,194 @@ class Engine:
                     if gap is None:
                         gap = item.offset
                     continue
-                if gap is None and (current is None or item.offset > current):  # never back
-                    write.watermarks[tp] = item.offset
+                if gap is None:
+                    covered = item.offset
             if records:
                 write.records[tp] = records
             if effects:
                 write.effects[tp] = list(effects.items())
+            if covered is not None:
+                self._covered[tp] = covered
+            self._cap_watermark(write, tp)
             if gap is not None:
                 rewind[tp] = gap
         # A call still running (a revocation that stopped waiting) keeps its claim: its
-        # effect may happen, and the next owner must find it uncertain, not unseen.
-        running = {i.event_id for tp in tps for i in batch.plan[tp] if i.running}
-        _release_undecided(_only(batch.claimed, tps), write, keep=running)
+        # effect may happen, and the next owner must find it uncertain, not unseen. So
+        # does an event of a carried lane: it is decided later.
+        keep = {i.event_id for tp in tps for i in batch.plan[tp] if i.running or i.carried}
+        _release_undecided(_only(batch.claimed, tps), write, keep=keep)
         return write, rewind, per_topic, handled_ids
+
+    def _cap_watermark(self, write: WriteSet, tp: TopicPartition) -> None:
+        """Set ``tp``'s watermark in ``write``: the end of the covered run, but before
+        the first event a carried lane still holds; never back."""
+        covered = self._covered.get(tp)
+        if covered is None:
+            return
+        with self._lanes_changed:
+            first = self._first_undecided(tp)
+        watermark = covered if first is None else min(covered, first - 1)
+        current = self._watermarks.get(tp)
+        if watermark >= 0 and (current is None or watermark > current):
+            write.watermarks[tp] = watermark
+
+    def _first_undecided(self, tp: TopicPartition) -> int | None:
+        """Under the lanes' lock: ``tp``'s first offset a carried lane holds or gave back."""
+        held = self._held.get(tp)
+        firsts = [min(held)] if held else []
+        given_back = self._given_back.get(tp)
+        if given_back is not None:
+            firsts.append(given_back)
+        return min(firsts) if firsts else None
+
+    def _still_held(self, lane: _Lane) -> bool:
+        """Under the lanes' lock: an event of ``lane`` is held (not written yet)."""
+        held = self._held.get(lane.tp, {})
+        return any(held.get(item.offset) is item for item in lane.items)
+
+    def _collect_carried(
+        self, now_ms: int, tps: Collection[TopicPartition] | None = None
+    ) -> _Pending | None:
+        """What carried lanes decided since the last write (of ``tps``, default: every
+        owned partition), as a write of its own, with where to read again from."""
+        with self._lanes_changed:
+            wanted = set(self._watermarks) if tps is None else set(tps)
+            done = [(tp, item) for tp, item in self._carried_done if tp in wanted]
+            rewind = {tp: o for tp, o in self._carry_rewind.items() if tp in wanted}
+            released = {tp: ids for tp, ids in self._carry_released.items() if tp in wanted}
+            for tp in released:
+                del self._carry_released[tp]
+            error, self._carry_error = self._carry_error, None
+            self._carried_done = [(tp, i) for tp, i in self._carried_done if tp not in wanted]
+            for tp in rewind:
+                del self._carry_rewind[tp]
+            for tp, item in done:
+                self._held.get(tp, {}).pop(item.offset, None)
+                ids = self._held_ids.get(tp, {})
+                if item.event_id is not None and ids.get(item.event_id, (-1,))[0] == item.offset:
+                    del ids[item.event_id]
+            for key, lane in list(self._carried.items()):
+                if lane.closed and not self._still_held(lane):
+                    del self._carried[key]
+            if not done and not rewind and not released and error is None:
+                return None
+        write = WriteSet()
+        plan: dict[TopicPartition, list[_Item]] = {}
+        per_topic: dict[str, BatchStats] = {}
+        handled_ids: list[str] = []
+        for tp, item in done:
+            plan.setdefault(tp, []).append(item)
+        for tp, items in plan.items():
+            items.sort(key=lambda i: i.offset)
+            records: list[tuple[str, IdRecord]] = []
+            effects: dict[bytes, bytes | None] = {}
+            stats = per_topic.setdefault(tp.topic, BatchStats())
+            for item in items:
+                _record(item, now_ms, records, effects, stats, handled_ids)
+            write.records[tp] = records
+            if effects:
+                write.effects[tp] = list(effects.items())
+        for tp, claims in released.items():
+            decided = {event_id for event_id, _ in write.records.get(tp, [])}
+            write.released[tp] = [i for i in claims if i not in decided]
+        for tp in set(plan) | set(rewind):
+            self._cap_watermark(write, tp)
+        return _Pending(
+            write, plan, WriteSet(), per_topic, handled_ids, rewind, error, time.monotonic()
+        )
+
+    def _release_carried(
+        self, tps: Sequence[TopicPartition], *, lost: bool
+    ) -> dict[TopicPartition, int]:
+        """Carried lanes of partitions that go: none starts another event, and a backoff
+        ends at once. Revoked: their running calls are waited for (bounded), what they
+        decided is persisted now; lost: dropped. Returns the offsets to commit."""
+        gone = set(tps)
+        with self._lanes_changed:
+            lanes = [lane for lane in self._carried.values() if lane.tp in gone]
+            for lane in lanes:
+                lane.gone = True
+            self._lanes_changed.notify_all()
+            carrying = bool(lanes) or any(
+                self._held.get(tp) or self._carry_released.get(tp) for tp in gone
+            )
+        commits: dict[TopicPartition, int] = {}
+        if carrying and not lost:
+            with self._lanes_changed:
+                closed = self._lanes_changed.wait_for(
+                    lambda: all(lane.closed for lane in lanes),
+                    self.walk_budget_s or _REVOKE_WAIT_S,
+                )
+            if not closed:
+                log.warning(
+                    "revoked_with_calls_running",
+                    partitions=sorted(str(tp) for tp in gone),
+                    running=sum(1 for lane in lanes if not lane.closed),
+                    consequence="their events are left undecided: the new owner handles them "
+                    "again if they complete here (plain mode) or finds their claims (claim mode)",
+                )
+            commits = self._persist_carried(gone)
+        with self._lanes_changed:
+            for key in [key for key, lane in self._carried.items() if lane.tp in gone]:
+                del self._carried[key]
+            for tp in gone:
+                held = self._held.pop(tp, {})
+                self._held_open -= sum(1 for item in held.values() if not item.walked)
+                self._held_ids.pop(tp, None)
+                self._covered.pop(tp, None)
+                self._carry_rewind.pop(tp, None)
+                self._given_back.pop(tp, None)
+                self._carry_released.pop(tp, None)
+            self._carried_done = [(tp, i) for tp, i in self._carried_done if tp not in gone]
+        return commits
+
+    def _persist_carried(self, tps: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """In a revocation: persist what the carried lanes of ``tps`` decided; an event
+        still undecided keeps its claim only while its call runs."""
+        pending = self._collect_carried(int(self.clock() * 1000), tps)
+        write = pending.write if pending is not None else WriteSet()
+        if self.claims:
+            with self._lanes_changed:
+                for tp in tps:
+                    undecided = [
+                        item.event_id
+                        for item in self._held.get(tp, {}).values()
+                        if not item.walked and not item.running and item.event_id is not None
+                    ]
+                    if undecided:
+                        write.released.setdefault(tp, []).extend(undecided)
+        if not write:
+            return {}
+        try:
+            committed = self._persist(write, live=True)
+        except NotOwnerError as fenced:
+            log.warning("changelog_fenced", error=str(fenced), during="revocation")
+            return {}
+        except Exception as failed:  # never out of a rebalance callback
+            log.error("revocation_persist_failed", error=f"{type(failed).__name__}: {failed}")
+            return {}
+        if pending is not None:
+            total = BatchStats()
+            for topic, stats in pending.per_topic.items():
+                self.metrics.record(topic, stats)
+                total.merge(stats)
+            self._drained.append(BatchResult(total, {}, None, pending.handled_ids, {}))
+        return {
+            tp: offset + 1
+            for tp, offset in write.watermarks.items()
+            if committed.get(tp) != offset + 1
+        }
 
     def _settle_revoked(
         self, batch: _Batch, tps: list[TopicPartition], *, lost: bool
     ) -> dict[TopicPartition, int]:
         """A rebalance took ``tps`` during the walk: settle them now, before they go."""
-        batch.gone.update(tps)
+        with self._lanes_changed:  # a lane checks these under the lock before each event
+            batch.gone.update(tps)
+            for lane in batch.lanes:
+                if lane.tp in batch.gone:
+                    lane.gone = True  # and a backoff of it ends at once
+            self._lanes_changed.notify_all()
         if lost:
             log.warning(
                 "lost_during_walk",
@@ -1286,7 +1774,7 @@ class Engine:
             log.warning(
                 "revoked_with_calls_running",
                 partitions=[str(tp) for tp in tps],
-                running=sum(batch.lanes.get(tp, 0) for tp in tps),
+                running=batch.running(tps),
                 consequence="their events are left undecided: the new owner handles them "
                 "again if they complete here (plain mode) or finds their claims (claim mode)",
             )
@@ -1552,10 +2040,11 @@ class Engine:
                         )
                     )
                 self.metrics.handler_retries.labels(tp.topic).inc()
-                delay = min(
-                    processing.retry_backoff.total_seconds() * 2 ** (attempt - 1),
-                    processing.retry_backoff_max.total_seconds(),
-                )
+                delay = processing.retry_backoff.total_seconds() * 2 ** (attempt - 1)
+                asked = failure.retry_after if isinstance(failure, RetryableError) else None
+                if isinstance(asked, int | float) and asked > delay:  # the downstream's
+                    delay = float(asked)  # wish (NaN and negatives are no wish)
+                delay = min(delay, processing.retry_backoff_max.total_seconds())
                 log.warning(
                     f"{what}_retry",
                     event_id=event.id,
@@ -1566,7 +2055,7 @@ class Engine:
                     error=f"{type(failure).__name__}: {failure}",
                     retry_in_s=delay,
                 )
-                if (yield _Wait(delay)):
+                if (yield _Wait(delay, park=True)):
                     raise _Stop from None
             else:
                 return _Called(result, effects.staged)
@@ -1642,7 +2131,12 @@ class Engine:
         group generation of the whole commit, which is what fences a zombie.
         ``safe``: the safe offsets when the write was handed over (default ``_next``).
         """
-        safe = self._next if safe is None else safe
+        safe = dict(self._next if safe is None else safe)
+        with self._lanes_changed:  # never past an event a carried lane holds or gave back
+            for tp, offset in safe.items():
+                first = self._first_undecided(tp)
+                if first is not None and first < offset:
+                    safe[tp] = first
         offsets = {tp: o for tp, o in safe.items() if tp in write.partitions()}
         offsets.update({tp: o + 1 for tp, o in write.watermarks.items()})
         if not offsets and safe:
@@ -1658,6 +2152,32 @@ def _refuse_coroutines(handler: Handler) -> None:
             f"{type(handler).__name__}.parse is `async def`: parse must be plain `def` "
             "(handle, reconcile, setup and teardown may be async)"
         )
+
+
+def _record(
+    item: _Item,
+    now_ms: int,
+    records: list[tuple[str, IdRecord]],
+    effects: dict[bytes, bytes | None],
+    stats: BatchStats,
+    handled_ids: list[str],
+) -> None:
+    """An event the walk decided: its ID record, what it staged, how it counts."""
+    decision = item.decision
+    assert decision is not None and item.event_id is not None
+    records.append(
+        (item.event_id, IdRecord(RECORDED_AS[decision], item.offset, now_ms, item.digest))
+    )
+    stats.uncertain += item.uncertain
+    if decision is Decision.HANDLED:
+        if item.staged:
+            effects.update(item.staged)
+        handled_ids.append(item.event_id)
+    else:
+        assert item.letter is not None
+        reason = item.letter.reason
+        stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
+    stats.add(decision)
 
 
 def _only(write: WriteSet, tps: Sequence[TopicPartition]) -> WriteSet:
@@ -1685,20 +2205,6 @@ class _Orphan:
 def _part(write: WriteSet, tp: TopicPartition) -> WriteSet:
     """The share of ``write`` that belongs to ``tp``."""
     return _only(write, [tp])
-
-
-def _undecided(
-    plan: dict[TopicPartition, list[_Item]], write: WriteSet
-) -> dict[TopicPartition, int]:
-    """The first offset of each partition that the walk did not decide."""
-    rewind: dict[TopicPartition, int] = {}
-    for tp, items in plan.items():
-        last = write.watermarks.get(tp)
-        if last is None:
-            rewind[tp] = items[0].offset
-        elif last < items[-1].offset:
-            rewind[tp] = last + 1
-    return rewind
 
 
 def _release_undecided(
@@ -1748,7 +2254,7 @@ def _cut_before(
         # Below the first lost letter, and never above the settled prefix (a gap of
         # undecided events may lie below the letter: a stop, a cut, a revocation).
         last = min(offset - 1, write.watermarks.get(tp, offset - 1))
-        if tp in write.watermarks and items and last >= items[0].offset:
+        if tp in write.watermarks and items and last >= min(i.offset for i in items):
             if current is None or last > current:
                 write.watermarks[tp] = last
             else:
@@ -1874,9 +2380,12 @@ class _Call:
 @dataclass(frozen=True)
 class _Wait:
     """A lane's step: wait ``seconds`` (a backoff, a lease); the driver sends back True
-    when the consumer is stopping (the wait ends at once then)."""
+    when the consumer is stopping or ``cancelled()`` says so (the wait ends then)."""
 
     seconds: float
+    park: bool = False
+    """A retry's backoff: the lane's batch need not wait for it (see :class:`_Lane`)."""
+    cancelled: Callable[[], bool] | None = None
 
 
 _R = TypeVar("_R")
@@ -1896,7 +2405,7 @@ def _drive(steps: _Steps[_R], stopping: threading.Event, pool: HandlerPool) -> _
             return cast(_R, done.value)
         reply, error = None, None
         if isinstance(step, _Wait):
-            reply = stopping.wait(step.seconds)
+            reply = _wait_unless(stopping, step)
             continue
         try:
             reply = pool.call(step.fn, step.event)
@@ -1920,7 +2429,7 @@ async def _drive_async(steps: _Steps[_R], stopping: threading.Event, pool: Handl
             return cast(_R, done.value)
         reply, error = None, None
         if isinstance(step, _Wait):
-            reply = await _sleep_unless(stopping, step.seconds)
+            reply = await _sleep_unless(stopping, step.seconds, step.cancelled)
             continue
         try:
             if inspect.iscoroutinefunction(step.fn):
@@ -1943,10 +2452,28 @@ async def _drive_async(steps: _Steps[_R], stopping: threading.Event, pool: Handl
             error = raised
 
 
-async def _sleep_unless(stopping: threading.Event, seconds: float) -> bool:
-    """Sleep ``seconds``; True (at once, or within 50 ms) when the consumer is stopping."""
+def _wait_unless(stopping: threading.Event, wait: _Wait) -> bool:
+    """Block for ``wait.seconds``; True (at once, or within 50 ms) when the consumer is
+    stopping or the wait is cancelled."""
+    if wait.cancelled is None:
+        return stopping.wait(wait.seconds)
+    deadline = time.monotonic() + wait.seconds
+    while not wait.cancelled():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if stopping.wait(min(left, 0.05)):
+            return True
+    return True
+
+
+async def _sleep_unless(
+    stopping: threading.Event, seconds: float, cancelled: Callable[[], bool] | None = None
+) -> bool:
+    """Sleep ``seconds``; True (at once, or within 50 ms) when the consumer is stopping
+    or ``cancelled()`` says so."""
     deadline = time.monotonic() + seconds
-    while not stopping.is_set():
+    while not stopping.is_set() and not (cancelled is not None and cancelled()):
         left = deadline - time.monotonic()
         if left <= 0:
             return False

@@ -89,7 +89,17 @@ class HandlerError(DedupeError):
 
 
 class RetryableError(HandlerError):
-    """A transient failure: the engine retries the event with backoff."""
+    """A transient failure: the engine retries the event with backoff.
+
+    ``retry_after``: seconds the downstream asked to wait (an HTTP ``Retry-After``,
+    a rate limiter's hint). The next attempt waits at least that long, up to
+    ``processing.retry_backoff_max``; like every backoff, the wait holds only the
+    event's key and ends at once on a stop or a revocation.
+    """
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class PermanentError(HandlerError):

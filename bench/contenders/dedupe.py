@@ -31,6 +31,7 @@ import asyncio
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -70,6 +71,17 @@ class CountingSleep(CountingNoOp):
         super().handle(event)
 
 
+class FlakySleep(CountingSleep):
+    """:class:`CountingSleep` whose first attempt fails for one event in 20 (by ID):
+    a downstream that answers 503 now and then. Only successes count."""
+
+    def handle(self, event: Event) -> None:
+        time.sleep(self.sleep_s)
+        if event.attempt == 1 and zlib.crc32(event.id.encode()) % 20 == 0:
+            raise RuntimeError("503 from downstream: try again")
+        CountingNoOp.handle(self, event)
+
+
 class CountingAsyncSleep(Handler):
     """Awaits ``asyncio.sleep(sleep_s)`` per call: an ``async def`` handler on I/O.
 
@@ -90,6 +102,8 @@ def make_handler(kind: str, sleep_ms: float) -> CountingNoOp | CountingAsyncSlee
         return CountingNoOp()
     if kind == "sleep":
         return CountingSleep(sleep_ms / 1000)
+    if kind == "flaky-sleep":
+        return FlakySleep(sleep_ms / 1000)
     return CountingAsyncSleep(sleep_ms / 1000)
 
 
@@ -186,7 +200,9 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--mode", choices=["plain", "claim"], default="plain")
     parser.add_argument("--changelog", choices=["true", "false"], default="true")
-    parser.add_argument("--handler", choices=["noop", "sleep", "async-sleep"], default="noop")
+    parser.add_argument(
+        "--handler", choices=["noop", "sleep", "flaky-sleep", "async-sleep"], default="noop"
+    )
     parser.add_argument("--sleep-ms", type=float, default=2.0, help="per call, sleep handlers")
     parser.add_argument(
         "--concurrency", type=int, help="processing.concurrency, if the engine has it"

@@ -21,19 +21,16 @@ one aiohttp session. One call to
   order is kept; other keys go on meanwhile. The engine's wait ends at once on
   SIGTERM, and then only the events decided so far are persisted and committed.
 
-A ``Retry-After`` answer is honoured up to ``retry_backoff_max``: the part of
-it that exceeds the engine's next backoff is awaited here, on an
-:class:`asyncio.Event` that :meth:`interrupt` sets from any thread, so a stop
-request never waits for it and the wait holds only its own call.
+A ``Retry-After`` answer is honoured up to ``retry_backoff_max``: it goes to
+the engine as :attr:`RetryableError.retry_after`, which waits it out like any
+backoff (holding only the event's key, ended at once by a stop or a revocation).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import ssl
-import threading
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -113,11 +110,6 @@ class HttpForwardHandler(Handler):
         self.metrics = metrics or SidecarMetrics(CollectorRegistry())
         self.connections = connections
         self._session: aiohttp.ClientSession | None = None
-        self._stopping = threading.Event()
-        """Set by :meth:`interrupt` (any thread); read before a ``Retry-After`` wait."""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        """Set on :attr:`_loop` when :meth:`interrupt` is called: ends every wait at once."""
 
     async def setup(self) -> None:  # type: ignore[override]
         """The session for the whole run, on the engine's event loop.
@@ -126,10 +118,6 @@ class HttpForwardHandler(Handler):
         ``HTTP_PROXY`` must not send events through a proxy. TLS verifies
         against the system's trust store.
         """
-        self._wake = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        if self._stopping.is_set():  # interrupted before the loop was known
-            self._wake.set()
         timeout = self.settings.timeout.total_seconds()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
@@ -148,17 +136,8 @@ class HttpForwardHandler(Handler):
 
     async def teardown(self) -> None:  # type: ignore[override]
         session, self._session = self._session, None
-        self._loop = None
         if session is not None:
             await session.close()
-
-    def interrupt(self) -> None:
-        """End every ``Retry-After`` wait now (the consumer is stopping); any thread."""
-        self._stopping.set()
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(wake.set)
 
     async def handle(self, event: Event) -> None:  # type: ignore[override]
         """One attempt; see the module docstring."""
@@ -202,30 +181,7 @@ class HttpForwardHandler(Handler):
             return
         if self.settings.is_permanent(status):
             raise PermanentError(message)
-        if retry_after is not None and event.attempt <= self.settings.max_retries:
-            await self._wait_retry_after(event, retry_after)
-        raise RetryableError(message)
-
-    async def _wait_retry_after(self, event: Event, retry_after: float) -> None:
-        """Make the pause before the next attempt ``min(Retry-After, retry_backoff_max)``."""
-        wanted = min(retry_after, self.settings.retry_backoff_max.total_seconds())
-        extra = wanted - self.settings.backoff_s(event.attempt)  # the engine waits the rest
-        if extra <= 0 or self._stopping.is_set():
-            return
-        log.info(
-            "retry_after",
-            event_id=event.id,
-            topic=event.topic,
-            partition=event.partition,
-            offset=event.offset,
-            retry_after_s=retry_after,
-            waiting_s=round(wanted, 3),
-        )
-        wake = self._wake
-        if wake is None:  # not set up: nothing can interrupt, so do not wait
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), extra)
+        raise RetryableError(message, retry_after=retry_after)
 
     def _observe(self, status: str, started: float) -> None:
         self.metrics.requests.labels(status).inc()

@@ -111,8 +111,6 @@ class Sidecar:
         self.consumer.on_assign(self._gained)  # after the restore: ready means "deciding"
         self.consumer.on_revoke(self._gone)
         self.consumer.on_lost(self._gone)
-        # After the engine's stop event is set: a woken handler must see it set.
-        self.consumer.on_stop(self.handler.interrupt)
         self.broker = BrokerCheck(settings.kafka.connection())
         try:
             self.health = HealthServer(

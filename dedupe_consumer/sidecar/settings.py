@@ -203,13 +203,6 @@ class SidecarSettings(BaseModel):
             status, self.retryable_statuses
         )
 
-    def backoff_s(self, attempt: int) -> float:
-        """The engine's delay after failed ``attempt`` (same formula as ``Engine._handle``)."""
-        return min(
-            self.retry_backoff.total_seconds() * 2.0 ** (attempt - 1),
-            self.retry_backoff_max.total_seconds(),
-        )
-
 
 SIDECAR_CONCURRENCY = 32
 """``processing.concurrency`` in sidecar mode when no setting gives it.

@@ -70,9 +70,13 @@ def start_consumer(
     handler: str = APPEND_HANDLER,
     fault: str | None = None,
     after: int = 1,
+    flaky: int = 0,
 ) -> subprocess.Popen[bytes]:
-    """``python -m dedupe_consumer run``; stderr appends to ``consumer.log`` beside the config."""
-    env = {**os.environ, "DEDUPE_TEST_EFFECTS": str(effects)}
+    """``python -m dedupe_consumer run``; stderr appends to ``consumer.log`` beside the config.
+
+    ``flaky``: the first attempt of one event in ``flaky`` fails (see
+    ``tests.faults.handlers.fail_first_attempt``)."""
+    env = {**os.environ, "DEDUPE_TEST_EFFECTS": str(effects), "DEDUPE_TEST_FLAKY": str(flaky)}
     env.pop("DEDUPE_FAULT_POINT", None)
     if fault is not None:
         env["DEDUPE_FAULT_POINT"] = fault

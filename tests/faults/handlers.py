@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import zlib
 
 from dedupe_consumer import Event, Handler
+
+
+def fail_first_attempt(event: Event) -> None:
+    """With ``DEDUPE_TEST_FLAKY=n``, the first attempt of one event in ``n`` (by ID)
+    fails before any effect: its retry waits out a backoff, so its lane is carried."""
+    every = int(os.environ.get("DEDUPE_TEST_FLAKY", "0"))
+    if every and event.attempt == 1 and zlib.crc32(event.id.encode()) % every == 0:
+        raise RuntimeError("flaky downstream: try again")
 
 
 class AppendHandler(Handler):
@@ -21,6 +30,7 @@ class AppendHandler(Handler):
         )
 
     def handle(self, event: Event) -> None:
+        fail_first_attempt(event)
         os.write(self._fd, f"{event.id}\n".encode())
 
     def teardown(self) -> None:
@@ -48,6 +58,7 @@ class LedgerHandler(Handler):
         )
 
     def handle(self, event: Event) -> None:
+        fail_first_attempt(event)
         key = b"count:" + event.id.encode()
         event.stage(key, str(int(event.staged(key) or b"0") + 1))
         os.write(self._fd, f"{event.id}\n".encode())  # calls, not effects

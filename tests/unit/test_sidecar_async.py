@@ -138,58 +138,24 @@ def test_calls_are_in_flight_together_on_one_loop_up_to_the_connections(
     assert handler.metrics.requests.labels("200")._value.get() == 8
 
 
-def test_a_retry_after_wait_holds_only_its_own_call_and_interrupt_ends_it(
+def test_a_retry_after_answer_goes_to_the_engine_as_the_wait_it_asks_for(
     endpoints: Callable[[Answer], Endpoint],
 ) -> None:
-    """e-slow gets 503 + Retry-After: 3600 (capped at 600 s); e-fast is delivered meanwhile;
-    ``interrupt`` from another thread (the consumer's stop hook) ends the wait at once."""
-    target = endpoints(lambda key: (503, {"Retry-After": "3600"}) if key == "e-slow" else (200, {}))
-    handler = handler_for(target.url, connections=4, retry_backoff="10ms", retry_backoff_max="600s")
-    order: list[str] = []
-
-    async def run() -> None:
-        await handler.setup()
-        try:
-
-            async def slow() -> None:
-                with pytest.raises(RetryableError, match="HTTP 503"):
-                    await handler.handle(event("e-slow"))
-                order.append("e-slow ended")
-
-            async def fast() -> None:
-                while "e-slow" not in target.arrived():  # e-slow is answered, then waits
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0.05)
-                await handler.handle(event("e-fast"))
-                order.append("e-fast delivered")
-                # The stop hook runs on another thread than the loop.
-                threading.Thread(target=handler.interrupt).start()
-
-            await asyncio.wait_for(asyncio.gather(slow(), fast()), GUARD_S)
-        finally:
-            await handler.teardown()
-
-    asyncio.run(run())
-    assert order == ["e-fast delivered", "e-slow ended"]
-    assert target.arrived() == ["e-slow", "e-fast"]
-
-
-def test_interrupted_before_setup_never_waits_for_retry_after(
-    endpoints: Callable[[Answer], Endpoint],
-) -> None:
-    target = endpoints(lambda key: (429, {"Retry-After": "3600"}))
+    """503 + Retry-After: the handler does not wait itself; the engine's backoff does
+    (capped at retry_backoff_max, holding only the key, ended by a stop)."""
+    target = endpoints(lambda key: (503, {"Retry-After": "3600"}))
     handler = handler_for(target.url, retry_backoff_max="600s")
-    handler.interrupt()  # a stop request before the loop runs: no loop to wake yet
 
-    async def run() -> None:
+    async def run() -> RetryableError:
         await handler.setup()
         try:
-            with pytest.raises(RetryableError, match="HTTP 429"):
+            with pytest.raises(RetryableError, match="HTTP 503") as raised:
                 await asyncio.wait_for(handler.handle(event("e-1")), GUARD_S)
+            return raised.value
         finally:
             await handler.teardown()
 
-    asyncio.run(run())
+    assert asyncio.run(run()).retry_after == 3600
     assert target.arrived() == ["e-1"]
 
 
