@@ -1343,14 +1343,21 @@ class Engine:
 
     def _run_lane(self, batch: _Batch, lane: _Lane) -> None:
         """On a worker: decide the lane's events in order until done or told to stop."""
-        _drive(self._lane(batch, lane), self._stopping, self._pool)
+        _drive(self._lane(batch, lane), self._stopping, self._pool, self._waiting(lane))
 
     async def _run_lane_async(self, batch: _Batch, lane: _Lane) -> None:
         """On the event loop (an ``async def`` handler): the same lane, its calls awaited
         here instead of by a worker thread blocked on each."""
         limit = self._pool.lane_slots()
         async with limit:
-            await _drive_async(self._lane(batch, lane), self._stopping, self._pool)
+            await _drive_async(
+                self._lane(batch, lane), self._stopping, self._pool, self._waiting(lane)
+            )
+
+    def _waiting(self, lane: _Lane) -> _Waiting:
+        """How ``lane``'s waits are seen: parked during a backoff (its batch need not wait
+        for it), ended at once when its partition goes."""
+        return _Waiting(partial(self._set_parked, lane), lambda: lane.gone)
 
     def _lane(self, batch: _Batch, lane: _Lane) -> _Steps[None]:
         """Decide the lane's events in order until done or told to stop; yields where it
@@ -1392,7 +1399,7 @@ class Engine:
                     lane.position += 1
                     item.running = True
                 try:
-                    decision = yield from self._parking(lane, self._walk_one(tp, item, lane.staged))
+                    decision = yield from self._walk_one(tp, item, lane.staged)
                 except BaseException:
                     item.running = False  # undecided: its claim may go
                     raise
@@ -1403,7 +1410,9 @@ class Engine:
                     if item.carried and self._held.get(tp, {}).get(item.offset) is item:
                         self._carried_done.append((tp, item))  # written with the next batch
                         self._held_open -= 1
-                    changed.notify_all()
+                        changed.notify_all()  # a walk may wait for the bound
+                    # (no wake-up per decision otherwise: waiters wait for lanes to close
+                    # or park, and a wake-up per event costs the consuming thread the GIL)
                 if decision is Decision.HANDLED and item.staged:
                     lane.staged.update(item.staged)
         except _Cut:
@@ -1448,29 +1457,6 @@ class Engine:
         with self._lanes_changed:
             lane.closed = True
             self._lanes_changed.notify_all()
-
-    def _parking(self, lane: _Lane, steps: _Steps[Decision]) -> _Steps[Decision]:
-        """``steps``, with the lane marked parked while it waits out a backoff, and
-        every wait ended at once when its partition goes."""
-        reply: object = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = steps.send(reply) if error is None else steps.throw(error)
-            except StopIteration as done:
-                return cast(Decision, done.value)
-            reply, error = None, None
-            if isinstance(step, _Wait):
-                self._set_parked(lane, step.park)
-                try:
-                    reply = yield _Wait(step.seconds, step.park, lambda: lane.gone)
-                finally:
-                    self._set_parked(lane, False)
-                continue
-            try:
-                reply = yield step
-            except BaseException as raised:
-                error = raised
 
     def _abandon_carried(self) -> None:
         """No carried lane starts another call (or waits out its backoff): the engine is
@@ -2380,12 +2366,21 @@ class _Call:
 @dataclass(frozen=True)
 class _Wait:
     """A lane's step: wait ``seconds`` (a backoff, a lease); the driver sends back True
-    when the consumer is stopping or ``cancelled()`` says so (the wait ends then)."""
+    when the consumer is stopping or the lane's partition went (the wait ends then)."""
 
     seconds: float
     park: bool = False
     """A retry's backoff: the lane's batch need not wait for it (see :class:`_Lane`)."""
-    cancelled: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """What a driver tells about a lane's waits, and asks."""
+
+    parked: Callable[[bool], None]
+    """Told True while a ``park`` wait runs, then False."""
+    cancelled: Callable[[], bool]
+    """True once the lane's partition went: the wait ends."""
 
 
 _R = TypeVar("_R")
@@ -2393,7 +2388,9 @@ _Steps = Generator[_Call | _Wait, object, _R]
 """A lane's work: one code path, driven by a worker thread or by the event loop."""
 
 
-def _drive(steps: _Steps[_R], stopping: threading.Event, pool: HandlerPool) -> _R:
+def _drive(
+    steps: _Steps[_R], stopping: threading.Event, pool: HandlerPool, waiting: _Waiting
+) -> _R:
     """Run ``steps`` on this thread: calls made here (an awaitable awaited on the loop),
     waits on ``stopping``."""
     reply: object = None
@@ -2405,7 +2402,13 @@ def _drive(steps: _Steps[_R], stopping: threading.Event, pool: HandlerPool) -> _
             return cast(_R, done.value)
         reply, error = None, None
         if isinstance(step, _Wait):
-            reply = _wait_unless(stopping, step)
+            if step.park:
+                waiting.parked(True)
+            try:
+                reply = _wait_unless(stopping, step.seconds, waiting.cancelled)
+            finally:
+                if step.park:
+                    waiting.parked(False)
             continue
         try:
             reply = pool.call(step.fn, step.event)
@@ -2417,7 +2420,9 @@ async def _coroutine(awaitable: Awaitable[object]) -> object:
     return await awaitable
 
 
-async def _drive_async(steps: _Steps[_R], stopping: threading.Event, pool: HandlerPool) -> _R:
+async def _drive_async(
+    steps: _Steps[_R], stopping: threading.Event, pool: HandlerPool, waiting: _Waiting
+) -> _R:
     """Run ``steps`` on the event loop: coroutine calls awaited here, plain ones on a
     thread (never blocking the loop), waits as sleeps that end when stopping."""
     reply: object = None
@@ -2429,7 +2434,13 @@ async def _drive_async(steps: _Steps[_R], stopping: threading.Event, pool: Handl
             return cast(_R, done.value)
         reply, error = None, None
         if isinstance(step, _Wait):
-            reply = await _sleep_unless(stopping, step.seconds, step.cancelled)
+            if step.park:
+                waiting.parked(True)
+            try:
+                reply = await _sleep_unless(stopping, step.seconds, waiting.cancelled)
+            finally:
+                if step.park:
+                    waiting.parked(False)
             continue
         try:
             if inspect.iscoroutinefunction(step.fn):
@@ -2452,13 +2463,11 @@ async def _drive_async(steps: _Steps[_R], stopping: threading.Event, pool: Handl
             error = raised
 
 
-def _wait_unless(stopping: threading.Event, wait: _Wait) -> bool:
-    """Block for ``wait.seconds``; True (at once, or within 50 ms) when the consumer is
-    stopping or the wait is cancelled."""
-    if wait.cancelled is None:
-        return stopping.wait(wait.seconds)
-    deadline = time.monotonic() + wait.seconds
-    while not wait.cancelled():
+def _wait_unless(stopping: threading.Event, seconds: float, cancelled: Callable[[], bool]) -> bool:
+    """Block for ``seconds``; True (at once, or within 50 ms) when the consumer is
+    stopping or ``cancelled()`` says so."""
+    deadline = time.monotonic() + seconds
+    while not cancelled():
         left = deadline - time.monotonic()
         if left <= 0:
             return False
@@ -2468,12 +2477,12 @@ def _wait_unless(stopping: threading.Event, wait: _Wait) -> bool:
 
 
 async def _sleep_unless(
-    stopping: threading.Event, seconds: float, cancelled: Callable[[], bool] | None = None
+    stopping: threading.Event, seconds: float, cancelled: Callable[[], bool]
 ) -> bool:
     """Sleep ``seconds``; True (at once, or within 50 ms) when the consumer is stopping
     or ``cancelled()`` says so."""
     deadline = time.monotonic() + seconds
-    while not stopping.is_set() and not (cancelled is not None and cancelled()):
+    while not stopping.is_set() and not cancelled():
         left = deadline - time.monotonic()
         if left <= 0:
             return False
