@@ -1716,15 +1716,8 @@ class Engine:
                     ]
                     if undecided:
                         write.released.setdefault(tp, []).extend(undecided)
-        if not write:
-            return {}
-        try:
-            committed = self._persist(write, live=True)
-        except NotOwnerError as fenced:
-            log.warning("changelog_fenced", error=str(fenced), during="revocation")
-            return {}
-        except Exception as failed:  # never out of a rebalance callback
-            log.error("revocation_persist_failed", error=f"{type(failed).__name__}: {failed}")
+        committed = self._persist_in_revocation(write)
+        if committed is None:
             return {}
         if pending is not None:
             total = BatchStats()
@@ -1737,6 +1730,20 @@ class Engine:
             for tp, offset in write.watermarks.items()
             if committed.get(tp) != offset + 1
         }
+
+    def _persist_in_revocation(self, write: WriteSet) -> dict[TopicPartition, int] | None:
+        """Persist ``write`` in a revoke callback (the group metadata of now); the offsets
+        its transaction committed, or None when nothing was made durable."""
+        if not write:
+            return None
+        try:
+            return self._persist(write, live=True)
+        except NotOwnerError as fenced:
+            log.warning("changelog_fenced", error=str(fenced), during="revocation")
+        except Exception as failed:  # a lost dead letter, a store error: never out of a
+            # rebalance callback. Nothing of it is durable: the next owner reads it again.
+            log.error("revocation_persist_failed", error=f"{type(failed).__name__}: {failed}")
+        return None
 
     def _settle_revoked(
         self, batch: _Batch, tps: list[TopicPartition], *, lost: bool
@@ -1765,16 +1772,8 @@ class Engine:
                 "again if they complete here (plain mode) or finds their claims (claim mode)",
             )
         write, _, per_topic, handled_ids = self._settle(batch, tps)
-        if not write:
-            return {}
-        try:
-            committed = self._persist(write, live=True)
-        except NotOwnerError as fenced:
-            log.warning("changelog_fenced", error=str(fenced), during="revocation")
-            return {}
-        except Exception as failed:  # a lost dead letter, a store error: never out of a
-            # rebalance callback. Nothing of it is durable: the next owner reads it again.
-            log.error("revocation_persist_failed", error=f"{type(failed).__name__}: {failed}")
+        committed = self._persist_in_revocation(write)
+        if committed is None:
             return {}
         for topic, stats in per_topic.items():
             batch.revoked_stats.setdefault(topic, BatchStats()).merge(stats)

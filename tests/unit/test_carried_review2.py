@@ -5,37 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from dedupe_consumer import Event, Handler
-from dedupe_consumer.errors import DeadLetterError
+from dedupe_consumer import Event
 
 from .changelog_rig import TP0, RecordingChangelog
 from .conftest import rec
 from .test_carried_lanes import FlakyKey, engine, first_batch
+from .test_carried_review import AlwaysFailsSlow, UnsendableLetters
 from .test_fenced_batches import FencingChangelog
-
-
-class AlwaysFailsSlow(Handler):
-    """Every attempt of key ``b"slow"`` fails (its retries run out: a dead letter)."""
-
-    def __init__(self) -> None:
-        self.succeeded: list[str] = []
-        self.lock = threading.Lock()
-
-    def handle(self, event: Event) -> None:
-        if event.key == b"slow":
-            raise RuntimeError("the payment API answered 503")
-        with self.lock:
-            self.succeeded.append(event.id)
-
-
-class UnsendableLetters:
-    def send(self, message: Any, letter: Any) -> None:
-        raise DeadLetterError("dead-letter topic unavailable")
-
-    def flush(self) -> None:
-        pass
 
 
 class FlakyOnce(FlakyKey):
