@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,27 @@ class CrashOnRetry(FlakyKey):
         super().handle(event)
 
 
+def bounded(e: Engine, call: Callable[[], object]) -> tuple[object, bool]:
+    """``call()`` on a thread: (what it returned or raised, whether it hung). A hung
+    call is freed by a stop (the walk ends after ``walk_budget_s``)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as raised:
+            outcome.append(raised)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(5)
+    hung = worker.is_alive()
+    if hung:
+        e.request_stop()
+        worker.join(10)
+    return (outcome[0] if outcome else None), hung
+
+
 def test_a_crash_in_a_carried_lane_does_not_hang_the_next_batch(tmp_path: Path) -> None:
     """max_unpersisted=1; s1 and s2 (key slow) are carried (held_open=2). s1's retry
     raises a BaseException: the lane ends without giving back its events, so
@@ -75,28 +97,13 @@ def test_a_crash_in_a_carried_lane_does_not_hang_the_next_batch(tmp_path: Path) 
     never ends (the crash is only raised after the walk)."""
     handler = CrashOnRetry()
     e, store = engine(tmp_path, handler, backoff="200ms", max_unpersisted=1)
-    outcome: list[BaseException | None] = []
     try:
         e.pipeline([*first_batch(), rec(3, "s2", key=b"slow")])
         time.sleep(0.6)  # s1's retry crashes the carried lane
-
-        def second() -> None:
-            try:
-                e.pipeline([rec(4, "c", key=b"c")])
-                outcome.append(None)
-            except BaseException as raised:
-                outcome.append(raised)
-
-        worker = threading.Thread(target=second, daemon=True)
-        worker.start()
-        worker.join(5)
-        hung = worker.is_alive()
-        if hung:  # free it: a stop ends the walk after walk_budget_s
-            e.walk_budget_s = 0.5
-            e.request_stop()
-            worker.join(10)
+        e.walk_budget_s = 0.5  # if it hangs, a stop ends the walk after this
+        outcome, hung = bounded(e, lambda: e.pipeline([rec(4, "c", key=b"c")]))
         assert not hung, "the next batch's walk never ended"
-        assert outcome and isinstance(outcome[0], Crash)
+        assert isinstance(outcome, Crash)
     finally:
         e.close()
         store.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from dedupe_consumer import Event
 from .changelog_rig import TP0, RecordingChangelog
 from .conftest import rec
 from .test_carried_lanes import FlakyKey, engine, first_batch
-from .test_carried_review import AlwaysFailsSlow, UnsendableLetters
+from .test_carried_review import AlwaysFailsSlow, UnsendableLetters, bounded
 from .test_fenced_batches import FencingChangelog
 
 
@@ -98,23 +97,9 @@ def test_process_after_a_final_drain_gave_up_does_not_hang(tmp_path: Path) -> No
     handler = FlakyKey()
     e, store = engine(tmp_path, handler, max_unpersisted=1)
     e.walk_budget_s = 0.3
-    outcome: list[object] = []
     try:
         e.process([*first_batch(), rec(3, "s2", key=b"slow")])  # gives up after 0.3 s
-
-        def second() -> None:
-            try:
-                outcome.append(e.process([rec(4, "c", key=b"c")]))
-            except BaseException as raised:
-                outcome.append(raised)
-
-        worker = threading.Thread(target=second, daemon=True)
-        worker.start()
-        worker.join(5)
-        hung = worker.is_alive()
-        if hung:
-            e.request_stop()  # frees it: a stop ends the walk after walk_budget_s
-            worker.join(10)
+        _, hung = bounded(e, lambda: e.process([rec(4, "c", key=b"c")]))
         assert not hung, "the next process() never returned"
     finally:
         e.close()
