@@ -1243,10 +1243,10 @@ class Engine:
             batch.lanes = [
                 lane for tp, items in batch.plan.items() for lane in self._lanes(tp, items)
             ]
-        for lane in batch.lanes:
-            if self._async_lanes:
-                self._pool.start_on_loop(self._run_lane_async(batch, lane))
-            else:
+        if self._async_lanes:
+            self._pool.start_on_loop([self._run_lane_async(batch, lane) for lane in batch.lanes])
+        else:
+            for lane in batch.lanes:
                 self._pool.submit(partial(self._run_lane, batch, lane))
         bound = self.processing.max_unpersisted
 

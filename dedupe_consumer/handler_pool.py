@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ class HandlerPool:
         self._loop_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._slots: asyncio.Semaphore | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def submit(self, job: Callable[[], None]) -> None:
         """Run ``job()`` on a worker thread (first come, first served); it must not raise."""
@@ -54,9 +55,21 @@ class HandlerPool:
             return self.wait_for(result)
         return result
 
-    def start_on_loop(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Run ``coroutine`` on the event loop; it must not raise (lanes catch their own)."""
-        asyncio.run_coroutine_threadsafe(coroutine, self._event_loop())
+    def start_on_loop(self, coroutines: Sequence[Coroutine[Any, Any, None]]) -> None:
+        """Run each of ``coroutines`` as a task on the event loop; they must not raise
+        (lanes catch their own). One hand-over for all: a thread-safe call per
+        coroutine cost the consuming thread a third of its time at concurrency 64."""
+        if not coroutines:
+            return
+        loop = self._event_loop()
+
+        def start() -> None:
+            for coroutine in coroutines:
+                task = loop.create_task(coroutine)
+                self._tasks.add(task)  # the loop keeps only a weak reference
+                task.add_done_callback(self._tasks.discard)
+
+        loop.call_soon_threadsafe(start)
 
     async def call_on_worker(self, fn: Callable[..., object], *args: Any) -> object:
         """On the loop: ``fn(*args)`` on a worker thread, awaited without blocking the
