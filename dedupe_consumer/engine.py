@@ -51,6 +51,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import partial
+from itertools import islice
 from typing import Any, TypeVar, cast
 
 import structlog
@@ -1250,11 +1251,18 @@ class Engine:
                 self._pool.submit(partial(self._run_lane, batch, lane))
         bound = self.processing.max_unpersisted
 
+        lanes = batch.lanes
+        closed = 0  # lanes[:closed] are closed (for good): each check starts past them
+
         def done() -> bool:
+            nonlocal closed
             if self._carry_crash is not None:
                 return True  # raised below, as if the process had died there
+            while closed < len(lanes) and lanes[closed].closed:
+                closed += 1
             return self._held_open <= bound and all(
-                lane.closed or lane.parked or lane.tp in batch.gone for lane in batch.lanes
+                lane.closed or lane.parked or lane.tp in batch.gone
+                for lane in islice(lanes, closed, None)
             )
 
         abandon_at: float | None = None

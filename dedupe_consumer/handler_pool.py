@@ -51,7 +51,7 @@ class HandlerPool:
     def call(self, fn: Callable[..., object], *args: Any) -> object:
         """``fn(*args)`` on this thread; an awaitable it returns is awaited on the loop."""
         result = fn(*args)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             return self.wait_for(result)
         return result
 
