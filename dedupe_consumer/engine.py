@@ -1356,11 +1356,7 @@ class Engine:
     async def _run_lane_async(self, batch: _Batch, lane: _Lane) -> None:
         """On the event loop (an ``async def`` handler): the same lane, its calls awaited
         here instead of by a worker thread blocked on each."""
-        limit = self._pool.lane_slots()
-        async with limit:
-            await _drive_async(
-                self._lane(batch, lane), self._stopping, self._pool, self._waiting(lane)
-            )
+        await _drive_async(self._lane(batch, lane), self._stopping, self._pool, self._waiting(lane))
 
     def _waiting(self, lane: _Lane) -> _Waiting:
         """How ``lane``'s waits are seen: parked during a backoff (its batch need not wait

@@ -8,7 +8,7 @@ thread-bound resources (a sqlite3 connection, say) works as written.
 
 With ``async def handle``, the engine runs its lanes as coroutines on one
 asyncio loop in a thread of its own (:meth:`HandlerPool.start_on_loop`), at most
-``concurrency`` at once (:meth:`HandlerPool.lane_slots`); plain ``def`` hooks next
+``concurrency`` at once; plain ``def`` hooks next
 to it run on the workers (:meth:`HandlerPool.call_on_worker`), never on the loop.
 An awaitable returned to a worker (a plain ``def`` returning a coroutine) is
 awaited on that loop while the worker waits for it.
@@ -19,11 +19,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
+import structlog
+
 T = TypeVar("T")
+log = structlog.get_logger("dedupe_consumer.engine")
 
 
 class HandlerPool:
@@ -41,7 +45,9 @@ class HandlerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._slots: asyncio.Semaphore | None = None
+        self._queued: deque[Coroutine[Any, Any, None]] = deque()
+        """On the loop: coroutines waiting for one of the runners."""
+        self._runners = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def submit(self, job: Callable[[], None]) -> None:
@@ -56,20 +62,34 @@ class HandlerPool:
         return result
 
     def start_on_loop(self, coroutines: Sequence[Coroutine[Any, Any, None]]) -> None:
-        """Run each of ``coroutines`` as a task on the event loop; they must not raise
-        (lanes catch their own). One hand-over for all: a thread-safe call per
-        coroutine cost the consuming thread a third of its time at concurrency 64."""
-        if not coroutines:
-            return
-        loop = self._event_loop()
+        """Run ``coroutines`` on the event loop, at most ``concurrency`` at once, in the
+        order given; they must not raise (lanes catch their own).
 
-        def start() -> None:
-            for coroutine in coroutines:
-                task = loop.create_task(coroutine)
-                self._tasks.add(task)  # the loop keeps only a weak reference
-                task.add_done_callback(self._tasks.discard)
+        One hand-over for all, and up to ``concurrency`` runner tasks that take them in
+        turn: a thread-safe call, a task and a semaphore wait per coroutine cost the
+        consuming thread a third of its time and the loop a fifth of its own."""
+        if coroutines:
+            self._event_loop().call_soon_threadsafe(self._queue_on_loop, coroutines)
 
-        loop.call_soon_threadsafe(start)
+    def _queue_on_loop(self, coroutines: Sequence[Coroutine[Any, Any, None]]) -> None:
+        loop = asyncio.get_running_loop()
+        self._queued.extend(coroutines)
+        while self._runners < self.concurrency and self._queued:
+            self._runners += 1
+            runner = loop.create_task(self._run_queued())
+            self._tasks.add(runner)  # the loop keeps only a weak reference
+            runner.add_done_callback(self._tasks.discard)
+
+    async def _run_queued(self) -> None:
+        try:
+            while self._queued:
+                coroutine = self._queued.popleft()
+                try:
+                    await coroutine
+                except Exception:  # pragma: no cover - a lane catches its own
+                    log.exception("lane_failed_on_the_loop")
+        finally:
+            self._runners -= 1
 
     async def call_on_worker(self, fn: Callable[..., object], *args: Any) -> object:
         """On the loop: ``fn(*args)`` on a worker thread, awaited without blocking the
@@ -91,12 +111,6 @@ class HandlerPool:
             assert isinstance(value, BaseException)
             raise value
         return value
-
-    def lane_slots(self) -> asyncio.Semaphore:
-        """On the loop: at most ``concurrency`` lanes run at once (one call each)."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.concurrency)
-        return self._slots
 
     def wait_for(self, awaitable: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(_coroutine(awaitable), self._event_loop()).result()
