@@ -267,6 +267,21 @@ class DedupeSettings(_Section):
     retention: Duration = Field(
         timedelta(days=7), description=f"how long an ID is remembered: {DURATION_FORMS}"
     )
+    scope: Literal["partition", "topic"] = Field(
+        "partition",
+        description="'partition' or 'topic': where one success per ID holds. 'partition' "
+        "relies on every producer putting an ID on one partition; 'topic' holds across all "
+        "partitions of a topic, whatever the producers did, through a by-id topic "
+        "(see docs/scope.md)",
+    )
+    scope_partitions: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="an integer 1..10000: partitions of each by-id topic (scope 'topic'); "
+        "unset: as many as the source topic has when the by-id topic is created. Fixed "
+        "afterwards: an ID's partition must never move",
+    )
 
     @field_validator("id_source")
     @classmethod
