@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import NewPartitions
+from confluent_kafka.cimpl import NewPartitions  # admin re-exports it without __all__
 
 from dedupe_consumer import DedupeConsumer, Event, Handler
 from dedupe_consumer.models import BatchStats
