@@ -21,6 +21,9 @@ from confluent_kafka import Producer
 from confluent_kafka.cimpl import NewPartitions  # admin re-exports it without __all__
 
 from dedupe_consumer import DedupeConsumer, Event, Handler
+from dedupe_consumer.errors import ConfigError
+from dedupe_consumer.kafka.repartition import ensure_by_id_topics
+from dedupe_consumer.kafka.scope_migration import migrate_to_topic_scope
 from dedupe_consumer.models import BatchStats
 from dedupe_consumer.partitioners import java_partition, librdkafka_partition
 from dedupe_consumer.scope import ORIGIN_HEADER, by_id_topic
@@ -165,3 +168,61 @@ def test_topic_scope_handles_each_id_once_across_partitioners_resends_and_growth
         "dedupe_repartitioned_total", {"topic": topic}
     )
     assert moved == len(ids) * 3  # every message moved, once
+
+
+def test_switching_a_group_to_topic_scope_after_migrate_scope_repeats_nothing(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = kafka_topic(partitions=PARTITIONS)
+    before = [str(uuid.uuid4()) for _ in range(1000)]
+    send(kafka_bootstrap, topic, before, "consistent_random")
+    group = f"g-{topic}"
+    # 1. The group runs with partition scope and decides every ID once.
+    first = Seen()
+    partition_scope = settings_for(kafka_bootstrap, topic, tmp_path / "old", group=group)
+    run_until(DedupeConsumer(first, partition_scope), lambda: len(first.ids()) >= 1000, 120)
+    assert sorted(first.ids()) == sorted(before)
+    # 2. Stopped; its IDs are moved to topic scope.
+    topic_scope = settings_for(
+        kafka_bootstrap, topic, tmp_path / "new", group=group, dedupe={"scope": "topic"}
+    )
+    report = migrate_to_topic_scope(topic_scope)
+    assert report.ids == {topic: 1000} and report.expired == {topic: 0}
+    # 3. The group runs with topic scope, on another machine (a store of its own: the
+    # IDs come from the changelog). Old IDs come again, placed by the other rule.
+    after = [str(uuid.uuid4()) for _ in range(500)]
+    send(kafka_bootstrap, topic, before, "murmur2_random")
+    send(kafka_bootstrap, topic, after, "consistent_random")
+    second = Seen()
+    consumer = DedupeConsumer(second, topic_scope)
+    sample = consumer.metrics.registry.get_sample_value
+
+    def moved() -> float:
+        return sample("dedupe_repartitioned_total", {"topic": topic}) or 0
+
+    run_until(consumer, lambda: moved() >= 1500 and len(second.ids()) >= 500, 120)
+    assert sorted(second.ids()) == sorted(after), "the switch repeated an ID decided before it"
+    # The hop started where the partition-scope consumer had committed: only the
+    # messages sent after it were moved.
+    assert moved() == 1500
+    assert (
+        sample("dedupe_events_total", {"topic": by_id_topic(group, topic), "decision": "duplicate"})
+        == 1000
+    )
+
+
+def test_a_by_id_topic_with_another_partition_count_than_configured_stops_at_start(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = kafka_topic(partitions=4)
+    settings = settings_for(kafka_bootstrap, topic, tmp_path / "state", dedupe={"scope": "topic"})
+    assert ensure_by_id_topics(settings) == {topic: 4}  # created like the source
+    assert ensure_by_id_topics(settings) == {topic: 4}  # found again, unchanged
+    wrong = settings_for(
+        kafka_bootstrap,
+        topic,
+        tmp_path / "state",
+        dedupe={"scope": "topic", "scope_partitions": 6},
+    )
+    with pytest.raises(ConfigError, match=r"dedupe.scope_partitions = 4"):
+        ensure_by_id_topics(wrong)
