@@ -151,12 +151,12 @@ class Repartitioner(threading.Thread):
         conf.update(kafka.consumer)
         conf["enable.auto.commit"] = False
         conf["enable.auto.offset.store"] = False
-        self._consumer_conf = {**conf, **kafka_log_config()}
+        self._consumer_conf = conf
         producer = kafka.connection().config("producer", {"linger.ms": 5})
         producer.update(kafka.producer)
         producer["transactional.id"] = transactional_id
         producer["enable.idempotence"] = True
-        self._producer_conf = {**producer, **kafka_log_config()}
+        self._producer_conf = producer
 
     def stop(self) -> None:
         """Finish the transaction in progress, then leave the group (see :meth:`run`)."""
@@ -175,7 +175,7 @@ class Repartitioner(threading.Thread):
             self.error = exc
 
     def _run(self) -> None:
-        producer = Producer(self._producer_conf)
+        producer = Producer({**self._producer_conf, **kafka_log_config()})
         deadline = time.monotonic() + 300
         while True:  # fences (and aborts the open transaction of) an earlier instance
             try:
@@ -187,7 +187,7 @@ class Repartitioner(threading.Thread):
                 log.warning("repartition_waiting_for_broker", error=str(exc))
                 if self._stop_requested.wait(1.0):
                     return
-        consumer = Consumer(self._consumer_conf)
+        consumer = Consumer({**self._consumer_conf, **kafka_log_config()})
         try:
             consumer.subscribe(list(self._targets))
             processing = self.settings.processing
