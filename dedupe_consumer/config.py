@@ -296,6 +296,15 @@ class DedupeSettings(_Section):
             raise ValueError(f"must be longer than zero: {DURATION_FORMS}")
         return value
 
+    @model_validator(mode="after")
+    def _partitions_with_topic_scope(self) -> DedupeSettings:
+        if self.scope_partitions is not None and self.scope != "topic":
+            raise ValueError(
+                "dedupe.scope_partitions applies only with dedupe.scope = 'topic' (it sizes "
+                "the by-id topics): set the scope or remove scope_partitions"
+            )
+        return self
+
 
 class StoreSettings(_Section):
     path: Path = Field(Path("./state"), description="a directory for the RocksDB store")

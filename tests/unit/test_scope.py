@@ -101,3 +101,9 @@ def test_the_hop_routes_by_the_id_the_stage_will_find() -> None:
     assert route_id(extract, "hash", empty) is None  # nothing to hash: the stage decides
     bad = Record("t", 0, 3, key_=b"k", value_=b"v", headers_=[("event-id", b"\x00ctl")])
     assert route_id(extract, "dead-letter", bad) is None
+
+
+def test_scope_partitions_without_topic_scope_is_refused_with_the_fix() -> None:
+    with pytest.raises(Exception, match=r"scope_partitions applies only with dedupe.scope"):
+        settings(scope_partitions=8)
+    assert settings(scope="topic", scope_partitions=8).dedupe.scope_partitions == 8
