@@ -97,7 +97,7 @@ def test_partition_scope_handles_an_id_twice_when_two_partitioners_put_it_apart(
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
 ) -> None:
     topic = kafka_topic(partitions=PARTITIONS)
-    ids = [str(uuid.uuid4()) for _ in range(2000)]
+    ids = [str(uuid.uuid4()) for _ in range(10_000)]
     send(kafka_bootstrap, topic, ids, "murmur2_random")
     send(kafka_bootstrap, topic, ids, "consistent_random")
     apart = ids_apart(ids, PARTITIONS)
@@ -123,7 +123,7 @@ def test_topic_scope_handles_each_id_once_across_partitioners_resends_and_growth
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
 ) -> None:
     topic = kafka_topic(partitions=4)
-    ids = [str(uuid.uuid4()) for _ in range(2000)]
+    ids = [str(uuid.uuid4()) for _ in range(10_000)]
     send(kafka_bootstrap, topic, ids, "murmur2_random")
     send(kafka_bootstrap, topic, ids, "consistent_random")
     handler = Seen()
