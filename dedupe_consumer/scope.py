@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dedupe_consumer.config import Settings
+from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import IdExtractor, MissingId, hash_id
 from dedupe_consumer.models import SourceMessage
 from dedupe_consumer.partitioners import java_partition
@@ -54,14 +55,23 @@ def stage_group(group_id: str) -> str:
 
 
 def stage_settings(settings: Settings) -> Settings:
-    """``settings`` for the dedupe stage: the by-id topics, in :func:`stage_group`."""
+    """``settings`` for the dedupe stage: the by-id topics, in :func:`stage_group`, read
+    committed (what an aborted hop transaction wrote is never seen)."""
     kafka = settings.kafka
+    isolation = kafka.consumer.get("isolation.level", "read_committed")
+    if isolation != "read_committed":
+        raise ConfigError(
+            f"kafka.consumer isolation.level = {isolation!r} with dedupe.scope = 'topic': the "
+            "dedupe stage must read the by-id topics read_committed, or it would handle what "
+            "an aborted hop transaction wrote; remove the property"
+        )
     return settings.model_copy(
         update={
             "kafka": kafka.model_copy(
                 update={
                     "group_id": stage_group(kafka.group_id),
                     "topics": [by_id_topic(kafka.group_id, t) for t in kafka.topics],
+                    "consumer": {**kafka.consumer, "isolation.level": "read_committed"},
                 }
             )
         }

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from dedupe_consumer import Settings
+from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import parse_id_source
 from dedupe_consumer.partitioners import java_partition
 from dedupe_consumer.replay import Record
@@ -107,3 +108,21 @@ def test_scope_partitions_without_topic_scope_is_refused_with_the_fix() -> None:
     with pytest.raises(Exception, match=r"scope_partitions applies only with dedupe.scope"):
         settings(scope_partitions=8)
     assert settings(scope="topic", scope_partitions=8).dedupe.scope_partitions == 8
+
+
+def test_the_stage_reads_committed_and_refuses_to_read_uncommitted() -> None:
+    assert stage_settings(settings(scope="topic")).kafka.consumer["isolation.level"] == (
+        "read_committed"
+    )
+    loose = Settings.load(
+        kafka={
+            "bootstrap_servers": "localhost:9092",
+            "group_id": "pay",
+            "topics": ["orders"],
+            "consumer": {"isolation.level": "read_uncommitted"},
+        },
+        processing={"dead_letter_topic": "dlq"},
+        dedupe={"scope": "topic"},
+    )
+    with pytest.raises(ConfigError, match=r"isolation\.level"):
+        stage_settings(loose)
