@@ -466,6 +466,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _no_partition_order_in_topic_scope(self) -> Self:
+        if self.dedupe.scope == "topic" and self.processing.ordering == "partition":
+            raise ValueError(
+                "processing.ordering = 'partition' cannot hold with dedupe.scope = 'topic': "
+                "the hop spreads each source partition over the by-id topic by event ID, so "
+                "events are in order per ID only (docs/scope.md). Use ordering = 'key' (the "
+                "default) or dedupe.scope = 'partition'"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _claim_lease_within_poll_interval(self) -> Self:
         # A young claim is waited out on the polling thread; a lease as long as the poll
         # interval could never be waited out in one batch (the walk is cut at its budget).

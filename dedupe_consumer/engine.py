@@ -83,6 +83,7 @@ from dedupe_consumer.models import (
     as_bytes,
     header_pairs,
     message_timestamp,
+    timestamp_of,
 )
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.partitioners import placed_by_a_common_partitioner, placing_rule
@@ -283,6 +284,7 @@ class Engine:
         self._extract = parse_id_source(dedupe.id_source)
         self._by_id = dedupe.scope == "topic"
         """Topic scope: the engine reads by-id topics (see :mod:`dedupe_consumer.scope`)."""
+        self._staged_by_id_warned = False
         self._watermarks: dict[TopicPartition, int | None] = {}
         self._next: dict[TopicPartition, int] = {}
         """Per owned partition, an offset that is safe to commit (everything before it is
@@ -1974,10 +1976,12 @@ class Engine:
         assert item.event_id is not None
         headers = tuple(header_pairs(message))
         topic, partition, offset = tp.topic, tp.partition, item.offset
+        timestamp = message_timestamp(message)
         if self._by_id:  # read from a by-id topic: the handler sees where it was sent
             headers, origin = split_origin(headers)
             if origin is not None:
-                topic, partition, offset = origin
+                topic, partition, offset, stamp = origin
+                timestamp = None if stamp is None else timestamp_of(stamp)
         return Event(
             id=item.event_id,
             topic=topic,
@@ -1986,7 +1990,7 @@ class Engine:
             key=as_bytes(message.key()),
             value=as_bytes(message.value()),
             headers=headers,
-            timestamp=message_timestamp(message),
+            timestamp=timestamp,
             payload=payload,
             effects=effects,
         )
@@ -2008,6 +2012,16 @@ class Engine:
             return called
         fault_point("after_handler")
         item.staged = called.effects
+        if called.effects and self._by_id and not self._staged_by_id_warned:
+            self._staged_by_id_warned = True
+            log.warning(
+                "staged_effects_in_topic_scope",
+                topic=tp.topic,
+                consequence="staged state is kept per by-id partition, which the event ID "
+                "chooses: state keyed by the event ID is whole, state keyed by anything else "
+                "(an account, the producers' key) is split over the by-id partitions; see "
+                "docs/scope.md",
+            )
         return Decision.HANDLED
 
     def _attempts(

@@ -34,18 +34,26 @@ from dedupe_consumer.partitioners import java_partition
 from dedupe_consumer.store.changelog_codec import internal_topic
 
 ORIGIN_HEADER = "dedupe.origin"
-"""Appended by the hop: ``<partition>/<offset>/<topic>`` of the source message (UTF-8)."""
+"""Appended by the hop: ``<partition>/<offset>/<timestamp ms>/<topic>`` of the source
+message (UTF-8; the timestamp ``-1`` when it had none). The by-id topics stamp messages
+with their append time, so their retention counts from the hop, not from the source's
+timestamps: the source's is kept here for the handler."""
 
 _BY_ID_SUFFIX = "dedupe-by-id"
 _STAGE_SUFFIX = ".by-id"
 
-Origin = tuple[str, int, int]
-"""Where a message was read: topic, partition, offset."""
+Origin = tuple[str, int, int, int | None]
+"""Where a message was read: topic, partition, offset, and its timestamp (ms) there."""
 
 
 def by_id_topic(group_id: str, topic: str) -> str:
     """The by-id topic of source ``topic`` in group ``group_id`` (named like the changelog)."""
     return internal_topic(group_id, topic, _BY_ID_SUFFIX)
+
+
+def is_by_id_topic(name: str) -> bool:
+    """Whether ``name`` is a by-id topic (its suffix is ours)."""
+    return name.endswith("." + _BY_ID_SUFFIX)
 
 
 def stage_group(group_id: str) -> str:
@@ -72,6 +80,10 @@ def stage_settings(settings: Settings) -> Settings:
                     "group_id": stage_group(kafka.group_id),
                     "topics": [by_id_topic(kafka.group_id, t) for t in kafka.topics],
                     "consumer": {**kafka.consumer, "isolation.level": "read_committed"},
+                    # The by-id topics hold the only copy of what the hop moved (its source
+                    # offsets are committed): a new stage group starts at their beginning.
+                    # kafka.auto_offset_reset is where the hop starts on the source.
+                    "auto_offset_reset": "earliest",
                 }
             )
         }
@@ -100,8 +112,9 @@ def route_id(extract: IdExtractor, on_missing_id: str, message: SourceMessage) -
         return None
 
 
-def encode_origin(topic: str, partition: int, offset: int) -> bytes:
-    return f"{partition}/{offset}/{topic}".encode()
+def encode_origin(topic: str, partition: int, offset: int, timestamp_ms: int | None) -> bytes:
+    stamp = -1 if timestamp_ms is None or timestamp_ms < 0 else timestamp_ms
+    return f"{partition}/{offset}/{stamp}/{topic}".encode()
 
 
 def split_origin(
@@ -116,8 +129,9 @@ def split_origin(
         return tuple(headers), None
     raw = headers[-1][1]
     try:
-        partition, offset, topic = (raw or b"").decode().split("/", 2)
-        origin = (topic, int(partition), int(offset))
+        partition, offset, stamp, topic = (raw or b"").decode().split("/", 3)
+        ms = int(stamp)
+        origin = (topic, int(partition), int(offset), None if ms < 0 else ms)
     except (UnicodeDecodeError, ValueError):
         return tuple(headers), None
     return tuple(headers[:-1]), origin

@@ -42,6 +42,14 @@ _MIN_RETENTION_MS = 7 * 24 * 3600 * 1000
 """A by-id topic keeps messages at least this long: the dedupe stage may be down a while."""
 
 
+_MAX_FAILURES_IN_A_ROW = 5
+"""Aborted transactions in a row after which the hop stops the consumer."""
+
+
+def _where(firsts: Mapping[tuple[str, int], int]) -> str:
+    return ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(firsts.items()))
+
+
 class RepartitionError(DedupeError):
     """The hop cannot go on (its producer was fenced or failed fatally, or it crashed)."""
 
@@ -94,7 +102,10 @@ def ensure_by_id_topics(settings: Settings, admin: Any = None) -> dict[str, int]
                 config={
                     "cleanup.policy": "delete",
                     "retention.ms": str(retention_ms),
-                    "message.timestamp.type": "CreateTime",
+                    # Retention counts from the move, not from the source's timestamps (an
+                    # old event would be deleted before the stage read it); the source's
+                    # timestamp travels in the origin header.
+                    "message.timestamp.type": "LogAppendTime",
                 },
             )
         )
@@ -121,6 +132,44 @@ def ensure_by_id_topics(settings: Settings, admin: Any = None) -> dict[str, int]
     return counts
 
 
+HOP_CLIENT_ID = "dedupe-hop"
+"""The ``client.id`` prefix of every hop's consumer: how the group's members are told apart."""
+
+
+def refuse_mixed_scopes(settings: Settings, admin: Any = None) -> None:
+    """Stop start-up when the group's live members run the other scope.
+
+    A partition-scope consumer still running in a group whose hops have started (or the
+    reverse) shares the source partitions with them: an ID with copies on both sides
+    is handled on each. Best effort (a member may join after the check); a group that
+    cannot be described is logged and let through.
+    """
+    kafka = settings.kafka
+    group = kafka.group_id
+    if admin is None:
+        admin = AdminClient({**kafka.connection().config("admin"), **kafka_log_config()})
+    try:
+        found = admin.describe_consumer_groups([group], request_timeout=10)[group].result(15)
+    except Exception as exc:  # not permitted, no broker yet: the run reports its own errors
+        log.warning("group_scope_unchecked", group=group, error=str(exc))
+        return
+    clients = [str(getattr(m, "client_id", "") or "") for m in found.members]
+    hops = sum(1 for c in clients if c.startswith(HOP_CLIENT_ID))
+    if settings.dedupe.scope == "topic" and len(clients) > hops:
+        raise ConfigError(
+            f"dedupe.scope = 'topic', but {len(clients) - hops} member(s) of group {group!r} "
+            "consume the source topics without the hop: partition-scope consumers still "
+            "running. Stop them first (docs/scope.md, switching an existing group), or both "
+            "would handle an ID sent to two partitions"
+        )
+    if settings.dedupe.scope == "partition" and hops:
+        raise ConfigError(
+            f"dedupe.scope = 'partition', but {hops} member(s) of group {group!r} are "
+            "topic-scope hops: set dedupe.scope = 'topic' like the rest of the group, or "
+            "stop them first"
+        )
+
+
 class Repartitioner(threading.Thread):
     """Moves the source topics' messages to their by-id topics (see the module)."""
 
@@ -137,6 +186,7 @@ class Repartitioner(threading.Thread):
         self.transactional_id = transactional_id
         self.metrics = metrics or Metrics()
         self.error: BaseException | None = None
+        self._failed_in_a_row = 0
         self._stop_requested = threading.Event()
         self._extract = parse_id_source(settings.dedupe.id_source)
         kafka = settings.kafka
@@ -151,6 +201,7 @@ class Repartitioner(threading.Thread):
         conf.update(kafka.consumer)
         conf["enable.auto.commit"] = False
         conf["enable.auto.offset.store"] = False
+        conf["client.id"] = f"{HOP_CLIENT_ID}.{conf.get('client.id', 'dedupe-consumer')}"
         self._consumer_conf = conf
         producer = kafka.connection().config("producer", {"linger.ms": 5})
         producer.update(kafka.producer)
@@ -204,6 +255,12 @@ class Repartitioner(threading.Thread):
         error = message.error()
         if error is None:
             return True
+        # e.g. a fenced static member: this consumer cannot go on (the message carries
+        # _FATAL, its error is not flagged fatal itself)
+        if error.fatal() or error.code() == KafkaError._FATAL:
+            raise RepartitionError(
+                f"the topic-scope hop's consumer failed fatally ({error.name()}: {error.str()})"
+            )
         log.warning("repartition_consume_error", **kafka_error_fields(KafkaException(error)))
         return False
 
@@ -228,11 +285,27 @@ class Repartitioner(threading.Thread):
             self._commit(producer)
         except KafkaException as exc:
             self._abort(producer, exc)
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= _MAX_FAILURES_IN_A_ROW:
+                # The same batch, again and again (a message the by-id topic refuses, a
+                # permission): stop loudly rather than hold every partition behind it.
+                fields = kafka_error_fields(exc)
+                raise RepartitionError(
+                    f"the topic-scope hop failed {self._failed_in_a_row} times in a row on "
+                    f"the batch starting at {_where(firsts)}: {fields['error_code']}: "
+                    f"{fields['error']}. Nothing of it was moved or committed. A message "
+                    "larger than the by-id topic's max.message.bytes (or the producer's "
+                    "message.max.bytes, [kafka.producer]) needs both raised; see "
+                    "docs/scope.md"
+                ) from exc
             for (topic, partition), first in firsts.items():  # read them again
                 # revoked meanwhile: its next owner reads it from the commit
                 with contextlib.suppress(KafkaException):
                     consumer.seek(KafkaTopicPartition(topic, partition, first))
+            # A broker restarting answers again soon: back off 1, 2, 4, 8 s before giving up.
+            self._stop_requested.wait(2 ** (self._failed_in_a_row - 1))
             return
+        self._failed_in_a_row = 0
         for topic, n in counts.items():
             self.metrics.repartitioned.labels(topic).inc(n)
 
@@ -243,12 +316,11 @@ class Repartitioner(threading.Thread):
         event_id = route_id(self._extract, self.settings.dedupe.on_missing_id, message)
         # No ID: the dedupe stage applies on_missing_id; any partition will do.
         to = partition % target if event_id is None else id_partition(event_id, target)
+        kind, stamp = message.timestamp()
         headers: list[tuple[str, str | bytes | None]] = [
             *header_pairs(message),
-            (ORIGIN_HEADER, encode_origin(topic, partition, offset)),
+            (ORIGIN_HEADER, encode_origin(topic, partition, offset, stamp if kind else None)),
         ]
-        kind, stamp = message.timestamp()
-        extra: dict[str, Any] = {"timestamp": stamp} if kind != 0 and stamp >= 0 else {}
         while True:
             try:
                 producer.produce(
@@ -257,7 +329,6 @@ class Repartitioner(threading.Thread):
                     key=message.key(),
                     partition=to,
                     headers=headers,
-                    **extra,
                 )
                 return
             except BufferError:  # the local queue is full on a large batch: drain a little

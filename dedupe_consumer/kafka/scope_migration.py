@@ -30,7 +30,7 @@ from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.kafka.repartition import ensure_by_id_topics
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.scope import by_id_topic, id_partition, stage_group
-from dedupe_consumer.store.base import IdRecord, WriteSet
+from dedupe_consumer.store.base import IdRecord, RecordStatus, WriteSet
 from dedupe_consumer.store.changelog_codec import RestoredState, changelog_topic
 
 log = structlog.get_logger("dedupe_consumer.scope")
@@ -166,9 +166,15 @@ def _read_decisions(
                 known = decided.get(event_id)
                 if known is not None:
                     several.add(event_id)
-                    if known.decided_at_ms <= record.decided_at_ms:
+                    if _rank(known) <= _rank(record):
                         continue
                 decided[event_id] = record
     finally:
         consumer.close()
     return decided, several
+
+
+def _rank(record: IdRecord) -> tuple[int, int]:
+    """Which of an ID's records on several partitions is kept (the lowest): a decision
+    over a claim still in progress (that one may never have run), then the first."""
+    return (1 if record.status is RecordStatus.IN_PROGRESS else 0, record.decided_at_ms)

@@ -13,7 +13,12 @@ from dedupe_consumer.config import Settings
 from dedupe_consumer.contracts import AssignmentListener, Edges, Source
 from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.kafka.dead_letters import KafkaDeadLetters
-from dedupe_consumer.kafka.repartition import HoppedSource, Repartitioner, ensure_by_id_topics
+from dedupe_consumer.kafka.repartition import (
+    HoppedSource,
+    Repartitioner,
+    ensure_by_id_topics,
+    refuse_mixed_scopes,
+)
 from dedupe_consumer.kafka.source import KafkaSource
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.scope import stage_settings
@@ -65,6 +70,7 @@ def edges(settings: Settings, *, metrics: Metrics | None = None) -> Edges:
         raise
 
     def open_source(listener: AssignmentListener) -> Source:
+        refuse_mixed_scopes(settings)  # a group runs one scope
         if not by_id:
             return KafkaSource(settings, listener, metrics=metrics, changelog=changelog)
         partitions = ensure_by_id_topics(settings)  # before the stage subscribes to them

@@ -78,14 +78,16 @@ def test_scope_settings_are_checked() -> None:
 
 def test_only_the_last_origin_header_is_the_hops() -> None:
     own = [("event-id", b"a"), (ORIGIN_HEADER, b"9/9/forged")]  # sent by a producer
-    hop = (ORIGIN_HEADER, encode_origin("orders.v1", 3, 12345))
+    hop = (ORIGIN_HEADER, encode_origin("orders.v1", 3, 12345, 1_700_000_000_123))
     headers, origin = split_origin([*own, hop])
-    assert origin == ("orders.v1", 3, 12345)
+    assert origin == ("orders.v1", 3, 12345, 1_700_000_000_123)
     assert headers == tuple(own)
+    untimed = (ORIGIN_HEADER, encode_origin("a/b-not-legal-but-kept", 0, 0, None))
+    assert split_origin([untimed])[1] == ("a/b-not-legal-but-kept", 0, 0, None)
     # Without the hop's header, the message's headers are left as they are.
     assert split_origin(own[:1]) == (tuple(own[:1]), None)
     assert split_origin([]) == ((), None)
-    for bad in (b"x/1/t", b"1/t", b"\xff", None):
+    for bad in (b"x/1/2/t", b"1/t", b"1/2/t", b"1/2/z/t", b"\xff", None):
         assert split_origin([(ORIGIN_HEADER, bad)]) == (((ORIGIN_HEADER, bad),), None)
 
 
