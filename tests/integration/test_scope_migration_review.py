@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from dedupe_consumer import DedupeConsumer, Event, Handler
+from dedupe_consumer import DedupeConsumer
 from dedupe_consumer.engine import payload_digest
 from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.kafka.scope_migration import _read_decisions, migrate_to_topic_scope
@@ -21,18 +20,9 @@ from dedupe_consumer.store.changelog_codec import changelog_topic
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import settings_for
+from .test_topic_scope import Seen
 
 pytestmark = pytest.mark.kafka
-
-
-class Seen(Handler):
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.ids: list[str] = []
-
-    def handle(self, event: Event) -> None:
-        with self.lock:
-            self.ids.append(event.id)
 
 
 def test_rev14_migration_keeps_a_handled_decision_over_an_older_claim(
@@ -93,7 +83,7 @@ def test_rev14_migration_keeps_a_handled_decision_over_an_older_claim(
         return totals.consumed >= 1 or time.monotonic() > deadline
 
     consumer.run(until=until, install_signal_handlers=False)
-    assert handler.ids == [], (
+    assert handler.ids() == [], (
         f"X's handler completed before the switch and ran again after it (migrated as "
         f"{moved['X'].status.name})"
     )

@@ -29,22 +29,9 @@ from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 from ..kafka_helpers import admin, settings_for
 from ..log_capture import captured_logs
+from .test_topic_scope import Seen
 
 pytestmark = pytest.mark.kafka
-
-
-class Seen(Handler):
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.events: list[Event] = []
-
-    def handle(self, event: Event) -> None:
-        with self.lock:
-            self.events.append(event)
-
-    def ids(self) -> list[str]:
-        with self.lock:
-            return [e.id for e in self.events]
 
 
 def run_for(
