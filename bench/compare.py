@@ -146,6 +146,13 @@ CONTENDERS: tuple[Contender, ...] = (
         profilable=True,
     ),
     Contender(
+        "plain-topic-scope",
+        "dedupe_consumer plain, dedupe.scope=topic (hop to a by-id topic)",
+        "bench.contenders.dedupe",
+        ("--mode", "plain", "--changelog", "true", "--scope", "topic"),
+        profilable=True,
+    ),
+    Contender(
         "quix",
         "Quix Streams, RocksDB state (at-least-once)",
         "bench.contenders.quix",

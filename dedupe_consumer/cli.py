@@ -1,4 +1,5 @@
-"""The ``dedupe-consumer`` command: ``run`` and ``demo`` here, the rest from their features.
+"""The ``dedupe-consumer`` command: ``run``, ``demo`` and ``migrate-scope`` here, the rest
+from their features.
 
 Each feature keeps its commands next to it, in a module named ``cli``:
 ``replay/cli.py`` (``record``, ``replay``), ``sidecar/cli.py`` (``sidecar``) and
@@ -79,6 +80,32 @@ def demo(
         ok = run_demo(events=events, duplicates=duplicates)
     if not ok:
         raise typer.Exit(1)
+
+
+@app.command("migrate-scope")
+def migrate_scope(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="TOML settings with dedupe.scope = 'topic'.")
+    ],
+    bootstrap_servers: BootstrapServersOption = None,
+) -> None:
+    """Move a group's IDs from partition scope to topic scope, so the switch repeats none.
+
+    Stop every consumer of the group first; start them with the same settings after.
+    """
+    from dedupe_consumer.kafka.scope_migration import migrate_to_topic_scope
+    from dedupe_consumer.observability import configure_logging
+
+    with reporting_errors():
+        settings = load_settings(config, bootstrap_servers)
+        configure_logging(settings.observability.log_level, settings.observability.log_format)
+        report = migrate_to_topic_scope(settings)
+    for topic, ids in report.ids.items():
+        typer.echo(
+            f"{topic}: {ids} IDs moved to topic scope ({report.expired[topic]} expired left "
+            f"behind; {report.on_several_partitions[topic]} had been decided on more than "
+            "one partition)"
+        )
 
 
 def _register_commands() -> None:

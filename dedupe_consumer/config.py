@@ -267,6 +267,21 @@ class DedupeSettings(_Section):
     retention: Duration = Field(
         timedelta(days=7), description=f"how long an ID is remembered: {DURATION_FORMS}"
     )
+    scope: Literal["partition", "topic"] = Field(
+        "partition",
+        description="'partition' or 'topic': where one success per ID holds. 'partition' "
+        "relies on every producer putting an ID on one partition; 'topic' holds across all "
+        "partitions of a topic, whatever the producers did, through a by-id topic "
+        "(see docs/scope.md)",
+    )
+    scope_partitions: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="an integer 1..10000: partitions of each by-id topic (scope 'topic'); "
+        "unset: as many as the source topic has when the by-id topic is created. Fixed "
+        "afterwards: an ID's partition must never move",
+    )
 
     @field_validator("id_source")
     @classmethod
@@ -280,6 +295,15 @@ class DedupeSettings(_Section):
         if value <= timedelta(0):
             raise ValueError(f"must be longer than zero: {DURATION_FORMS}")
         return value
+
+    @model_validator(mode="after")
+    def _partitions_with_topic_scope(self) -> DedupeSettings:
+        if self.scope_partitions is not None and self.scope != "topic":
+            raise ValueError(
+                "dedupe.scope_partitions applies only with dedupe.scope = 'topic' (it sizes "
+                "the by-id topics): set the scope or remove scope_partitions"
+            )
+        return self
 
 
 class StoreSettings(_Section):
@@ -438,6 +462,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "processing.dead_letter_topic must differ from every kafka.topics entry, "
                 "or dead letters would be consumed again"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_partition_order_in_topic_scope(self) -> Self:
+        if self.dedupe.scope == "topic" and self.processing.ordering == "partition":
+            raise ValueError(
+                "processing.ordering = 'partition' cannot hold with dedupe.scope = 'topic': "
+                "the hop spreads each source partition over the by-id topic by event ID, so "
+                "events are in order per ID only (docs/scope.md). Use ordering = 'key' (the "
+                "default) or dedupe.scope = 'partition'"
             )
         return self
 

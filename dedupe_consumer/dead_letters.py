@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dedupe_consumer.models import DeadLetterReason, SourceMessage, as_bytes, header_pairs
+from dedupe_consumer.scope import is_by_id_topic, split_origin
 
 _OURS = "dlq."
 _MOVED = "dlq.original-header."
@@ -44,12 +45,27 @@ def dead_letter_headers(
     large without the value); ``dlq.key.omitted`` and ``dlq.headers.omitted`` say so.
     """
     kind, ts = message.timestamp()
+    topic, partition, offset = message.topic() or "", message.partition(), message.offset()
+    stamp: int | None = ts if kind else -1
+    own = header_pairs(message)
+    by_id: dict[str, str] = {}
+    if is_by_id_topic(topic):  # topic scope: say where it was sent, and where the copy is
+        stripped, origin = split_origin(own)
+        if origin is not None:
+            by_id = {
+                "dlq.by-id.topic": topic,
+                "dlq.by-id.partition": str(partition),
+                "dlq.by-id.offset": str(offset),
+            }
+            own = list(stripped)
+            topic, partition, offset, stamp = origin
     extra = {
         "dlq.reason": letter.reason,
-        "dlq.original.topic": message.topic() or "",
-        "dlq.original.partition": str(message.partition()),
-        "dlq.original.offset": str(message.offset()),
-        "dlq.original.timestamp": str(ts if kind else -1),
+        "dlq.original.topic": topic,
+        "dlq.original.partition": str(partition),
+        "dlq.original.offset": str(offset),
+        "dlq.original.timestamp": str(-1 if stamp is None else stamp),
+        **by_id,
         "dlq.event.id": letter.event_id or "",
         "dlq.error.class": letter.error_class,
         "dlq.error.message": letter.error_message[:2000],
@@ -59,8 +75,7 @@ def dead_letter_headers(
         extra["dlq.value.omitted"] = "too-large"
         extra["dlq.value.size"] = str(value_omitted)
     original: list[tuple[str, str | bytes | None]] = [
-        (_MOVED + name if name.lower().startswith(_OURS) else name, value)
-        for name, value in header_pairs(message)
+        (_MOVED + name if name.lower().startswith(_OURS) else name, value) for name, value in own
     ]
     if originals_omitted:
         key = as_bytes(message.key())

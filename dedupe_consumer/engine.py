@@ -83,9 +83,11 @@ from dedupe_consumer.models import (
     as_bytes,
     header_pairs,
     message_timestamp,
+    timestamp_of,
 )
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.partitioners import placed_by_a_common_partitioner
+from dedupe_consumer.partitioners import placed_by_a_common_partitioner, placing_rule
+from dedupe_consumer.scope import split_origin
 from dedupe_consumer.store import (
     EPOCH,
     RECORDED_AS,
@@ -280,6 +282,9 @@ class Engine:
         self.changelog = changelog
         self.claims = processing.mode == "claim"
         self._extract = parse_id_source(dedupe.id_source)
+        self._by_id = dedupe.scope == "topic"
+        """Topic scope: the engine reads by-id topics (see :mod:`dedupe_consumer.scope`)."""
+        self._staged_by_id_warned = False
         self._watermarks: dict[TopicPartition, int | None] = {}
         self._next: dict[TopicPartition, int] = {}
         """Per owned partition, an offset that is safe to commit (everything before it is
@@ -288,6 +293,9 @@ class Engine:
         """Walked batches whose transaction the group fenced, kept per partition in case
         this instance owns the partition again with nobody having written meanwhile."""
         self._partition_counts: dict[str, int] = {}
+        self._placing_rules: dict[str, set[str]] = {}
+        """Per topic: the common partitioners that alone explain some of its messages."""
+        self._mixed_warned: set[str] = set()
         """Each assigned topic's partition count, as the source last reported it."""
         self._mismatch_warned: set[str] = set()
         self._partitioner_checked: dict[TopicPartition, int] = {}
@@ -420,9 +428,10 @@ class Engine:
     def _check_partitioner(self, tp: TopicPartition, items: Sequence[_Item]) -> None:
         """Count keyed messages that no common partitioner would have put on ``tp``."""
         count = self._partition_counts.get(tp.topic)
-        if count is None or count <= 1:
+        if count is None or count <= 1 or self._by_id:  # a by-id topic is placed by ID
             return
         mismatched = checked = 0
+        placed: dict[str, int] = {}
         seen = self._partitioner_checked.get(tp, 0)
         for item in items:
             # Every message of a partition's first _FULL_CHECKS, then one in _SAMPLE:
@@ -435,9 +444,16 @@ class Engine:
             checked += 1
             if not placed_by_a_common_partitioner(key, tp.partition, count):
                 mismatched += 1
+                continue
+            rule = placing_rule(key, tp.partition, count)
+            if rule is not None:
+                placed[rule] = placed.get(rule, 0) + 1
         self._partitioner_checked[tp] = seen + checked
         if checked:
             self.metrics.partitioner_checked.labels(tp.topic).inc(checked)
+        for rule, n in placed.items():
+            self.metrics.partitioner_placed.labels(tp.topic, rule).inc(n)
+        self._note_placing_rules(tp, placed)
         if not mismatched:
             return
         self.metrics.partitioner_mismatches.labels(tp.topic).inc(mismatched)
@@ -455,6 +471,25 @@ class Engine:
                 "same event ID sent by another producer may be handled again; see the "
                 "docs/concepts.md (Dedupe scope). Counted in dedupe_partitioner_mismatch_total",
             )
+
+    def _note_placing_rules(self, tp: TopicPartition, placed: Mapping[str, int]) -> None:
+        """Warn once per topic when its messages show both common partitioners at work."""
+        rules = self._placing_rules.setdefault(tp.topic, set())
+        rules.update(placed)
+        if len(rules) < 2 or tp.topic in self._mixed_warned:
+            return
+        self._mixed_warned.add(tp.topic)
+        log.warning(
+            "partitioners_mixed",
+            topic=tp.topic,
+            partition=tp.partition,
+            consequence="some producers of this topic place keys with librdkafka's default "
+            "(CRC32) and others with Java's (murmur2): the same key (event ID) sent by one "
+            "and by the other lands on two partitions, and dedupe per partition handles it "
+            "twice. Set dedupe.scope = 'topic' (docs/scope.md), or one partitioner for all "
+            "producers (librdkafka: partitioner = murmur2_random). Counted in "
+            "dedupe_partitioner_placed_total",
+        )
 
     def _check_offsets(
         self, tp: TopicPartition, wm: int | None, partition_log: PartitionLog
@@ -1939,15 +1974,23 @@ class Engine:
     ) -> Event:
         message = item.message
         assert item.event_id is not None
+        headers = tuple(header_pairs(message))
+        topic, partition, offset = tp.topic, tp.partition, item.offset
+        timestamp = message_timestamp(message)
+        if self._by_id:  # read from a by-id topic: the handler sees where it was sent
+            headers, origin = split_origin(headers)
+            if origin is not None:
+                topic, partition, offset, stamp = origin
+                timestamp = None if stamp is None else timestamp_of(stamp)
         return Event(
             id=item.event_id,
-            topic=tp.topic,
-            partition=tp.partition,
-            offset=item.offset,
+            topic=topic,
+            partition=partition,
+            offset=offset,
             key=as_bytes(message.key()),
             value=as_bytes(message.value()),
-            headers=tuple(header_pairs(message)),
-            timestamp=message_timestamp(message),
+            headers=headers,
+            timestamp=timestamp,
             payload=payload,
             effects=effects,
         )
@@ -1969,6 +2012,16 @@ class Engine:
             return called
         fault_point("after_handler")
         item.staged = called.effects
+        if called.effects and self._by_id and not self._staged_by_id_warned:
+            self._staged_by_id_warned = True
+            log.warning(
+                "staged_effects_in_topic_scope",
+                topic=tp.topic,
+                consequence="staged state is kept per by-id partition, which the event ID "
+                "chooses: state keyed by the event ID is whole, state keyed by anything else "
+                "(an account, the producers' key) is split over the by-id partitions; see "
+                "docs/scope.md",
+            )
         return Decision.HANDLED
 
     def _attempts(

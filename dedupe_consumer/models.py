@@ -206,6 +206,11 @@ def message_timestamp(message: SourceMessage) -> datetime | None:
     kind, ms = message.timestamp()
     if kind == 0 or ms < 0:  # TIMESTAMP_NOT_AVAILABLE
         return None
+    return timestamp_of(ms)
+
+
+def timestamp_of(ms: int) -> datetime | None:
+    """A Kafka timestamp (ms since the epoch) as an aware UTC datetime, None if out of range."""
     try:
         return datetime.fromtimestamp(ms / 1000, tz=UTC)
     except (ValueError, OverflowError, OSError):  # a producer-set time past year 9999

@@ -58,3 +58,19 @@ def placed_by_a_common_partitioner(key: bytes, partition: int, partitions: int) 
     if librdkafka_partition(key, partitions) == partition:  # cheap: checked first
         return True
     return java_partition(key, partitions) == partition
+
+
+def placing_rule(key: bytes, partition: int, partitions: int) -> str | None:
+    """Which common partitioner alone puts ``key`` on ``partition``: ``"crc32"``
+    (librdkafka's default) or ``"murmur2"`` (Java's); None when both or neither do.
+
+    A topic with messages of both kinds has producers that disagree: the same key
+    from each lands on two partitions (seen where two services in two languages
+    write one topic)."""
+    if partitions <= 1:
+        return None
+    crc = librdkafka_partition(key, partitions) == partition
+    java = java_partition(key, partitions) == partition
+    if crc == java:
+        return None
+    return "crc32" if crc else "murmur2"

@@ -156,6 +156,7 @@ def run(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float, str]
             "topics": [args.topic],
         },
         store={"path": store_dir, "changelog": args.changelog == "true"},
+        dedupe={"scope": args.scope},
         processing={
             "dead_letter_topic": f"{args.topic}.dlq",
             "batch_size": args.batch,
@@ -200,6 +201,7 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--mode", choices=["plain", "claim"], default="plain")
     parser.add_argument("--changelog", choices=["true", "false"], default="true")
+    parser.add_argument("--scope", choices=["partition", "topic"], default="partition")
     parser.add_argument(
         "--handler", choices=["noop", "sleep", "flaky-sleep", "async-sleep"], default="noop"
     )

@@ -352,8 +352,8 @@ class KafkaSource:
                     "instances, a new owner may repeat handler calls of the batch in flight",
                     fix="lower processing.batch_size or raise max.poll.interval.ms",
                 )
-            elif error.fatal():
-                raise KafkaException(error)
+            elif error.fatal() or error.code() == KafkaError._FATAL:  # the message of one
+                raise KafkaException(error)  # has _FATAL, not itself flagged fatal
             else:
                 log.warning("consumer_error", **kafka_error_fields(error))
         return good

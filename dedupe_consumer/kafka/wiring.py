@@ -13,8 +13,15 @@ from dedupe_consumer.config import Settings
 from dedupe_consumer.contracts import AssignmentListener, Edges, Source
 from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.kafka.dead_letters import KafkaDeadLetters
+from dedupe_consumer.kafka.repartition import (
+    HoppedSource,
+    Repartitioner,
+    ensure_by_id_topics,
+    refuse_mixed_scopes,
+)
 from dedupe_consumer.kafka.source import KafkaSource
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.scope import stage_settings
 from dedupe_consumer.store import RocksStore
 
 WALK_BUDGET_SHARE = 0.6
@@ -23,7 +30,9 @@ WALK_BUDGET_SHARE = 0.6
 
 def edges(settings: Settings, *, metrics: Metrics | None = None) -> Edges:
     """The Kafka consumer of ``kafka.topics``, ``processing.dead_letter_topic``, RocksDB
-    at ``store.path`` and, with ``store.changelog``, the changelog topics.
+    at ``store.path`` and, with ``store.changelog``, the changelog topics. With
+    ``dedupe.scope = "topic"``, the consumer reads the by-id topics, fed by the hop
+    (:mod:`dedupe_consumer.kafka.repartition`), which runs while the source is open.
 
     The store, the dead-letter producer and the changelog are opened now; the
     consumer when the loop opens the source. The caller closes them with
@@ -31,6 +40,9 @@ def edges(settings: Settings, *, metrics: Metrics | None = None) -> Edges:
     does, for the edges it builds itself).
     """
     metrics = metrics or Metrics()
+    # Topic scope: the engine's side (its source, group and changelog) is the by-id topics'.
+    by_id = settings.dedupe.scope == "topic"
+    stage = stage_settings(settings) if by_id else settings
     closers: list[Callable[[], None]] = []
     try:
         store = RocksStore(
@@ -44,12 +56,12 @@ def edges(settings: Settings, *, metrics: Metrics | None = None) -> Edges:
         changelog = None
         if settings.store.changelog:
             changelog = Changelog(
-                settings.kafka.connection(),
-                settings.kafka.group_id,
-                settings.dedupe.retention,
-                f"dedupe-consumer.{settings.kafka.group_id}.{store.instance_id}",
-                settings.kafka.producer,
-                store_path=str(settings.store.path),
+                stage.kafka.connection(),
+                stage.kafka.group_id,
+                stage.dedupe.retention,
+                f"dedupe-consumer.{stage.kafka.group_id}.{store.instance_id}",
+                stage.kafka.producer,
+                store_path=str(stage.store.path),
             )
             closers.append(changelog.close)
     except BaseException:
@@ -58,7 +70,24 @@ def edges(settings: Settings, *, metrics: Metrics | None = None) -> Edges:
         raise
 
     def open_source(listener: AssignmentListener) -> Source:
-        return KafkaSource(settings, listener, metrics=metrics, changelog=changelog)
+        refuse_mixed_scopes(settings)  # a group runs one scope
+        if not by_id:
+            return KafkaSource(settings, listener, metrics=metrics, changelog=changelog)
+        partitions = ensure_by_id_topics(settings)  # before the stage subscribes to them
+        hop = Repartitioner(
+            settings,
+            partitions,
+            f"dedupe-consumer.{settings.kafka.group_id}.hop.{store.instance_id}",
+            metrics,
+        )
+        hop.start()
+        try:
+            return HoppedSource(
+                KafkaSource(stage, listener, metrics=metrics, changelog=changelog), hop
+            )
+        except BaseException:
+            hop.stop()
+            raise
 
     return Edges(
         source=open_source,

@@ -35,6 +35,17 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        self.repartitioned = Counter(
+            "dedupe_repartitioned",
+            "Messages the topic-scope hop moved to their by-id topic, by source topic",
+            ["topic"],
+            registry=r,
+        )
+        self.repartition_aborts = Counter(
+            "dedupe_repartition_aborts",
+            "Hop transactions aborted (their messages are read and moved again)",
+            registry=r,
+        )
         self.commit_failures = Counter(
             "dedupe_commit_failures", "Offset commits that failed (retried next batch)", registry=r
         )
@@ -77,6 +88,15 @@ class Metrics:
             "Keyed messages on a partition that neither librdkafka's default (CRC32) nor "
             "Java's (murmur2) partitioner would choose: dedupe per partition may miss them",
             ["topic"],
+            registry=r,
+        )
+        self.partitioner_placed = Counter(
+            "dedupe_partitioner_placed",
+            "Checked keyed messages that only one common partitioner would put where they are, "
+            "by that partitioner (crc32: librdkafka's default, murmur2: Java's). Both non-zero "
+            "for one topic: its producers disagree, and the same key from each lands on two "
+            "partitions",
+            ["topic", "partitioner"],
             registry=r,
         )
         self.partitioner_checked = Counter(

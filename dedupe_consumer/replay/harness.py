@@ -51,6 +51,7 @@ from dedupe_consumer.replay.format import read_recording
 from dedupe_consumer.replay.records import Record
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED, ReplayReport, audit
 from dedupe_consumer.replay.wiring import edges
+from dedupe_consumer.scope import ORIGIN_HEADER, by_id_topic, encode_origin, id_partition, route_id
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(decided, total)`` after each batch."""
@@ -207,6 +208,9 @@ def replay_recording(
     started = time.monotonic()
     recording = read_recording(path)
     fed, injected = with_injected_duplicates(recording.records, inject_duplicates, seed)
+    recorded = fed
+    if settings is not None and settings.dedupe.scope == "topic":
+        fed = through_the_hop(fed, settings, recording.header.partitions)
     inner = handler_or_class() if isinstance(handler_or_class, type) else handler_or_class
     handler = counting(inner)
     with ExitStack() as stack:
@@ -259,7 +263,7 @@ def replay_recording(
         checked = audit(fed, ids, handler.calls, letters, feed.committed, durable)
 
     partitions_of: dict[str, set[int]] = {}
-    for record, event_id in zip(fed, ids, strict=True):
+    for record, event_id in zip(recorded, ids, strict=True):
         if event_id is not None:
             partitions_of.setdefault(event_id, set()).add(record.partition_)
     totals = consumer.totals
@@ -286,3 +290,31 @@ def replay_recording(
         seconds=time.monotonic() - started,
         max_dead_lettered=max_dead_lettered,
     )
+
+
+def through_the_hop(records: Sequence[Record], settings: Settings, partitions: int) -> list[Record]:
+    """``records`` as topic scope's hop writes them to the by-id topic (see
+    :mod:`dedupe_consumer.scope`): each on its ID's partition, numbered anew there, with
+    the origin header appended; so a replay dedupes per topic, as the consumer does."""
+    extract = parse_id_source(settings.dedupe.id_source)
+    count = settings.dedupe.scope_partitions or max(partitions, 1)
+    next_offset: dict[int, int] = {}
+    moved: list[Record] = []
+    for record in records:
+        event_id = route_id(extract, settings.dedupe.on_missing_id, record)
+        to = record.partition_ % count if event_id is None else id_partition(event_id, count)
+        offset = next_offset.get(to, 0)
+        next_offset[to] = offset + 1
+        origin = encode_origin(
+            record.topic_, record.partition_, record.offset_, record.timestamp_ms
+        )
+        moved.append(
+            replace(
+                record,
+                topic_=by_id_topic(settings.kafka.group_id, record.topic_),
+                partition_=to,
+                offset_=offset,
+                headers_=[*record.headers_, (ORIGIN_HEADER, origin)],
+            )
+        )
+    return moved

@@ -53,13 +53,19 @@ def changelog_topic(group_id: str, topic: str) -> str:
     keeps the name unique. The two forms cannot meet: one has digits before the
     suffix, the other ``h`` and hex.
     """
-    name = f"{group_id}.{topic}.{len(group_id)}.{_SUFFIX}"
+    return internal_topic(group_id, topic, _SUFFIX)
+
+
+def internal_topic(group_id: str, topic: str, suffix: str) -> str:
+    """A topic of this library's for ``(group_id, topic)``, named as
+    :func:`changelog_topic` says, with ``suffix`` (a legal topic name) at the end."""
+    name = f"{group_id}.{topic}.{len(group_id)}.{suffix}"
     if _LEGAL_NAME.fullmatch(group_id) and len(name) <= _MAX_TOPIC_NAME:
         return name
     pair = f"{len(group_id)}:{group_id}{topic}".encode("utf-8", "surrogatepass")
     digest = hashlib.sha256(pair).hexdigest()[:32]
     hint = re.sub(r"[^A-Za-z0-9._-]", "-", group_id[:_HINT]) + "." + topic[:_HINT]
-    return f"{hint}.h{digest}.{_SUFFIX}"
+    return f"{hint}.h{digest}.{suffix}"
 
 
 def legacy_changelog_topic(group_id: str, topic: str) -> str:

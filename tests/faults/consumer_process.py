@@ -28,6 +28,7 @@ def write_config(
     concurrency: int = 1,
     ordering: str = "key",
     max_unpersisted: int = 1,
+    scope: str = "partition",
 ) -> Path:
     """A consumer config in ``workdir``; logs are JSON so tests can read them.
 
@@ -45,6 +46,8 @@ topics = ["{topic}"]
 "session.timeout.ms" = 6000
 "heartbeat.interval.ms" = 500
 {member}
+[dedupe]
+scope = "{scope}"
 [store]
 path = "{store or workdir / "state"}"
 [processing]

@@ -48,6 +48,10 @@ class Mode:
     flaky: int = 0
     """One event in ``flaky`` fails its first attempt: its retry's backoff carries its
     lane past the batch (issue 13), so kills land while lanes are carried."""
+    scope: str = "partition"
+    """``"topic"``: every other message is placed by Java's partitioner (murmur2), the
+    rest by librdkafka's (CRC32), so copies of an ID land on different partitions,
+    and the consumer runs with ``dedupe.scope = "topic"`` (issue 14)."""
 
     @property
     def points(self) -> list[str]:
@@ -64,6 +68,12 @@ MODES = [
     Mode("transactional", handler="tests.faults.handlers:LedgerHandler", transactional=True),
 ]
 """The sequential engine (``processing.concurrency = 1``), every mode."""
+
+SCOPE_MODES = [
+    Mode("plain@topic-scope", scope="topic"),
+    Mode("claim+retry@c8-key@topic-scope", "claim", "retry", concurrency=8, scope="topic"),
+]
+"""Topic scope: producers with two partitioners, the hop and the engine, killed."""
 
 CONCURRENT_MODES = [
     Mode("plain@c8-key", concurrency=8),
@@ -131,16 +141,25 @@ def produce(
     duplicates: float,
     seed: int,
     ids: list[str] | None = None,
+    mixed: bool = False,
 ) -> list[str]:
-    """Produce events (creating the topic on first use); ``ids`` are earlier IDs to repeat."""
+    """Produce events (creating the topic on first use); ``ids`` are earlier IDs to repeat.
+
+    ``mixed``: every other message through a producer with Java's partitioner."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     if ids is None:
         admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result()
     rng = random.Random(seed)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    crc32 = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    murmur2 = (
+        Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "partitioner": "murmur2_random"})
+        if mixed
+        else crc32
+    )
     ids = ids if ids is not None else []
     sent: list[str] = []
-    for _ in range(events):
+    for n in range(events):
+        producer = murmur2 if n % 2 else crc32
         if ids and rng.random() < duplicates:
             event_id = ids[rng.randrange(len(ids))]
         else:
@@ -158,7 +177,7 @@ def produce(
                 break
             except BufferError:
                 producer.poll(0.05)
-    assert producer.flush(60) == 0
+    assert crc32.flush(60) == 0 and murmur2.flush(60) == 0
     return sent
 
 
@@ -222,7 +241,8 @@ def run_mode(
     workdir.mkdir(parents=True, exist_ok=True)
     slug = mode.name.replace("+", "-").replace("@", "-")
     topic = f"suite-{slug}-{uuid.uuid4().hex[:8]}"
-    sent = produce(bootstrap, topic, events, duplicates, seed)
+    mixed = mode.scope == "topic"
+    sent = produce(bootstrap, topic, events, duplicates, seed, mixed=mixed)
     unique = set(sent)
     config = write_config(
         workdir,
@@ -235,6 +255,7 @@ def run_mode(
         concurrency=mode.concurrency,
         ordering=mode.ordering,
         max_unpersisted=max_unpersisted,
+        scope=mode.scope,
     )
     processing = Settings.from_toml(config).processing  # what the process will run with
     assert (processing.concurrency, processing.ordering) == (mode.concurrency, mode.ordering)
@@ -249,9 +270,14 @@ def run_mode(
     deadline = time.monotonic() + timeout_s
 
     def done() -> bool:
-        return committed_offsets(bootstrap, f"{topic}-group", topic, PARTITIONS) == end_offsets(
+        moved = committed_offsets(bootstrap, f"{topic}-group", topic, PARTITIONS) == end_offsets(
             bootstrap, topic, PARTITIONS
         )
+        if not moved or mode.scope != "topic":
+            return moved
+        # Topic scope: the source is read (by the hop); every ID is decided too? (The
+        # by-id topic's end offsets count transaction markers: no offset comparison.)
+        return set(sent) <= set(effects_of(effects)) | _dead_lettered(bootstrap, f"{topic}.dlq")
 
     known = list(dict.fromkeys(sent))
     for k in range(kills):
@@ -259,7 +285,13 @@ def run_mode(
             break
         if done():  # drained before the kills ran out: more traffic, more kills
             sent += produce(
-                bootstrap, topic, max(1000, events // 4), duplicates, seed + k, ids=known
+                bootstrap,
+                topic,
+                max(1000, events // 4),
+                duplicates,
+                seed + k,
+                ids=known,
+                mixed=mixed,
             )
         random_moment = k % 3 == 2
         point = None if random_moment else mode.points[k % len(mode.points)]

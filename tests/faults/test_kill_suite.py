@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .suite import CONCURRENT_MODES, MODES, Mode, Outcome, plain_repeat_bound, run_mode
+from .suite import CONCURRENT_MODES, MODES, SCOPE_MODES, Mode, Outcome, plain_repeat_bound, run_mode
 
 pytestmark = pytest.mark.kafka
 EVENTS = 20_000
@@ -76,5 +76,24 @@ def test_kills_with_parallel_handlers_keep_the_same_guarantees(
         seed=sum(map(ord, mode.name)) % 1000,
         batch=BATCH,
         max_unpersisted=2 * BATCH,  # batches gathered into one write while one persists
+    )
+    check(out, mode)
+
+
+@pytest.mark.parametrize("mode", SCOPE_MODES, ids=[m.name for m in SCOPE_MODES])
+def test_kills_in_topic_scope_keep_the_guarantees_across_partitioners(
+    kafka_bootstrap: str, tmp_path: Path, mode: Mode
+) -> None:
+    """Copies of an ID on two partitions (two partitioners), the hop and the engine
+    killed: nothing lost, and repeats only inside the mode's window."""
+    out = run_mode(
+        kafka_bootstrap,
+        tmp_path,
+        mode,
+        events=CONCURRENT_EVENTS,
+        duplicates=0.2,
+        kills=KILLS,
+        seed=sum(map(ord, mode.name)) % 1000,
+        batch=BATCH,
     )
     check(out, mode)
