@@ -9,7 +9,12 @@ per-partition column family and travel with the partition in the changelog.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+
+from dedupe_consumer.store.base import Output
+
+_INTERNAL = (".dedupe-changelog", ".dedupe-by-id")
+"""Topics of this library's own: an output never goes there."""
 
 
 def _bytes(data: bytes | str) -> bytes:
@@ -23,19 +28,28 @@ class Effects:
     the same batch, then the store. A call that fails discards its writes.
     """
 
-    __slots__ = ("_read", "batch", "max_bytes", "staged")
+    __slots__ = ("_read", "batch", "max_bytes", "outputs", "staged", "topic_exists", "unemittable")
 
     def __init__(
         self,
         read: Callable[[bytes], bytes | None],
         batch: dict[bytes, bytes | None],
         max_bytes: int | None = None,
+        *,
+        topic_exists: Callable[[str], bool] | None = None,
+        unemittable: str | None = None,
     ) -> None:
         self._read = read
         self.batch = batch
         self.max_bytes = max_bytes
         """Largest key + value one staged write may have (it becomes one changelog record)."""
         self.staged: dict[bytes, bytes | None] = {}
+        self.outputs: list[Output] = []
+        """This call's emitted messages, in the order emitted."""
+        self.topic_exists = topic_exists
+        """Whether an output topic exists (None: not checked)."""
+        self.unemittable = unemittable
+        """Why nothing can be emitted here (no transactional changelog), or None."""
 
     def get(self, key: bytes | str) -> bytes | None:
         k = _bytes(key)
@@ -62,3 +76,42 @@ class Effects:
                 "values or raise that setting (and the changelog topic's max.message.bytes)"
             )
         self.staged[k] = v
+
+    def emit(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None = None,
+        headers: Mapping[str, bytes | str | None]
+        | Sequence[tuple[str, bytes | str | None]]
+        | None = None,
+    ) -> None:
+        """Produce a message to ``topic`` when the batch is persisted, in its transaction.
+
+        Raises ``ValueError`` (the attempt fails: retried, then dead-lettered) for a
+        topic that does not exist or is one of this library's, or a message too large
+        for the producer; ``RuntimeError`` where nothing can be emitted.
+        """
+        if self.unemittable is not None:
+            raise RuntimeError(self.unemittable)
+        if not isinstance(topic, str) or not topic:
+            raise ValueError(f"emit: the topic must be a non-empty string, not {topic!r}")
+        if topic.endswith(_INTERNAL):
+            raise ValueError(f"emit: {topic!r} is a topic of dedupe_consumer's own")
+        pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+        kept = tuple((str(n), None if v is None else _bytes(v)) for n, v in pairs)
+        k = None if key is None else _bytes(key)
+        v = None if value is None else _bytes(value)
+        size = len(k or b"") + len(v or b"") + sum(len(n) + len(x or b"") for n, x in kept)
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise ValueError(
+                f"emit: a message of {size} bytes (key, value and headers) to {topic!r} is "
+                f"over the limit of {self.max_bytes} bytes (the producer's message.max.bytes, "
+                "[kafka.producer] message.max.bytes, minus record overhead)"
+            )
+        if self.topic_exists is not None and not self.topic_exists(topic):
+            raise ValueError(
+                f"emit: output topic {topic!r} does not exist; create it (outputs are never "
+                "sent to a topic the broker would create with its defaults)"
+            )
+        self.outputs.append(Output(topic, v, k, kept))

@@ -49,7 +49,7 @@ from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.errors import NotOwnerError, StoreError
 from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store.base import ProcessedStore, WriteSet
+from dedupe_consumer.store.base import Output, ProcessedStore, WriteSet
 from dedupe_consumer.store.changelog_codec import (
     RestoredState,
     changelog_records,
@@ -147,6 +147,10 @@ class Changelog:
         self._producer = self._start_producer()
         self._admin = AdminClient({**self.connection.config("admin"), **kafka_log_config()})
         self._ensured: set[str] = set()
+        self._existing: set[str] = set()
+        """Topics seen to exist (output topics of ``event.emit``)."""
+        self._missing: dict[str, float] = {}
+        """Output topics found missing, and when (monotonic seconds)."""
         self._sources: dict[str, str] = {}
         """Changelog topic name → source topic (never parsed back out of the name)."""
         self._topics: dict[str, str] = {}
@@ -489,6 +493,9 @@ class Changelog:
         reported_at = {*first.values(), *last.values()}
         for i, (tp, key, value) in enumerate(records):
             self._send(tp, key, value, report=i in reported_at)
+        for outputs in write.outputs.values():  # event.emit: in the same transaction
+            for output in outputs:
+                self._emit(output)
         if committed:
             # The broker checks the group generation of this commit: a zombie whose
             # partitions moved fails here, and its records above are aborted with it.
@@ -551,6 +558,35 @@ class Changelog:
             self._producer.abort_transaction(self.timeout_s)
         except KafkaException as exc:
             log.error("changelog_abort_failed", error=str(exc))
+
+    def _emit(self, output: Output) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    output.topic, key=output.key, value=output.value, headers=list(output.headers)
+                )
+                return
+            except BufferError:  # local queue full on a huge batch: drain and go on
+                self._producer.poll(0.1)
+
+    def topic_exists(self, topic: str) -> bool:
+        """Whether ``topic`` exists (cached once seen; an unknown one asked again at most
+        every 5 s), for ``event.emit``: an output to a missing topic would hold the
+        transaction until it times out, and the batch with it."""
+        if topic in self._existing:
+            return True
+        now = time.monotonic()
+        if now - self._missing.get(topic, -10.0) < 5.0:
+            return False
+        try:
+            found = self._admin.list_topics(topic=None, timeout=self.timeout_s).topics
+        except KafkaException:
+            return True  # unknown now: let the transaction tell
+        self._existing.update(name for name, t in found.items() if t.error is None)
+        if topic in self._existing:
+            return True
+        self._missing[topic] = now
+        return False
 
     def _send(
         self, tp: TopicPartition, key: bytes, value: bytes | None, *, report: bool = True
