@@ -267,6 +267,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         changelog: StateChangelog | None = None,
         walk_budget_s: float | None = None,
+        outputs: list[Output] | None = None,
     ) -> None:
         """``sweep_keys`` and ``revoked_state_grace`` are ``[store]``'s;
         ``max_record_bytes`` is the largest changelog record (the producer's
@@ -316,10 +317,13 @@ class Engine:
         # cannot fit, so the attempt fails instead of the batch's changelog transaction.
         self._max_effect_bytes = max_record_bytes - _EFFECT_OVERHEAD
         # Emitted messages are produced in the changelog's transaction: none without one.
-        self._topic_exists = changelog.topic_exists if changelog is not None else None
+        self._output_limit = changelog.output_limit if changelog is not None else None
+        self._refused_outputs = frozenset({processing.dead_letter_topic})
+        self._kept_outputs = outputs
+        """Without a changelog (a replay): where emitted messages go once persisted."""
         self._unemittable = (
             None
-            if changelog is not None
+            if changelog is not None or outputs is not None
             else "event.emit needs store.changelog = true: an output is produced in the "
             "transaction that persists its event's decision, which is the changelog's"
         )
@@ -2075,8 +2079,9 @@ class Engine:
             partial(self._effect, tp),
             batch_effects,
             self._max_effect_bytes,
-            topic_exists=self._topic_exists,
+            topic_limit=self._output_limit,
             unemittable=self._unemittable,
+            refused_topics=self._refused_outputs,
         )
         base = self._event(tp, item, payload, effects)
         for attempt in range(1, attempts + 1):
@@ -2185,6 +2190,9 @@ class Engine:
                 fence = self._fence_offsets(write)
             committed = self.changelog.write(write, self.store, fence, live=live)
         self.store.persist(write)
+        if self.changelog is None and self._kept_outputs is not None:
+            for outputs in write.outputs.values():
+                self._kept_outputs.extend(outputs)
         self.metrics.persist_seconds.observe(time.monotonic() - started)
         return committed
 

@@ -176,8 +176,9 @@ class StateChangelog(Protocol):
     def ensure_topics(self, topics: Iterable[str]) -> None:
         """Make sure the changelog of each source topic exists and is usable."""
 
-    def topic_exists(self, topic: str) -> bool:
-        """Whether ``topic`` exists: an emitted message (``event.emit``) may go there."""
+    def output_limit(self, topic: str) -> int | None:
+        """``topic``'s ``max.message.bytes`` (0: not known), None when it does not exist:
+        what an emitted message (``event.emit``) to it may be."""
 
     def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
         """Bring ``store``'s copy of ``tp`` up to the changelog; the number of records read."""
