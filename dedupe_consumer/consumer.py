@@ -235,6 +235,7 @@ class DedupeConsumer:
                 metrics=self.metrics,
                 changelog=edges.changelog,
                 walk_budget_s=edges.walk_budget_s,
+                outputs=edges.outputs,
             )
             if self._stop.is_set():
                 engine.request_stop()

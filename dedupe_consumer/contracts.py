@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from dedupe_consumer.dead_letters import DeadLetterSink
 from dedupe_consumer.errors import CommitError
 from dedupe_consumer.models import BatchStats, SourceMessage, TopicPartition
-from dedupe_consumer.store.base import ProcessedStore
+from dedupe_consumer.store.base import Output, ProcessedStore
 
 if TYPE_CHECKING:
     from dedupe_consumer.store import StateChangelog
@@ -160,6 +160,9 @@ class Edges:
     staged effect that cannot fit is refused when it is staged."""
     closers: tuple[Callable[[], None], ...] = ()
     """What :meth:`close` calls, last first: the parts these edges opened themselves."""
+    outputs: list[Output] | None = None
+    """Without a changelog: where emitted messages (``event.emit``) go once their batch
+    is persisted, kept in memory (a replay's). None: ``emit`` needs the changelog."""
 
     def close(self) -> None:
         """Close the parts these edges opened (last opened, first closed).

@@ -9,11 +9,44 @@ per-partition column family and travel with the partition in the changelog.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+
+from dedupe_consumer.store.base import Output
+
+_INTERNAL = (".dedupe-changelog", ".dedupe-by-id")
+"""Topics of this library's own: an output never goes there."""
+
+
+_OVERHEAD = 512
+"""Bytes a record needs besides its key, value and headers (record and batch headers)."""
 
 
 def _bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data
+
+
+def _data(data: object, what: str) -> bytes | None:
+    """An output's key, value or header value: bytes, text (UTF-8) or None only; what the
+    producer would refuse fails the attempt here, not the batch's transaction."""
+    if data is None or isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode()
+    raise ValueError(
+        f"emit: the {what} must be bytes, str or None, not {type(data).__name__} "
+        "(serialize it first, e.g. json.dumps(...))"
+    )
+
+
+def _name(name: object) -> str:
+    if isinstance(name, str):
+        return name
+    if isinstance(name, bytes):
+        try:
+            return name.decode()
+        except UnicodeDecodeError:
+            pass
+    raise ValueError(f"emit: a header name must be text, not {name!r}")
 
 
 class Effects:
@@ -23,19 +56,41 @@ class Effects:
     the same batch, then the store. A call that fails discards its writes.
     """
 
-    __slots__ = ("_read", "batch", "max_bytes", "staged")
+    __slots__ = (
+        "_read",
+        "batch",
+        "max_bytes",
+        "outputs",
+        "refused_topics",
+        "staged",
+        "topic_limit",
+        "unemittable",
+    )
 
     def __init__(
         self,
         read: Callable[[bytes], bytes | None],
         batch: dict[bytes, bytes | None],
         max_bytes: int | None = None,
+        *,
+        topic_limit: Callable[[str], int | None] | None = None,
+        unemittable: str | None = None,
+        refused_topics: frozenset[str] = frozenset(),
     ) -> None:
         self._read = read
         self.batch = batch
         self.max_bytes = max_bytes
         """Largest key + value one staged write may have (it becomes one changelog record)."""
         self.staged: dict[bytes, bytes | None] = {}
+        self.outputs: list[Output] = []
+        """This call's emitted messages, in the order emitted."""
+        self.topic_limit = topic_limit
+        """An output topic's ``max.message.bytes``, None when it does not exist (not
+        checked without it)."""
+        self.unemittable = unemittable
+        """Why nothing can be emitted here (no transactional changelog), or None."""
+        self.refused_topics = refused_topics
+        """Topics an output never goes to (the dead-letter topic)."""
 
     def get(self, key: bytes | str) -> bytes | None:
         k = _bytes(key)
@@ -62,3 +117,50 @@ class Effects:
                 "values or raise that setting (and the changelog topic's max.message.bytes)"
             )
         self.staged[k] = v
+
+    def emit(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None = None,
+        headers: Mapping[str, bytes | str | None]
+        | Sequence[tuple[str, bytes | str | None]]
+        | None = None,
+    ) -> None:
+        """Produce a message to ``topic`` when the batch is persisted, in its transaction.
+
+        Raises ``ValueError`` (the attempt fails: retried, then dead-lettered) for a
+        topic that does not exist or is one of this library's, or a message too large
+        for the producer; ``RuntimeError`` where nothing can be emitted.
+        """
+        if self.unemittable is not None:
+            raise RuntimeError(self.unemittable)
+        if not isinstance(topic, str) or not topic:
+            raise ValueError(f"emit: the topic must be a non-empty string, not {topic!r}")
+        if topic.endswith(_INTERNAL) or topic in self.refused_topics:
+            raise ValueError(
+                f"emit: {topic!r} is a topic of dedupe_consumer's own (a changelog, by-id or "
+                "dead-letter topic): outputs never go there"
+            )
+        pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+        kept = tuple((_name(n), _data(x, f"header {n!r}")) for n, x in pairs)
+        k = _data(key, "key")
+        v = _data(value, "value")
+        size = len(k or b"") + len(v or b"") + sum(len(n.encode()) + len(x or b"") for n, x in kept)
+        limit = self.max_bytes
+        topic_max = self.topic_limit(topic) if self.topic_limit is not None else 0
+        if topic_max is None:
+            raise ValueError(
+                f"emit: output topic {topic!r} does not exist; create it (outputs are never "
+                "sent to a topic the broker would create with its defaults)"
+            )
+        if topic_max and (limit is None or topic_max - _OVERHEAD < limit):
+            limit = topic_max - _OVERHEAD
+        if limit is not None and size > limit:
+            raise ValueError(
+                f"emit: a message of {size} bytes (key, value and headers) to {topic!r} is "
+                f"over the limit of {limit} bytes (the smaller of the topic's "
+                "max.message.bytes and the producer's message.max.bytes, minus record "
+                "overhead)"
+            )
+        self.outputs.append(Output(topic, v, k, kept))

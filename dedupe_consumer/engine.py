@@ -92,6 +92,7 @@ from dedupe_consumer.store import (
     EPOCH,
     RECORDED_AS,
     IdRecord,
+    Output,
     ProcessedStore,
     RecordStatus,
     StateChangelog,
@@ -155,6 +156,8 @@ class _Item:
     """A duplicate or conflict: the offset at which this ID was first decided."""
     staged: dict[bytes, bytes | None] | None = None
     """Decided handled: the writes its handler (or reconcile) staged."""
+    outputs: list[Output] | None = None
+    """Decided handled: the messages its handler (or reconcile) emitted."""
     walked: bool = False
     """Decided by the walk (handled or dead-lettered there): its ID gets a record."""
     uncertain: bool = False
@@ -239,6 +242,7 @@ class _Called:
 
     result: object
     effects: dict[bytes, bytes | None]
+    outputs: list[Output]
 
 
 _EFFECT_OVERHEAD = 512
@@ -263,6 +267,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         changelog: StateChangelog | None = None,
         walk_budget_s: float | None = None,
+        outputs: list[Output] | None = None,
     ) -> None:
         """``sweep_keys`` and ``revoked_state_grace`` are ``[store]``'s;
         ``max_record_bytes`` is the largest changelog record (the producer's
@@ -311,6 +316,17 @@ class Engine:
         # A staged effect becomes one changelog record: refuse it at stage() time if it
         # cannot fit, so the attempt fails instead of the batch's changelog transaction.
         self._max_effect_bytes = max_record_bytes - _EFFECT_OVERHEAD
+        # Emitted messages are produced in the changelog's transaction: none without one.
+        self._output_limit = changelog.output_limit if changelog is not None else None
+        self._refused_outputs = frozenset({processing.dead_letter_topic})
+        self._kept_outputs = outputs
+        """Without a changelog (a replay): where emitted messages go once persisted."""
+        self._unemittable = (
+            None
+            if changelog is not None or outputs is not None
+            else "event.emit needs store.changelog = true: an output is produced in the "
+            "transaction that persists its event's decision, which is the changelog's"
+        )
         _refuse_coroutines(handler)
         if (
             self.claims
@@ -1573,6 +1589,7 @@ class Engine:
             stats = per_topic.setdefault(tp.topic, BatchStats())
             records: list[tuple[str, IdRecord]] = []
             effects: dict[bytes, bytes | None] = {}
+            outputs: list[Output] = []
             covered: int | None = None
             gap: int | None = None
             for item in batch.plan[tp]:
@@ -1585,7 +1602,7 @@ class Engine:
                         gap = item.offset
                     continue
                 if item.walked:
-                    _record(item, batch.now_ms, records, effects, stats, handled_ids)
+                    _record(item, batch.now_ms, records, effects, outputs, stats, handled_ids)
                 elif gap is None and item.decision is not None and item.fail is None:
                     try:
                         self._walk_decided(item, stats)
@@ -1605,6 +1622,8 @@ class Engine:
                 write.records[tp] = records
             if effects:
                 write.effects[tp] = list(effects.items())
+            if outputs:
+                write.outputs[tp] = outputs
             if covered is not None:
                 self._covered[tp] = covered
             self._cap_watermark(write, tp)
@@ -1680,12 +1699,15 @@ class Engine:
             items.sort(key=lambda i: i.offset)
             records: list[tuple[str, IdRecord]] = []
             effects: dict[bytes, bytes | None] = {}
+            outputs: list[Output] = []
             stats = per_topic.setdefault(tp.topic, BatchStats())
             for item in items:
-                _record(item, now_ms, records, effects, stats, handled_ids)
+                _record(item, now_ms, records, effects, outputs, stats, handled_ids)
             write.records[tp] = records
             if effects:
                 write.effects[tp] = list(effects.items())
+            if outputs:
+                write.outputs[tp] = outputs
         for tp, claims in released.items():
             decided = {event_id for event_id, _ in write.records.get(tp, [])}
             write.released[tp] = [i for i in claims if i not in decided]
@@ -1965,7 +1987,7 @@ class Engine:
             if isinstance(called, Decision):
                 return called
             if called.result:  # it happened: recorded as handled, with what reconcile staged
-                item.staged = called.effects
+                item.staged, item.outputs = called.effects, called.outputs
                 return Decision.HANDLED
         return (yield from self._handle(tp, item, batch_effects))
 
@@ -2011,7 +2033,7 @@ class Engine:
         if isinstance(called, Decision):
             return called
         fault_point("after_handler")
-        item.staged = called.effects
+        item.staged, item.outputs = called.effects, called.outputs
         if called.effects and self._by_id and not self._staged_by_id_warned:
             self._staged_by_id_warned = True
             log.warning(
@@ -2053,10 +2075,18 @@ class Engine:
         processing = self.processing
         attempts = processing.max_retries + 1
         # Reads see this lane's earlier staged writes, then the store.
-        effects = Effects(partial(self._effect, tp), batch_effects, self._max_effect_bytes)
+        effects = Effects(
+            partial(self._effect, tp),
+            batch_effects,
+            self._max_effect_bytes,
+            topic_limit=self._output_limit,
+            unemittable=self._unemittable,
+            refused_topics=self._refused_outputs,
+        )
         base = self._event(tp, item, payload, effects)
         for attempt in range(1, attempts + 1):
             effects.staged = {}  # a failed attempt's writes are dropped here
+            effects.outputs = []  # and its outputs
             event = base if attempt == 1 else replace(base, attempt=attempt)
             try:
                 result = yield _Call(call, event)
@@ -2100,7 +2130,7 @@ class Engine:
                 if (yield _Wait(delay, park=True)):
                     raise _Stop from None
             else:
-                return _Called(result, effects.staged)
+                return _Called(result, effects.staged, effects.outputs)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _dead_letter(
@@ -2160,6 +2190,9 @@ class Engine:
                 fence = self._fence_offsets(write)
             committed = self.changelog.write(write, self.store, fence, live=live)
         self.store.persist(write)
+        if self.changelog is None and self._kept_outputs is not None:
+            for outputs in write.outputs.values():
+                self._kept_outputs.extend(outputs)
         self.metrics.persist_seconds.observe(time.monotonic() - started)
         return committed
 
@@ -2201,10 +2234,11 @@ def _record(
     now_ms: int,
     records: list[tuple[str, IdRecord]],
     effects: dict[bytes, bytes | None],
+    outputs: list[Output],
     stats: BatchStats,
     handled_ids: list[str],
 ) -> None:
-    """An event the walk decided: its ID record, what it staged, how it counts."""
+    """An event the walk decided: its ID record, what it staged and emitted, how it counts."""
     decision = item.decision
     assert decision is not None and item.event_id is not None
     records.append(
@@ -2214,6 +2248,8 @@ def _record(
     if decision is Decision.HANDLED:
         if item.staged:
             effects.update(item.staged)
+        if item.outputs:
+            outputs.extend(item.outputs)
         handled_ids.append(item.event_id)
     else:
         assert item.letter is not None
@@ -2232,6 +2268,8 @@ def _only(write: WriteSet, tps: Sequence[TopicPartition]) -> WriteSet:
             part.released[tp] = write.released[tp]
         if tp in write.effects:
             part.effects[tp] = write.effects[tp]
+        if tp in write.outputs:
+            part.outputs[tp] = write.outputs[tp]
         if tp in write.watermarks:
             part.watermarks[tp] = write.watermarks[tp]
     return part
@@ -2363,6 +2401,8 @@ def _extend(write: WriteSet, later: WriteSet) -> None:
         write.released.setdefault(tp, []).extend(ids)
     for tp, changes in later.effects.items():
         write.effects.setdefault(tp, []).extend(changes)
+    for tp, outputs in later.outputs.items():
+        write.outputs.setdefault(tp, []).extend(outputs)
     write.watermarks.update(later.watermarks)
     write.changelog_positions.update(later.changelog_positions)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import operator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -135,6 +136,28 @@ class Event:
         if self.effects is None:
             raise RuntimeError("this event was not created by the engine: nothing to stage into")
         self.effects.stage(key, value)
+
+    def emit(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None = None,
+        headers: Mapping[str, bytes | str | None]
+        | Sequence[tuple[str, bytes | str | None]]
+        | None = None,
+    ) -> None:
+        """Produce a message to ``topic`` exactly once: in the Kafka transaction that
+        persists this event's decision, so it exists if and only if the decision does.
+
+        A failed attempt's outputs are dropped with its staged writes. Readers of
+        ``topic`` see it only with ``isolation.level = read_committed``. Needs
+        ``store.changelog = true`` (the transaction is the changelog's). Raises
+        ``ValueError`` for a topic that does not exist or a message too large: the
+        attempt fails like any (retried, then dead-lettered).
+        """
+        if self.effects is None:
+            raise RuntimeError("this event was not created by the engine: nothing to emit into")
+        self.effects.emit(topic, value, key, headers)
 
     def staged(self, key: bytes | str) -> bytes | None:
         """Read a staged value of this partition: this call's, then those of earlier

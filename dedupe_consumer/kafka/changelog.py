@@ -49,7 +49,7 @@ from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.errors import NotOwnerError, StoreError
 from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store.base import ProcessedStore, WriteSet
+from dedupe_consumer.store.base import Output, ProcessedStore, WriteSet
 from dedupe_consumer.store.changelog_codec import (
     RestoredState,
     changelog_records,
@@ -105,6 +105,10 @@ class _ProducerStuck(Exception):
     """Internal: a producer call did not return long after its timeout (see _send_offsets)."""
 
 
+_OUTPUT_TOPIC_TTL_S = 5.0
+"""How long what was read about an output topic is trusted."""
+
+
 class Changelog:
     """Writes each batch's decisions to Kafka and restores a partition's state from it."""
 
@@ -147,6 +151,9 @@ class Changelog:
         self._producer = self._start_producer()
         self._admin = AdminClient({**self.connection.config("admin"), **kafka_log_config()})
         self._ensured: set[str] = set()
+        self._outputs: dict[str, tuple[int | None, float]] = {}
+        """Output topics of ``event.emit``: their limit (see :meth:`output_limit`), and
+        when it was read (monotonic seconds)."""
         self._sources: dict[str, str] = {}
         """Changelog topic name → source topic (never parsed back out of the name)."""
         self._topics: dict[str, str] = {}
@@ -489,6 +496,13 @@ class Changelog:
         reported_at = {*first.values(), *last.values()}
         for i, (tp, key, value) in enumerate(records):
             self._send(tp, key, value, report=i in reported_at)
+        try:
+            for outputs in write.outputs.values():  # event.emit: in the same transaction
+                for output in outputs:
+                    self._emit(output)
+        except (TypeError, ValueError) as refused:  # emit checks first; never half-sent
+            self._abort()
+            raise StoreError(f"an emitted message was refused by the producer: {refused}") from None
         if committed:
             # The broker checks the group generation of this commit: a zombie whose
             # partitions moved fails here, and its records above are aborted with it.
@@ -551,6 +565,43 @@ class Changelog:
             self._producer.abort_transaction(self.timeout_s)
         except KafkaException as exc:
             log.error("changelog_abort_failed", error=str(exc))
+
+    def _emit(self, output: Output) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    output.topic, key=output.key, value=output.value, headers=list(output.headers)
+                )
+                return
+            except BufferError:  # local queue full on a huge batch: drain and go on
+                self._producer.poll(0.1)
+
+    def output_limit(self, topic: str) -> int | None:
+        """``topic``'s ``max.message.bytes`` (0: not known), None when it does not exist;
+        for ``event.emit``: an output the broker would refuse (a missing topic, a record
+        too large) would fail the batch's transaction, so the attempt fails instead.
+        Asked again at most every 5 s per topic (a topic deleted since is noticed)."""
+        now = time.monotonic()
+        known = self._outputs.get(topic)
+        if known is not None and now - known[1] < _OUTPUT_TOPIC_TTL_S:
+            return known[0]
+        try:
+            found = self._admin.list_topics(timeout=self.timeout_s).topics.get(topic)
+        except KafkaException:  # unknown now: what was known, or let the transaction tell
+            return known[0] if known is not None else 0
+        limit: int | None = None
+        if found is not None and found.error is None:
+            limit = self._max_message_bytes(topic)
+        self._outputs[topic] = (limit, now)
+        return limit
+
+    def _max_message_bytes(self, topic: str) -> int:
+        resource = ConfigResource(ResourceType.TOPIC, topic)
+        try:
+            configs = self._admin.describe_configs([resource])[resource].result(self.timeout_s)
+            return int(configs["max.message.bytes"].value)
+        except (KafkaException, KeyError, ValueError, TypeError):
+            return 0  # not allowed to read it: the transaction tells
 
     def _send(
         self, tp: TopicPartition, key: bytes, value: bytes | None, *, report: bool = True

@@ -89,6 +89,9 @@ class TopicReader:
         """The throwaway group.id (never joined, never committed to)."""
         self._consumer = Consumer(
             {
+                # What a consumer would see: no message of an aborted transaction (the
+                # outputs of event.emit, a hop's copies); a property given overrides it.
+                "isolation.level": "read_committed",
                 **(properties or {}),
                 **kafka_log_config(),
                 "bootstrap.servers": bootstrap_servers,

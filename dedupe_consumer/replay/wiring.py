@@ -9,7 +9,7 @@ consumer against; a test can pass them to a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dedupe_consumer.consumer import LoopSettings
 from dedupe_consumer.contracts import Edges
@@ -17,7 +17,7 @@ from dedupe_consumer.dead_letters import MemoryDeadLetters
 from dedupe_consumer.replay.format import Recording
 from dedupe_consumer.replay.records import Record
 from dedupe_consumer.replay.source import ReplayFeed
-from dedupe_consumer.store import RocksStore
+from dedupe_consumer.store import Output, RocksStore
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,8 @@ class ReplayEdges(Edges):
     dead_letters: MemoryDeadLetters
     """``dead_letters.letters``: every dead letter, in order."""
     store: RocksStore
+    outputs: list[Output] = field(default_factory=list)
+    """What the handler emitted (``event.emit``), in the order persisted."""
 
 
 def edges(

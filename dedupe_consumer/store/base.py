@@ -74,6 +74,16 @@ class IdRecord(NamedTuple):
         return cls(RecordStatus(status), offset, decided_at_ms, digest)
 
 
+class Output(NamedTuple):
+    """A message a handler emitted (``event.emit``): produced in the changelog transaction
+    that persists its event's decision, so it exists if and only if that decision does."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+
 @dataclass(slots=True)
 class WriteSet:
     """Everything one batch makes durable, in one atomic, synced write."""
@@ -87,6 +97,9 @@ class WriteSet:
     """Writes staged by handlers (``event.stage``); ``None`` deletes."""
     watermarks: dict[TopicPartition, int] = field(default_factory=dict)
     changelog_positions: dict[TopicPartition, int] = field(default_factory=dict)
+    outputs: dict[TopicPartition, list[Output]] = field(default_factory=dict)
+    """Messages emitted by the handlers of each source partition's events, in offset
+    order: produced with the changelog records (never kept in the store)."""
 
     def __bool__(self) -> bool:
         return bool(
@@ -95,10 +108,11 @@ class WriteSet:
             or self.effects
             or self.watermarks
             or self.changelog_positions
+            or self.outputs
         )
 
     def partitions(self) -> set[TopicPartition]:
-        return {*self.records, *self.released, *self.effects, *self.watermarks}
+        return {*self.records, *self.released, *self.effects, *self.watermarks, *self.outputs}
 
 
 class ProcessedStore(Protocol):
@@ -161,6 +175,10 @@ class StateChangelog(Protocol):
 
     def ensure_topics(self, topics: Iterable[str]) -> None:
         """Make sure the changelog of each source topic exists and is usable."""
+
+    def output_limit(self, topic: str) -> int | None:
+        """``topic``'s ``max.message.bytes`` (0: not known), None when it does not exist:
+        what an emitted message (``event.emit``) to it may be."""
 
     def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
         """Bring ``store``'s copy of ``tp`` up to the changelog; the number of records read."""

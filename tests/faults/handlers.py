@@ -37,6 +37,15 @@ class AppendHandler(Handler):
         os.close(self._fd)
 
 
+class EmitHandler(AppendHandler):
+    """Emits its event's ID to ``<topic>.out`` (``event.emit``), after logging the call:
+    the output is the effect, exactly once whatever the kills."""
+
+    def handle(self, event: Event) -> None:
+        super().handle(event)
+        event.emit(f"{event.topic}.out", event.id, key=event.key)
+
+
 class ReconcilingHandler(AppendHandler):
     """The effects file doubles as the downstream system that ``reconcile`` asks."""
 

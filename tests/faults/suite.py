@@ -48,6 +48,9 @@ class Mode:
     flaky: int = 0
     """One event in ``flaky`` fails its first attempt: its retry's backoff carries its
     lane past the batch (issue 13), so kills land while lanes are carried."""
+    emits: bool = False
+    """The handler emits one output per input (``event.emit``): the outputs topic is
+    counted instead of the calls, and must hold exactly one per ID in every mode."""
     scope: str = "partition"
     """``"topic"``: every other message is placed by Java's partitioner (murmur2), the
     rest by librdkafka's (CRC32), so copies of an ID land on different partitions,
@@ -74,6 +77,14 @@ SCOPE_MODES = [
     Mode("claim+retry@c8-key@topic-scope", "claim", "retry", concurrency=8, scope="topic"),
 ]
 """Topic scope: producers with two partitioners, the hop and the engine, killed."""
+
+EMIT = "tests.faults.handlers:EmitHandler"
+EMIT_MODES = [
+    Mode("plain+emit", handler=EMIT, emits=True),
+    Mode("claim+retry+emit", "claim", "retry", EMIT, emits=True),
+    Mode("plain@c8-key-flaky+emit", handler=EMIT, emits=True, concurrency=8, flaky=10),
+]
+"""Exactly-once outputs (issue 15): one output per unique input ID, whatever the kills."""
 
 CONCURRENT_MODES = [
     Mode("plain@c8-key", concurrency=8),
@@ -181,6 +192,31 @@ def produce(
     return sent
 
 
+def _outputs(bootstrap: str, topic: str) -> Counter[str]:
+    """How often each ID was emitted to ``topic``, as a read_committed reader sees it."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"outputs-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    counts: Counter[str] = Counter()
+    try:
+        consumer.subscribe([topic])
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 5:
+            for m in consumer.consume(500, 0.5):
+                if m.error() is None:
+                    counts[(m.value() or b"").decode()] += 1
+                    quiet_since = time.monotonic()
+    finally:
+        consumer.close()
+    return counts
+
+
 def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
     consumer = Consumer(
         {
@@ -243,6 +279,9 @@ def run_mode(
     topic = f"suite-{slug}-{uuid.uuid4().hex[:8]}"
     mixed = mode.scope == "topic"
     sent = produce(bootstrap, topic, events, duplicates, seed, mixed=mixed)
+    if mode.emits:
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin.create_topics([NewTopic(f"{topic}.out", 4, 1)])[f"{topic}.out"].result()
     unique = set(sent)
     config = write_config(
         workdir,
@@ -333,8 +372,11 @@ def run_mode(
 
     outcome.uncertain = _uncertain_ids(log)
     outcome.dead_lettered = _dead_lettered(bootstrap, f"{topic}.dlq")
-    if mode.transactional:
-        counts: Counter[str] = Counter()
+    counts: Counter[str]
+    if mode.emits:
+        counts = _outputs(bootstrap, f"{topic}.out")
+    elif mode.transactional:
+        counts = Counter()
         store = RocksStore(workdir / "state", retention_ms=10**12)
         try:
             for p in range(PARTITIONS):

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from .suite import CONCURRENT_MODES, MODES, SCOPE_MODES, Mode, Outcome, plain_repeat_bound, run_mode
+from .suite import (
+    CONCURRENT_MODES,
+    EMIT_MODES,
+    MODES,
+    SCOPE_MODES,
+    Mode,
+    Outcome,
+    plain_repeat_bound,
+    run_mode,
+)
 
 pytestmark = pytest.mark.kafka
 EVENTS = 20_000
@@ -35,7 +44,9 @@ def check(out: Outcome, mode: Mode) -> None:
     else:
         assert out.lost == [], f"{len(out.lost)} events lost: {out.notes}"
 
-    if mode.transactional or (mode.mode == "claim" and mode.on_uncertain != "retry"):
+    if mode.emits:  # outputs commit with their decisions: exactly once in every mode
+        assert out.duplicate_effects == {}, f"{len(out.duplicate_effects)} outputs repeated"
+    elif mode.transactional or (mode.mode == "claim" and mode.on_uncertain != "retry"):
         assert out.duplicate_effects == {}
     elif mode.mode == "claim":  # claim + retry: repeats only for uncertain outcomes
         assert set(out.duplicate_effects) <= out.uncertain
@@ -95,5 +106,25 @@ def test_kills_in_topic_scope_keep_the_guarantees_across_partitioners(
         kills=KILLS,
         seed=sum(map(ord, mode.name)) % 1000,
         batch=BATCH,
+    )
+    check(out, mode)
+
+
+@pytest.mark.parametrize("mode", EMIT_MODES, ids=[m.name for m in EMIT_MODES])
+def test_kills_never_lose_or_repeat_an_emitted_output(
+    kafka_bootstrap: str, tmp_path: Path, mode: Mode
+) -> None:
+    """A handler emits one output per input (``event.emit``); SIGKILLs at random and at
+    each fault point: a read_committed reader sees exactly one output per unique ID."""
+    out = run_mode(
+        kafka_bootstrap,
+        tmp_path,
+        mode,
+        events=CONCURRENT_EVENTS,
+        duplicates=0.1,
+        kills=KILLS,
+        seed=sum(map(ord, mode.name)) % 1000,
+        batch=BATCH,
+        max_unpersisted=2 * BATCH,
     )
     check(out, mode)
