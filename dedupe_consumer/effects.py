@@ -13,6 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from dedupe_consumer.store.base import Output
 
+OutputHeaders = Mapping[str, bytes | str | None] | Sequence[tuple[str, bytes | str | None]]
+"""The headers ``emit`` takes: a mapping, or ``(name, value)`` pairs (repeats kept)."""
+
 _INTERNAL = (".dedupe-changelog", ".dedupe-by-id")
 """Topics of this library's own: an output never goes there."""
 
@@ -123,9 +126,7 @@ class Effects:
         topic: str,
         value: bytes | str | None,
         key: bytes | str | None = None,
-        headers: Mapping[str, bytes | str | None]
-        | Sequence[tuple[str, bytes | str | None]]
-        | None = None,
+        headers: OutputHeaders | None = None,
     ) -> None:
         """Produce a message to ``topic`` when the batch is persisted, in its transaction.
 

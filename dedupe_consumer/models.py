@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import operator
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import structlog
 
 if TYPE_CHECKING:
-    from dedupe_consumer.effects import Effects
+    from dedupe_consumer.effects import Effects, OutputHeaders
 
 _log = structlog.get_logger("dedupe_consumer")
 
@@ -142,9 +141,7 @@ class Event:
         topic: str,
         value: bytes | str | None,
         key: bytes | str | None = None,
-        headers: Mapping[str, bytes | str | None]
-        | Sequence[tuple[str, bytes | str | None]]
-        | None = None,
+        headers: OutputHeaders | None = None,
     ) -> None:
         """Produce a message to ``topic`` exactly once: in the Kafka transaction that
         persists this event's decision, so it exists if and only if the decision does.

@@ -112,6 +112,29 @@ def route_id(extract: IdExtractor, on_missing_id: str, message: SourceMessage) -
         return None
 
 
+def by_id_partition(
+    extract: IdExtractor, on_missing_id: str, message: SourceMessage, partitions: int
+) -> int:
+    """Where the hop puts ``message`` in a by-id topic of ``partitions``: its ID's
+    partition; without an ID (the stage applies ``on_missing_id``), any will do."""
+    event_id = route_id(extract, on_missing_id, message)
+    if event_id is None:
+        return (message.partition() or 0) % partitions
+    return id_partition(event_id, partitions)
+
+
+def origin_header(message: SourceMessage) -> tuple[str, bytes]:
+    """The header the hop appends to ``message``'s copy: where and when it was read."""
+    kind, stamp = message.timestamp()
+    origin = encode_origin(
+        message.topic() or "",
+        message.partition() or 0,
+        message.offset() or 0,
+        stamp if kind else None,
+    )
+    return ORIGIN_HEADER, origin
+
+
 def encode_origin(topic: str, partition: int, offset: int, timestamp_ms: int | None) -> bytes:
     stamp = -1 if timestamp_ms is None or timestamp_ms < 0 else timestamp_ms
     return f"{partition}/{offset}/{stamp}/{topic}".encode()

@@ -48,6 +48,7 @@ from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it
 from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.errors import NotOwnerError, StoreError
 from dedupe_consumer.kafka.logs import kafka_log_config
+from dedupe_consumer.kafka.producing import produce_waiting
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store.base import Output, ProcessedStore, WriteSet
 from dedupe_consumer.store.changelog_codec import (
@@ -567,14 +568,13 @@ class Changelog:
             log.error("changelog_abort_failed", error=str(exc))
 
     def _emit(self, output: Output) -> None:
-        while True:
-            try:
-                self._producer.produce(
-                    output.topic, key=output.key, value=output.value, headers=list(output.headers)
-                )
-                return
-            except BufferError:  # local queue full on a huge batch: drain and go on
-                self._producer.poll(0.1)
+        produce_waiting(
+            self._producer,
+            output.topic,
+            key=output.key,
+            value=output.value,
+            headers=list(output.headers),
+        )
 
     def output_limit(self, topic: str) -> int | None:
         """``topic``'s ``max.message.bytes`` (0: not known), None when it does not exist;
@@ -606,6 +606,7 @@ class Changelog:
     def _send(
         self, tp: TopicPartition, key: bytes, value: bytes | None, *, report: bool = True
     ) -> None:
+        # Not produce_waiting: one call per changelog record, the hot path of a persist.
         while True:
             try:
                 if report:

@@ -25,6 +25,7 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from dedupe_consumer.errors import DedupeError
 from dedupe_consumer.kafka.logs import kafka_log_config
+from dedupe_consumer.kafka.producing import produce_waiting
 from dedupe_consumer.models import SourceMessage
 
 log = structlog.get_logger("dedupe_consumer.replay")
@@ -204,19 +205,15 @@ class RecordingProducer:
             extra["timestamp"] = timestamp_ms
         if partition is not None:
             extra["partition"] = partition
-        while True:
-            try:
-                self._producer.produce(
-                    topic,
-                    key=key,
-                    value=value,
-                    headers=headers,
-                    on_delivery=self._on_delivery,
-                    **extra,
-                )
-                break
-            except BufferError:  # local queue full: let deliveries drain, then retry
-                self._producer.poll(0.1)
+        produce_waiting(
+            self._producer,
+            topic,
+            key=key,
+            value=value,
+            headers=headers,
+            on_delivery=self._on_delivery,
+            **extra,
+        )
         self._producer.poll(0)
 
     def flush(self, timeout_s: float) -> int:

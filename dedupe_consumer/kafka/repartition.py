@@ -31,9 +31,10 @@ from dedupe_consumer.contracts import Source
 from dedupe_consumer.errors import ConfigError, DedupeError
 from dedupe_consumer.ids import parse_id_source
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
+from dedupe_consumer.kafka.producing import produce_waiting
 from dedupe_consumer.models import SourceMessage, TopicPartition, header_pairs
 from dedupe_consumer.observability import Metrics
-from dedupe_consumer.scope import ORIGIN_HEADER, by_id_topic, encode_origin, id_partition, route_id
+from dedupe_consumer.scope import by_id_partition, by_id_topic, origin_header
 
 log = structlog.get_logger("dedupe_consumer.scope")
 
@@ -277,7 +278,7 @@ class Repartitioner(threading.Thread):
                 firsts.setdefault((topic, partition), offset)
                 nexts[(topic, partition)] = offset + 1
                 counts[topic] = counts.get(topic, 0) + 1
-                self._produce(producer, message, topic, partition, offset)
+                self._produce(producer, message, topic)
             offsets = [KafkaTopicPartition(t, p, o) for (t, p), o in nexts.items()]
             producer.send_offsets_to_transaction(
                 offsets, consumer.consumer_group_metadata(), _TIMEOUT_S
@@ -309,30 +310,22 @@ class Repartitioner(threading.Thread):
         for topic, n in counts.items():
             self.metrics.repartitioned.labels(topic).inc(n)
 
-    def _produce(
-        self, producer: Producer, message: SourceMessage, topic: str, partition: int, offset: int
-    ) -> None:
-        target = self.partitions[topic]
-        event_id = route_id(self._extract, self.settings.dedupe.on_missing_id, message)
-        # No ID: the dedupe stage applies on_missing_id; any partition will do.
-        to = partition % target if event_id is None else id_partition(event_id, target)
-        kind, stamp = message.timestamp()
+    def _produce(self, producer: Producer, message: SourceMessage, topic: str) -> None:
+        to = by_id_partition(
+            self._extract, self.settings.dedupe.on_missing_id, message, self.partitions[topic]
+        )
         headers: list[tuple[str, str | bytes | None]] = [
             *header_pairs(message),
-            (ORIGIN_HEADER, encode_origin(topic, partition, offset, stamp if kind else None)),
+            origin_header(message),
         ]
-        while True:
-            try:
-                producer.produce(
-                    self._targets[topic],
-                    value=message.value(),
-                    key=message.key(),
-                    partition=to,
-                    headers=headers,
-                )
-                return
-            except BufferError:  # the local queue is full on a large batch: drain a little
-                producer.poll(0.1)
+        produce_waiting(
+            producer,
+            self._targets[topic],
+            value=message.value(),
+            key=message.key(),
+            partition=to,
+            headers=headers,
+        )
 
     def _commit(self, producer: Producer) -> None:
         for attempt in range(3):

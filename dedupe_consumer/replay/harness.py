@@ -51,7 +51,7 @@ from dedupe_consumer.replay.format import read_recording
 from dedupe_consumer.replay.records import Record
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED, ReplayReport, audit
 from dedupe_consumer.replay.wiring import edges
-from dedupe_consumer.scope import ORIGIN_HEADER, by_id_topic, encode_origin, id_partition, route_id
+from dedupe_consumer.scope import by_id_partition, by_id_topic, origin_header
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(decided, total)`` after each batch."""
@@ -301,20 +301,16 @@ def through_the_hop(records: Sequence[Record], settings: Settings, partitions: i
     next_offset: dict[int, int] = {}
     moved: list[Record] = []
     for record in records:
-        event_id = route_id(extract, settings.dedupe.on_missing_id, record)
-        to = record.partition_ % count if event_id is None else id_partition(event_id, count)
+        to = by_id_partition(extract, settings.dedupe.on_missing_id, record, count)
         offset = next_offset.get(to, 0)
         next_offset[to] = offset + 1
-        origin = encode_origin(
-            record.topic_, record.partition_, record.offset_, record.timestamp_ms
-        )
         moved.append(
             replace(
                 record,
                 topic_=by_id_topic(settings.kafka.group_id, record.topic_),
                 partition_=to,
                 offset_=offset,
-                headers_=[*record.headers_, (ORIGIN_HEADER, origin)],
+                headers_=[*record.headers_, origin_header(record)],
             )
         )
     return moved
