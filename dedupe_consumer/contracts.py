@@ -124,7 +124,8 @@ class Source(Protocol):
 
     def keep_alive(self) -> None:
         """Serve the group while a batch's handler calls run: deliver nothing new now
-        (what arrives is kept for the next poll), but heartbeat and rebalance."""
+        (what arrives is kept for the next poll, a bounded read-ahead), but heartbeat
+        and rebalance."""
 
     def close(self) -> None:
         """Commit what is durable and not committed yet, then let go of the source."""

@@ -19,8 +19,8 @@ A batch goes through five phases:
    *lane*: the events of one key (``ordering = "key"``; without a key, of one
    event ID) or of one partition (``"partition"``, or concurrency 1), handled
    strictly in offset order, one at a time; lanes run in parallel. Meanwhile the
-   consuming thread keeps the group membership (``keep_alive``: a poll with every
-   partition paused) and serves rebalances: a partition revoked mid-walk starts
+   consuming thread keeps the group membership (``keep_alive``: a poll that reads one
+   batch ahead, then pauses) and serves rebalances: a partition revoked mid-walk starts
    no new event, its running calls are waited for (bounded), and what it decided
    is persisted and committed before the revocation returns;
 4. *settle*: per partition, in offset order, the decisions become records; the
@@ -773,8 +773,8 @@ class Engine:
         over, so at most one batch is in flight and offsets come back only once
         durable (invariant 1). Everything else (claims, rebalances, idle sweeps,
         stops) waits for it first. ``keep_alive`` is called on this thread while
-        handler calls run (the Kafka source polls with its partitions paused:
-        heartbeats, rebalances).
+        handler calls run (the Kafka source polls, reading one batch ahead and then
+        pausing its partitions: heartbeats, rebalances).
         """
         self._keep_alive = keep_alive
         started = time.monotonic()

@@ -1,8 +1,8 @@
 """Where handler calls run: worker threads for sync code, one event loop for coroutines.
 
-The consuming thread never calls the handler itself: it keeps polling (with the
-partitions paused) while handler calls run, so no call, however long, costs the
-group membership. ``processing.concurrency`` workers take the calls; at 1, one
+The consuming thread never calls the handler itself: it keeps polling (reading one
+batch ahead, then with the partitions paused) while handler calls run, so no call,
+however long, costs the group membership. ``processing.concurrency`` workers take the calls; at 1, one
 thread runs ``setup``, every ``handle`` and ``teardown``, so a handler that keeps
 thread-bound resources (a sqlite3 connection, say) works as written.
 

@@ -174,7 +174,8 @@ class KafkaSource:
             consumer.assign(partitions)
         # librdkafka keeps a partition paused across its revocation and a later
         # assignment: one paused by keep_alive would never be fetched again. A batch
-        # still being walked pauses it anew at its next keep_alive.
+        # still being walked past its read-ahead bound pauses it anew at the next
+        # keep_alive.
         consumer.resume(partitions)
 
     def _partition_logs(
@@ -289,7 +290,8 @@ class KafkaSource:
         served, however long the calls take.
 
         What arrives meanwhile is kept for the next batch (read ahead), up to one
-        batch (``processing.batch_size`` messages or :data:`READ_AHEAD_BYTES`); past
+        batch (``processing.batch_size`` messages; no new read once
+        :data:`READ_AHEAD_BYTES` of values are kept, so one read may pass it); past
         that, every assigned partition is paused until the next :meth:`poll`. Pausing
         only then matters: librdkafka drops what it fetched for a paused partition
         and, once resumed, fetches again up to a second later (measured: 0.4-1 s after
@@ -306,10 +308,13 @@ class KafkaSource:
                 self._kept_bytes < READ_AHEAD_BYTES
             ):
                 return
-            assignment = self._consumer.assignment()
-            if assignment:
-                self._consumer.pause(assignment)
             self._paused = True
+        # Paused at every call past the bound, not once: a rebalance served by the last
+        # consume() resumes what it assigns (see _on_assign), which would then be read
+        # ahead without bound for the rest of the walk.
+        assignment = self._consumer.assignment()
+        if assignment:
+            self._consumer.pause(assignment)
         # Fetched before the pause, or assigned just now: kept for the next poll.
         fetched = self._consumer.consume(num_messages=1000, timeout=0)
         self._kept.extend(fetched)
