@@ -2,9 +2,10 @@
 
 The consuming thread never calls the handler itself: it keeps polling (reading one
 batch ahead, then with the partitions paused) while handler calls run, so no call,
-however long, costs the group membership. ``processing.concurrency`` workers take the calls; at 1, one
-thread runs ``setup``, every ``handle`` and ``teardown``, so a handler that keeps
-thread-bound resources (a sqlite3 connection, say) works as written.
+however long, costs the group membership. ``processing.concurrency`` workers take
+the calls; at 1, one thread runs ``setup``, every ``handle`` and ``teardown``, so a
+handler that keeps thread-bound resources (a sqlite3 connection, say) works as
+written.
 
 With ``async def handle``, the engine runs its lanes as coroutines on one
 asyncio loop in a thread of its own (:meth:`HandlerPool.start_on_loop`), at most
