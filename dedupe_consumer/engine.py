@@ -60,7 +60,7 @@ from dedupe_consumer._faults import fault_point
 from dedupe_consumer.config import DedupeSettings, ProcessingSettings
 from dedupe_consumer.contracts import BatchResult, PartitionLog
 from dedupe_consumer.dead_letters import DeadLetter, DeadLetterSink
-from dedupe_consumer.effects import Effects
+from dedupe_consumer.effects import Effects, OutputError
 from dedupe_consumer.errors import (
     ConfigError,
     DeadLetterError,
@@ -87,6 +87,7 @@ from dedupe_consumer.models import (
 )
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.partitioners import placed_by_a_common_partitioner, placing_rule
+from dedupe_consumer.responses import ResponseRefused, as_response, check_reply_to, send_reply
 from dedupe_consumer.scope import split_origin
 from dedupe_consumer.store import (
     EPOCH,
@@ -95,6 +96,7 @@ from dedupe_consumer.store import (
     Output,
     ProcessedStore,
     RecordStatus,
+    Response,
     StateChangelog,
     WriteSet,
 )
@@ -154,6 +156,11 @@ class _Item:
     uncertain outcome, resolved by ``processing.on_uncertain``."""
     first_offset: int | None = None
     """A duplicate or conflict: the offset at which this ID was first decided."""
+    first: _Item | IdRecord | None = None
+    """A duplicate: its ID's decided record, or the event of this batch (or of a carried
+    lane) that decides it; where its stored response is read from."""
+    response: Response | None = None
+    """Decided handled: what ``handle`` returned, kept in the ID record."""
     staged: dict[bytes, bytes | None] | None = None
     """Decided handled: the writes its handler (or reconcile) staged."""
     outputs: list[Output] | None = None
@@ -243,6 +250,7 @@ class _Called:
     result: object
     effects: dict[bytes, bytes | None]
     outputs: list[Output]
+    response: Response | None = None
 
 
 _EFFECT_OVERHEAD = 512
@@ -319,6 +327,13 @@ class Engine:
         # Emitted messages are produced in the changelog's transaction: none without one.
         self._output_limit = changelog.output_limit if changelog is not None else None
         self._refused_outputs = frozenset({processing.dead_letter_topic})
+        self._max_response_bytes = dedupe.max_response_bytes
+        self._result_warned = False
+        self._answers_duplicates = processing.reply_on_duplicate or (
+            type(handler).on_duplicate is not Handler.on_duplicate
+        )
+        """A duplicate needs its stored response: a reply is sent again, or the handler
+        implements ``on_duplicate``."""
         self._kept_outputs = outputs
         """Without a changelog (a replay): where emitted messages go once persisted."""
         self._unemittable = (
@@ -1171,7 +1186,7 @@ class Engine:
             if ahead is not None and (wm is None or ahead > wm):
                 wm = ahead
         with self._lanes_changed:
-            held = set(self._held.get(tp, ()))
+            held = dict(self._held.get(tp, {}))
             held_ids = dict(self._held_ids.get(tp, {}))
         fresh: list[_Item] = []
         for item in items:
@@ -1201,20 +1216,21 @@ class Engine:
                 found.update((i, decided[i]) for i in hits)
                 unpersisted.update(hits)
         # An ID a carried lane holds is decided there: a later copy is its duplicate.
-        first_offset = {i: held_ids[i] for i in unique if i in held_ids} if held_ids else {}
+        first: dict[str, tuple[int, bytes, _Item | IdRecord | None]] = {
+            i: (*held_ids[i], held.get(held_ids[i][0])) for i in unique if i in held_ids
+        }
         for item in fresh:
             event_id = item.event_id
             assert event_id is not None
-            if event_id in first_offset:  # seen earlier in this batch
-                offset, digest = first_offset[event_id]
-                self._on_seen(item, offset, digest)
+            if event_id in first:  # seen earlier in this batch
+                self._on_seen(item, *first[event_id])
                 continue
             record = found.get(event_id)
             if record is None:
-                first_offset[event_id] = (item.offset, item.digest)
+                first[event_id] = (item.offset, item.digest, item)
                 continue
             # Later copies in this batch compare with the decided record, not with us.
-            first_offset[event_id] = (record.offset, record.digest)
+            first[event_id] = (record.offset, record.digest, record)
             if record.status is RecordStatus.IN_PROGRESS:
                 item.found_claim = record  # uncertain: the walk applies processing.on_uncertain
                 continue
@@ -1223,7 +1239,7 @@ class Engine:
                 # what its watermark will say once durable.
                 item.decision = Decision.REPLAY
                 continue
-            self._on_seen(item, record.offset, record.digest)
+            self._on_seen(item, record.offset, record.digest, record)
 
     def _on_missing_id(self, item: _Item, missing: MissingId) -> None:
         message = item.message
@@ -1245,10 +1261,17 @@ class Engine:
         item.decision = Decision.DEAD_LETTERED
         item.letter = DeadLetter(missing.reason, None, type(missing).__name__, why, 0)
 
-    def _on_seen(self, item: _Item, first_offset: int, first_digest: bytes) -> None:
+    def _on_seen(
+        self,
+        item: _Item,
+        first_offset: int,
+        first_digest: bytes,
+        first: _Item | IdRecord | None = None,
+    ) -> None:
         item.first_offset = first_offset
         if item.digest == first_digest:
             item.decision = Decision.DUPLICATE
+            item.first = first
             return
         item.decision = Decision.CONFLICT
         if self.dedupe.on_conflict == "dead-letter":
@@ -1605,7 +1628,7 @@ class Engine:
                     _record(item, batch.now_ms, records, effects, outputs, stats, handled_ids)
                 elif gap is None and item.decision is not None and item.fail is None:
                     try:
-                        self._walk_decided(item, stats)
+                        self._walk_decided(tp, item, stats, outputs)
                     except Exception as unsent:  # not even a letter without its value
                         batch.fail(unsent)
                         gap = item.offset
@@ -1884,9 +1907,13 @@ class Engine:
             # before this event and stop, rather than loop on it or skip it unrecorded.
             raise _Stop from unsent
 
-    def _walk_decided(self, item: _Item, stats: BatchStats) -> None:
+    def _walk_decided(
+        self, tp: TopicPartition, item: _Item, stats: BatchStats, outputs: list[Output]
+    ) -> None:
         assert item.decision is not None
         message = item.message
+        if item.decision is Decision.DUPLICATE and self._answers_duplicates:
+            self._answer_duplicate(tp, item, outputs)
         if item.decision is Decision.CONFLICT:
             log.warning(
                 "conflicting_duplicate",
@@ -1914,6 +1941,63 @@ class Engine:
             stats.add(Decision.DEAD_LETTERED)
             return
         stats.add(item.decision)
+
+    def _answer_duplicate(self, tp: TopicPartition, item: _Item, outputs: list[Output]) -> None:
+        """``Handler.on_duplicate`` with the stored response; with
+        ``processing.reply_on_duplicate``, the response again as the reply (an output
+        of this batch's transaction). A reply that cannot be sent dead-letters the
+        duplicate (``output-failed``): the requester is never left without a trace."""
+        first = item.first
+        decided = isinstance(first, IdRecord) or (
+            first is not None and first.decision is Decision.HANDLED and not first.running
+        )
+        # Else dead-lettered, or still being decided (its own reply answers the request).
+        stored = first.response if decided and first is not None else None
+        event = self._event(tp, item, None, None)
+        try:
+            self.handler.on_duplicate(event, stored)
+        except Exception as failure:  # the duplicate is skipped all the same
+            log.warning(
+                "on_duplicate_failed",
+                event_id=item.event_id,
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=item.offset,
+                error=f"{type(failure).__name__}: {failure}",
+            )
+        if stored is None or not self.processing.reply_on_duplicate:
+            return
+        effects = self._effects(tp, {})
+        try:
+            send_reply(stored, event, effects, self.processing)
+        except OutputError as unsendable:
+            item.letter = DeadLetter(
+                DeadLetterReason.OUTPUT_FAILED,
+                item.event_id,
+                type(unsendable).__name__,
+                f"the reply to a duplicate cannot be sent: {unsendable}",
+                0,
+            )
+            return
+        outputs.extend(effects.outputs)
+
+    def _effects(self, tp: TopicPartition, batch_effects: dict[bytes, bytes | None]) -> Effects:
+        """A call's transactional effects: reads see ``batch_effects``, then the store."""
+        processing = self.processing
+        limit = self._output_limit
+        return Effects(
+            partial(self._effect, tp),
+            batch_effects,
+            self._max_effect_bytes,
+            topic_limit=(
+                limit
+                if limit is None or not processing.create_output_topics
+                else partial(limit, create=True)
+            ),
+            unemittable=self._unemittable,
+            refused_topics=self._refused_outputs,
+            max_outputs=processing.max_outputs_per_event,
+        )
 
     def _decide(
         self,
@@ -2029,11 +2113,13 @@ class Engine:
             "handler",
             permanent_reason=DeadLetterReason.PERMANENT_ERROR,
             exhausted_reason=DeadLetterReason.RETRIES_EXHAUSTED,
+            respond=True,
         )
         if isinstance(called, Decision):
             return called
         fault_point("after_handler")
         item.staged, item.outputs = called.effects, called.outputs
+        item.response = called.response
         if called.effects and self._by_id and not self._staged_by_id_warned:
             self._staged_by_id_warned = True
             log.warning(
@@ -2056,13 +2142,17 @@ class Engine:
         *,
         permanent_reason: DeadLetterReason,
         exhausted_reason: DeadLetterReason,
+        respond: bool = False,
     ) -> _Steps[_Called | Decision]:
         """Parse the payload, then ``call(event)`` with retries and backoff.
 
         Returns what the call returned with its staged writes, or
         ``Decision.DEAD_LETTERED``: ``invalid-payload`` when parsing fails (whatever
         it raises), ``permanent_reason`` when the call raises ``PermanentError``,
-        ``exhausted_reason`` when its last retry fails.
+        ``exhausted_reason`` when its last retry fails (``output-failed`` when that
+        was an output that could not be produced). ``respond``: what the call returns
+        is the event's response (stored, and sent as the reply: see
+        :mod:`dedupe_consumer.responses`); one too large is dead-lettered at once.
         """
         try:
             payload = self.handler.parse(as_bytes(item.message.value()))
@@ -2075,21 +2165,33 @@ class Engine:
         processing = self.processing
         attempts = processing.max_retries + 1
         # Reads see this lane's earlier staged writes, then the store.
-        effects = Effects(
-            partial(self._effect, tp),
-            batch_effects,
-            self._max_effect_bytes,
-            topic_limit=self._output_limit,
-            unemittable=self._unemittable,
-            refused_topics=self._refused_outputs,
-        )
+        effects = self._effects(tp, batch_effects)
         base = self._event(tp, item, payload, effects)
+        response: Response | None = None
         for attempt in range(1, attempts + 1):
             effects.staged = {}  # a failed attempt's writes are dropped here
             effects.outputs = []  # and its outputs
             event = base if attempt == 1 else replace(base, attempt=attempt)
             try:
+                if respond:  # no call while the reply could not go where the request says
+                    check_reply_to(event, processing, effects)
                 result = yield _Call(call, event)
+                if respond:
+                    response = as_response(result, self._max_response_bytes)
+                    if response is None and result is not None:
+                        self._warn_not_a_response(result)
+                    elif response is not None:
+                        send_reply(response, event, effects, processing)
+            except ResponseRefused as refused:
+                return (
+                    yield from self._dead_letter(
+                        item,
+                        DeadLetterReason.RESPONSE_TOO_LARGE,
+                        type(refused).__name__,
+                        str(refused),
+                        attempt,
+                    )
+                )
             except PermanentError as permanent:
                 return (
                     yield from self._dead_letter(
@@ -2105,7 +2207,9 @@ class Engine:
                     return (
                         yield from self._dead_letter(
                             item,
-                            exhausted_reason,
+                            DeadLetterReason.OUTPUT_FAILED
+                            if isinstance(failure, OutputError)
+                            else exhausted_reason,
                             type(failure).__name__,
                             str(failure),
                             attempt,
@@ -2130,8 +2234,21 @@ class Engine:
                 if (yield _Wait(delay, park=True)):
                     raise _Stop from None
             else:
-                return _Called(result, effects.staged, effects.outputs)
+                return _Called(result, effects.staged, effects.outputs, response)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _warn_not_a_response(self, result: object) -> None:
+        if self._result_warned:
+            return
+        self._result_warned = True
+        log.warning(
+            "handler_result_not_stored",
+            handler=type(self.handler).__name__,
+            returned=type(result).__name__,
+            consequence="handle returned something that is not a response (bytes, str, a "
+            "pydantic model or dedupe_consumer.Response): it is not stored nor sent as a "
+            "reply; return None when there is no response",
+        )
 
     def _dead_letter(
         self,
@@ -2221,12 +2338,14 @@ class Engine:
 
 
 def _refuse_coroutines(handler: Handler) -> None:
-    """``parse`` runs on the consuming thread's path to every hook: it must be plain ``def``."""
-    if inspect.iscoroutinefunction(handler.parse) or inspect.isasyncgenfunction(handler.parse):
-        raise ConfigError(
-            f"{type(handler).__name__}.parse is `async def`: parse must be plain `def` "
-            "(handle, reconcile, setup and teardown may be async)"
-        )
+    """``parse`` and ``on_duplicate`` run on the consuming thread: they must be plain ``def``."""
+    for name in ("parse", "on_duplicate"):
+        method = getattr(handler, name)
+        if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+            raise ConfigError(
+                f"{type(handler).__name__}.{name} is `async def`: {name} must be plain `def` "
+                "(handle, reconcile, setup and teardown may be async)"
+            )
 
 
 def _record(
@@ -2241,8 +2360,12 @@ def _record(
     """An event the walk decided: its ID record, what it staged and emitted, how it counts."""
     decision = item.decision
     assert decision is not None and item.event_id is not None
+    response = item.response if decision is Decision.HANDLED else None
     records.append(
-        (item.event_id, IdRecord(RECORDED_AS[decision], item.offset, now_ms, item.digest))
+        (
+            item.event_id,
+            IdRecord(RECORDED_AS[decision], item.offset, now_ms, item.digest, response),
+        )
     )
     stats.uncertain += item.uncertain
     if decision is Decision.HANDLED:
