@@ -92,7 +92,7 @@ class CountingAsyncSleep(Handler):
         self.calls = 0
         self.sleep_s = sleep_s
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         await asyncio.sleep(self.sleep_s)
         self.calls += 1
 
