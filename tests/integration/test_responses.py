@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from dedupe_consumer import DedupeConsumer, Event, Handler, Response
-from dedupe_consumer.testing.pytest_plugin import TopicFactory
+from dedupe_consumer.testing.pytest_plugin import OutputReader, TopicFactory
 
 from ..kafka_helpers import headers_of, read_all, settings_for
 from .test_emit import read_committed, run_to_end
@@ -147,7 +147,7 @@ def test_every_duplicate_gets_the_first_reply_byte_for_byte_and_the_handler_runs
 
 
 def test_without_reply_on_duplicate_only_the_first_request_is_answered(
-    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+    kafka_bootstrap: str, kafka_topic: TopicFactory, kafka_outputs: OutputReader, tmp_path: Path
 ) -> None:
     requests, reply_topic = kafka_topic(partitions=1), kafka_topic(partitions=1)
     sent = produce_requests(kafka_bootstrap, requests, 40, None, duplicates=0.5, seed=3)
@@ -156,7 +156,10 @@ def test_without_reply_on_duplicate_only_the_first_request_is_answered(
         kafka_bootstrap, requests, tmp_path / "state", processing={"reply_topic": reply_topic}
     )
     run_to_end(DedupeConsumer(handler, settings), len(sent))
+    # The plugin's reader (read_committed) sees the same as the suite's own.
+    committed = kafka_outputs(reply_topic)
     replies = replies_by_correlation(kafka_bootstrap, reply_topic)
+    assert sorted(m.value() for m in committed) == sorted(v for _, v in replies.values())
     firsts: dict[str, str] = {}
     for event_id, correlation in sent:
         firsts.setdefault(event_id, correlation)
