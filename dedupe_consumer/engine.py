@@ -161,6 +161,9 @@ class _Item:
     lane) that decides it; where its stored response is read from."""
     response: Response | None = None
     """Decided handled: what ``handle`` returned, kept in the ID record."""
+    waiting: list[_Item] | None = None
+    """Held by a carried lane: later copies of its ID, answered (``on_duplicate``, the
+    reply) once it is decided, in its write; held meanwhile."""
     staged: dict[bytes, bytes | None] | None = None
     """Decided handled: the writes its handler (or reconcile) staged."""
     outputs: list[Output] | None = None
@@ -1208,13 +1211,10 @@ class Engine:
             return
         unique = list(dict.fromkeys(i.event_id for i in fresh if i.event_id is not None))
         found = dict(zip(unique, self.store.lookup(tp, unique, now_ms), strict=True))
-        unpersisted: set[str] = set()
         for overlay in (self._pending_overlay, self._filling_overlay):  # not durable yet
             decided = overlay.records.get(tp)
             if decided:
-                hits = [i for i in unique if i in decided]
-                found.update((i, decided[i]) for i in hits)
-                unpersisted.update(hits)
+                found.update((i, decided[i]) for i in unique if i in decided)
         # An ID a carried lane holds is decided there: a later copy is its duplicate.
         first: dict[str, tuple[int, bytes, _Item | IdRecord | None]] = {
             i: (*held_ids[i], held.get(held_ids[i][0])) for i in unique if i in held_ids
@@ -1234,9 +1234,10 @@ class Engine:
             if record.status is RecordStatus.IN_PROGRESS:
                 item.found_claim = record  # uncertain: the walk applies processing.on_uncertain
                 continue
-            if record.offset == item.offset and event_id in unpersisted:
-                # The same message again, decided moments ago in this log (a seek back):
-                # what its watermark will say once durable.
+            if record.offset == item.offset:
+                # The same message again (a seek back), decided moments ago or persisted
+                # while a carried lane held the watermark below it: not a duplicate (it
+                # gets no second reply), what its watermark will say once durable.
                 item.decision = Decision.REPLAY
                 continue
             self._on_seen(item, record.offset, record.digest, record)
@@ -1584,6 +1585,9 @@ class Engine:
                     continue
                 del held[item.offset]
                 self._held_open -= 1
+                for copy in item.waiting or ():  # read again after it, like it
+                    held.pop(copy.offset, None)
+                item.waiting = None
                 self._given_back[tp] = min(self._given_back.get(tp, item.offset), item.offset)
                 if item.event_id is not None and ids.get(item.event_id, (None,))[0] == item.offset:
                     del ids[item.event_id]
@@ -1626,6 +1630,8 @@ class Engine:
                     continue
                 if item.walked:
                     _record(item, batch.now_ms, records, effects, outputs, stats, handled_ids)
+                elif gap is None and self._wait_for_first(tp, item):
+                    pass  # a carried lane decides its first copy: answered with it
                 elif gap is None and item.decision is not None and item.fail is None:
                     try:
                         self._walk_decided(tp, item, stats, outputs)
@@ -1658,6 +1664,26 @@ class Engine:
         keep = {i.event_id for tp in tps for i in batch.plan[tp] if i.running or i.carried}
         _release_undecided(_only(batch.claimed, tps), write, keep=keep)
         return write, rewind, per_topic, handled_ids
+
+    def _wait_for_first(self, tp: TopicPartition, item: _Item) -> bool:
+        """A duplicate to answer whose first copy a carried lane holds (deciding it, or
+        decided and not written yet): held with it, answered in its write (its reply
+        needs the response; and the first's write commits both or neither)."""
+        first = item.first
+        if (
+            item.decision is not Decision.DUPLICATE
+            or not self._answers_duplicates
+            or not isinstance(first, _Item)
+        ):
+            return False
+        with self._lanes_changed:
+            held = self._held.get(tp)
+            if held is None or held.get(first.offset) is not first:
+                return False
+            first.waiting = [*(first.waiting or ()), item]
+            item.carried = True
+            held[item.offset] = item  # not counted in _held_open: nothing to call
+        return True
 
     def _cap_watermark(self, write: WriteSet, tp: TopicPartition) -> None:
         """Set ``tp``'s watermark in ``write``: the end of the covered run, but before
@@ -1702,8 +1728,14 @@ class Engine:
             self._carried_done = [(tp, i) for tp, i in self._carried_done if tp not in wanted]
             for tp in rewind:
                 del self._carry_rewind[tp]
+            answered: list[tuple[TopicPartition, _Item]] = []
             for tp, item in done:
-                self._held.get(tp, {}).pop(item.offset, None)
+                held = self._held.get(tp, {})
+                held.pop(item.offset, None)
+                for copy in item.waiting or ():  # written with their first copy
+                    if held.pop(copy.offset, None) is copy:
+                        answered.append((tp, copy))
+                item.waiting = None
                 ids = self._held_ids.get(tp, {})
                 if item.event_id is not None and ids.get(item.event_id, (-1,))[0] == item.offset:
                     del ids[item.event_id]
@@ -1716,7 +1748,7 @@ class Engine:
         plan: dict[TopicPartition, list[_Item]] = {}
         per_topic: dict[str, BatchStats] = {}
         handled_ids: list[str] = []
-        for tp, item in done:
+        for tp, item in [*done, *answered]:
             plan.setdefault(tp, []).append(item)
         for tp, items in plan.items():
             items.sort(key=lambda i: i.offset)
@@ -1725,7 +1757,17 @@ class Engine:
             outputs: list[Output] = []
             stats = per_topic.setdefault(tp.topic, BatchStats())
             for item in items:
-                _record(item, now_ms, records, effects, outputs, stats, handled_ids)
+                if item.walked:
+                    _record(item, now_ms, records, effects, outputs, stats, handled_ids)
+                    continue
+                try:  # a held duplicate: its first copy is decided now
+                    self._walk_decided(tp, item, stats, outputs)
+                except Exception as unsent:  # its letter: read it again
+                    error = error or unsent
+                    rewind[tp] = min(rewind.get(tp, item.offset), item.offset)
+                    covered = self._covered.get(tp)
+                    if covered is not None and covered >= item.offset:
+                        self._covered[tp] = item.offset - 1  # the watermark stops before it
             write.records[tp] = records
             if effects:
                 write.effects[tp] = list(effects.items())
@@ -1776,7 +1818,9 @@ class Engine:
                 del self._carried[key]
             for tp in gone:
                 held = self._held.pop(tp, {})
-                self._held_open -= sum(1 for item in held.values() if not item.walked)
+                self._held_open -= sum(
+                    1 for item in held.values() if not item.walked and item.decision is None
+                )
                 self._held_ids.pop(tp, None)
                 self._covered.pop(tp, None)
                 self._carry_rewind.pop(tp, None)
