@@ -254,6 +254,10 @@ class KafkaSettings(_Section):
         return int(self.producer.get("message.max.bytes", shared))
 
 
+_INTERNAL_SUFFIXES = (".dedupe-changelog", ".dedupe-by-id")
+"""Topics of this library's own (a changelog, a by-id topic): no output goes there."""
+
+
 class DedupeSettings(_Section):
     id_source: str = Field("header:event-id", description=f"one of {ID_SOURCE_FORMS}")
     on_missing_id: Literal["dead-letter", "fail", "hash"] = Field(
@@ -283,6 +287,14 @@ class DedupeSettings(_Section):
         "afterwards: an ID's partition must never move",
     )
 
+    store_responses: bool = Field(
+        False,
+        description="true or false: keep what handle returns (its response) with the "
+        "event's ID record and send it as the reply (see processing.reply_topic); on by "
+        "itself with processing.reply_on_duplicate or processing.reply_topic. Off (the "
+        "default): return values are ignored and ID records keep their 25-byte format, "
+        "which earlier versions read",
+    )
     max_response_bytes: int = Field(
         1024,
         ge=0,
@@ -534,6 +546,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"processing.reply_topic {reply_topic!r} is a topic this consumer reads or "
                 "dead-letters to: replies would be consumed again; name another topic"
+            )
+        if reply_topic is not None and (
+            reply_topic.startswith("__") or reply_topic.endswith(_INTERNAL_SUFFIXES)
+        ):
+            raise ValueError(
+                f"processing.reply_topic {reply_topic!r} is an internal topic (Kafka's own, "
+                "'__...', or a changelog or by-id topic of this library): no output may go "
+                "there; name another topic"
             )
         return self
 

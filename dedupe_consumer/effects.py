@@ -34,10 +34,14 @@ def check_topic(topic: object, refused: frozenset[str]) -> None:
     name that is not one of this library's topics (nor a ``refused`` one)."""
     if not isinstance(topic, str) or not topic:
         raise OutputError(f"emit: the topic must be a non-empty string, not {topic!r}")
+    if topic.startswith("__"):
+        raise OutputError(
+            f"emit: {topic!r} is a Kafka internal topic ('__...'): outputs never go there"
+        )
     if topic.endswith(_INTERNAL) or topic in refused:
         raise OutputError(
             f"emit: {topic!r} is a topic of dedupe_consumer's own (a changelog, by-id or "
-            "dead-letter topic): outputs never go there"
+            "dead-letter topic) or one this consumer reads: outputs never go there"
         )
 
 

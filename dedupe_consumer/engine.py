@@ -60,7 +60,7 @@ from dedupe_consumer._faults import fault_point
 from dedupe_consumer.config import DedupeSettings, ProcessingSettings
 from dedupe_consumer.contracts import BatchResult, PartitionLog
 from dedupe_consumer.dead_letters import DeadLetter, DeadLetterSink
-from dedupe_consumer.effects import Effects, OutputError
+from dedupe_consumer.effects import Effects, OutputError, check_topic
 from dedupe_consumer.errors import (
     ConfigError,
     DeadLetterError,
@@ -161,9 +161,6 @@ class _Item:
     lane) that decides it; where its stored response is read from."""
     response: Response | None = None
     """Decided handled: what ``handle`` returned, kept in the ID record."""
-    waiting: list[_Item] | None = None
-    """Held by a carried lane: later copies of its ID, answered (``on_duplicate``, the
-    reply) once it is decided, in its write; held meanwhile."""
     staged: dict[bytes, bytes | None] | None = None
     """Decided handled: the writes its handler (or reconcile) staged."""
     outputs: list[Output] | None = None
@@ -256,6 +253,8 @@ class _Called:
     response: Response | None = None
 
 
+_RECORD_BYTES = 25
+"""An ID record without its response (``store.base.IdRecord``)."""
 _EFFECT_OVERHEAD = 512
 """Bytes a changelog record needs besides its key and value (record and batch headers)."""
 
@@ -331,6 +330,13 @@ class Engine:
         self._output_limit = changelog.output_limit if changelog is not None else None
         self._refused_outputs = frozenset({processing.dead_letter_topic})
         self._max_response_bytes = dedupe.max_response_bytes
+        self._responds = (
+            dedupe.store_responses
+            or processing.reply_on_duplicate
+            or processing.reply_topic is not None
+        )
+        """What ``handle`` (or ``reconcile``) returns is the event's response: stored in
+        its ID record and sent as the reply. Off: return values are ignored."""
         self._result_warned = False
         self._answers_duplicates = processing.reply_on_duplicate or (
             type(handler).on_duplicate is not Handler.on_duplicate
@@ -345,6 +351,8 @@ class Engine:
             else "event.emit needs store.changelog = true: an output is produced in the "
             "transaction that persists its event's decision, which is the changelog's"
         )
+        self._sends_replies = self._unemittable is None
+        """Without a transaction (no changelog), responses are stored, never sent."""
         _refuse_coroutines(handler)
         if (
             self.claims
@@ -390,6 +398,10 @@ class Engine:
         self._carry_rewind: dict[TopicPartition, int] = {}
         """Where partitions are read again from: carried events a lane gave back."""
         self._given_back: dict[TopicPartition, int] = {}
+        self._unanswered: dict[TopicPartition, list[_Item]] = {}
+        """Duplicates to answer above an event a carried lane holds: their reply must
+        commit with their offset, which the watermark cannot pass yet. Answered by the
+        first write whose watermark covers them (see :meth:`_wait_for_cover`)."""
         """The first offset given back, per partition, until a batch reads it again: the
         watermark stays before it meanwhile."""
         self._carry_released: dict[TopicPartition, list[str]] = {}
@@ -1191,6 +1203,8 @@ class Engine:
         with self._lanes_changed:
             held = dict(self._held.get(tp, {}))
             held_ids = dict(self._held_ids.get(tp, {}))
+            # a duplicate waiting to be answered is decided as well
+            held.update((item.offset, item) for item in self._unanswered.get(tp, ()))
         fresh: list[_Item] = []
         for item in items:
             if (wm is not None and item.offset <= wm) or item.offset in held:
@@ -1585,9 +1599,9 @@ class Engine:
                     continue
                 del held[item.offset]
                 self._held_open -= 1
-                for copy in item.waiting or ():  # read again after it, like it
-                    held.pop(copy.offset, None)
-                item.waiting = None
+                waiting = self._unanswered.get(tp)
+                if waiting:  # read again after it, like it
+                    self._unanswered[tp] = [i for i in waiting if i.offset < item.offset]
                 self._given_back[tp] = min(self._given_back.get(tp, item.offset), item.offset)
                 if item.event_id is not None and ids.get(item.event_id, (None,))[0] == item.offset:
                     del ids[item.event_id]
@@ -1630,8 +1644,8 @@ class Engine:
                     continue
                 if item.walked:
                     _record(item, batch.now_ms, records, effects, outputs, stats, handled_ids)
-                elif gap is None and self._wait_for_first(tp, item):
-                    pass  # a carried lane decides its first copy: answered with it
+                elif gap is None and self._wait_for_cover(tp, item):
+                    pass  # answered by the write that commits its offset
                 elif gap is None and item.decision is not None and item.fail is None:
                     try:
                         self._walk_decided(tp, item, stats, outputs)
@@ -1655,6 +1669,12 @@ class Engine:
                 write.outputs[tp] = outputs
             if covered is not None:
                 self._covered[tp] = covered
+            failed = self._answer_waiting(tp, stats, outputs, batch.plan[tp])
+            if failed is not None:
+                batch.fail(failed[1])
+                gap = failed[0] if gap is None else min(gap, failed[0])
+            if outputs and tp not in write.outputs:
+                write.outputs[tp] = outputs
             self._cap_watermark(write, tp)
             if gap is not None:
                 rewind[tp] = gap
@@ -1665,25 +1685,56 @@ class Engine:
         _release_undecided(_only(batch.claimed, tps), write, keep=keep)
         return write, rewind, per_topic, handled_ids
 
-    def _wait_for_first(self, tp: TopicPartition, item: _Item) -> bool:
-        """A duplicate to answer whose first copy a carried lane holds (deciding it, or
-        decided and not written yet): held with it, answered in its write (its reply
-        needs the response; and the first's write commits both or neither)."""
-        first = item.first
-        if (
-            item.decision is not Decision.DUPLICATE
-            or not self._answers_duplicates
-            or not isinstance(first, _Item)
-        ):
+    def _wait_for_cover(self, tp: TopicPartition, item: _Item) -> bool:
+        """A duplicate to answer above an event a carried lane holds (its first copy,
+        or any other): its reply must commit with its offset, and this write's
+        watermark stops below the held event. It waits (and holds the watermark) until
+        a write can cover it; then its first copy is decided too, if it was held."""
+        if item.decision is not Decision.DUPLICATE or not self._answers_duplicates:
             return False
         with self._lanes_changed:
-            held = self._held.get(tp)
-            if held is None or held.get(first.offset) is not first:
+            first = self._first_undecided(tp, waiting=False)
+            if first is None or first > item.offset:
                 return False
-            first.waiting = [*(first.waiting or ()), item]
             item.carried = True
-            held[item.offset] = item  # not counted in _held_open: nothing to call
+            self._unanswered.setdefault(tp, []).append(item)  # in offset order: read in order
         return True
+
+    def _answerable(self, tp: TopicPartition) -> bool:
+        """Under the lanes' lock: a duplicate of ``tp`` waits, and no held event is below it."""
+        waiting = self._unanswered.get(tp)
+        if not waiting:
+            return False
+        first = self._first_undecided(tp, waiting=False)
+        return first is None or waiting[0].offset < first
+
+    def _answer_waiting(
+        self, tp: TopicPartition, stats: BatchStats, outputs: list[Output], plan: list[_Item]
+    ) -> tuple[int, Exception] | None:
+        """Answer the duplicates of ``tp`` no held event is below any more (into
+        ``outputs``; added to ``plan``, the items of the write they are in). Returns
+        the offset and error of one whose dead letter failed (it and the rest are read
+        again), or None."""
+        with self._lanes_changed:
+            waiting = self._unanswered.get(tp)
+            if not waiting:
+                return None
+            first = self._first_undecided(tp, waiting=False)
+            ready = [i for i in waiting if first is None or i.offset < first]
+            if not ready:
+                return None
+            self._unanswered[tp] = waiting[len(ready) :]
+        for item in ready:
+            item.carried = False
+            plan.append(item)
+            try:
+                self._walk_decided(tp, item, stats, outputs)
+            except Exception as unsent:  # not even a letter: it and the rest read again
+                covered = self._covered.get(tp)
+                if covered is not None and covered >= item.offset:
+                    self._covered[tp] = item.offset - 1
+                return item.offset, unsent
+        return None
 
     def _cap_watermark(self, write: WriteSet, tp: TopicPartition) -> None:
         """Set ``tp``'s watermark in ``write``: the end of the covered run, but before
@@ -1698,13 +1749,16 @@ class Engine:
         if watermark >= 0 and (current is None or watermark > current):
             write.watermarks[tp] = watermark
 
-    def _first_undecided(self, tp: TopicPartition) -> int | None:
-        """Under the lanes' lock: ``tp``'s first offset a carried lane holds or gave back."""
+    def _first_undecided(self, tp: TopicPartition, *, waiting: bool = True) -> int | None:
+        """Under the lanes' lock: ``tp``'s first offset a carried lane holds or gave back
+        (or, with ``waiting``, a duplicate waits to be answered at)."""
         held = self._held.get(tp)
         firsts = [min(held)] if held else []
         given_back = self._given_back.get(tp)
         if given_back is not None:
             firsts.append(given_back)
+        if waiting and self._unanswered.get(tp):
+            firsts.append(self._unanswered[tp][0].offset)
         return min(firsts) if firsts else None
 
     def _still_held(self, lane: _Lane) -> bool:
@@ -1728,28 +1782,25 @@ class Engine:
             self._carried_done = [(tp, i) for tp, i in self._carried_done if tp not in wanted]
             for tp in rewind:
                 del self._carry_rewind[tp]
-            answered: list[tuple[TopicPartition, _Item]] = []
             for tp, item in done:
-                held = self._held.get(tp, {})
-                held.pop(item.offset, None)
-                for copy in item.waiting or ():  # written with their first copy
-                    if held.pop(copy.offset, None) is copy:
-                        answered.append((tp, copy))
-                item.waiting = None
+                self._held.get(tp, {}).pop(item.offset, None)
                 ids = self._held_ids.get(tp, {})
                 if item.event_id is not None and ids.get(item.event_id, (-1,))[0] == item.offset:
                     del ids[item.event_id]
             for key, lane in list(self._carried.items()):
                 if lane.closed and not self._still_held(lane):
                     del self._carried[key]
-            if not done and not rewind and not released and error is None:
+            answerable = {tp for tp in wanted if self._answerable(tp)}
+            if not done and not rewind and not released and error is None and not answerable:
                 return None
         write = WriteSet()
         plan: dict[TopicPartition, list[_Item]] = {}
         per_topic: dict[str, BatchStats] = {}
         handled_ids: list[str] = []
-        for tp, item in [*done, *answered]:
+        for tp, item in done:
             plan.setdefault(tp, []).append(item)
+        for tp in answerable:
+            plan.setdefault(tp, [])
         for tp, items in plan.items():
             items.sort(key=lambda i: i.offset)
             records: list[tuple[str, IdRecord]] = []
@@ -1757,18 +1808,13 @@ class Engine:
             outputs: list[Output] = []
             stats = per_topic.setdefault(tp.topic, BatchStats())
             for item in items:
-                if item.walked:
-                    _record(item, now_ms, records, effects, outputs, stats, handled_ids)
-                    continue
-                try:  # a held duplicate: its first copy is decided now
-                    self._walk_decided(tp, item, stats, outputs)
-                except Exception as unsent:  # its letter: read it again
-                    error = error or unsent
-                    rewind[tp] = min(rewind.get(tp, item.offset), item.offset)
-                    covered = self._covered.get(tp)
-                    if covered is not None and covered >= item.offset:
-                        self._covered[tp] = item.offset - 1  # the watermark stops before it
-            write.records[tp] = records
+                _record(item, now_ms, records, effects, outputs, stats, handled_ids)
+            failed = self._answer_waiting(tp, stats, outputs, items)
+            if failed is not None:
+                error = error or failed[1]
+                rewind[tp] = min(rewind.get(tp, failed[0]), failed[0])
+            if records:
+                write.records[tp] = records
             if effects:
                 write.effects[tp] = list(effects.items())
             if outputs:
@@ -1818,9 +1864,8 @@ class Engine:
                 del self._carried[key]
             for tp in gone:
                 held = self._held.pop(tp, {})
-                self._held_open -= sum(
-                    1 for item in held.values() if not item.walked and item.decision is None
-                )
+                self._held_open -= sum(1 for item in held.values() if not item.walked)
+                self._unanswered.pop(tp, None)
                 self._held_ids.pop(tp, None)
                 self._covered.pop(tp, None)
                 self._carry_rewind.pop(tp, None)
@@ -2111,11 +2156,13 @@ class Engine:
                 "reconcile",
                 permanent_reason=DeadLetterReason.RECONCILE_FAILED,
                 exhausted_reason=DeadLetterReason.RECONCILE_FAILED,
+                respond=True,
             )
             if isinstance(called, Decision):
                 return called
             if called.result:  # it happened: recorded as handled, with what reconcile staged
                 item.staged, item.outputs = called.effects, called.outputs
+                item.response = called.response  # a response reconcile returned (not True)
                 return Decision.HANDLED
         return (yield from self._handle(tp, item, batch_effects))
 
@@ -2211,31 +2258,15 @@ class Engine:
         # Reads see this lane's earlier staged writes, then the store.
         effects = self._effects(tp, batch_effects)
         base = self._event(tp, item, payload, effects)
-        response: Response | None = None
         for attempt in range(1, attempts + 1):
             effects.staged = {}  # a failed attempt's writes are dropped here
             effects.outputs = []  # and its outputs
             event = base if attempt == 1 else replace(base, attempt=attempt)
             try:
-                if respond:  # no call while the reply could not go where the request says
-                    check_reply_to(event, processing, effects)
+                if respond and self._sends_replies:  # no call while the reply could not
+                    refused = self._refused_outputs | {tp.topic, event.topic}  # go there
+                    check_reply_to(event, processing, refused, self._output_limit)
                 result = yield _Call(call, event)
-                if respond:
-                    response = as_response(result, self._max_response_bytes)
-                    if response is None and result is not None:
-                        self._warn_not_a_response(result)
-                    elif response is not None:
-                        send_reply(response, event, effects, processing)
-            except ResponseRefused as refused:
-                return (
-                    yield from self._dead_letter(
-                        item,
-                        DeadLetterReason.RESPONSE_TOO_LARGE,
-                        type(refused).__name__,
-                        str(refused),
-                        attempt,
-                    )
-                )
             except PermanentError as permanent:
                 return (
                     yield from self._dead_letter(
@@ -2278,8 +2309,69 @@ class Engine:
                 if (yield _Wait(delay, park=True)):
                     raise _Stop from None
             else:
-                return _Called(result, effects.staged, effects.outputs, response)
+                called = _Called(result, effects.staged, effects.outputs)
+                if not respond or not self._responds:
+                    return called
+                return (yield from self._with_response(tp, item, event, effects, called, attempt))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _with_response(
+        self,
+        tp: TopicPartition,
+        item: _Item,
+        event: Event,
+        effects: Effects,
+        called: _Called,
+        attempt: int,
+    ) -> _Steps[_Called | Decision]:
+        """A call that succeeded, with its response (see :meth:`_respond`): whatever the
+        response meets, the call is not made again; the event is dead-lettered instead."""
+        try:
+            called.response = self._respond(tp, event, effects, called.result)
+        except ResponseRefused as refused:
+            reason = (
+                DeadLetterReason.RESPONSE_TOO_LARGE
+                if refused.too_large
+                else DeadLetterReason.PERMANENT_ERROR
+            )
+            return (
+                yield from self._dead_letter(
+                    item, reason, type(refused).__name__, str(refused), attempt
+                )
+            )
+        except OutputError as unsendable:
+            return (
+                yield from self._dead_letter(
+                    item,
+                    DeadLetterReason.OUTPUT_FAILED,
+                    type(unsendable).__name__,
+                    f"the reply cannot be sent: {unsendable}",
+                    attempt,
+                )
+            )
+        return called
+
+    def _respond(
+        self, tp: TopicPartition, event: Event, effects: Effects, result: object
+    ) -> Response | None:
+        """``result`` as the event's response (None: not one), sent as the reply when it
+        has a destination. Bounded by ``dedupe.max_response_bytes`` and by what one
+        changelog record can carry besides the ID and the record."""
+        record_room = self._max_effect_bytes - _RECORD_BYTES - len(event.id.encode())
+        limit, limit_name = self._max_response_bytes, "dedupe.max_response_bytes"
+        if record_room < limit:
+            limit, limit_name = record_room, "one changelog record: message.max.bytes"
+        response = as_response(result, max(limit, 0), limit_name)
+        if response is None:
+            if result is not None and not isinstance(result, bool):
+                self._warn_not_a_response(result)
+            return None
+        if self._sends_replies:
+            if response.topic is not None:  # the handler's choice: checked like a header's
+                check_topic(response.topic, self._refused_outputs | {tp.topic, event.topic})
+            effects.max_outputs = None  # the reply is not one of the handler's outputs
+            send_reply(response, event, effects, self.processing)
+        return response
 
     def _warn_not_a_response(self, result: object) -> None:
         if self._result_warned:

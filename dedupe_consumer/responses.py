@@ -18,6 +18,8 @@ the partition in the changelog and expires with the ID), given to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import BaseModel
 
 from dedupe_consumer.config import ProcessingSettings
@@ -29,31 +31,45 @@ __all__ = ["Response", "ResponseRefused", "as_response", "check_reply_to", "send
 
 
 class ResponseRefused(ValueError):
-    """A response that cannot be stored: too large (``dedupe.max_response_bytes``) or
-    malformed. The event is dead-lettered (``response-too-large``), never retried."""
+    """A response that cannot be stored: too large (``too_large``: dead-lettered as
+    ``response-too-large``) or malformed (``permanent-error``). Never retried: the
+    handler has run, and would answer the same."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
-def as_response(result: object, limit: int) -> Response | None:
+def as_response(result: object, limit: int, limit_name: str) -> Response | None:
     """What ``handle`` returned, as a :class:`Response`; None for None and for what is
-    not a response (other types are not stored: the engine warns once)."""
-    if result is None:
+    not a response (other types are not stored: the engine warns once). ``limit``:
+    the most bytes it may take, which ``limit_name`` sets."""
+    if result is None or isinstance(result, bool):
         return None
-    if isinstance(result, Response):
-        response = _checked(result)
-    elif isinstance(result, bytes | bytearray | memoryview):
-        response = Response(bytes(result))
-    elif isinstance(result, str):
-        response = Response(result.encode())
-    elif isinstance(result, BaseModel):
-        response = Response(result.model_dump_json().encode())
-    else:
-        return None
+    try:
+        if isinstance(result, Response):
+            response = _checked(result)
+        elif isinstance(result, bytes | bytearray | memoryview):
+            response = Response(bytes(result))
+        elif isinstance(result, str):
+            response = Response(result.encode())
+        elif isinstance(result, BaseModel):
+            response = Response(result.model_dump_json().encode())
+        else:
+            return None
+    except ResponseRefused:
+        raise
+    except Exception as unencodable:  # lone surrogates, a model that cannot dump
+        raise ResponseRefused(
+            f"the handler's response cannot be encoded: {type(unencodable).__name__}: {unencodable}"
+        ) from None
     if response.size > limit:
         raise ResponseRefused(
             f"the handler's response is {response.size} bytes (value, reply topic and key), "
-            f"over dedupe.max_response_bytes = {limit}: it is kept with the event's ID "
-            "record, so it must stay small; return less (an ID or a status, not a document) "
-            "or raise the setting (at most 524288)"
+            f"over {limit} bytes ({limit_name}): it is kept with the event's ID record, so "
+            "it must stay small; return less (an ID or a status, not a document) or raise "
+            "the setting",
+            too_large=True,
         )
     return response
 
@@ -87,17 +103,24 @@ def _header_topic(event: Event, processing: ProcessingSettings) -> str | None:
         ) from None
 
 
-def check_reply_to(event: Event, processing: ProcessingSettings, effects: Effects) -> None:
+def check_reply_to(
+    event: Event,
+    processing: ProcessingSettings,
+    refused: frozenset[str],
+    topic_limit: Callable[[str], int | None] | None,
+) -> None:
     """Before the handler is called: the request's reply-to header, when it has one,
-    names a topic an output may go to (and that exists). Raises :class:`OutputError`."""
+    names a topic an output may go to (not ``refused``: the dead-letter topic and the
+    topics this consumer reads) and that exists (``topic_limit``: never creates it, a
+    requester does not choose what this consumer creates). Raises :class:`OutputError`."""
     topic = _header_topic(event, processing)
     if topic is None:
         return
-    check_topic(topic, effects.refused_topics)
-    if effects.topic_limit is not None and effects.topic_limit(topic) is None:
+    check_topic(topic, refused)
+    if topic_limit is not None and topic_limit(topic) is None:
         raise OutputError(
             f"the request's {processing.reply_to_header!r} header names topic {topic!r}, "
-            "which does not exist (set processing.create_output_topics = true to create it)"
+            "which does not exist (a reply-to topic is never created by this consumer)"
         )
 
 

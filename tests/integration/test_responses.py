@@ -218,7 +218,11 @@ def test_a_reply_to_naming_an_internal_topic_is_dead_lettered_without_a_call(
     assert producer.flush(30) == 0
     handler = Answering()
     settings = settings_for(
-        kafka_bootstrap, requests, tmp_path / "state", processing={"max_retries": 1}
+        kafka_bootstrap,
+        requests,
+        tmp_path / "state",
+        dedupe={"store_responses": True},
+        processing={"max_retries": 1},
     )
     consumer = DedupeConsumer(handler, settings)
     run_to_end(consumer, len(bad))

@@ -81,15 +81,15 @@ class Answer(BaseModel):
     ],
 )
 def test_what_counts_as_a_response(returned: object, stored: Response | None) -> None:
-    assert as_response(returned, 1024) == stored
+    assert as_response(returned, 1024, "dedupe.max_response_bytes") == stored
 
 
 def test_a_response_is_bounded_by_value_topic_and_key() -> None:
-    assert as_response(Response(b"v" * 6, "tt", b"kk"), 10) is not None
+    assert as_response(Response(b"v" * 6, "tt", b"kk"), 10, "x") is not None
     with pytest.raises(ResponseRefused, match="11 bytes"):
-        as_response(Response(b"v" * 6, "tt", b"kkk"), 10)
+        as_response(Response(b"v" * 6, "tt", b"kkk"), 10, "x")
     with pytest.raises(ResponseRefused, match=r"Response\.topic"):
-        as_response(Response(b"v", ""), 10)
+        as_response(Response(b"v", ""), 10, "x")
 
 
 def test_duplicates_in_one_batch_and_after_a_restart_get_the_first_reply(tmp_path: Path) -> None:
