@@ -219,6 +219,7 @@ def kafka_outputs(kafka_bootstrap: str) -> OutputReader:
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed",
+                **kafka_log_config(),
             }
         )
         got: list[Any] = []
