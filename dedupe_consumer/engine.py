@@ -1225,10 +1225,13 @@ class Engine:
             return
         unique = list(dict.fromkeys(i.event_id for i in fresh if i.event_id is not None))
         found = dict(zip(unique, self.store.lookup(tp, unique, now_ms), strict=True))
+        unpersisted: set[str] = set()
         for overlay in (self._pending_overlay, self._filling_overlay):  # not durable yet
             decided = overlay.records.get(tp)
             if decided:
-                found.update((i, decided[i]) for i in unique if i in decided)
+                hits = [i for i in unique if i in decided]
+                found.update((i, decided[i]) for i in hits)
+                unpersisted.update(hits)
         # An ID a carried lane holds is decided there: a later copy is its duplicate.
         first: dict[str, tuple[int, bytes, _Item | IdRecord | None]] = {
             i: (*held_ids[i], held.get(held_ids[i][0])) for i in unique if i in held_ids
@@ -1248,10 +1251,9 @@ class Engine:
             if record.status is RecordStatus.IN_PROGRESS:
                 item.found_claim = record  # uncertain: the walk applies processing.on_uncertain
                 continue
-            if record.offset == item.offset:
-                # The same message again (a seek back), decided moments ago or persisted
-                # while a carried lane held the watermark below it: not a duplicate (it
-                # gets no second reply), what its watermark will say once durable.
+            if record.offset == item.offset and event_id in unpersisted:
+                # The same message again, decided moments ago in this log (a seek back):
+                # what its watermark will say once durable.
                 item.decision = Decision.REPLAY
                 continue
             self._on_seen(item, record.offset, record.digest, record)
@@ -2036,6 +2038,11 @@ class Engine:
         ``processing.reply_on_duplicate``, the response again as the reply (an output
         of this batch's transaction). A reply that cannot be sent dead-letters the
         duplicate (``output-failed``): the requester is never left without a trace."""
+        if item.first_offset == item.offset:
+            # This very message, decided before (read again after a seek back while a
+            # carried lane held the watermark below it), or a recreated topic's message
+            # at the same offset: not answered twice (a duplicate all the same).
+            return
         first = item.first
         decided = isinstance(first, IdRecord) or (
             first is not None and first.decision is Decision.HANDLED and not first.running
