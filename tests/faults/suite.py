@@ -206,34 +206,9 @@ def produce(
     return sent
 
 
-def _replies(bootstrap: str, topic: str) -> dict[str, list[bytes]]:
-    """Every committed reply of ``topic`` by its key (the request's ID)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"replies-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    replies: dict[str, list[bytes]] = {}
-    try:
-        consumer.subscribe([topic])
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < 5:
-            for m in consumer.consume(500, 0.5):
-                if m.error() is None:
-                    key = (m.key() or b"").decode()
-                    replies.setdefault(key, []).append(m.value() or b"")
-                    quiet_since = time.monotonic()
-    finally:
-        consumer.close()
-    return replies
-
-
-def _outputs(bootstrap: str, topic: str) -> Counter[str]:
-    """How often each ID was emitted to ``topic``, as a read_committed reader sees it."""
+def _committed(bootstrap: str, topic: str) -> list[tuple[bytes, bytes]]:
+    """Every committed message of ``topic`` (key, value), as a read_committed reader sees
+    them: the outputs and replies of aborted transactions do not count."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -243,18 +218,31 @@ def _outputs(bootstrap: str, topic: str) -> Counter[str]:
             "isolation.level": "read_committed",
         }
     )
-    counts: Counter[str] = Counter()
+    got: list[tuple[bytes, bytes]] = []
     try:
         consumer.subscribe([topic])
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < 5:
             for m in consumer.consume(500, 0.5):
                 if m.error() is None:
-                    counts[(m.value() or b"").decode()] += 1
+                    got.append((m.key() or b"", m.value() or b""))
                     quiet_since = time.monotonic()
     finally:
         consumer.close()
-    return counts
+    return got
+
+
+def _replies(bootstrap: str, topic: str) -> dict[str, list[bytes]]:
+    """Every committed reply of ``topic`` by its key (the request's ID)."""
+    replies: dict[str, list[bytes]] = {}
+    for key, value in _committed(bootstrap, topic):
+        replies.setdefault(key.decode(), []).append(value)
+    return replies
+
+
+def _outputs(bootstrap: str, topic: str) -> Counter[str]:
+    """How often each ID was emitted to ``topic``."""
+    return Counter(value.decode() for _, value in _committed(bootstrap, topic))
 
 
 def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
