@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import partial
 from itertools import islice
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import structlog
 
@@ -353,6 +353,8 @@ class Engine:
         )
         self._sends_replies = self._unemittable is None
         """Without a transaction (no changelog), responses are stored, never sent."""
+        self._replies = self._responds and self._sends_replies
+        """Responses are on and can be sent: a request's reply-to header matters."""
         _refuse_coroutines(handler)
         if (
             self.claims
@@ -890,7 +892,16 @@ class Engine:
             covered = self._covered.get(tp)
             if covered is not None and covered >= offset:
                 self._covered[tp] = offset - 1
+        self._drop_unanswered(rewind)  # read again, answered then
         return BatchResult(BatchStats(), {}, None, [], rewind)
+
+    def _drop_unanswered(self, rewind: Mapping[TopicPartition, int]) -> None:
+        """Waiting duplicates at or above ``rewind``'s offsets are read again: forgotten."""
+        with self._lanes_changed:
+            for tp, offset in rewind.items():
+                waiting = self._unanswered.get(tp)
+                if waiting:
+                    self._unanswered[tp] = [i for i in waiting if i.offset < offset]
 
     def _fenced(
         self,
@@ -1646,8 +1657,11 @@ class Engine:
                     continue
                 if item.walked:
                     _record(item, batch.now_ms, records, effects, outputs, stats, handled_ids)
-                elif gap is None and self._wait_for_cover(tp, item):
-                    pass  # answered by the write that commits its offset
+                elif gap is None and (cover := self._cover(tp, item)) != "now":
+                    if cover == "again":  # past the bound of waiting duplicates
+                        gap = item.offset
+                        continue
+                    # "wait": answered by the write that commits its offset
                 elif gap is None and item.decision is not None and item.fail is None:
                     try:
                         self._walk_decided(tp, item, stats, outputs)
@@ -1687,20 +1701,26 @@ class Engine:
         _release_undecided(_only(batch.claimed, tps), write, keep=keep)
         return write, rewind, per_topic, handled_ids
 
-    def _wait_for_cover(self, tp: TopicPartition, item: _Item) -> bool:
-        """A duplicate to answer above an event a carried lane holds (its first copy,
-        or any other): its reply must commit with its offset, and this write's
-        watermark stops below the held event. It waits (and holds the watermark) until
-        a write can cover it; then its first copy is decided too, if it was held."""
+    def _cover(self, tp: TopicPartition, item: _Item) -> Literal["now", "wait", "again"]:
+        """When a phase-1 decision is written: ``"now"``, in this write. A duplicate to
+        answer above an event a carried lane holds (its first copy, or any other)
+        ``"wait"``s: its reply must commit with its offset, and this write's watermark
+        stops below the held event; it holds the watermark until a write can cover it
+        (its first copy is decided by then, if it was held). Past
+        ``processing.max_unpersisted`` waiting, ``"again"``: read again (memory stays
+        bounded)."""
         if item.decision is not Decision.DUPLICATE or not self._answers_duplicates:
-            return False
+            return "now"
         with self._lanes_changed:
             first = self._first_undecided(tp, waiting=False)
             if first is None or first > item.offset:
-                return False
+                return "now"
+            waiting = self._unanswered.setdefault(tp, [])
+            if len(waiting) >= self.processing.max_unpersisted:
+                return "again"
             item.carried = True
-            self._unanswered.setdefault(tp, []).append(item)  # in offset order: read in order
-        return True
+            waiting.append(item)  # in offset order: read in order
+        return "wait"
 
     def _answerable(self, tp: TopicPartition) -> bool:
         """Under the lanes' lock: a duplicate of ``tp`` waits, and no held event is below it."""
@@ -2075,7 +2095,7 @@ class Engine:
                 0,
             )
             return
-        outputs.extend(effects.outputs)
+        outputs.extend(o._replace(answers=item.offset) for o in effects.outputs)
 
     def _effects(self, tp: TopicPartition, batch_effects: dict[bytes, bytes | None]) -> Effects:
         """A call's transactional effects: reads see ``batch_effects``, then the store."""
@@ -2167,7 +2187,9 @@ class Engine:
             )
             if isinstance(called, Decision):
                 return called
-            if called.result:  # it happened: recorded as handled, with what reconcile staged
+            if called.response is not None or called.result:
+                # it happened (True, or a response, even an empty one): recorded as handled,
+                # with what reconcile staged
                 item.staged, item.outputs = called.effects, called.outputs
                 item.response = called.response  # a response reconcile returned (not True)
                 return Decision.HANDLED
@@ -2270,7 +2292,7 @@ class Engine:
             effects.outputs = []  # and its outputs
             event = base if attempt == 1 else replace(base, attempt=attempt)
             try:
-                if respond and self._sends_replies:  # no call while the reply could not
+                if respond and self._replies:  # no call while the reply could not
                     refused = self._refused_outputs | {tp.topic, event.topic}  # go there
                     check_reply_to(event, processing, refused, self._output_limit)
                 result = yield _Call(call, event)
@@ -2595,6 +2617,10 @@ def _cut_before(
     for tp, offset in first.items():
         if tp in write.records:
             write.records[tp] = [(i, r) for i, r in write.records[tp] if (tp, r.offset) not in lost]
+        if tp in write.outputs:  # a duplicate from the cut on is read and answered again
+            write.outputs[tp] = [
+                o for o in write.outputs[tp] if o.answers is None or o.answers < offset
+            ]
         items = plan.get(tp)
         current = watermarks.get(tp)
         # Below the first lost letter, and never above the settled prefix (a gap of

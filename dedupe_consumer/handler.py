@@ -41,12 +41,14 @@ class Handler:
     def handle(self, event: Event) -> object:
         raise NotImplementedError(f"{type(self).__name__} must implement handle(event)")
 
-    def reconcile(self, event: Event) -> bool:
+    def reconcile(self, event: Event) -> object:
         """Claim mode, ``on_uncertain = "reconcile"``: did this event's effect happen?
 
         Called for an event whose claim was found in progress after a crash. Ask
         the downstream system (by ``event.id``): True means it happened (recorded
-        as handled, no call), False means it did not (``handle`` is called).
+        as handled, no call), False means it did not (``handle`` is called). With
+        responses on, return the response instead of True (even an empty one): it
+        is stored and sent as the reply, which the crash kept from being sent.
         ``event.payload`` is parsed as for ``handle``; what ``event.stage`` writes
         here is committed only when this returns True. An exception is retried like
         one from ``handle``, then the event is dead-lettered (``reconcile-failed``).

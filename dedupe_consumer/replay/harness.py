@@ -88,7 +88,7 @@ class ReconcilingCountingHandler(CountingHandler):
     always overrode it would hide that configuration error.
     """
 
-    def reconcile(self, event: Event) -> bool:
+    def reconcile(self, event: Event) -> object:
         return self.inner.reconcile(event)
 
 

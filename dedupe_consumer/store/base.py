@@ -126,6 +126,9 @@ class Output(NamedTuple):
     value: bytes | None
     key: bytes | None
     headers: tuple[tuple[str, bytes | None], ...]
+    answers: int | None = None
+    """A reply to a duplicate: that duplicate's offset (it has no ID record, so a write
+    cut below it must not keep its reply)."""
 
 
 @dataclass(slots=True)

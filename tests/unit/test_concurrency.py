@@ -616,7 +616,7 @@ class AsyncReconciler(Handler):
         self.reconciled: list[str] = []
         self.handled: list[str] = []
 
-    async def reconcile(self, event: Event) -> bool:  # type: ignore[override]
+    async def reconcile(self, event: Event) -> bool:
         await asyncio.sleep(0.001)
         self.reconciled.append(event.id)
         return event.id in self.done
