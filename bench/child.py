@@ -36,6 +36,12 @@ class Report(TypedDict):
     """What the engine ran with, e.g. "concurrency 16, ordering key", or why not."""
     redelivered: NotRequired[int]
     """Handler calls (deliveries) beyond the first per ID, where the contender can see them."""
+    outputs: NotRequired[int]
+    """Emit rows: messages read back from the output topic with ``read_committed``."""
+    output_ids: NotRequired[int]
+    """Emit rows: distinct keys (event IDs) among those outputs."""
+    output_mismatched: NotRequired[int]
+    """Emit rows: outputs whose value is not the event named by their key."""
 
 
 class Refusal(TypedDict):
@@ -105,11 +111,13 @@ def emit(
     engine: str | None = None,
     redelivered: int | None = None,
     rss_mb: float | None = None,
+    outputs: tuple[int, int, int] | None = None,
 ) -> None:
     """Print the report line the parent parses (always the last line of stdout).
 
     ``rss_mb`` replaces this process's own peak RSS when the consumer is a
-    child process (the sidecar row).
+    child process (the sidecar row). ``outputs`` is what an emit row read back
+    from its output topic: (outputs, distinct IDs, mismatched values).
     """
     report: Report = {
         "consumed": consumed,
@@ -121,6 +129,8 @@ def emit(
         report["engine"] = engine
     if redelivered is not None:
         report["redelivered"] = redelivered
+    if outputs is not None:
+        report["outputs"], report["output_ids"], report["output_mismatched"] = outputs
     _print(report)
 
 

@@ -153,6 +153,13 @@ CONTENDERS: tuple[Contender, ...] = (
         profilable=True,
     ),
     Contender(
+        "plain-emit",
+        "dedupe_consumer plain + event.emit (one output per unique event, exactly once)",
+        "bench.contenders.dedupe",
+        ("--mode", "plain", "--changelog", "true", "--handler", "emit"),
+        profilable=True,
+    ),
+    Contender(
         "quix",
         "Quix Streams, RocksDB state (at-least-once)",
         "bench.contenders.quix",
@@ -164,6 +171,13 @@ CONTENDERS: tuple[Contender, ...] = (
         "Quix Streams, RocksDB state (exactly-once)",
         "bench.contenders.quix",
         ("--guarantee", "exactly-once"),
+        quix=True,
+    ),
+    Contender(
+        "quix-eos-emit",
+        "Quix Streams, RocksDB state (exactly-once) + to_topic per unique event",
+        "bench.contenders.quix",
+        ("--guarantee", "exactly-once", "--emit", "true"),
         quix=True,
     ),
     Contender(
@@ -205,6 +219,7 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("plain", "raw", 0.5),
     ("plain", "quix", 3.0),
     ("plain", "quix-eos", 3.0),
+    ("plain-emit", "quix-eos-emit", 1.0),
     ("plain", "redis", 10.0),
     ("plain", "postgres", 10.0),
     ("io-c64-key", "io-c1-key", 25.0),
@@ -379,9 +394,28 @@ def _correctness(outcome: Outcome, data: DataSet) -> str:
     redelivered = r.get("redelivered")
     if redelivered:
         return f"NO: {redelivered:,} deliveries beyond the first per ID"
-    if r["handled"] == data.unique:
-        return "yes, each exactly once" if redelivered == 0 else "yes"
-    return f"NO: handled {r['handled']:,}, unique {data.unique:,}"
+    if r["handled"] != data.unique:
+        return f"NO: handled {r['handled']:,}, unique {data.unique:,}"
+    return _handled_once(r, data)
+
+
+def _handled_once(r: Report, data: DataSet) -> str:
+    """Every unique ID was handled: how sure the row is, and an emit row's outputs.
+
+    An emit row must have one committed output per unique ID, each the copy of its event.
+    """
+    if "outputs" not in r:
+        return "yes, each exactly once" if r.get("redelivered") == 0 else "yes"
+    outputs, ids = r["outputs"], r.get("output_ids", 0)
+    mismatched = r.get("output_mismatched", 0)
+    if mismatched:
+        return f"NO: {mismatched:,} outputs are not the event their key names"
+    if outputs == ids == data.unique:
+        return "yes, and 1 committed output per ID"
+    return (
+        f"NO: {outputs:,} committed outputs for {ids:,} IDs, "
+        f"{data.unique:,} unique IDs in the input"
+    )
 
 
 def _rows(outcomes: list[Outcome], data: DataSet, baseline: str) -> list[tuple[str, ...]]:
@@ -392,6 +426,12 @@ def _rows(outcomes: list[Outcome], data: DataSet, baseline: str) -> list[tuple[s
         notes = list(o.notes)
         if o.report is not None and "redelivered" in o.report:
             notes.insert(0, f"{o.delivery_rate:,.0f} unique deliveries/s")
+        if o.report is not None and "outputs" in o.report:
+            notes.insert(
+                0,
+                f"read back (read_committed): {o.report['outputs']:,} outputs, "
+                f"{o.report.get('output_ids', 0):,} distinct IDs",
+            )
         rows.append(
             (
                 o.contender.label,

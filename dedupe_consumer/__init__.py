@@ -20,6 +20,7 @@ from dedupe_consumer.errors import (
 )
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, DeadLetterReason, Decision, Event, TopicPartition
+from dedupe_consumer.store import Response
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "MissingEventIdError",
     "OffsetRegressionError",
     "PermanentError",
+    "Response",
     "RetryableError",
     "Settings",
     "StoreError",

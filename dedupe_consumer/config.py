@@ -254,6 +254,10 @@ class KafkaSettings(_Section):
         return int(self.producer.get("message.max.bytes", shared))
 
 
+_INTERNAL_SUFFIXES = (".dedupe-changelog", ".dedupe-by-id")
+"""Topics of this library's own (a changelog, a by-id topic): no output goes there."""
+
+
 class DedupeSettings(_Section):
     id_source: str = Field("header:event-id", description=f"one of {ID_SOURCE_FORMS}")
     on_missing_id: Literal["dead-letter", "fail", "hash"] = Field(
@@ -281,6 +285,23 @@ class DedupeSettings(_Section):
         description="an integer 1..10000: partitions of each by-id topic (scope 'topic'); "
         "unset: as many as the source topic has when the by-id topic is created. Fixed "
         "afterwards: an ID's partition must never move",
+    )
+
+    store_responses: bool = Field(
+        False,
+        description="true or false: keep what handle returns (its response) with the "
+        "event's ID record and send it as the reply (see processing.reply_topic); on by "
+        "itself with processing.reply_on_duplicate or processing.reply_topic. Off (the "
+        "default): return values are ignored and ID records keep their 25-byte format, "
+        "which earlier versions read",
+    )
+    max_response_bytes: int = Field(
+        1024,
+        ge=0,
+        le=512 * 1024,
+        description="an integer 0..524288: the largest response a handler may return (its "
+        "value, reply topic and key), kept with the event's ID record; a larger one is "
+        "refused (the event is dead-lettered, reason 'response-too-large'), never truncated",
     )
 
     @field_validator("id_source")
@@ -375,6 +396,42 @@ class ProcessingSettings(_Section):
         "batch_size) handler calls (the write being made durable and the one gathered); 1 "
         "gathers nothing: at most two batches",
     )
+    reply_on_duplicate: bool = Field(
+        False,
+        description="true or false: a duplicate request is answered with its first "
+        "response again (byte-identical), sent to the reply topic in the transaction that "
+        "commits the duplicate's offset",
+    )
+    reply_topic: str | None = Field(
+        None,
+        min_length=1,
+        description="a topic name: where a response is sent when the request has no "
+        "reply-to header (processing.reply_to_header) and the handler named no topic; "
+        "unset: such a response is stored, not sent",
+    )
+    reply_to_header: str = Field(
+        "reply-to",
+        min_length=1,
+        description="the request header naming the topic its response is sent to",
+    )
+    correlation_header: str = Field(
+        "correlation-id",
+        min_length=1,
+        description="a request header copied onto its reply (absent: not copied)",
+    )
+    max_outputs_per_event: int = Field(
+        100,
+        ge=1,
+        le=100_000,
+        description="an integer 1..100000: messages one handler call may emit (event.emit); "
+        "one more fails the attempt (retried, then dead-lettered as 'output-failed')",
+    )
+    create_output_topics: bool = Field(
+        False,
+        description="true or false: an output (event.emit or a reply) to a topic that does "
+        "not exist creates it with the broker's default partitions and replication; false "
+        "(the default): the attempt fails, then the event is dead-lettered ('output-failed')",
+    )
     on_offset_regression: Literal["fail", "reset"] = Field(
         "fail",
         description="'fail' or 'reset': what to do when a partition's offsets went back below "
@@ -462,6 +519,41 @@ class Settings(BaseSettings):
             raise ValueError(
                 "processing.dead_letter_topic must differ from every kafka.topics entry, "
                 "or dead letters would be consumed again"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _replies_are_outputs(self) -> Self:
+        processing = self.processing
+        asked = [
+            name
+            for name, on in (
+                ("processing.reply_on_duplicate = true", processing.reply_on_duplicate),
+                ("processing.reply_topic", processing.reply_topic is not None),
+            )
+            if on
+        ]
+        if asked and not self.store.changelog:
+            raise ValueError(
+                f"{' and '.join(asked)} need store.changelog = true: a reply is produced in "
+                "the Kafka transaction that persists its event's decision, which is the "
+                "changelog's. Set store.changelog = true or remove them"
+            )
+        reply_topic = processing.reply_topic
+        if reply_topic is not None and (
+            reply_topic == processing.dead_letter_topic or reply_topic in self.kafka.topics
+        ):
+            raise ValueError(
+                f"processing.reply_topic {reply_topic!r} is a topic this consumer reads or "
+                "dead-letters to: replies would be consumed again; name another topic"
+            )
+        if reply_topic is not None and (
+            reply_topic.startswith("__") or reply_topic.endswith(_INTERNAL_SUFFIXES)
+        ):
+            raise ValueError(
+                f"processing.reply_topic {reply_topic!r} is an internal topic (Kafka's own, "
+                "'__...', or a changelog or by-id topic of this library): no output may go "
+                "there; name another topic"
             )
         return self
 

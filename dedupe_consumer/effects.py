@@ -24,6 +24,27 @@ _OVERHEAD = 512
 """Bytes a record needs besides its key, value and headers (record and batch headers)."""
 
 
+class OutputError(ValueError):
+    """An output that cannot be produced (``event.emit`` or a reply): the attempt fails,
+    is retried, and its event is dead-lettered with reason ``output-failed`` at the end."""
+
+
+def check_topic(topic: object, refused: frozenset[str]) -> None:
+    """Raise :class:`OutputError` unless ``topic`` may receive an output: a non-empty
+    name that is not one of this library's topics (nor a ``refused`` one)."""
+    if not isinstance(topic, str) or not topic:
+        raise OutputError(f"emit: the topic must be a non-empty string, not {topic!r}")
+    if topic.startswith("__"):
+        raise OutputError(
+            f"emit: {topic!r} is a Kafka internal topic ('__...'): outputs never go there"
+        )
+    if topic.endswith(_INTERNAL) or topic in refused:
+        raise OutputError(
+            f"emit: {topic!r} is a topic of dedupe_consumer's own (a changelog, by-id or "
+            "dead-letter topic) or one this consumer reads: outputs never go there"
+        )
+
+
 def _bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data
 
@@ -35,7 +56,7 @@ def _data(data: object, what: str) -> bytes | None:
         return data
     if isinstance(data, str):
         return data.encode()
-    raise ValueError(
+    raise OutputError(
         f"emit: the {what} must be bytes, str or None, not {type(data).__name__} "
         "(serialize it first, e.g. json.dumps(...))"
     )
@@ -49,7 +70,7 @@ def _name(name: object) -> str:
             return name.decode()
         except UnicodeDecodeError:
             pass
-    raise ValueError(f"emit: a header name must be text, not {name!r}")
+    raise OutputError(f"emit: a header name must be text, not {name!r}")
 
 
 class Effects:
@@ -63,6 +84,7 @@ class Effects:
         "_read",
         "batch",
         "max_bytes",
+        "max_outputs",
         "outputs",
         "refused_topics",
         "staged",
@@ -79,6 +101,7 @@ class Effects:
         topic_limit: Callable[[str], int | None] | None = None,
         unemittable: str | None = None,
         refused_topics: frozenset[str] = frozenset(),
+        max_outputs: int | None = None,
     ) -> None:
         self._read = read
         self.batch = batch
@@ -94,6 +117,8 @@ class Effects:
         """Why nothing can be emitted here (no transactional changelog), or None."""
         self.refused_topics = refused_topics
         """Topics an output never goes to (the dead-letter topic)."""
+        self.max_outputs = max_outputs
+        """How many messages one call may emit (``processing.max_outputs_per_event``)."""
 
     def get(self, key: bytes | str) -> bytes | None:
         k = _bytes(key)
@@ -130,19 +155,21 @@ class Effects:
     ) -> None:
         """Produce a message to ``topic`` when the batch is persisted, in its transaction.
 
-        Raises ``ValueError`` (the attempt fails: retried, then dead-lettered) for a
-        topic that does not exist or is one of this library's, or a message too large
-        for the producer; ``RuntimeError`` where nothing can be emitted.
+        Raises :class:`OutputError` (a ``ValueError``: the attempt fails, is retried,
+        then dead-lettered as ``output-failed``) for a topic that does not exist or is
+        one of this library's, a message too large for the producer, or one output
+        more than ``processing.max_outputs_per_event``; ``RuntimeError`` where nothing
+        can be emitted.
         """
         if self.unemittable is not None:
             raise RuntimeError(self.unemittable)
-        if not isinstance(topic, str) or not topic:
-            raise ValueError(f"emit: the topic must be a non-empty string, not {topic!r}")
-        if topic.endswith(_INTERNAL) or topic in self.refused_topics:
-            raise ValueError(
-                f"emit: {topic!r} is a topic of dedupe_consumer's own (a changelog, by-id or "
-                "dead-letter topic): outputs never go there"
+        if self.max_outputs is not None and len(self.outputs) >= self.max_outputs:
+            raise OutputError(
+                f"emit: more than {self.max_outputs} messages from one handler call "
+                "(processing.max_outputs_per_event): every output of a batch is held until "
+                "its transaction; raise the setting if this handler really fans out that far"
             )
+        check_topic(topic, self.refused_topics)
         pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
         kept = tuple((_name(n), _data(x, f"header {n!r}")) for n, x in pairs)
         k = _data(key, "key")
@@ -151,14 +178,15 @@ class Effects:
         limit = self.max_bytes
         topic_max = self.topic_limit(topic) if self.topic_limit is not None else 0
         if topic_max is None:
-            raise ValueError(
-                f"emit: output topic {topic!r} does not exist; create it (outputs are never "
-                "sent to a topic the broker would create with its defaults)"
+            raise OutputError(
+                f"emit: output topic {topic!r} does not exist; create it, or set "
+                "processing.create_output_topics = true (outputs are never sent to a topic "
+                "the broker would create on its own)"
             )
         if topic_max and (limit is None or topic_max - _OVERHEAD < limit):
             limit = topic_max - _OVERHEAD
         if limit is not None and size > limit:
-            raise ValueError(
+            raise OutputError(
                 f"emit: a message of {size} bytes (key, value and headers) to {topic!r} is "
                 f"over the limit of {limit} bytes (the smaller of the topic's "
                 "max.message.bytes and the producer's message.max.bytes, minus record "

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import partial
 from itertools import islice
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import structlog
 
@@ -60,7 +60,7 @@ from dedupe_consumer._faults import fault_point
 from dedupe_consumer.config import DedupeSettings, ProcessingSettings
 from dedupe_consumer.contracts import BatchResult, PartitionLog
 from dedupe_consumer.dead_letters import DeadLetter, DeadLetterSink
-from dedupe_consumer.effects import Effects
+from dedupe_consumer.effects import Effects, OutputError, check_topic
 from dedupe_consumer.errors import (
     ConfigError,
     DeadLetterError,
@@ -87,6 +87,7 @@ from dedupe_consumer.models import (
 )
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.partitioners import placed_by_a_common_partitioner, placing_rule
+from dedupe_consumer.responses import ResponseRefused, as_response, check_reply_to, send_reply
 from dedupe_consumer.scope import split_origin
 from dedupe_consumer.store import (
     EPOCH,
@@ -95,6 +96,7 @@ from dedupe_consumer.store import (
     Output,
     ProcessedStore,
     RecordStatus,
+    Response,
     StateChangelog,
     WriteSet,
 )
@@ -154,6 +156,11 @@ class _Item:
     uncertain outcome, resolved by ``processing.on_uncertain``."""
     first_offset: int | None = None
     """A duplicate or conflict: the offset at which this ID was first decided."""
+    first: _Item | IdRecord | None = None
+    """A duplicate: its ID's decided record, or the event of this batch (or of a carried
+    lane) that decides it; where its stored response is read from."""
+    response: Response | None = None
+    """Decided handled: what ``handle`` returned, kept in the ID record."""
     staged: dict[bytes, bytes | None] | None = None
     """Decided handled: the writes its handler (or reconcile) staged."""
     outputs: list[Output] | None = None
@@ -243,8 +250,11 @@ class _Called:
     result: object
     effects: dict[bytes, bytes | None]
     outputs: list[Output]
+    response: Response | None = None
 
 
+_RECORD_BYTES = 25
+"""An ID record without its response (``store.base.IdRecord``)."""
 _EFFECT_OVERHEAD = 512
 """Bytes a changelog record needs besides its key and value (record and batch headers)."""
 
@@ -319,6 +329,20 @@ class Engine:
         # Emitted messages are produced in the changelog's transaction: none without one.
         self._output_limit = changelog.output_limit if changelog is not None else None
         self._refused_outputs = frozenset({processing.dead_letter_topic})
+        self._max_response_bytes = dedupe.max_response_bytes
+        self._responds = (
+            dedupe.store_responses
+            or processing.reply_on_duplicate
+            or processing.reply_topic is not None
+        )
+        """What ``handle`` (or ``reconcile``) returns is the event's response: stored in
+        its ID record and sent as the reply. Off: return values are ignored."""
+        self._result_warned = False
+        self._answers_duplicates = processing.reply_on_duplicate or (
+            type(handler).on_duplicate is not Handler.on_duplicate
+        )
+        """A duplicate needs its stored response: a reply is sent again, or the handler
+        implements ``on_duplicate``."""
         self._kept_outputs = outputs
         """Without a changelog (a replay): where emitted messages go once persisted."""
         self._unemittable = (
@@ -327,6 +351,10 @@ class Engine:
             else "event.emit needs store.changelog = true: an output is produced in the "
             "transaction that persists its event's decision, which is the changelog's"
         )
+        self._sends_replies = self._unemittable is None
+        """Without a transaction (no changelog), responses are stored, never sent."""
+        self._replies = self._responds and self._sends_replies
+        """Responses are on and can be sent: a request's reply-to header matters."""
         _refuse_coroutines(handler)
         if (
             self.claims
@@ -372,6 +400,10 @@ class Engine:
         self._carry_rewind: dict[TopicPartition, int] = {}
         """Where partitions are read again from: carried events a lane gave back."""
         self._given_back: dict[TopicPartition, int] = {}
+        self._unanswered: dict[TopicPartition, list[_Item]] = {}
+        """Duplicates to answer above an event a carried lane holds: their reply must
+        commit with their offset, which the watermark cannot pass yet. Answered by the
+        first write whose watermark covers them (see :meth:`_wait_for_cover`)."""
         """The first offset given back, per partition, until a batch reads it again: the
         watermark stays before it meanwhile."""
         self._carry_released: dict[TopicPartition, list[str]] = {}
@@ -860,7 +892,16 @@ class Engine:
             covered = self._covered.get(tp)
             if covered is not None and covered >= offset:
                 self._covered[tp] = offset - 1
+        self._drop_unanswered(rewind)  # read again, answered then
         return BatchResult(BatchStats(), {}, None, [], rewind)
+
+    def _drop_unanswered(self, rewind: Mapping[TopicPartition, int]) -> None:
+        """Waiting duplicates at or above ``rewind``'s offsets are read again: forgotten."""
+        with self._lanes_changed:
+            for tp, offset in rewind.items():
+                waiting = self._unanswered.get(tp)
+                if waiting:
+                    self._unanswered[tp] = [i for i in waiting if i.offset < offset]
 
     def _fenced(
         self,
@@ -1171,8 +1212,10 @@ class Engine:
             if ahead is not None and (wm is None or ahead > wm):
                 wm = ahead
         with self._lanes_changed:
-            held = set(self._held.get(tp, ()))
+            held = dict(self._held.get(tp, {}))
             held_ids = dict(self._held_ids.get(tp, {}))
+            # a duplicate waiting to be answered is decided as well
+            held.update((item.offset, item) for item in self._unanswered.get(tp, ()))
         fresh: list[_Item] = []
         for item in items:
             if (wm is not None and item.offset <= wm) or item.offset in held:
@@ -1201,20 +1244,21 @@ class Engine:
                 found.update((i, decided[i]) for i in hits)
                 unpersisted.update(hits)
         # An ID a carried lane holds is decided there: a later copy is its duplicate.
-        first_offset = {i: held_ids[i] for i in unique if i in held_ids} if held_ids else {}
+        first: dict[str, tuple[int, bytes, _Item | IdRecord | None]] = {
+            i: (*held_ids[i], held.get(held_ids[i][0])) for i in unique if i in held_ids
+        }
         for item in fresh:
             event_id = item.event_id
             assert event_id is not None
-            if event_id in first_offset:  # seen earlier in this batch
-                offset, digest = first_offset[event_id]
-                self._on_seen(item, offset, digest)
+            if event_id in first:  # seen earlier in this batch
+                self._on_seen(item, *first[event_id])
                 continue
             record = found.get(event_id)
             if record is None:
-                first_offset[event_id] = (item.offset, item.digest)
+                first[event_id] = (item.offset, item.digest, item)
                 continue
             # Later copies in this batch compare with the decided record, not with us.
-            first_offset[event_id] = (record.offset, record.digest)
+            first[event_id] = (record.offset, record.digest, record)
             if record.status is RecordStatus.IN_PROGRESS:
                 item.found_claim = record  # uncertain: the walk applies processing.on_uncertain
                 continue
@@ -1223,7 +1267,7 @@ class Engine:
                 # what its watermark will say once durable.
                 item.decision = Decision.REPLAY
                 continue
-            self._on_seen(item, record.offset, record.digest)
+            self._on_seen(item, record.offset, record.digest, record)
 
     def _on_missing_id(self, item: _Item, missing: MissingId) -> None:
         message = item.message
@@ -1245,10 +1289,17 @@ class Engine:
         item.decision = Decision.DEAD_LETTERED
         item.letter = DeadLetter(missing.reason, None, type(missing).__name__, why, 0)
 
-    def _on_seen(self, item: _Item, first_offset: int, first_digest: bytes) -> None:
+    def _on_seen(
+        self,
+        item: _Item,
+        first_offset: int,
+        first_digest: bytes,
+        first: _Item | IdRecord | None = None,
+    ) -> None:
         item.first_offset = first_offset
         if item.digest == first_digest:
             item.decision = Decision.DUPLICATE
+            item.first = first
             return
         item.decision = Decision.CONFLICT
         if self.dedupe.on_conflict == "dead-letter":
@@ -1561,6 +1612,9 @@ class Engine:
                     continue
                 del held[item.offset]
                 self._held_open -= 1
+                waiting = self._unanswered.get(tp)
+                if waiting:  # read again after it, like it
+                    self._unanswered[tp] = [i for i in waiting if i.offset < item.offset]
                 self._given_back[tp] = min(self._given_back.get(tp, item.offset), item.offset)
                 if item.event_id is not None and ids.get(item.event_id, (None,))[0] == item.offset:
                     del ids[item.event_id]
@@ -1603,9 +1657,14 @@ class Engine:
                     continue
                 if item.walked:
                     _record(item, batch.now_ms, records, effects, outputs, stats, handled_ids)
+                elif gap is None and (cover := self._cover(tp, item)) != "now":
+                    if cover == "again":  # past the bound of waiting duplicates
+                        gap = item.offset
+                        continue
+                    # "wait": answered by the write that commits its offset
                 elif gap is None and item.decision is not None and item.fail is None:
                     try:
-                        self._walk_decided(item, stats)
+                        self._walk_decided(tp, item, stats, outputs)
                     except Exception as unsent:  # not even a letter without its value
                         batch.fail(unsent)
                         gap = item.offset
@@ -1626,6 +1685,12 @@ class Engine:
                 write.outputs[tp] = outputs
             if covered is not None:
                 self._covered[tp] = covered
+            failed = self._answer_waiting(tp, stats, outputs, batch.plan[tp])
+            if failed is not None:
+                batch.fail(failed[1])
+                gap = failed[0] if gap is None else min(gap, failed[0])
+            if outputs and tp not in write.outputs:
+                write.outputs[tp] = outputs
             self._cap_watermark(write, tp)
             if gap is not None:
                 rewind[tp] = gap
@@ -1635,6 +1700,63 @@ class Engine:
         keep = {i.event_id for tp in tps for i in batch.plan[tp] if i.running or i.carried}
         _release_undecided(_only(batch.claimed, tps), write, keep=keep)
         return write, rewind, per_topic, handled_ids
+
+    def _cover(self, tp: TopicPartition, item: _Item) -> Literal["now", "wait", "again"]:
+        """When a phase-1 decision is written: ``"now"``, in this write. A duplicate to
+        answer above an event a carried lane holds (its first copy, or any other)
+        ``"wait"``s: its reply must commit with its offset, and this write's watermark
+        stops below the held event; it holds the watermark until a write can cover it
+        (its first copy is decided by then, if it was held). Past
+        ``processing.max_unpersisted`` waiting, ``"again"``: read again (memory stays
+        bounded)."""
+        if item.decision is not Decision.DUPLICATE or not self._answers_duplicates:
+            return "now"
+        with self._lanes_changed:
+            first = self._first_undecided(tp, waiting=False)
+            if first is None or first > item.offset:
+                return "now"
+            waiting = self._unanswered.setdefault(tp, [])
+            if len(waiting) >= self.processing.max_unpersisted:
+                return "again"
+            item.carried = True
+            waiting.append(item)  # in offset order: read in order
+        return "wait"
+
+    def _answerable(self, tp: TopicPartition) -> bool:
+        """Under the lanes' lock: a duplicate of ``tp`` waits, and no held event is below it."""
+        waiting = self._unanswered.get(tp)
+        if not waiting:
+            return False
+        first = self._first_undecided(tp, waiting=False)
+        return first is None or waiting[0].offset < first
+
+    def _answer_waiting(
+        self, tp: TopicPartition, stats: BatchStats, outputs: list[Output], plan: list[_Item]
+    ) -> tuple[int, Exception] | None:
+        """Answer the duplicates of ``tp`` no held event is below any more (into
+        ``outputs``; added to ``plan``, the items of the write they are in). Returns
+        the offset and error of one whose dead letter failed (it and the rest are read
+        again), or None."""
+        with self._lanes_changed:
+            waiting = self._unanswered.get(tp)
+            if not waiting:
+                return None
+            first = self._first_undecided(tp, waiting=False)
+            ready = [i for i in waiting if first is None or i.offset < first]
+            if not ready:
+                return None
+            self._unanswered[tp] = waiting[len(ready) :]
+        for item in ready:
+            item.carried = False
+            plan.append(item)
+            try:
+                self._walk_decided(tp, item, stats, outputs)
+            except Exception as unsent:  # not even a letter: it and the rest read again
+                covered = self._covered.get(tp)
+                if covered is not None and covered >= item.offset:
+                    self._covered[tp] = item.offset - 1
+                return item.offset, unsent
+        return None
 
     def _cap_watermark(self, write: WriteSet, tp: TopicPartition) -> None:
         """Set ``tp``'s watermark in ``write``: the end of the covered run, but before
@@ -1649,13 +1771,16 @@ class Engine:
         if watermark >= 0 and (current is None or watermark > current):
             write.watermarks[tp] = watermark
 
-    def _first_undecided(self, tp: TopicPartition) -> int | None:
-        """Under the lanes' lock: ``tp``'s first offset a carried lane holds or gave back."""
+    def _first_undecided(self, tp: TopicPartition, *, waiting: bool = True) -> int | None:
+        """Under the lanes' lock: ``tp``'s first offset a carried lane holds or gave back
+        (or, with ``waiting``, a duplicate waits to be answered at)."""
         held = self._held.get(tp)
         firsts = [min(held)] if held else []
         given_back = self._given_back.get(tp)
         if given_back is not None:
             firsts.append(given_back)
+        if waiting and self._unanswered.get(tp):
+            firsts.append(self._unanswered[tp][0].offset)
         return min(firsts) if firsts else None
 
     def _still_held(self, lane: _Lane) -> bool:
@@ -1687,7 +1812,8 @@ class Engine:
             for key, lane in list(self._carried.items()):
                 if lane.closed and not self._still_held(lane):
                     del self._carried[key]
-            if not done and not rewind and not released and error is None:
+            answerable = {tp for tp in wanted if self._answerable(tp)}
+            if not done and not rewind and not released and error is None and not answerable:
                 return None
         write = WriteSet()
         plan: dict[TopicPartition, list[_Item]] = {}
@@ -1695,6 +1821,8 @@ class Engine:
         handled_ids: list[str] = []
         for tp, item in done:
             plan.setdefault(tp, []).append(item)
+        for tp in answerable:
+            plan.setdefault(tp, [])
         for tp, items in plan.items():
             items.sort(key=lambda i: i.offset)
             records: list[tuple[str, IdRecord]] = []
@@ -1703,7 +1831,12 @@ class Engine:
             stats = per_topic.setdefault(tp.topic, BatchStats())
             for item in items:
                 _record(item, now_ms, records, effects, outputs, stats, handled_ids)
-            write.records[tp] = records
+            failed = self._answer_waiting(tp, stats, outputs, items)
+            if failed is not None:
+                error = error or failed[1]
+                rewind[tp] = min(rewind.get(tp, failed[0]), failed[0])
+            if records:
+                write.records[tp] = records
             if effects:
                 write.effects[tp] = list(effects.items())
             if outputs:
@@ -1754,6 +1887,7 @@ class Engine:
             for tp in gone:
                 held = self._held.pop(tp, {})
                 self._held_open -= sum(1 for item in held.values() if not item.walked)
+                self._unanswered.pop(tp, None)
                 self._held_ids.pop(tp, None)
                 self._covered.pop(tp, None)
                 self._carry_rewind.pop(tp, None)
@@ -1884,9 +2018,13 @@ class Engine:
             # before this event and stop, rather than loop on it or skip it unrecorded.
             raise _Stop from unsent
 
-    def _walk_decided(self, item: _Item, stats: BatchStats) -> None:
+    def _walk_decided(
+        self, tp: TopicPartition, item: _Item, stats: BatchStats, outputs: list[Output]
+    ) -> None:
         assert item.decision is not None
         message = item.message
+        if item.decision is Decision.DUPLICATE and self._answers_duplicates:
+            self._answer_duplicate(tp, item, outputs)
         if item.decision is Decision.CONFLICT:
             log.warning(
                 "conflicting_duplicate",
@@ -1914,6 +2052,68 @@ class Engine:
             stats.add(Decision.DEAD_LETTERED)
             return
         stats.add(item.decision)
+
+    def _answer_duplicate(self, tp: TopicPartition, item: _Item, outputs: list[Output]) -> None:
+        """``Handler.on_duplicate`` with the stored response; with
+        ``processing.reply_on_duplicate``, the response again as the reply (an output
+        of this batch's transaction). A reply that cannot be sent dead-letters the
+        duplicate (``output-failed``): the requester is never left without a trace."""
+        if item.first_offset == item.offset:
+            # This very message, decided before (read again after a seek back while a
+            # carried lane held the watermark below it), or a recreated topic's message
+            # at the same offset: not answered twice (a duplicate all the same).
+            return
+        first = item.first
+        decided = isinstance(first, IdRecord) or (
+            first is not None and first.decision is Decision.HANDLED and not first.running
+        )
+        # Else dead-lettered, or still being decided (its own reply answers the request).
+        stored = first.response if decided and first is not None else None
+        event = self._event(tp, item, None, None)
+        try:
+            self.handler.on_duplicate(event, stored)
+        except Exception as failure:  # the duplicate is skipped all the same
+            log.warning(
+                "on_duplicate_failed",
+                event_id=item.event_id,
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=item.offset,
+                error=f"{type(failure).__name__}: {failure}",
+            )
+        if stored is None or not self.processing.reply_on_duplicate:
+            return
+        effects = self._effects(tp, {})
+        try:
+            send_reply(stored, event, effects, self.processing)
+        except OutputError as unsendable:
+            item.letter = DeadLetter(
+                DeadLetterReason.OUTPUT_FAILED,
+                item.event_id,
+                type(unsendable).__name__,
+                f"the reply to a duplicate cannot be sent: {unsendable}",
+                0,
+            )
+            return
+        outputs.extend(o._replace(answers=item.offset) for o in effects.outputs)
+
+    def _effects(self, tp: TopicPartition, batch_effects: dict[bytes, bytes | None]) -> Effects:
+        """A call's transactional effects: reads see ``batch_effects``, then the store."""
+        processing = self.processing
+        limit = self._output_limit
+        return Effects(
+            partial(self._effect, tp),
+            batch_effects,
+            self._max_effect_bytes,
+            topic_limit=(
+                limit
+                if limit is None or not processing.create_output_topics
+                else partial(limit, create=True)
+            ),
+            unemittable=self._unemittable,
+            refused_topics=self._refused_outputs,
+            max_outputs=processing.max_outputs_per_event,
+        )
 
     def _decide(
         self,
@@ -1983,11 +2183,15 @@ class Engine:
                 "reconcile",
                 permanent_reason=DeadLetterReason.RECONCILE_FAILED,
                 exhausted_reason=DeadLetterReason.RECONCILE_FAILED,
+                respond=True,
             )
             if isinstance(called, Decision):
                 return called
-            if called.result:  # it happened: recorded as handled, with what reconcile staged
+            if called.response is not None or called.result:
+                # it happened (True, or a response, even an empty one): recorded as handled,
+                # with what reconcile staged
                 item.staged, item.outputs = called.effects, called.outputs
+                item.response = called.response  # a response reconcile returned (not True)
                 return Decision.HANDLED
         return (yield from self._handle(tp, item, batch_effects))
 
@@ -2029,11 +2233,13 @@ class Engine:
             "handler",
             permanent_reason=DeadLetterReason.PERMANENT_ERROR,
             exhausted_reason=DeadLetterReason.RETRIES_EXHAUSTED,
+            respond=True,
         )
         if isinstance(called, Decision):
             return called
         fault_point("after_handler")
         item.staged, item.outputs = called.effects, called.outputs
+        item.response = called.response
         if called.effects and self._by_id and not self._staged_by_id_warned:
             self._staged_by_id_warned = True
             log.warning(
@@ -2056,13 +2262,17 @@ class Engine:
         *,
         permanent_reason: DeadLetterReason,
         exhausted_reason: DeadLetterReason,
+        respond: bool = False,
     ) -> _Steps[_Called | Decision]:
         """Parse the payload, then ``call(event)`` with retries and backoff.
 
         Returns what the call returned with its staged writes, or
         ``Decision.DEAD_LETTERED``: ``invalid-payload`` when parsing fails (whatever
         it raises), ``permanent_reason`` when the call raises ``PermanentError``,
-        ``exhausted_reason`` when its last retry fails.
+        ``exhausted_reason`` when its last retry fails (``output-failed`` when that
+        was an output that could not be produced). ``respond``: what the call returns
+        is the event's response (stored, and sent as the reply: see
+        :mod:`dedupe_consumer.responses`); one too large is dead-lettered at once.
         """
         try:
             payload = self.handler.parse(as_bytes(item.message.value()))
@@ -2075,20 +2285,16 @@ class Engine:
         processing = self.processing
         attempts = processing.max_retries + 1
         # Reads see this lane's earlier staged writes, then the store.
-        effects = Effects(
-            partial(self._effect, tp),
-            batch_effects,
-            self._max_effect_bytes,
-            topic_limit=self._output_limit,
-            unemittable=self._unemittable,
-            refused_topics=self._refused_outputs,
-        )
+        effects = self._effects(tp, batch_effects)
         base = self._event(tp, item, payload, effects)
         for attempt in range(1, attempts + 1):
             effects.staged = {}  # a failed attempt's writes are dropped here
             effects.outputs = []  # and its outputs
             event = base if attempt == 1 else replace(base, attempt=attempt)
             try:
+                if respond and self._replies:  # no call while the reply could not
+                    refused = self._refused_outputs | {tp.topic, event.topic}  # go there
+                    check_reply_to(event, processing, refused, self._output_limit)
                 result = yield _Call(call, event)
             except PermanentError as permanent:
                 return (
@@ -2105,7 +2311,9 @@ class Engine:
                     return (
                         yield from self._dead_letter(
                             item,
-                            exhausted_reason,
+                            DeadLetterReason.OUTPUT_FAILED
+                            if isinstance(failure, OutputError)
+                            else exhausted_reason,
                             type(failure).__name__,
                             str(failure),
                             attempt,
@@ -2130,8 +2338,82 @@ class Engine:
                 if (yield _Wait(delay, park=True)):
                     raise _Stop from None
             else:
-                return _Called(result, effects.staged, effects.outputs)
+                called = _Called(result, effects.staged, effects.outputs)
+                if not respond or not self._responds:
+                    return called
+                return (yield from self._with_response(tp, item, event, effects, called, attempt))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _with_response(
+        self,
+        tp: TopicPartition,
+        item: _Item,
+        event: Event,
+        effects: Effects,
+        called: _Called,
+        attempt: int,
+    ) -> _Steps[_Called | Decision]:
+        """A call that succeeded, with its response (see :meth:`_respond`): whatever the
+        response meets, the call is not made again; the event is dead-lettered instead."""
+        try:
+            called.response = self._respond(tp, event, effects, called.result)
+        except ResponseRefused as refused:
+            reason = (
+                DeadLetterReason.RESPONSE_TOO_LARGE
+                if refused.too_large
+                else DeadLetterReason.PERMANENT_ERROR
+            )
+            return (
+                yield from self._dead_letter(
+                    item, reason, type(refused).__name__, str(refused), attempt
+                )
+            )
+        except OutputError as unsendable:
+            return (
+                yield from self._dead_letter(
+                    item,
+                    DeadLetterReason.OUTPUT_FAILED,
+                    type(unsendable).__name__,
+                    f"the reply cannot be sent: {unsendable}",
+                    attempt,
+                )
+            )
+        return called
+
+    def _respond(
+        self, tp: TopicPartition, event: Event, effects: Effects, result: object
+    ) -> Response | None:
+        """``result`` as the event's response (None: not one), sent as the reply when it
+        has a destination. Bounded by ``dedupe.max_response_bytes`` and by what one
+        changelog record can carry besides the ID and the record."""
+        record_room = self._max_effect_bytes - _RECORD_BYTES - len(event.id.encode())
+        limit, limit_name = self._max_response_bytes, "dedupe.max_response_bytes"
+        if record_room < limit:
+            limit, limit_name = record_room, "one changelog record: message.max.bytes"
+        response = as_response(result, max(limit, 0), limit_name)
+        if response is None:
+            if result is not None and not isinstance(result, bool):
+                self._warn_not_a_response(result)
+            return None
+        if self._sends_replies:
+            if response.topic is not None:  # the handler's choice: checked like a header's
+                check_topic(response.topic, self._refused_outputs | {tp.topic, event.topic})
+            effects.max_outputs = None  # the reply is not one of the handler's outputs
+            send_reply(response, event, effects, self.processing)
+        return response
+
+    def _warn_not_a_response(self, result: object) -> None:
+        if self._result_warned:
+            return
+        self._result_warned = True
+        log.warning(
+            "handler_result_not_stored",
+            handler=type(self.handler).__name__,
+            returned=type(result).__name__,
+            consequence="handle returned something that is not a response (bytes, str, a "
+            "pydantic model or dedupe_consumer.Response): it is not stored nor sent as a "
+            "reply; return None when there is no response",
+        )
 
     def _dead_letter(
         self,
@@ -2221,12 +2503,14 @@ class Engine:
 
 
 def _refuse_coroutines(handler: Handler) -> None:
-    """``parse`` runs on the consuming thread's path to every hook: it must be plain ``def``."""
-    if inspect.iscoroutinefunction(handler.parse) or inspect.isasyncgenfunction(handler.parse):
-        raise ConfigError(
-            f"{type(handler).__name__}.parse is `async def`: parse must be plain `def` "
-            "(handle, reconcile, setup and teardown may be async)"
-        )
+    """``parse`` and ``on_duplicate`` run on the consuming thread: they must be plain ``def``."""
+    for name in ("parse", "on_duplicate"):
+        method = getattr(handler, name)
+        if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+            raise ConfigError(
+                f"{type(handler).__name__}.{name} is `async def`: {name} must be plain `def` "
+                "(handle, reconcile, setup and teardown may be async)"
+            )
 
 
 def _record(
@@ -2241,8 +2525,12 @@ def _record(
     """An event the walk decided: its ID record, what it staged and emitted, how it counts."""
     decision = item.decision
     assert decision is not None and item.event_id is not None
+    response = item.response if decision is Decision.HANDLED else None
     records.append(
-        (item.event_id, IdRecord(RECORDED_AS[decision], item.offset, now_ms, item.digest))
+        (
+            item.event_id,
+            IdRecord(RECORDED_AS[decision], item.offset, now_ms, item.digest, response),
+        )
     )
     stats.uncertain += item.uncertain
     if decision is Decision.HANDLED:
@@ -2329,6 +2617,10 @@ def _cut_before(
     for tp, offset in first.items():
         if tp in write.records:
             write.records[tp] = [(i, r) for i, r in write.records[tp] if (tp, r.offset) not in lost]
+        if tp in write.outputs:  # a duplicate from the cut on is read and answered again
+            write.outputs[tp] = [
+                o for o in write.outputs[tp] if o.answers is None or o.answers < offset
+            ]
         items = plan.get(tp)
         current = watermarks.get(tp)
         # Below the first lost letter, and never above the settled prefix (a gap of

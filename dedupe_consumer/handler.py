@@ -8,8 +8,9 @@ from pydantic import BaseModel
 
 from dedupe_consumer.errors import PermanentError, RetryableError
 from dedupe_consumer.models import Event
+from dedupe_consumer.store.base import Response
 
-__all__ = ["Handler", "PermanentError", "RetryableError"]
+__all__ = ["Handler", "PermanentError", "Response", "RetryableError"]
 
 
 class Handler:
@@ -19,7 +20,10 @@ class Handler:
     ``handle``, ``reconcile``, ``setup`` and ``teardown`` may be ``async def``
     (awaited on one event loop); ``parse`` may not.
 
-    ``handle`` returning normally means the effect happened. Raise
+    ``handle`` returning normally means the effect happened. It may return a
+    response (bytes, str, a pydantic model or :class:`Response`): it is kept with
+    the event's ID record, sent as the reply when the request names a reply topic,
+    and given to ``on_duplicate`` (see :mod:`dedupe_consumer.responses`). Raise
     :class:`RetryableError` for a transient failure (retried with backoff, as is
     any unexpected exception) and :class:`PermanentError` when retrying cannot
     help (the event goes to the dead-letter topic). Use ``event.id`` as the
@@ -34,20 +38,36 @@ class Handler:
     def setup(self) -> None:
         """Called once before the first event (open connections here, not in ``__init__``)."""
 
-    def handle(self, event: Event) -> None:
+    def handle(self, event: Event) -> object:
         raise NotImplementedError(f"{type(self).__name__} must implement handle(event)")
 
-    def reconcile(self, event: Event) -> bool:
+    def reconcile(self, event: Event) -> object:
         """Claim mode, ``on_uncertain = "reconcile"``: did this event's effect happen?
 
         Called for an event whose claim was found in progress after a crash. Ask
         the downstream system (by ``event.id``): True means it happened (recorded
-        as handled, no call), False means it did not (``handle`` is called).
+        as handled, no call), False means it did not (``handle`` is called). With
+        responses on, return the response instead of True (even an empty one): it
+        is stored and sent as the reply, which the crash kept from being sent.
         ``event.payload`` is parsed as for ``handle``; what ``event.stage`` writes
         here is committed only when this returns True. An exception is retried like
         one from ``handle``, then the event is dead-lettered (``reconcile-failed``).
         """
         raise NotImplementedError
+
+    def on_duplicate(self, event: Event, stored: Response | None) -> None:
+        """Called for each duplicate of a handled event (default: nothing), with the
+        response ``handle`` returned for it (None when it returned none, or when the
+        first event is still being decided). Not called for a replay of an offset
+        already committed, nor for a conflict (same ID, another payload).
+
+        Runs on the consuming thread, once per duplicate delivered (again if the
+        process dies before the duplicate's offset is committed): keep it quick and
+        idempotent. ``event.payload`` is not parsed. An exception is logged
+        (``on_duplicate_failed``); the duplicate is skipped all the same. To answer
+        duplicates on Kafka, set ``processing.reply_on_duplicate`` instead: that reply
+        is sent exactly once per duplicate, in the transaction.
+        """
 
     def teardown(self) -> None:
         """Called once after the last batch was persisted and committed."""

@@ -98,6 +98,14 @@ class DeadLetterReason(enum.StrEnum):
     RECONCILE_FAILED = "reconcile-failed"
     """Claim mode with ``on_uncertain = "reconcile"``: ``Handler.reconcile`` raised
     ``PermanentError`` or kept failing."""
+    OUTPUT_FAILED = "output-failed"
+    """An output could not be produced: ``event.emit`` (or the reply to a response)
+    named a topic that does not exist (and ``processing.create_output_topics`` is
+    false), one of this library's own, or a message too large, on every attempt; or
+    the reply to a duplicate (``processing.reply_on_duplicate``) could not be sent."""
+    RESPONSE_TOO_LARGE = "response-too-large"
+    """``handle`` returned a response over ``dedupe.max_response_bytes`` (or of a type
+    that cannot be stored). Not retried: the handler would answer the same."""
     INTERNAL_ERROR = "internal-error"
     """An unexpected error while deciding the event, not the handler's (logged with a
     traceback as ``event_failed``)."""

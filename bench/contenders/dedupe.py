@@ -14,6 +14,15 @@ The I/O-bound rows swap the handler:
   ``await asyncio.sleep``. An engine that cannot run it refuses it at start-up
   (ConfigError), and the row reports the refusal instead of a rate.
 
+``--handler emit`` (the ``plain-emit`` row) is the consume-emit pipeline: per
+handled event, one ``event.emit(output, event.value, key=event.key,
+headers=event.headers)`` (a copy of the input, as Quix's ``to_topic`` sends
+it) to an output topic this process creates before the consumer starts (named
+after the group, see :mod:`bench.contenders._outputs`). The outputs go out in
+the Kafka transaction that persists the batch (``store.changelog = true`` is
+required). After the run the topic is read back with ``read_committed`` and
+the report says how many outputs, and how many distinct IDs, a reader sees.
+
 ``--concurrency N`` and ``--ordering key|partition`` set
 ``processing.concurrency`` / ``processing.ordering`` when the installed
 engine has them (see :mod:`bench.engine_options`); the report says what the
@@ -37,6 +46,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.child import Stopwatch, emit, emit_refused
+from bench.contenders._outputs import create_like, output_topic, read_back
 from bench.engine_options import concurrency_settings, processing_fields
 from dedupe_consumer import ConfigError, DedupeConsumer, Event, Handler, Settings, kafka
 from dedupe_consumer.contracts import AssignmentListener, BatchResult, Edges, Source
@@ -82,6 +92,21 @@ class FlakySleep(CountingSleep):
         CountingNoOp.handle(self, event)
 
 
+class CountingEmit(CountingNoOp):
+    """Emits a copy of each event (value, key and headers) to ``topic``, then counts.
+
+    Counted after the emit: a call whose emit raised is not a handled event.
+    """
+
+    def __init__(self, topic: str) -> None:
+        super().__init__()
+        self.topic = topic
+
+    def handle(self, event: Event) -> None:
+        event.emit(self.topic, event.value, key=event.key, headers=event.headers)
+        super().handle(event)
+
+
 class CountingAsyncSleep(Handler):
     """Awaits ``asyncio.sleep(sleep_s)`` per call: an ``async def`` handler on I/O.
 
@@ -92,14 +117,20 @@ class CountingAsyncSleep(Handler):
         self.calls = 0
         self.sleep_s = sleep_s
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         await asyncio.sleep(self.sleep_s)
         self.calls += 1
 
 
-def make_handler(kind: str, sleep_ms: float) -> CountingNoOp | CountingAsyncSleep:
+def make_handler(
+    kind: str, sleep_ms: float, output: str | None = None
+) -> CountingNoOp | CountingAsyncSleep:
     if kind == "noop":
         return CountingNoOp()
+    if kind == "emit":
+        if output is None:
+            raise ValueError("the emit handler needs an output topic")
+        return CountingEmit(output)
     if kind == "sleep":
         return CountingSleep(sleep_ms / 1000)
     if kind == "flaky-sleep":
@@ -146,8 +177,13 @@ def _timed(edges: Edges, clock: Stopwatch) -> Edges:
     return replace(edges, source=open_source)
 
 
-def run(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float, str]:
-    """Returns (consumed, handled, seconds, what the engine ran with)."""
+def run(
+    args: argparse.Namespace, store_dir: str, output: str | None = None
+) -> tuple[int, int, float, str]:
+    """Returns (consumed, handled, seconds, what the engine ran with).
+
+    ``output``: the topic the emit handler writes to (it must exist).
+    """
     knobs, engine = concurrency_settings(processing_fields(), args.concurrency, args.ordering)
     settings = Settings.load(
         kafka={
@@ -168,7 +204,7 @@ def run(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float, str]
         },
         observability={"log_level": "warning"},
     )
-    handler = make_handler(args.handler, args.sleep_ms)
+    handler = make_handler(args.handler, args.sleep_ms, output)
     clock = Stopwatch()
     edges = kafka.edges(settings)
     consumer = DedupeConsumer(handler, settings, edges=_timed(edges, clock))
@@ -203,7 +239,9 @@ def main() -> None:
     parser.add_argument("--changelog", choices=["true", "false"], default="true")
     parser.add_argument("--scope", choices=["partition", "topic"], default="partition")
     parser.add_argument(
-        "--handler", choices=["noop", "sleep", "flaky-sleep", "async-sleep"], default="noop"
+        "--handler",
+        choices=["noop", "sleep", "flaky-sleep", "async-sleep", "emit"],
+        default="noop",
     )
     parser.add_argument("--sleep-ms", type=float, default=2.0, help="per call, sleep handlers")
     parser.add_argument(
@@ -215,25 +253,35 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="write a pyinstrument profile here")
     args = parser.parse_args()
     configure_logging("warning")
+    output = None
+    if args.handler == "emit":
+        output = output_topic(args.group)
+        create_like(args.bootstrap, output, like=args.topic)
     with tempfile.TemporaryDirectory(prefix="store-", dir=args.workdir) as store_dir:
         try:
-            consumed, handled, seconds, engine = measure(args, store_dir)
+            consumed, handled, seconds, engine = measure(args, store_dir, output)
         except ConfigError as refusal:  # e.g. `async def handle` on an engine without it
             emit_refused(str(refusal))
             return
-    emit(consumed, handled, seconds, engine=engine)
+    outputs = None
+    if output is not None:  # after the clock stopped and the consumer closed
+        found = read_back(args.bootstrap, output)
+        outputs = (found.outputs, found.ids, found.mismatched)
+    emit(consumed, handled, seconds, engine=engine, outputs=outputs)
 
 
-def measure(args: argparse.Namespace, store_dir: str) -> tuple[int, int, float, str]:
+def measure(
+    args: argparse.Namespace, store_dir: str, output: str | None = None
+) -> tuple[int, int, float, str]:
     """:func:`run`, under pyinstrument when ``--profile`` is given."""
     if args.profile is None:
-        return run(args, store_dir)
+        return run(args, store_dir, output)
     from pyinstrument import Profiler
 
     profiler = Profiler(interval=0.001)
     started = time.perf_counter()
     with profiler:
-        result = run(args, store_dir)
+        result = run(args, store_dir, output)
     args.profile.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.profile}.txt").write_text(
         profiler.output_text(unicode=True, show_all=False, timeline=False)

@@ -11,9 +11,18 @@ defaults otherwise (at-least-once, a checkpoint every 5 s), or with
 Values are read as bytes (no JSON parsing), as the other contenders do, so the
 comparison is the cost of the dedupe state, not of a deserializer.
 
+``--emit true`` (the ``quix-eos-emit`` row, with ``--guarantee exactly-once``)
+is the consume-emit pipeline: after the filter, ``sdf.to_topic(output)`` sends
+each new ID's message (value and key as bytes, and the input's headers, which
+Quix forwards) to an output topic this process creates before the app starts
+(see :mod:`bench.contenders._outputs`); with exactly-once the outputs go out
+in the transaction of Quix's checkpoint. After the run the topic is read back
+with ``read_committed``, as for the dedupe_consumer emit row.
+
 This module runs under the interpreter of the Quix virtualenv (quixstreams pins
 an older confluent-kafka than this project, see ``bench/setup.sh``), so it
-imports nothing from this project but :mod:`bench.child`.
+imports nothing from this project but :mod:`bench.child` and
+:mod:`bench.contenders._outputs` (standard library and confluent-kafka only).
 """
 
 from __future__ import annotations
@@ -26,10 +35,16 @@ from typing import Any
 from quixstreams import Application  # type: ignore[import-not-found, unused-ignore]
 
 from bench.child import Stopwatch, emit, parse_args
+from bench.contenders._outputs import create_like, output_topic, read_back
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "", "guarantee")
+    args = parse_args(__doc__ or "", "guarantee", emit="false")
+    if args.emit not in ("true", "false"):
+        raise SystemExit(f"--emit must be true or false, not {args.emit!r}")
+    output = output_topic(args.group) if args.emit == "true" else None
+    if output is not None:
+        create_like(args.bootstrap, output, like=args.topic)
     app: Any = Application(
         broker_address=args.bootstrap,
         consumer_group=args.group,
@@ -61,6 +76,8 @@ def main() -> None:
     sdf = app.dataframe(topic)
     sdf = sdf.filter(first_time, stateful=True)
     sdf = sdf.update(handle)
+    if output is not None:
+        sdf.to_topic(app.topic(output, value_serializer="bytes", key_serializer="bytes"))
     app.run()
     # run() returns after the final checkpoint (state flushed, changelog flushed,
     # offsets committed) and after closing the consumer and the state store.
@@ -70,7 +87,11 @@ def main() -> None:
         "(final checkpoint + close), included in its time",
         file=sys.stderr,
     )
-    emit(counts["consumed"], counts["handled"], clock.seconds)
+    outputs = None
+    if output is not None:
+        found = read_back(args.bootstrap, output)
+        outputs = (found.outputs, found.ids, found.mismatched)
+    emit(counts["consumed"], counts["handled"], clock.seconds, outputs=outputs)
 
 
 if __name__ == "__main__":

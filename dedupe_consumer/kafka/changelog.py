@@ -47,7 +47,7 @@ from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it
 
 from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.errors import NotOwnerError, StoreError
-from dedupe_consumer.kafka.logs import kafka_log_config
+from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
 from dedupe_consumer.kafka.producing import produce_waiting
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store.base import Output, ProcessedStore, WriteSet
@@ -576,15 +576,56 @@ class Changelog:
             headers=list(output.headers),
         )
 
-    def output_limit(self, topic: str) -> int | None:
+    def output_limit(self, topic: str, *, create: bool = False) -> int | None:
         """``topic``'s ``max.message.bytes`` (0: not known), None when it does not exist;
         for ``event.emit``: an output the broker would refuse (a missing topic, a record
         too large) would fail the batch's transaction, so the attempt fails instead.
-        Asked again at most every 5 s per topic (a topic deleted since is noticed)."""
+        Asked again at most every 5 s per topic (a topic deleted since is noticed).
+        ``create``: a missing topic is created first (the broker's default partitions
+        and replication; ``processing.create_output_topics``)."""
         now = time.monotonic()
         known = self._outputs.get(topic)
-        if known is not None and now - known[1] < _OUTPUT_TOPIC_TTL_S:
+        fresh = known is not None and now - known[1] < _OUTPUT_TOPIC_TTL_S
+        if known is not None and fresh and (known[0] is not None or not create):
             return known[0]
+        limit = self._output_limit(topic, now)
+        if limit is None and create:
+            self._create_output_topic(topic)
+            limit = self._output_limit(topic, time.monotonic())
+        return limit
+
+    def _create_output_topic(self, topic: str) -> None:
+        future = self._admin.create_topics(
+            [NewTopic(topic, num_partitions=-1, replication_factor=-1)],
+            request_timeout=self.timeout_s,
+        )[topic]
+        try:
+            future.result(timeout=self.timeout_s + 5)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is None or error.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                log.warning("output_topic_not_created", topic=topic, **kafka_error_fields(exc))
+                return
+        else:
+            log.info(
+                "output_topic_created",
+                topic=topic,
+                setting="processing.create_output_topics",
+                partitions="broker default",
+                replication_factor="broker default",
+            )
+        # A created topic's metadata reaches every broker moments later: wait for it.
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(KafkaException):
+                # Not list_topics(topic): asking for one topic may create it with defaults.
+                found = self._admin.list_topics(timeout=self.timeout_s).topics.get(topic)
+                if found is not None and found.error is None and found.partitions:
+                    return
+            time.sleep(0.1)
+
+    def _output_limit(self, topic: str, now: float) -> int | None:
+        known = self._outputs.get(topic)
         try:
             found = self._admin.list_topics(timeout=self.timeout_s).topics.get(topic)
         except KafkaException:  # unknown now: what was known, or let the transaction tell

@@ -52,6 +52,7 @@ from dedupe_consumer.replay.records import Record
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED, ReplayReport, audit
 from dedupe_consumer.replay.wiring import edges
 from dedupe_consumer.scope import by_id_partition, by_id_topic, origin_header
+from dedupe_consumer.store.base import Response
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(decided, total)`` after each batch."""
@@ -73,9 +74,10 @@ class CountingHandler(Handler):
     def parse(self, value: bytes | None) -> Any:
         return self.inner.parse(value)
 
-    def handle(self, event: Event) -> None:
-        self.inner.handle(event)
+    def handle(self, event: Event) -> object:
+        response = self.inner.handle(event)
         self.calls[event.id] += 1  # only a call that returned is an effect that happened
+        return response  # stored and sent as in production
 
 
 class ReconcilingCountingHandler(CountingHandler):
@@ -86,15 +88,29 @@ class ReconcilingCountingHandler(CountingHandler):
     always overrode it would hide that configuration error.
     """
 
-    def reconcile(self, event: Event) -> bool:
+    def reconcile(self, event: Event) -> object:
         return self.inner.reconcile(event)
+
+
+class _ForwardsOnDuplicate(CountingHandler):
+    """Only for a handler that implements ``on_duplicate``: the engine calls it (and
+    waits for what a duplicate needs) only when the handler's class overrides it."""
+
+    def on_duplicate(self, event: Event, stored: Response | None) -> None:
+        self.inner.on_duplicate(event, stored)
+
+
+class _ReconcilingForwardsOnDuplicate(_ForwardsOnDuplicate, ReconcilingCountingHandler):
+    pass
 
 
 def counting(handler: Handler) -> CountingHandler:
     """Wrap ``handler`` so the engine sees the same capabilities it has."""
-    if type(handler).reconcile is Handler.reconcile:
-        return CountingHandler(handler)
-    return ReconcilingCountingHandler(handler)
+    reconciles = type(handler).reconcile is not Handler.reconcile
+    if type(handler).on_duplicate is not Handler.on_duplicate:
+        wrapper = _ReconcilingForwardsOnDuplicate if reconciles else _ForwardsOnDuplicate
+        return wrapper(handler)
+    return ReconcilingCountingHandler(handler) if reconciles else CountingHandler(handler)
 
 
 def with_injected_duplicates(

@@ -21,6 +21,13 @@ one aiohttp session. One call to
   order is kept; other keys go on meanwhile. The engine's wait ends at once on
   SIGTERM, and then only the events decided so far are persisted and committed.
 
+A 2xx answer with a ``Kafka-Reply-Topic`` header is a *response*: its body is
+produced to that topic (keyed by ``Kafka-Reply-Key`` when given, else the event's
+key) in the transaction that commits the event, so exactly once, and stored with
+the event's ID record; with ``processing.reply_on_duplicate`` a duplicate gets it
+again without a POST (see :mod:`dedupe_consumer.responses`). A body over
+``dedupe.max_response_bytes`` dead-letters the event (``response-too-large``).
+
 A ``Retry-After`` answer is honoured up to ``retry_backoff_max``: it goes to
 the engine as :attr:`RetryableError.retry_after`, which waits it out like any
 backoff (holding only the event's key, ended at once by a stop or a revocation).
@@ -46,6 +53,7 @@ from dedupe_consumer.models import Event
 from dedupe_consumer.sidecar.headers import request_headers
 from dedupe_consumer.sidecar.metrics import SidecarMetrics
 from dedupe_consumer.sidecar.settings import SidecarSettings
+from dedupe_consumer.store.base import Response
 
 log = structlog.get_logger("dedupe_consumer.sidecar")
 
@@ -53,6 +61,12 @@ _DELAY_SECONDS = re.compile(r"[0-9]+")
 """RFC 9110 ``delay-seconds``: ASCII digits only."""
 SNIPPET_CHARS = 500
 """How much of an error answer's body goes into the dead letter."""
+REPLY_TOPIC = "Kafka-Reply-Topic"
+REPLY_KEY = "Kafka-Reply-Key"
+"""Answer headers: the body is the event's response, sent to this topic with this key."""
+_MOST_READ = 512 * 1024 + 1
+"""A response body is read up to one byte over the largest ``dedupe.max_response_bytes``
+(a larger one is refused by the engine all the same, without holding all of it)."""
 
 
 def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
@@ -85,6 +99,16 @@ async def _snippet(response: aiohttp.ClientResponse) -> str:
         body = await response.content.read(4 * SNIPPET_CHARS)  # UTF-8: <= 4 bytes a char
     text = body.decode("utf-8", errors="replace").strip()
     return text[:SNIPPET_CHARS] if text else "(empty body)"
+
+
+async def _body(response: aiohttp.ClientResponse) -> bytes:
+    """The body, or its first :data:`_MOST_READ` bytes when it is longer."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(65536):
+        body += chunk
+        if len(body) >= _MOST_READ:
+            return bytes(body[:_MOST_READ])
+    return bytes(body)
 
 
 class HttpForwardHandler(Handler):
@@ -139,13 +163,15 @@ class HttpForwardHandler(Handler):
         if session is not None:
             await session.close()
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
-        """One attempt; see the module docstring."""
+    async def handle(self, event: Event) -> Response | None:
+        """One attempt; see the module docstring. Returns the response, if any."""
         session = self._session
         if session is None:
             raise RuntimeError("HttpForwardHandler.setup() was not awaited")
         started = time.monotonic()
         delivered = False
+        answer: Response | None = None
+        replying = False
         # aiohttp writes header text as UTF-8: header-safe values are UTF-8 (or base64).
         headers = [
             (name.decode("utf-8"), value.decode("utf-8"))
@@ -161,6 +187,15 @@ class HttpForwardHandler(Handler):
                 status = response.status
                 if 200 <= status < 300:
                     delivered = True  # the status line decides; the body cannot undo it
+                    reply_topic = response.headers.get(REPLY_TOPIC)
+                    if reply_topic is not None:
+                        replying = True
+                        reply_key = response.headers.get(REPLY_KEY)
+                        answer = Response(
+                            await _body(response),
+                            reply_topic,
+                            None if reply_key is None else reply_key.encode(),
+                        )
                     # Read to the end (the connection is reused), a chunk at a time.
                     async for _ in response.content.iter_chunked(65536):
                         pass
@@ -175,10 +210,15 @@ class HttpForwardHandler(Handler):
                 # retries-exhausted, so no transient fault is dead-lettered on the spot.
                 self._observe("error", started)
                 raise RetryableError(f"no answer: {type(failure).__name__}: {failure}") from failure
+            if replying and answer is None:  # a response that never arrived whole
+                self._observe("error", started)
+                raise RetryableError(
+                    f"the response body broke off: {type(failure).__name__}: {failure}"
+                ) from failure
             log.debug("answer_body_unreadable", event_id=event.id, error=str(failure))
         self._observe(str(status), started)
         if delivered:
-            return
+            return answer
         if self.settings.is_permanent(status):
             raise PermanentError(message)
         raise RetryableError(message, retry_after=retry_after)

@@ -7,6 +7,7 @@ from dedupe_consumer.store.base import (
     Output,
     ProcessedStore,
     RecordStatus,
+    Response,
     StateChangelog,
     WriteSet,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Output",
     "ProcessedStore",
     "RecordStatus",
+    "Response",
     "RocksStore",
     "StateChangelog",
     "WriteSet",

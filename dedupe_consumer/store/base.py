@@ -53,25 +53,69 @@ Offsets are only comparable within one epoch: a topic deleted and created again
 (new ID), or a reset after truncation (next count), starts a new one."""
 
 
-class IdRecord(NamedTuple):
-    """What the store remembers about one event ID (25 bytes on disk, no payload).
+_RESPONSE = struct.Struct(">BiH")  # format (1), key length (-1: none), topic length (0: none)
 
-    The same bytes are the value of the ID's changelog record. A named tuple, not a
-    frozen dataclass: one is built per decided event, and a frozen dataclass's
-    ``__init__`` costs twice as much."""
+
+class Response(NamedTuple):
+    """What a handler answered for an event (``handle`` returned it), kept with the
+    event's ID record: given to ``Handler.on_duplicate`` and sent again as the reply
+    to a duplicate (``processing.reply_on_duplicate``).
+
+    ``topic`` and ``key`` are the reply's destination when the handler chose one (the
+    sidecar's ``Kafka-Reply-Topic`` and ``Kafka-Reply-Key``); None: the request's
+    ``reply-to`` header (or ``processing.reply_topic``) and the request's key."""
+
+    value: bytes
+    topic: str | None = None
+    key: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes it takes in the ID record: what ``dedupe.max_response_bytes`` bounds."""
+        topic = 0 if self.topic is None else len(self.topic.encode())
+        return len(self.value) + topic + (0 if self.key is None else len(self.key))
+
+    def encode(self) -> bytes:
+        topic = b"" if self.topic is None else self.topic.encode()
+        key = -1 if self.key is None else len(self.key)
+        return _RESPONSE.pack(1, key, len(topic)) + (self.key or b"") + topic + self.value
+
+    @classmethod
+    def decode(cls, data: bytes) -> Response:
+        version, key_size, topic_size = _RESPONSE.unpack_from(data)
+        if version != 1:
+            raise ValueError(f"a stored response of format {version}: written by a newer version")
+        at = _RESPONSE.size
+        key = None if key_size < 0 else bytes(data[at : at + key_size])
+        at += max(key_size, 0)
+        topic = bytes(data[at : at + topic_size]).decode() if topic_size else None
+        return cls(bytes(data[at + topic_size :]), topic, key)
+
+
+class IdRecord(NamedTuple):
+    """What the store remembers about one event ID: 25 bytes on disk (no payload), and
+    the handler's :class:`Response` after them when it returned one.
+
+    The same bytes are the value of the ID's changelog record, so a response moves
+    with its partition and expires with its ID. A named tuple, not a frozen
+    dataclass: one is built per decided event, and a frozen dataclass's ``__init__``
+    costs twice as much."""
 
     status: RecordStatus
     offset: int
     decided_at_ms: int
     digest: bytes
+    response: Response | None = None
 
     def encode(self) -> bytes:
-        return _RECORD.pack(self.status, self.offset, self.decided_at_ms, self.digest)
+        head = _RECORD.pack(self.status, self.offset, self.decided_at_ms, self.digest)
+        return head if self.response is None else head + self.response.encode()
 
     @classmethod
     def decode(cls, data: bytes) -> IdRecord:
-        status, offset, decided_at_ms, digest = _RECORD.unpack(data)
-        return cls(RecordStatus(status), offset, decided_at_ms, digest)
+        status, offset, decided_at_ms, digest = _RECORD.unpack_from(data)
+        response = Response.decode(data[_RECORD.size :]) if len(data) > _RECORD.size else None
+        return cls(RecordStatus(status), offset, decided_at_ms, digest, response)
 
 
 class Output(NamedTuple):
@@ -82,6 +126,9 @@ class Output(NamedTuple):
     value: bytes | None
     key: bytes | None
     headers: tuple[tuple[str, bytes | None], ...]
+    answers: int | None = None
+    """A reply to a duplicate: that duplicate's offset (it has no ID record, so a write
+    cut below it must not keep its reply)."""
 
 
 @dataclass(slots=True)
@@ -176,9 +223,10 @@ class StateChangelog(Protocol):
     def ensure_topics(self, topics: Iterable[str]) -> None:
         """Make sure the changelog of each source topic exists and is usable."""
 
-    def output_limit(self, topic: str) -> int | None:
+    def output_limit(self, topic: str, *, create: bool = False) -> int | None:
         """``topic``'s ``max.message.bytes`` (0: not known), None when it does not exist:
-        what an emitted message (``event.emit``) to it may be."""
+        what an emitted message (``event.emit``) to it may be. ``create``: a missing
+        topic is created first."""
 
     def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
         """Bring ``store``'s copy of ``tp`` up to the changelog; the number of records read."""

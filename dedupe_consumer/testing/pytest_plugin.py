@@ -37,11 +37,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_REQUIRE_REAL_KAFKA",
+    "OutputReader",
     "ReplayRunner",
     "TopicFactory",
     "kafka_admin",
     "kafka_bootstrap",
     "kafka_broker",
+    "kafka_outputs",
     "kafka_topic",
     "replay",
     "unique_topic_name",
@@ -61,6 +63,14 @@ class TopicFactory(Protocol):
         config: Mapping[str, str] | None = None,
         name: str | None = None,
     ) -> str: ...
+
+
+class OutputReader(Protocol):
+    """Signature of the ``kafka_outputs`` fixture's value."""
+
+    def __call__(
+        self, topic: str, *, settle_s: float = 2.0, timeout_s: float = 60.0
+    ) -> list[Any]: ...
 
 
 class ReplayRunner(Protocol):
@@ -188,6 +198,46 @@ def kafka_topic(kafka_admin: Any, request: pytest.FixtureRequest) -> Iterator[To
         for future in kafka_admin.delete_topics(created, operation_timeout=10).values():
             with contextlib.suppress(Exception):
                 future.result(timeout=15)
+
+
+@pytest.fixture
+def kafka_outputs(kafka_bootstrap: str) -> OutputReader:
+    """Read what a handler emitted: every *committed* message of a topic.
+
+    ``kafka_outputs(topic)`` returns the confluent-kafka messages of ``topic``
+    from the beginning, read with ``isolation.level = read_committed`` (outputs
+    of ``event.emit`` and replies are produced in transactions: an aborted one's
+    messages must not count), until nothing new arrived for ``settle_s``.
+    """
+    from confluent_kafka import Consumer
+
+    def read(topic: str, *, settle_s: float = 2.0, timeout_s: float = 60.0) -> list[Any]:
+        reader = Consumer(
+            {
+                "bootstrap.servers": kafka_bootstrap,
+                "group.id": f"dedupe-outputs-{uuid.uuid4()}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                **kafka_log_config(),
+            }
+        )
+        got: list[Any] = []
+        try:
+            reader.subscribe([topic])
+            quiet_since = time.monotonic()
+            deadline = quiet_since + timeout_s
+            while time.monotonic() - quiet_since < settle_s and time.monotonic() < deadline:
+                message = reader.poll(0.2)
+                if message is None or message.error() is not None:
+                    continue
+                got.append(message)
+                quiet_since = time.monotonic()
+        finally:
+            reader.close()
+        return got
+
+    return read
 
 
 @pytest.fixture

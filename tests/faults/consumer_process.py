@@ -29,6 +29,7 @@ def write_config(
     ordering: str = "key",
     max_unpersisted: int = 1,
     scope: str = "partition",
+    reply_topic: str | None = None,
 ) -> Path:
     """A consumer config in ``workdir``; logs are JSON so tests can read them.
 
@@ -36,6 +37,7 @@ def write_config(
     persisted, so a plain-mode kill repeats at most two batches (see
     :func:`tests.faults.suite.plain_repeat_bound`)."""
     member = f'"group.instance.id" = "{topic}-member"\n' if static_member else ""
+    replies = f'reply_topic = "{reply_topic}"\nreply_on_duplicate = true\n' if reply_topic else ""
     path = workdir / "consumer.toml"
     path.write_text(f"""
 [kafka]
@@ -59,7 +61,7 @@ on_uncertain = "{on_uncertain}"
 concurrency = {concurrency}
 ordering = "{ordering}"
 max_unpersisted = {max_unpersisted}
-[observability]
+{replies}[observability]
 log_level = "warning"
 log_format = "json"
 """)

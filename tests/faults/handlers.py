@@ -29,9 +29,10 @@ class AppendHandler(Handler):
             os.environ["DEDUPE_TEST_EFFECTS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT
         )
 
-    def handle(self, event: Event) -> None:
+    def handle(self, event: Event) -> object:
         fail_first_attempt(event)
         os.write(self._fd, f"{event.id}\n".encode())
+        return None
 
     def teardown(self) -> None:
         os.close(self._fd)
@@ -41,9 +42,12 @@ class EmitHandler(AppendHandler):
     """Emits its event's ID to ``<topic>.out`` (``event.emit``), after logging the call:
     the output is the effect, exactly once whatever the kills."""
 
-    def handle(self, event: Event) -> None:
+    def handle(self, event: Event) -> str:
         super().handle(event)
         event.emit(f"{event.topic}.out", event.id, key=event.key)
+        # The response differs per process and attempt: a duplicate's reply that is
+        # byte-identical to the first one was stored, not computed again.
+        return f"{event.id}|{os.getpid()}|{event.attempt}"
 
 
 class ReconcilingHandler(AppendHandler):

@@ -51,6 +51,11 @@ class Mode:
     emits: bool = False
     """The handler emits one output per input (``event.emit``): the outputs topic is
     counted instead of the calls, and must hold exactly one per ID in every mode."""
+    replies: bool = False
+    """The handler also answers (a stored response, sent as the reply to
+    ``<topic>.replies``) and duplicates are answered again
+    (``processing.reply_on_duplicate``): every delivery of an ID must get one
+    reply, all of them the same bytes, whatever the kills."""
     scope: str = "partition"
     """``"topic"``: every other message is placed by Java's partitioner (murmur2), the
     rest by librdkafka's (CRC32), so copies of an ID land on different partitions,
@@ -82,7 +87,14 @@ EMIT = "tests.faults.handlers:EmitHandler"
 EMIT_MODES = [
     Mode("plain+emit", handler=EMIT, emits=True),
     Mode("claim+retry+emit", "claim", "retry", EMIT, emits=True),
-    Mode("plain@c8-key-flaky+emit", handler=EMIT, emits=True, concurrency=8, flaky=10),
+    Mode(
+        "plain@c8-key-flaky+emit+replies",
+        handler=EMIT,
+        emits=True,
+        concurrency=8,
+        flaky=10,
+        replies=True,
+    ),
 ]
 """Exactly-once outputs (issue 15): one output per unique input ID, whatever the kills."""
 
@@ -132,6 +144,8 @@ class Outcome:
     max_batch: int = 0
     notes: list[str] = field(default_factory=list)
     stalls: int = 0
+    wrong_replies: dict[str, str] = field(default_factory=dict)
+    """Replies mode: IDs whose replies differ from one per delivery of one same value."""
 
     def row(self) -> dict[str, object]:
         return {
@@ -192,8 +206,9 @@ def produce(
     return sent
 
 
-def _outputs(bootstrap: str, topic: str) -> Counter[str]:
-    """How often each ID was emitted to ``topic``, as a read_committed reader sees it."""
+def _committed(bootstrap: str, topic: str) -> list[tuple[bytes, bytes]]:
+    """Every committed message of ``topic`` (key, value), as a read_committed reader sees
+    them: the outputs and replies of aborted transactions do not count."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -203,18 +218,31 @@ def _outputs(bootstrap: str, topic: str) -> Counter[str]:
             "isolation.level": "read_committed",
         }
     )
-    counts: Counter[str] = Counter()
+    got: list[tuple[bytes, bytes]] = []
     try:
         consumer.subscribe([topic])
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < 5:
             for m in consumer.consume(500, 0.5):
                 if m.error() is None:
-                    counts[(m.value() or b"").decode()] += 1
+                    got.append((m.key() or b"", m.value() or b""))
                     quiet_since = time.monotonic()
     finally:
         consumer.close()
-    return counts
+    return got
+
+
+def _replies(bootstrap: str, topic: str) -> dict[str, list[bytes]]:
+    """Every committed reply of ``topic`` by its key (the request's ID)."""
+    replies: dict[str, list[bytes]] = {}
+    for key, value in _committed(bootstrap, topic):
+        replies.setdefault(key.decode(), []).append(value)
+    return replies
+
+
+def _outputs(bootstrap: str, topic: str) -> Counter[str]:
+    """How often each ID was emitted to ``topic``."""
+    return Counter(value.decode() for _, value in _committed(bootstrap, topic))
 
 
 def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
@@ -281,7 +309,9 @@ def run_mode(
     sent = produce(bootstrap, topic, events, duplicates, seed, mixed=mixed)
     if mode.emits:
         admin = AdminClient({"bootstrap.servers": bootstrap})
-        admin.create_topics([NewTopic(f"{topic}.out", 4, 1)])[f"{topic}.out"].result()
+        outs = [f"{topic}.out", *([f"{topic}.replies"] if mode.replies else [])]
+        for future in admin.create_topics([NewTopic(name, 4, 1) for name in outs]).values():
+            future.result()
     unique = set(sent)
     config = write_config(
         workdir,
@@ -295,6 +325,7 @@ def run_mode(
         ordering=mode.ordering,
         max_unpersisted=max_unpersisted,
         scope=mode.scope,
+        reply_topic=f"{topic}.replies" if mode.replies else None,
     )
     processing = Settings.from_toml(config).processing  # what the process will run with
     assert (processing.concurrency, processing.ordering) == (mode.concurrency, mode.ordering)
@@ -409,4 +440,11 @@ def run_mode(
         )
         outcome.notes.append(f"exit codes {outcome.exit_codes}")
     outcome.duplicate_effects = {i: n for i, n in counts.items() if n > 1}
+    if mode.replies:
+        delivered = Counter(sent)
+        replies = _replies(bootstrap, f"{topic}.replies")
+        for event_id in unique - outcome.dead_lettered:
+            values = replies.get(event_id, [])
+            if len(values) != delivered[event_id] or len(set(values)) != 1:
+                outcome.wrong_replies[event_id] = f"{delivered[event_id]} sent, replies {values}"
     return outcome

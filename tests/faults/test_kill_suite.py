@@ -46,6 +46,7 @@ def check(out: Outcome, mode: Mode) -> None:
 
     if mode.emits:  # outputs commit with their decisions: exactly once in every mode
         assert out.duplicate_effects == {}, f"{len(out.duplicate_effects)} outputs repeated"
+        assert out.wrong_replies == {}, list(out.wrong_replies.items())[:3]
     elif mode.transactional or (mode.mode == "claim" and mode.on_uncertain != "retry"):
         assert out.duplicate_effects == {}
     elif mode.mode == "claim":  # claim + retry: repeats only for uncertain outcomes

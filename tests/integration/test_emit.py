@@ -118,7 +118,7 @@ def test_an_output_to_a_missing_topic_dead_letters_its_event_and_emits_nothing(
     assert consumer.totals.dead_lettered == 3 and consumer.totals.handled == 0
     letters = read_all(kafka_bootstrap, settings.processing.dead_letter_topic, 3)
     reason = headers_of(letters[0])
-    assert reason["dlq.reason"] == b"retries-exhausted"
+    assert reason["dlq.reason"] == b"output-failed"
     assert missing.encode() in reason["dlq.error.message"]
     assert b"does not exist" in reason["dlq.error.message"]
 

@@ -194,6 +194,7 @@ def sidecar_for(
     *,
     changelog: bool = True,
     processing: dict[str, Any] | None = None,
+    dedupe: dict[str, Any] | None = None,
     **sidecar: Any,
 ) -> Sidecar:
     settings = SidecarAppSettings.load(
@@ -204,6 +205,7 @@ def sidecar_for(
             "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
         },
         store={"path": str(tmp_path / "state"), "changelog": changelog},
+        dedupe=dedupe or {},
         processing={
             "dead_letter_topic": f"{topic}.dlq",
             "poll_timeout": "200ms",

@@ -78,7 +78,7 @@ class CancelledOnce(Handler):
     def __init__(self) -> None:
         self.attempts: list[int] = []
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         self.attempts.append(event.attempt)
         if event.attempt == 1:
             inner = asyncio.ensure_future(asyncio.sleep(10))
@@ -166,7 +166,7 @@ class SyncReconcile(Handler):
             raise self.reconcile_raises
         return False
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         await asyncio.sleep(0)
 
 
@@ -296,7 +296,7 @@ class PoisonAndTicker(Handler):
     def __init__(self) -> None:
         self.max_lag = 0.0
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         if event.id.startswith("poison"):
             raise PermanentError("never")
         if event.id == "ticker":  # another key: its own lane, in flight at the same time
@@ -334,7 +334,7 @@ class ContextUser(Handler):
     def __init__(self) -> None:
         self.seen: list[str | None] = []
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         self.seen.append(REQUEST.get())
         REQUEST.set(event.id)  # e.g. structlog.contextvars.bind_contextvars(event_id=...)
 

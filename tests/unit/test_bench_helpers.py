@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from bench.child import Report
-from bench.compare import CONTENDERS, Outcome, _correctness, _select, _targets
+from bench.compare import CONTENDERS, TARGETS, Outcome, _correctness, _select, _targets
 from bench.contenders.sidecar import config_sections, settings_toml
 from bench.data import DataSet
 from bench.engine_options import NO_CONCURRENCY, concurrency_settings, processing_fields
@@ -85,6 +85,29 @@ def test_correctness_of_refused_redelivered_and_exact_rows() -> None:
     assert _correctness(twice, DATA).startswith("NO: 3 deliveries beyond")
     short = Outcome(sidecar, report(100, 89, 1.0, redelivered=0))
     assert _correctness(short, DATA) == "NO: handled 89, unique 90"
+
+
+def test_emit_rows_emit_and_are_compared() -> None:
+    dedupe, quix = BY_KEY["plain-emit"], BY_KEY["quix-eos-emit"]
+    assert dedupe.args[dedupe.args.index("--handler") + 1] == "emit"
+    assert quix.quix and quix.args[quix.args.index("--emit") + 1] == "true"
+    assert quix.args[quix.args.index("--guarantee") + 1] == "exactly-once"
+    assert ("plain-emit", "quix-eos-emit", 1.0) in TARGETS
+
+
+def test_correctness_of_emit_rows_checks_the_outputs_read_back() -> None:
+    row = BY_KEY["plain-emit"]
+
+    def verdict(outputs: int, ids: int, mismatched: int = 0, handled: int = 90) -> str:
+        r = report(100, handled, 1.0, outputs=outputs, output_ids=ids)
+        r["output_mismatched"] = mismatched
+        return _correctness(Outcome(row, r), DATA)
+
+    assert verdict(90, 90) == "yes, and 1 committed output per ID"
+    assert verdict(91, 90) == "NO: 91 committed outputs for 90 IDs, 90 unique IDs in the input"
+    assert verdict(89, 89).startswith("NO: 89 committed outputs")
+    assert verdict(90, 90, mismatched=2) == "NO: 2 outputs are not the event their key names"
+    assert verdict(90, 90, handled=89) == "NO: handled 89, unique 90"
 
 
 def test_targets_name_the_missing_engine_and_check_deliveries() -> None:

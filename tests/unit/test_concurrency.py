@@ -540,7 +540,7 @@ class AsyncCounter(Handler):
         await asyncio.sleep(0.001)
         self.setup_done = True
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         if not self.setup_done:
             self.handled_before_setup.append(event.id)
         await asyncio.sleep(0.001)
@@ -577,7 +577,7 @@ class AsyncGate(Handler):
         self.loops: set[int] = set()
         self.done: list[str] = []
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         self.threads.add(threading.get_ident())
         self.loops.add(id(asyncio.get_running_loop()))
         if self.full is None:
@@ -616,12 +616,12 @@ class AsyncReconciler(Handler):
         self.reconciled: list[str] = []
         self.handled: list[str] = []
 
-    async def reconcile(self, event: Event) -> bool:  # type: ignore[override]
+    async def reconcile(self, event: Event) -> bool:
         await asyncio.sleep(0.001)
         self.reconciled.append(event.id)
         return event.id in self.done
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         await asyncio.sleep(0.001)
         self.handled.append(event.id)
         self.done.add(event.id)
@@ -892,7 +892,7 @@ class AsyncFailing(Handler):
     def __init__(self) -> None:
         self.attempts: dict[str, list[int]] = defaultdict(list)
 
-    async def handle(self, event: Event) -> None:  # type: ignore[override]
+    async def handle(self, event: Event) -> None:
         await asyncio.sleep(0)
         self.attempts[event.id].append(event.attempt)
         if event.id == "flaky" and event.attempt < 3:

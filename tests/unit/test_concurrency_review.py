@@ -161,7 +161,7 @@ def test_async_handlers_leave_no_descriptors_behind(tmp_path: Path) -> None:
     import os
 
     class Async(Handler):
-        async def handle(self, event: Event) -> None:  # type: ignore[override]
+        async def handle(self, event: Event) -> None:
             return None
 
     def open_fds() -> int:

@@ -25,6 +25,8 @@ PUBLISHED_REASONS = {
     "uncertain",
     "reconcile-failed",
     "internal-error",
+    "output-failed",
+    "response-too-large",
 }
 """The ``dlq.reason`` values users' DLQ consumers, dashboards and alerts match on."""
 

@@ -75,7 +75,7 @@ def test_a_header_name_given_as_bytes_is_refused_or_kept_not_mangled() -> None:
 
 
 class ExistingTopics(RecordingChangelog):
-    def output_limit(self, topic: str) -> int | None:
+    def output_limit(self, topic: str, *, create: bool = False) -> int | None:
         return 0
 
 
