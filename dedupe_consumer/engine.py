@@ -293,6 +293,7 @@ class Engine:
         self.store = store
         self.dead_letters = dead_letters
         self.metrics = metrics or Metrics()
+        self.metrics.retention_seconds.set(dedupe.retention.total_seconds())
         self.clock = clock
         self.changelog = changelog
         self.claims = processing.mode == "claim"
@@ -1268,6 +1269,20 @@ class Engine:
                 item.decision = Decision.REPLAY
                 continue
             self._on_seen(item, record.offset, record.digest, record)
+        self._observe_ages(tp, fresh, now_ms)
+
+    def _observe_ages(self, tp: TopicPartition, items: list[_Item], now_ms: int) -> None:
+        """How old the record a duplicate matched was (0 for a copy in the same batch):
+        ``dedupe_duplicate_age_seconds``, to tune ``dedupe.retention`` from real traffic."""
+        ages = [
+            max(0, now_ms - i.first.decided_at_ms) / 1000 if isinstance(i.first, IdRecord) else 0.0
+            for i in items
+            if i.decision is Decision.DUPLICATE
+        ]
+        if ages:
+            histogram = self.metrics.duplicate_age.labels(tp.topic)
+            for age in ages:
+                histogram.observe(age)
 
     def _on_missing_id(self, item: _Item, missing: MissingId) -> None:
         message = item.message
