@@ -3,7 +3,8 @@ from their features.
 
 Each feature keeps its commands next to it, in a module named ``cli``:
 ``replay/cli.py`` (``record``, ``replay``), ``sidecar/cli.py`` (``sidecar``),
-``store/cli.py`` (``store stats|lookup|watermarks|export``) and
+``store/cli.py`` (``store stats|lookup|watermarks|export|forget``),
+``dlq/cli.py`` (``dlq list|redrive``) and
 ``testing/cli.py`` (``broker``); this module assembles them into one app. All
 of them report errors through :mod:`dedupe_consumer.cli_support` and stop on
 signals through :mod:`dedupe_consumer.signals`.
@@ -111,6 +112,7 @@ def migrate_scope(
 
 def _register_commands() -> None:
     """Commands that live next to the feature they drive (replay/, sidecar/, testing/)."""
+    from dedupe_consumer.dlq.cli import dlq_app
     from dedupe_consumer.replay.cli import record, replay
     from dedupe_consumer.sidecar.cli import sidecar
     from dedupe_consumer.store.cli import store_app
@@ -119,6 +121,7 @@ def _register_commands() -> None:
     for command in (broker, record, replay, sidecar):
         app.command()(command)
     app.add_typer(store_app, name="store")
+    app.add_typer(dlq_app, name="dlq")
 
 
 _register_commands()
