@@ -83,3 +83,48 @@ def test_a_forgotten_id_is_handled_again_even_after_a_restore(
         app, ["store", "forget", str(state), "never-seen", "-c", str(config), "--yes"]
     )
     assert missing.exit_code == 1 and "nothing to forget" in missing.output
+
+
+def test_forget_with_another_groups_config_is_refused(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """Two services consume the same topic, each with its own group and changelog. An
+    operator runs ``forget`` on service A's store with service B's consumer.toml: the
+    tombstone must not land in B's changelog (B would then handle the ID a second time
+    after its next restore) while A's own changelog keeps the record (A's restore brings
+    it back). The store knows which changelog it follows (its ``cl:`` positions):
+    ``forget`` must refuse a config whose changelog is not that one."""
+    topic = kafka_topic(partitions=1)
+    ids = ["keep", "forget-me"]
+    messages = [
+        {"key": i.encode(), "value": b"{}", "headers": [("event-id", i.encode())]} for i in ids
+    ]
+    produce_raw(kafka_bootstrap, topic, messages)
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    config_a = write_config(a_dir, kafka_bootstrap, topic, store=a_dir / "state")
+    config_b = write_config(b_dir, kafka_bootstrap, topic, store=b_dir / "state")
+    config_b.write_text(
+        config_b.read_text().replace(f'group_id = "{topic}-group"', f'group_id = "{topic}-billing"')
+    )
+    settings_b = Settings.from_toml(config_b)
+    run_to_end(DedupeConsumer(Calls(), Settings.from_toml(config_a)), 2)
+    run_to_end(DedupeConsumer(Calls(), settings_b), 2)
+
+    wrong = runner.invoke(
+        app, ["store", "forget", str(a_dir / "state"), "forget-me", "-c", str(config_b), "--yes"]
+    )
+
+    # Service B, restored on a new instance, sees the same event again.
+    produce_raw(kafka_bootstrap, topic, messages)
+    fresh_b = settings_b.model_copy(
+        update={"store": settings_b.store.model_copy(update={"path": b_dir / "fresh"})}
+    )
+    billing = Calls()
+    run_to_end(DedupeConsumer(billing, fresh_b), 2)
+    assert billing.ids == [], (
+        "forget on A's store with B's config tombstoned B's changelog: B handled "
+        f"{billing.ids} a second time. forget said: {wrong.output!r}"
+    )
+    assert wrong.exit_code != 0, wrong.output
