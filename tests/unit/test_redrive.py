@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
 
 from dedupe_consumer import DeadLetterReason, Event, PermanentError
 from dedupe_consumer.dead_letters import REDRIVE_HEADER, DeadLetter, dead_letter_headers
@@ -69,3 +72,58 @@ def test_only_a_dead_lettered_id_is_handled_again_when_redriven(rig: Callable[..
     assert handler.ids == ["bad", "good", "bad"]
     twice = r.engine.process([redriven(5, "bad")])
     assert (twice.stats.duplicates, twice.stats.handled) == (1, 0)
+
+
+def test_listing_a_growing_transactional_dlq_ends_at_the_end_it_saw(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dead-letter topic written transactionally (or shared with a transactional
+    writer) ends each transaction with a commit marker: the high watermark taken at the
+    start is one past a marker, so the record at ``end - 1`` never arrives. While the
+    topic keeps growing (a dead-letter storm: when ``dlq list`` is run), librdkafka never
+    reports a partition end either, and the records at or past ``end`` are skipped
+    without closing the partition: ``dlq list``/``redrive`` spin until their deadline,
+    then fail. A record at or past the end seen at the start must close the partition."""
+    from dedupe_consumer.dlq import cli as dlq_cli
+    from dedupe_consumer.kafka import recording
+
+    letter = DeadLetter(DeadLetterReason.PERMANENT_ERROR, "e-1", "PermanentError", "no", 1)
+
+    def at(offset: int) -> Record:
+        original = Record(TOPIC, 0, offset, b"k", b"v", [("event-id", b"e-1")], 0)
+        return Record("payments.dlq", 0, offset, b"k", b"v", dead_letter_headers(original, letter), 0)
+
+    clock = [0.0]
+
+    class GrowingReader:
+        def __init__(self, *_: object) -> None:
+            self.next = 0
+
+        def partition_count(self, *_: object) -> int:
+            return 1
+
+        def watermarks(self, *_: object) -> tuple[int, int]:
+            return (0, 2)  # the letter at 0, its commit marker at 1
+
+        def assign(self, *_: object) -> None:
+            pass
+
+        def read(self, *_: object) -> Iterator[Record]:
+            clock[0] += 1.0
+            if self.next < 1000:  # more letters (and markers) keep coming: no EOF
+                yield at(self.next)
+                self.next += 2
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(recording, "TopicReader", GrowingReader)
+    monkeypatch.setattr(dlq_cli, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    settings = SimpleNamespace(
+        processing=SimpleNamespace(dead_letter_topic="payments.dlq"),
+        kafka=SimpleNamespace(
+            connection=lambda: SimpleNamespace(bootstrap_servers="x", properties={})
+        ),
+    )
+    letters = list(dlq_cli._letters(settings))  # type: ignore[arg-type]
+    assert [x.offset for x in letters if x is not None] == [0]
