@@ -32,10 +32,16 @@ dlq_app = typer.Typer(
 )
 err = Console(stderr=True)
 _TIMEOUT_S = 30.0
+_STALL_S = 60.0
+"""How long the dead-letter topic may give nothing before its end: then it fails."""
 
 
 class RedriveError(DedupeError):
-    """A redrive that cannot start (nothing was produced) or did not complete."""
+    """A redrive that cannot start: bad options or a target it cannot reach (nothing sent)."""
+
+
+class DeadLetterTopicError(DedupeError):
+    """The dead-letter topic could not be read to its end."""
 
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The consumer's TOML settings.")]
@@ -97,7 +103,9 @@ def _letters(
         for partition in range(count):
             marks = reader.watermarks(topic, partition, _TIMEOUT_S)
             if marks is None:
-                raise RedriveError(f"no answer from the brokers about {topic!r}[{partition}]")
+                raise DeadLetterTopicError(
+                    f"no answer from the brokers about {topic!r}[{partition}]"
+                )
             if marks[1] > marks[0]:
                 starts[partition], ends[partition] = marks
         total = sum(ends[p] - starts[p] for p in ends)
@@ -106,19 +114,26 @@ def _letters(
             return
         reader.assign(topic, starts)
         open_parts = set(ends)
-        deadline = time.monotonic() + max(60.0, total / 1000)
+        stalled_since = time.monotonic()
         while open_parts:
-            if time.monotonic() > deadline:
-                raise RedriveError(f"reading {topic!r} did not reach its end in time")
+            if time.monotonic() - stalled_since > _STALL_S:
+                raise DeadLetterTopicError(
+                    f"reading {topic!r} made no progress for {_STALL_S:.0f} s before its end"
+                )
             for message in reader.read(500, 0.5):
+                stalled_since = time.monotonic()
                 if isinstance(message, PartitionEnd):
                     open_parts.discard(message.partition)
                     continue
                 partition, offset = message.partition() or 0, message.offset() or 0
-                if partition not in open_parts or offset >= ends[partition]:
+                if partition not in open_parts:
                     continue
-                if offset == ends[partition] - 1:
+                if offset >= ends[partition] - 1:
+                    # The end seen at the start: past it (the last offset may be a
+                    # transaction marker that never arrives), this partition is done.
                     open_parts.discard(partition)
+                    if offset >= ends[partition]:
+                        continue
                 done += 1
                 if update is not None:
                     update(done, total)
@@ -143,18 +158,25 @@ def list_letters(
     chosen = _filter(reason, topic, partition, event_id, since, until)
     with reporting_errors(unexpected=True):
         settings = load_settings(config, bootstrap_servers)
+        found, foreign = 0, 0
+        by_reason: Counter[str] = Counter()
+        shown: list[Letter] = []  # only these are kept: the topic may be large
         with progress_bar(err, "reading the dead-letter topic") as update:
-            letters = [x for x in _letters(settings, update) if x is None or chosen(x)]
-    found = [x for x in letters if x is not None]
-    foreign = len(letters) - len(found)
-    by_reason = Counter(x.reason for x in found)
+            for letter in _letters(settings, update):
+                if letter is None:
+                    foreign += 1
+                elif chosen(letter):
+                    found += 1
+                    by_reason[letter.reason] += 1
+                    if len(shown) < show:
+                        shown.append(letter)
     typer.echo(
-        f"{len(found)} dead letters in {settings.processing.dead_letter_topic}"
+        f"{found} dead letters in {settings.processing.dead_letter_topic}"
         + (f" ({foreign} messages without dlq.* headers skipped)" if foreign else "")
     )
     for name, count in by_reason.most_common():
         typer.echo(f"  {name}: {count}")
-    for letter in found[:show]:
+    for letter in shown:
         typer.echo(
             f"{letter.coordinates}  {letter.reason}  id={letter.event_id!r}  from "
             f"{letter.original_topic}[{letter.original_partition}]@{letter.original_offset}"

@@ -163,18 +163,31 @@ def forget(
     from dedupe_consumer.kafka.changelog import forget_in_changelog
     from dedupe_consumer.scope import is_by_id_topic, stage_group
     from dedupe_consumer.store.base import WriteSet
+    from dedupe_consumer.store.changelog_codec import changelog_topic
     from dedupe_consumer.store.rocks import RocksStore
 
-    with reporting_errors(usage=(NotAStoreError,), unexpected=True):
+    with reporting_errors(usage=(NotAStoreError, WrongConfigError), unexpected=True):
         settings = load_settings(config, bootstrap_servers)
         with _open(path) as reader:
             found = reader.lookup(event_id)
+            followed = reader.changelog_positions()
+            retention_ms = reader.retention_ms
         if not found:
             typer.echo(f"event ID {event_id!r} is not in the store: nothing to forget")
             raise typer.Exit(1)
+        group = settings.kafka.group_id
+        changelogs = {
+            hit.partition: changelog_topic(
+                stage_group(group) if is_by_id_topic(hit.partition.topic) else group,
+                hit.partition.topic,
+            )
+            for hit in found
+        }
+        _check_config(settings.store.changelog, changelogs, followed, config)
         try:
-            store = RocksStore(
-                path, retention_ms=int(settings.dedupe.retention.total_seconds() * 1000)
+            store = RocksStore(  # with the retention it has (a tool does not change it)
+                path,
+                retention_ms=retention_ms or int(settings.dedupe.retention.total_seconds() * 1000),
             )
         except StoreLockedError:
             typer.echo(
@@ -187,7 +200,6 @@ def forget(
             where = ", ".join(f"{h.partition.topic}[{h.partition.partition}]" for h in found)
             if not yes:
                 typer.confirm(f"forget {event_id!r} in {where}?", abort=True)
-            group = settings.kafka.group_id
             for hit in found:
                 if settings.store.changelog:
                     tp = hit.partition
@@ -198,10 +210,42 @@ def forget(
                         [event_id],
                     )
                     typer.echo(f"tombstone written to {topic}[{tp.partition}]")
+                else:
+                    typer.echo("store.changelog = false: no changelog to write a tombstone to")
             store.persist(WriteSet(released={hit.partition: [event_id] for hit in found}))
         finally:
             store.close()
     typer.echo(f"forgot {event_id!r} in {where}")
+
+
+class WrongConfigError(ValueError):
+    """The config given to ``forget`` is not the one of the consumer that owns the store."""
+
+
+def _check_config(
+    changelog: bool,
+    changelogs: dict[TopicPartition, str],
+    followed: dict[str, int],
+    config: Path,
+) -> None:
+    """The store names the changelog partitions it follows: ``config``'s must be those, or
+    the tombstone would go to another group's changelog (which would then handle the ID
+    again) while this store's changelog brings it back."""
+    if not followed:
+        return  # it never followed one: nothing to compare with
+    if not changelog:
+        raise WrongConfigError(
+            f"{config} says store.changelog = false, but this store follows changelog "
+            f"topics ({', '.join(sorted(followed))}): give the config of the consumer that "
+            "owns the store. Nothing was changed"
+        )
+    for tp, topic in changelogs.items():
+        if f"{topic}:{tp.partition}" not in followed:
+            raise WrongConfigError(
+                f"{config} (group's changelog {topic!r}) is not the config of the consumer "
+                f"that owns this store: it follows {', '.join(sorted(followed))}. Nothing "
+                "was changed"
+            )
 
 
 class _Stdout:

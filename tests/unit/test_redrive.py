@@ -91,7 +91,9 @@ def test_listing_a_growing_transactional_dlq_ends_at_the_end_it_saw(
 
     def at(offset: int) -> Record:
         original = Record(TOPIC, 0, offset, b"k", b"v", [("event-id", b"e-1")], 0)
-        return Record("payments.dlq", 0, offset, b"k", b"v", dead_letter_headers(original, letter), 0)
+        return Record(
+            "payments.dlq", 0, offset, b"k", b"v", dead_letter_headers(original, letter), 0
+        )
 
     clock = [0.0]
 
