@@ -2,7 +2,10 @@
 from their features.
 
 Each feature keeps its commands next to it, in a module named ``cli``:
-``replay/cli.py`` (``record``, ``replay``), ``sidecar/cli.py`` (``sidecar``) and
+``replay/cli.py`` (``record``, ``replay``), ``sidecar/cli.py`` (``sidecar``),
+``store_cli.py`` (``store stats|lookup|watermarks|export|forget``: outside ``store/``,
+which knows no Kafka),
+``dlq/cli.py`` (``dlq list|redrive``) and
 ``testing/cli.py`` (``broker``); this module assembles them into one app. All
 of them report errors through :mod:`dedupe_consumer.cli_support` and stop on
 signals through :mod:`dedupe_consumer.signals`.
@@ -110,12 +113,16 @@ def migrate_scope(
 
 def _register_commands() -> None:
     """Commands that live next to the feature they drive (replay/, sidecar/, testing/)."""
+    from dedupe_consumer.dlq.cli import dlq_app
     from dedupe_consumer.replay.cli import record, replay
     from dedupe_consumer.sidecar.cli import sidecar
+    from dedupe_consumer.store_cli import store_app
     from dedupe_consumer.testing.cli import broker
 
     for command in (broker, record, replay, sidecar):
         app.command()(command)
+    app.add_typer(store_app, name="store")
+    app.add_typer(dlq_app, name="dlq")
 
 
 _register_commands()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar, overload
@@ -14,6 +14,8 @@ from rich.markup import escape
 from dedupe_consumer.errors import ConfigError, DedupeError
 
 if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+
     from dedupe_consumer.config import Settings
 
 S = TypeVar("S", bound="Settings")
@@ -88,3 +90,32 @@ def load_settings(
     if bootstrap_servers is None:
         return settings_type.from_toml(config)
     return settings_type.from_toml(config, kafka={"bootstrap_servers": bootstrap_servers})
+
+
+@contextmanager
+def progress_bar(console: Console, label: str) -> Iterator[Callable[[int, int | None], None]]:
+    """A rich progress bar on stderr; yields ``update(done, total)``."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    bar: RichProgress = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,  # no bar frames in CI logs or captured output
+    )
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int | None) -> None:
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        yield update

@@ -15,8 +15,13 @@ from typing import Protocol
 from dedupe_consumer.models import DeadLetterReason, SourceMessage, as_bytes, header_pairs
 from dedupe_consumer.scope import is_by_id_topic, split_origin
 
-_OURS = "dlq."
-_MOVED = "dlq.original-header."
+OUR_HEADER_PREFIX = "dlq."
+MOVED_HEADER_PREFIX = "dlq.original-header."
+"""An original header whose name starts with ``dlq.`` is kept under this prefix."""
+REDRIVE_HEADER = "dedupe.redrive"
+"""On a redriven copy of a dead letter (``dedupe-consumer dlq redrive``): the letter's
+``<topic>/<partition>/<offset>``. An ID whose record says dead-lettered is handled once
+more when a copy carries it (an ID that was handled stays a duplicate)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +80,8 @@ def dead_letter_headers(
         extra["dlq.value.omitted"] = "too-large"
         extra["dlq.value.size"] = str(value_omitted)
     original: list[tuple[str, str | bytes | None]] = [
-        (_MOVED + name if name.lower().startswith(_OURS) else name, value) for name, value in own
+        (MOVED_HEADER_PREFIX + name if name.lower().startswith(OUR_HEADER_PREFIX) else name, value)
+        for name, value in own
     ]
     if originals_omitted:
         key = as_bytes(message.key())

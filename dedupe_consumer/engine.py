@@ -59,7 +59,7 @@ import structlog
 from dedupe_consumer._faults import fault_point
 from dedupe_consumer.config import DedupeSettings, ProcessingSettings
 from dedupe_consumer.contracts import BatchResult, PartitionLog
-from dedupe_consumer.dead_letters import DeadLetter, DeadLetterSink
+from dedupe_consumer.dead_letters import REDRIVE_HEADER, DeadLetter, DeadLetterSink
 from dedupe_consumer.effects import Effects, OutputError, check_topic
 from dedupe_consumer.errors import (
     ConfigError,
@@ -293,6 +293,7 @@ class Engine:
         self.store = store
         self.dead_letters = dead_letters
         self.metrics = metrics or Metrics()
+        self.metrics.retention_seconds.set(dedupe.retention.total_seconds())
         self.clock = clock
         self.changelog = changelog
         self.claims = processing.mode == "claim"
@@ -1250,8 +1251,17 @@ class Engine:
         for item in fresh:
             event_id = item.event_id
             assert event_id is not None
-            if event_id in first:  # seen earlier in this batch
-                self._on_seen(item, *first[event_id])
+            seen = first.get(event_id)
+            earlier = found.get(event_id) if seen is None else seen[2]
+            if (
+                isinstance(earlier, IdRecord)
+                and earlier.status is RecordStatus.DEAD_LETTERED
+                and _redriven(item.message)
+            ):  # a dead letter redriven: eligible once more (the first such copy)
+                first[event_id] = (item.offset, item.digest, item)
+                continue
+            if seen is not None:  # seen earlier in this batch
+                self._on_seen(item, *seen)
                 continue
             record = found.get(event_id)
             if record is None:
@@ -1268,6 +1278,20 @@ class Engine:
                 item.decision = Decision.REPLAY
                 continue
             self._on_seen(item, record.offset, record.digest, record)
+        self._observe_ages(tp, fresh, now_ms)
+
+    def _observe_ages(self, tp: TopicPartition, items: list[_Item], now_ms: int) -> None:
+        """How old the record a duplicate matched was (0 for a copy in the same batch):
+        ``dedupe_duplicate_age_seconds``, to tune ``dedupe.retention`` from real traffic."""
+        ages = [
+            max(0, now_ms - i.first.decided_at_ms) / 1000 if isinstance(i.first, IdRecord) else 0.0
+            for i in items
+            if i.decision is Decision.DUPLICATE
+        ]
+        if ages:
+            histogram = self.metrics.duplicate_age.labels(tp.topic)
+            for age in ages:
+                histogram.observe(age)
 
     def _on_missing_id(self, item: _Item, missing: MissingId) -> None:
         message = item.message
@@ -2500,6 +2524,11 @@ class Engine:
             tp, offset = next(iter(safe.items()))
             offsets[tp] = offset
         return offsets
+
+
+def _redriven(message: SourceMessage) -> bool:
+    """A copy of a dead letter, redriven (``dedupe-consumer dlq redrive``)."""
+    return any(name == REDRIVE_HEADER for name, _ in header_pairs(message))
 
 
 def _refuse_coroutines(handler: Handler) -> None:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 
 import structlog
@@ -55,6 +55,7 @@ from dedupe_consumer.store.changelog_codec import (
     RestoredState,
     changelog_records,
     changelog_topic,
+    decision_key,
     legacy_changelog_topic,
 )
 
@@ -857,3 +858,50 @@ class Changelog:
     def close(self) -> None:
         if self._fatal is None:  # a fenced producer has nothing left to deliver
             self._producer.flush(self.timeout_s)
+
+
+def forget_in_changelog(
+    connection: KafkaConnection,
+    group_id: str,
+    tp: TopicPartition,
+    event_ids: Sequence[str],
+    timeout_s: float = 30.0,
+) -> str:
+    """Delete ``event_ids``' records from ``tp``'s changelog partition (tombstones), so a
+    restore does not bring them back; returns the changelog topic. Raises
+    :class:`StoreError` when the topic does not exist or a tombstone is not delivered."""
+    topic = changelog_topic(group_id, tp.topic)
+    admin = AdminClient(connection.config("admin", kafka_log_config()))
+    try:
+        found = admin.list_topics(timeout=timeout_s).topics.get(topic)
+    except KafkaException as exc:
+        raise StoreError(f"cannot reach the brokers to find {topic!r}: {exc}") from None
+    if found is None or found.error is not None or tp.partition not in found.partitions:
+        raise StoreError(
+            f"changelog topic {topic!r} partition {tp.partition} does not exist: is the config "
+            f"the consumer's (group_id {group_id!r}), with store.changelog = true?"
+        )
+    failures: list[str] = []
+
+    def delivered(error: KafkaError | None, _message: object) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    producer = Producer(
+        connection.config("producer", {"enable.idempotence": True, **kafka_log_config()})
+    )
+    for event_id in event_ids:
+        produce_waiting(
+            producer,
+            topic,
+            key=decision_key(event_id),
+            value=None,
+            partition=tp.partition,
+            on_delivery=delivered,
+        )
+    if producer.flush(timeout_s) or failures:
+        raise StoreError(
+            f"the tombstones to {topic!r} were not all delivered: {failures or 'timed out'}; "
+            "nothing was deleted from the local store"
+        )
+    return topic

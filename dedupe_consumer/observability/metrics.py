@@ -17,6 +17,18 @@ from dedupe_consumer.models import BatchStats
 log = structlog.get_logger("dedupe_consumer.metrics")
 
 
+_HOUR, _DAY = 3600.0, 86400.0
+_AGE_BUCKETS: tuple[float, ...] = tuple(
+    n * unit
+    for n, unit in (
+        *((1, 1.0), (10, 1.0), (60, 1.0), (300, 1.0), (900, 1.0)),
+        *((1, _HOUR), (4, _HOUR), (12, _HOUR)),
+        *((d, _DAY) for d in (1, 2, 3, 5, 7, 10, 14, 21, 30, 60)),
+    )
+)
+"""Seconds from 1 s to 60 days: around every plausible ``dedupe.retention``."""
+
+
 class Metrics:
     """All metrics on their own registry, so several consumers can live in one process."""
 
@@ -104,6 +116,19 @@ class Metrics:
             "Keyed messages checked against the common partitioners (all of a partition's "
             "first 1000, then one offset in 64): the denominator of the mismatch ratio",
             ["topic"],
+            registry=r,
+        )
+        self.duplicate_age = Histogram(
+            "dedupe_duplicate_age_seconds",
+            "Age of the matched record when a duplicate is caught (decision to duplicate): "
+            "its p99 near dedupe.retention means replays may outlive the retention",
+            ["topic"],
+            registry=r,
+            buckets=_AGE_BUCKETS,
+        )
+        self.retention_seconds = Gauge(
+            "dedupe_retention_seconds",
+            "dedupe.retention in force: how long an ID is remembered",
             registry=r,
         )
         self.offset_regressions = Counter(

@@ -11,8 +11,6 @@ reports to stdout, so ``--json`` output can be piped.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,13 +18,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dedupe_consumer.cli_support import reporting_errors, usage_error
+from dedupe_consumer.cli_support import progress_bar, reporting_errors, usage_error
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
 from dedupe_consumer.signals import stop_on_signals
 
 if TYPE_CHECKING:
-    from rich.progress import Progress as RichProgress
-
     from dedupe_consumer.replay.report import ReplayReport
 
 _SHOWN: int = 10
@@ -85,7 +81,7 @@ def record(
         start_at = parse_start(start)
         extra = _properties(properties)
         with (
-            _progress(err, "recording") as update,
+            progress_bar(err, "recording") as update,
             stop_on_signals(lambda _signal: stop.set(), once=True),
         ):
             summary = record_topic(
@@ -226,7 +222,7 @@ def _replay_through_engine(
             configure_logging(settings.observability.log_level, settings.observability.log_format)
         else:
             configure_logging("warning")
-        with _progress(err, "replaying") as update:
+        with progress_bar(err, "replaying") as update:
             return replay_recording(
                 handler_cls,
                 file,
@@ -252,7 +248,7 @@ def _produce(
 
     with reporting_errors(usage=(RecordingError, ValueError), unexpected=True):
         extra = _properties(properties)
-        with _progress(err, f"producing to {escape(topic)}") as update:
+        with progress_bar(err, f"producing to {escape(topic)}") as update:
             summary = produce_recording(
                 file,
                 topic,
@@ -345,32 +341,3 @@ def _properties(pairs: list[str] | None) -> dict[str, str]:
             raise ValueError(f"--property {shown}: expected KEY=VALUE")
         found[key.strip()] = value
     return found
-
-
-@contextmanager
-def _progress(err: Console, label: str) -> Iterator[Callable[[int, int | None], None]]:
-    """A rich progress bar on stderr; yields ``update(done, total)``."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    bar: RichProgress = Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,  # no bar frames in CI logs or captured output
-    )
-    task = bar.add_task(label, total=None)
-
-    def update(done: int, total: int | None) -> None:
-        bar.update(task, completed=done, total=total)
-
-    with bar:
-        yield update

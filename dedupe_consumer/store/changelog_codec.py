@@ -41,6 +41,11 @@ _HINT = 80
 """Characters of the group and of the topic kept, readable, in a hashed name."""
 
 
+def decision_key(event_id: str) -> bytes:
+    """The changelog key of ``event_id``'s record (a ``None`` value deletes it)."""
+    return _DECISION_PREFIX + event_id.encode()
+
+
 def changelog_topic(group_id: str, topic: str) -> str:
     """The changelog topic of source ``topic`` in group ``group_id``: one name per pair.
 
