@@ -5,7 +5,7 @@ Each feature keeps its commands next to it, in a module named ``cli``:
 ``replay/cli.py`` (``record``, ``replay``), ``sidecar/cli.py`` (``sidecar``),
 ``store_cli.py`` (``store stats|lookup|watermarks|export|forget``: outside ``store/``,
 which knows no Kafka),
-``dlq/cli.py`` (``dlq list|redrive``) and
+``dlq/cli.py`` (``dlq list|redrive``), ``analysis_cli.py`` (``analyze``) and
 ``testing/cli.py`` (``broker``); this module assembles them into one app. All
 of them report errors through :mod:`dedupe_consumer.cli_support` and stop on
 signals through :mod:`dedupe_consumer.signals`.
@@ -113,6 +113,7 @@ def migrate_scope(
 
 def _register_commands() -> None:
     """Commands that live next to the feature they drive (replay/, sidecar/, testing/)."""
+    from dedupe_consumer.analysis_cli import analyze_command
     from dedupe_consumer.dlq.cli import dlq_app
     from dedupe_consumer.replay.cli import record, replay
     from dedupe_consumer.sidecar.cli import sidecar
@@ -123,6 +124,7 @@ def _register_commands() -> None:
         app.command()(command)
     app.add_typer(store_app, name="store")
     app.add_typer(dlq_app, name="dlq")
+    app.command("analyze")(analyze_command)
 
 
 _register_commands()

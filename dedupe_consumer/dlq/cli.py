@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -32,16 +31,10 @@ dlq_app = typer.Typer(
 )
 err = Console(stderr=True)
 _TIMEOUT_S = 30.0
-_STALL_S = 60.0
-"""How long the dead-letter topic may give nothing before its end: then it fails."""
 
 
 class RedriveError(DedupeError):
     """A redrive that cannot start: bad options or a target it cannot reach (nothing sent)."""
-
-
-class DeadLetterTopicError(DedupeError):
-    """The dead-letter topic could not be read to its end."""
 
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The consumer's TOML settings.")]
@@ -91,55 +84,17 @@ def _letters(
 ) -> Iterator[Letter | None]:
     """Every message of the dead-letter topic, from its start to its end as of now, as a
     letter (None: a message that is not one of ours)."""
-    from dedupe_consumer.kafka.recording import PartitionEnd, TopicReader
+    from dedupe_consumer.kafka.recording import read_to_end
 
-    topic = settings.processing.dead_letter_topic
     connection = settings.kafka.connection()
-    reader = TopicReader(connection.bootstrap_servers, connection.properties)
-    try:
-        count = reader.partition_count(topic, _TIMEOUT_S)
-        ends: dict[int, int] = {}
-        starts: dict[int, int] = {}
-        for partition in range(count):
-            marks = reader.watermarks(topic, partition, _TIMEOUT_S)
-            if marks is None:
-                raise DeadLetterTopicError(
-                    f"no answer from the brokers about {topic!r}[{partition}]"
-                )
-            if marks[1] > marks[0]:
-                starts[partition], ends[partition] = marks
-        total = sum(ends[p] - starts[p] for p in ends)
-        done = 0
-        if not ends:
-            return
-        reader.assign(topic, starts)
-        open_parts = set(ends)
-        stalled_since = time.monotonic()
-        while open_parts:
-            if time.monotonic() - stalled_since > _STALL_S:
-                raise DeadLetterTopicError(
-                    f"reading {topic!r} made no progress for {_STALL_S:.0f} s before its end"
-                )
-            for message in reader.read(500, 0.5):
-                stalled_since = time.monotonic()
-                if isinstance(message, PartitionEnd):
-                    open_parts.discard(message.partition)
-                    continue
-                partition, offset = message.partition() or 0, message.offset() or 0
-                if partition not in open_parts:
-                    continue
-                if offset >= ends[partition] - 1:
-                    # The end seen at the start: past it (the last offset may be a
-                    # transaction marker that never arrives), this partition is done.
-                    open_parts.discard(partition)
-                    if offset >= ends[partition]:
-                        continue
-                done += 1
-                if update is not None:
-                    update(done, total)
-                yield parse_letter(message)
-    finally:
-        reader.close()
+    for message in read_to_end(
+        connection.bootstrap_servers,
+        connection.properties,
+        settings.processing.dead_letter_topic,
+        update,
+        timeout_s=_TIMEOUT_S,
+    ):
+        yield parse_letter(message)
 
 
 @dlq_app.command("list")

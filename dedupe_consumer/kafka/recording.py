@@ -14,8 +14,9 @@ not become a duplicate the recording never had.
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -219,3 +220,65 @@ class RecordingProducer:
     def flush(self, timeout_s: float) -> int:
         """Wait for acknowledgements; the number of messages still unacknowledged."""
         return int(self._producer.flush(timeout_s))
+
+
+class TopicReadError(DedupeError):
+    """A topic could not be read to its end."""
+
+
+def read_to_end(
+    bootstrap_servers: str,
+    properties: Mapping[str, Any],
+    topic: str,
+    update: Callable[[int, int | None], None] | None = None,
+    *,
+    timeout_s: float = 30.0,
+    stall_s: float = 60.0,
+) -> Iterator[SourceMessage]:
+    """Every message of ``topic``, from its start to its end as of now (read_committed).
+
+    A partition is done at the end seen at the start, even when its last offset is a
+    transaction marker that never arrives; reading fails (:class:`TopicReadError`)
+    only after ``stall_s`` without any progress. ``update(done, total)`` follows it.
+    """
+    reader = TopicReader(bootstrap_servers, properties)
+    try:
+        count = reader.partition_count(topic, timeout_s)
+        ends: dict[int, int] = {}
+        starts: dict[int, int] = {}
+        for partition in range(count):
+            marks = reader.watermarks(topic, partition, timeout_s)
+            if marks is None:
+                raise TopicReadError(f"no answer from the brokers about {topic!r}[{partition}]")
+            if marks[1] > marks[0]:
+                starts[partition], ends[partition] = marks
+        if not ends:
+            return
+        total = sum(ends[p] - starts[p] for p in ends)
+        done = 0
+        reader.assign(topic, starts)
+        open_parts = set(ends)
+        stalled_since = time.monotonic()
+        while open_parts:
+            if time.monotonic() - stalled_since > stall_s:
+                raise TopicReadError(
+                    f"reading {topic!r} made no progress for {stall_s:.0f} s before its end"
+                )
+            for message in reader.read(500, 0.5):
+                stalled_since = time.monotonic()
+                if isinstance(message, PartitionEnd):
+                    open_parts.discard(message.partition)
+                    continue
+                partition, offset = message.partition() or 0, message.offset() or 0
+                if partition not in open_parts:
+                    continue
+                if offset >= ends[partition] - 1:
+                    open_parts.discard(partition)  # the end seen at the start
+                    if offset >= ends[partition]:
+                        continue
+                done += 1
+                if update is not None:
+                    update(done, total)
+                yield message
+    finally:
+        reader.close()

@@ -120,7 +120,7 @@ def test_listing_a_growing_transactional_dlq_ends_at_the_end_it_saw(
             pass
 
     monkeypatch.setattr(recording, "TopicReader", GrowingReader)
-    monkeypatch.setattr(dlq_cli, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(recording, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     settings = SimpleNamespace(
         processing=SimpleNamespace(dead_letter_topic="payments.dlq"),
         kafka=SimpleNamespace(

@@ -1,0 +1,118 @@
+"""``dedupe-consumer analyze``: measure duplicate traffic, recommend a retention."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from dedupe_consumer.analysis import Analysis, analyze, recommend
+from dedupe_consumer.cli_support import progress_bar, reporting_errors
+from dedupe_consumer.models import SourceMessage
+
+err = Console(stderr=True)
+
+
+def analyze_command(
+    recording: Annotated[
+        Path | None, typer.Argument(help="A recording (dedupe-consumer record), or use --topic.")
+    ] = None,
+    topic: Annotated[
+        str | None, typer.Option("--topic", "-t", help="Read this topic from start to end.")
+    ] = None,
+    bootstrap_servers: Annotated[
+        str | None, typer.Option("--bootstrap-servers", "-b", help="With --topic: host:port.")
+    ] = None,
+    id_source: Annotated[
+        str, typer.Option("--id-source", help="Where the event ID is, as dedupe.id_source.")
+    ] = "header:event-id",
+    retention: Annotated[
+        str | None,
+        typer.Option("--retention", help="A retention to check, e.g. '7d' (dedupe.retention)."),
+    ] = None,
+) -> None:
+    """Share of duplicates, conflicts and messages without a usable ID, and how long after
+    an ID's first appearance its copies come (p50/p99/p99.9/max): then a retention that
+    covers them, and what the store would hold with it at the measured rate."""
+    from dedupe_consumer._durations import parse_duration
+    from dedupe_consumer.ids import parse_id_source
+
+    if (recording is None) == (topic is None):
+        raise typer.BadParameter("give a recording file or --topic (one of them)")
+    if topic is not None and not bootstrap_servers:
+        raise typer.BadParameter("--topic needs --bootstrap-servers")
+    with reporting_errors(usage=(ValueError,), unexpected=True):
+        extract = parse_id_source(id_source)
+        checked = None if retention is None else parse_duration(retention)
+        with progress_bar(err, "reading") as update:
+            messages = _messages(recording, topic, bootstrap_servers or "", update)
+            result = analyze(messages, extract)
+    _report(result, checked)
+
+
+def _messages(
+    recording: Path | None,
+    topic: str | None,
+    bootstrap_servers: str,
+    update: Callable[[int, int | None], None],
+) -> Iterable[SourceMessage]:
+    if recording is not None:
+        from dedupe_consumer.replay.format import read_recording
+
+        return read_recording(recording).records
+    from dedupe_consumer.kafka.recording import read_to_end
+
+    assert topic is not None
+    return read_to_end(bootstrap_servers, {}, topic, update)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part:,} ({100 * part / whole:.2f}%)" if whole else "0"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _report(result: Analysis, checked: timedelta | None) -> None:
+    n = result.messages
+    typer.echo(f"messages: {n:,} over {_duration(result.span_s)}")
+    typer.echo(f"unique IDs: {result.unique_ids:,}")
+    typer.echo(f"duplicates (same ID, same payload): {_share(result.duplicates, n)}")
+    typer.echo(f"conflicts (same ID, another payload): {_share(result.conflicts, n)}")
+    typer.echo(f"without a usable ID: {_share(result.without_id, n)}")
+    typer.echo(
+        "time from an ID's first copy to a repeat: "
+        + ", ".join(
+            f"{name} {_duration(result.percentile(share))}"
+            for name, share in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))
+        )
+    )
+    if checked is not None:
+        missed = result.missed_by(checked.total_seconds())
+        typer.echo(
+            f"with retention {_duration(checked.total_seconds())}: {missed:,} of "
+            f"{len(result.gaps_s):,} repeats would have come after their ID expired"
+        )
+    advice = recommend(result)
+    store = (
+        "unknown (no timestamps)"
+        if advice.store_bytes is None
+        else f"about {advice.store_bytes / 2**20:,.1f} MiB"
+    )
+    typer.echo(
+        f"recommended dedupe.retention: {_duration(advice.retention_s)} ({advice.why}); "
+        f"the store would hold {store} at {advice.bytes_per_id:.0f} bytes per ID"
+    )
