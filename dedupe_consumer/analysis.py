@@ -28,6 +28,7 @@ compression offsets its internal key and index bytes. Measured on this store's l
 60.8 bytes per UUID ID for 61 of key and value (tests/unit/test_analysis.py measures it
 again)."""
 _HOUR, _DAY = 3600.0, 86400.0
+_MIN_SPAN_S = 60.0
 
 
 @dataclass(slots=True)
@@ -103,7 +104,8 @@ class Recommendation:
     why: str
     bytes_per_id: float
     store_bytes: float | None
-    """What the store would hold at this traffic with that retention (None: no rate)."""
+    """What the store would hold at this traffic with that retention (None: the messages
+    span under a minute, or carry no timestamps: no rate to go by)."""
 
 
 def _round_up(seconds: float) -> float:
@@ -125,6 +127,7 @@ def recommend(analysis: Analysis) -> Recommendation:
     )
     mean_id = analysis.id_bytes / analysis.unique_ids if analysis.unique_ids else 36.0
     per_id = _RECORD_BYTES + mean_id + _ROCKSDB_OVERHEAD
-    rate = analysis.unique_ids / analysis.span_s if analysis.span_s > 0 else None
+    # A rate over less than a minute says nothing about a day (a burst, a test topic).
+    rate = analysis.unique_ids / analysis.span_s if analysis.span_s >= _MIN_SPAN_S else None
     store = None if rate is None else rate * retention * per_id
     return Recommendation(retention, why, per_id, store)

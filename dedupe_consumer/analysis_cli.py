@@ -108,7 +108,7 @@ def _report(result: Analysis, checked: timedelta | None) -> None:
         )
     advice = recommend(result)
     store = (
-        "unknown (no timestamps)"
+        "an unknown size (the messages span under a minute: no rate to go by)"
         if advice.store_bytes is None
         else f"about {advice.store_bytes / 2**20:,.1f} MiB"
     )

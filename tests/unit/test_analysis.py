@@ -85,6 +85,7 @@ def test_the_command_reports_a_recording(tmp_path: Path) -> None:
     assert "duplicates (same ID, same payload): 3 (50.00%)" in shown.output
     assert "0 of 3 repeats would have come after their ID expired" in shown.output
     assert "recommended dedupe.retention: 60.0 min" in shown.output
+    assert "an unknown size (the messages span under a minute" in shown.output
     wrong = CliRunner().invoke(app, ["analyze"])
     assert wrong.exit_code == 2
     bad = CliRunner().invoke(app, ["analyze", str(path), "--id-source", "nonsense"])
