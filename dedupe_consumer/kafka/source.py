@@ -16,6 +16,7 @@ here: :meth:`KafkaSource.commit` raises the library's
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -392,10 +393,8 @@ class KafkaSource:
 
     def _forget_lag(self, tps: Sequence[TopicPartition]) -> None:
         for tp in tps:
-            try:
+            with contextlib.suppress(KeyError):  # never measured
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
-            except KeyError:
-                pass  # never measured
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Asynchronous commit, issued after the decisions it covers are durable.
