@@ -60,7 +60,7 @@ DASHBOARDS = sorted((REPO / "config" / "grafana").glob("*.json"))
 
 def dashboard_targets() -> list[tuple[str, str, str]]:
     """(dashboard file, panel title, expr) of every panel target of every dashboard."""
-    found = []
+    found: list[tuple[str, str, str]] = []
     for path in DASHBOARDS:
         for panel in json.loads(path.read_text())["panels"]:
             found.extend((path.name, panel["title"], t["expr"]) for t in panel["targets"])
@@ -87,7 +87,8 @@ def test_dashboards_are_importable() -> None:
         assert variables["datasource"]["query"] == "prometheus"
         assert variables["topic"]["type"] == "query"
         assert variables["topic"]["definition"].startswith("label_values(dedupe_")
-        ids, cells = set(), set()
+        ids: set[int] = set()
+        cells: set[tuple[int, int]] = set()
         for panel in board["panels"]:
             assert panel["id"] not in ids, (path.name, panel["title"])
             ids.add(panel["id"])
