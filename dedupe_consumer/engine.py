@@ -114,6 +114,9 @@ _LONGEST_CHECKED_KEY = 1024
 _BUSY_REVOKED_SWEEP = 256
 """Records of revoked partitions examined per batch (without a changelog)."""
 
+_STORE_SIZE_EVERY_S = 2.0
+"""``dedupe_store_size_bytes`` is read from RocksDB after a persist at most this often."""
+
 _KEEP_ALIVE_S = 0.2
 """While handler calls run, the consuming thread serves the group this often."""
 
@@ -294,6 +297,7 @@ class Engine:
         self.dead_letters = dead_letters
         self.metrics = metrics or Metrics()
         self.metrics.retention_seconds.set(dedupe.retention.total_seconds())
+        self._store_size_at = float("-inf")  # dedupe_store_size_bytes last set
         self.clock = clock
         self.changelog = changelog
         self.claims = processing.mode == "claim"
@@ -431,10 +435,16 @@ class Engine:
         """
         self._settle_all()  # the changelog producer and the store are ours alone now
         starts: dict[TopicPartition, int | None] = {}
+        for topic in {tp.topic for tp in tps}:
+            self.metrics.topic_seen(topic, self.processing.on_uncertain)
         if self.changelog is not None and tps:
             self.changelog.ensure_topics({tp.topic for tp in tps})
             for tp in tps:  # state travels with the partition: catch up before deciding
+                restore_started = time.monotonic()
                 applied = self.changelog.restore(tp, self.store)
+                self.metrics.restore_seconds.labels(tp.topic).observe(
+                    time.monotonic() - restore_started
+                )
                 orphan = self._orphans.pop(tp, None)
                 if orphan is not None and applied == 0:
                     self._adopt(tp, orphan.write, live=True)
@@ -723,7 +733,9 @@ class Engine:
             # A busy consumer never idles: a small share per batch, the rest when idle.
             budget = self._sweep_budget if idle else _BUSY_REVOKED_SWEEP
             share = max(1, budget // len(self._revoked))
+            sweep_started = time.monotonic()
             deleted = self.store.sweep_expired(int(now * 1000), dict.fromkeys(self._revoked, share))
+            self.metrics.sweep_seconds.observe(time.monotonic() - sweep_started)
             if deleted:  # not ours: deleted locally only, never tombstoned in the changelog
                 self.metrics.expired_deleted.inc(deleted)
             return
@@ -737,7 +749,10 @@ class Engine:
 
     def _sweep(self, now_ms: int, budgets: dict[TopicPartition, int], write: WriteSet) -> None:
         """Add expired IDs to ``write`` as deletions (tombstones in the changelog)."""
-        for tp, ids in self.store.find_expired(now_ms, budgets).items():
+        sweep_started = time.monotonic()
+        found = self.store.find_expired(now_ms, budgets)
+        self.metrics.sweep_seconds.observe(time.monotonic() - sweep_started)
+        for tp, ids in found.items():
             # Not the IDs decided in this write or in the one still being persisted: an
             # expired record found on disk may have been decided anew since.
             decided = {event_id for event_id, _ in write.records.get(tp, [])}
@@ -2495,11 +2510,18 @@ class Engine:
             if fence is None:
                 fence = self._fence_offsets(write)
             committed = self.changelog.write(write, self.store, fence, live=live)
+            self.metrics.changelog_write_seconds.observe(time.monotonic() - started)
         self.store.persist(write)
         if self.changelog is None and self._kept_outputs is not None:
             for outputs in write.outputs.values():
                 self._kept_outputs.extend(outputs)
-        self.metrics.persist_seconds.observe(time.monotonic() - started)
+        now = time.monotonic()
+        self.metrics.persist_seconds.observe(now - started)
+        if now - self._store_size_at >= _STORE_SIZE_EVERY_S:
+            self._store_size_at = now
+            size = getattr(self.store, "approximate_size", None)  # RocksStore's, not a test's
+            if callable(size):
+                self.metrics.store_bytes.set(size())
         return committed
 
     def _fence_offsets(

@@ -2,8 +2,9 @@
 # The whole test suite against a real Kafka broker.
 #
 # Installs the package with its test and dev extras, makes sure Java 17+ and
-# Maven are there (the local broker is Apache Kafka from Maven Central jars),
-# then runs pytest. The broker comes from KAFKA_BOOTSTRAP_SERVERS, else
+# Maven are there (the local broker is Apache Kafka from Maven Central jars) and
+# Debian's prometheus package (promtool for the alert tests, prometheus for the
+# dashboard test), then runs pytest. The broker comes from KAFKA_BOOTSTRAP_SERVERS, else
 # testcontainers (if a Docker daemon answers), else the local jar broker.
 # With DEDUPE_REQUIRE_REAL_KAFKA=1 (CI) a test that cannot get a broker fails.
 set -euo pipefail
@@ -12,12 +13,14 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+# promtool and prometheus: the alert rule tests and the dashboard test (a real Prometheus).
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing ${need_apt[*]} (needed for the local Kafka broker)"
+    echo "installing ${need_apt[*]} (the local Kafka broker needs Java 17+ and Maven; the alert and dashboard tests, prometheus)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
   else
-    echo "warning: ${need_apt[*]} missing; the local Kafka broker needs Java 17+ and Maven" >&2
+    echo "warning: ${need_apt[*]} missing; the local Kafka broker needs Java 17+ and Maven, the alert and dashboard tests promtool and prometheus (Debian's prometheus package)" >&2
   fi
 fi
 

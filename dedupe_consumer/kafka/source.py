@@ -16,6 +16,7 @@ here: :meth:`KafkaSource.commit` raises the library's
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -55,6 +56,8 @@ _UUID = struct.Struct(">QQ")
 READ_AHEAD_BYTES = 32 * 1024 * 1024
 """At most this many value bytes are read ahead while a batch is walked (see
 :meth:`KafkaSource.keep_alive`)."""
+LAG_EVERY_S = 1.0
+"""``dedupe_consumer_lag`` is refreshed at most this often (from a poll)."""
 
 
 def _kafka_offsets(offsets: Mapping[TopicPartition, int]) -> list[KafkaTopicPartition]:
@@ -123,6 +126,8 @@ class KafkaSource:
         self._kept_bytes = 0
         """The value bytes :attr:`_kept` holds (``len`` of a message)."""
         self._paused = False
+        self._lag_at = float("-inf")
+        """When ``dedupe_consumer_lag`` was last set (:meth:`_note_lag`)."""
         strategy = str(conf.get("partition.assignment.strategy", ""))
         # Incremental (un)assignment: cooperative-sticky, and always with the consumer
         # group protocol (KIP-848), where an eager assign() fails with _STATE.
@@ -249,6 +254,7 @@ class KafkaSource:
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
         self._forget_kept(tps)
+        self._forget_lag(tps)
         commits: Mapping[TopicPartition, int] = {}
         try:
             commits = self.listener.on_revoked(tps)  # what the walk in progress settled
@@ -264,6 +270,7 @@ class KafkaSource:
     def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = _tps(partitions)
         self._forget_kept(tps)
+        self._forget_lag(tps)
         try:
             self.listener.on_lost(tps)
         finally:
@@ -340,6 +347,7 @@ class KafkaSource:
         # kicked out, librdkafka resets it to "no generation", which a transactional
         # offset commit would not be fenced by.
         self._group_metadata = self._consumer.consumer_group_metadata()
+        self._note_lag()
         if not any(m.error() for m in messages):
             return messages
         good: list[Message] = []
@@ -362,6 +370,31 @@ class KafkaSource:
             else:
                 log.warning("consumer_error", **kafka_error_fields(error))
         return good
+
+    def _note_lag(self) -> None:
+        """Set ``dedupe_consumer_lag`` of each assigned partition, at most once a second.
+
+        Local calls only: librdkafka's cached log end (from the last fetch) and position.
+        """
+        now = time.monotonic()
+        if now - self._lag_at < LAG_EVERY_S:
+            return
+        self._lag_at = now
+        try:
+            for p in self._consumer.position(self._consumer.assignment()):
+                if p.offset < 0:
+                    continue  # nothing consumed yet: no position to measure from
+                _, high = self._consumer.get_watermark_offsets(p, cached=True)
+                if high is not None and high >= 0:
+                    lag = max(0, high - p.offset)
+                    self.metrics.consumer_lag.labels(p.topic, str(p.partition)).set(lag)
+        except KafkaException as exc:  # a metric is never worth a failed poll
+            log.debug("lag_unavailable", **kafka_error_fields(exc))
+
+    def _forget_lag(self, tps: Sequence[TopicPartition]) -> None:
+        for tp in tps:
+            with contextlib.suppress(KeyError):  # never measured
+                self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Asynchronous commit, issued after the decisions it covers are durable.

@@ -12,7 +12,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from dedupe_consumer.errors import ConfigError
-from dedupe_consumer.models import BatchStats
+from dedupe_consumer.models import BatchStats, DeadLetterReason, Decision
 
 log = structlog.get_logger("dedupe_consumer.metrics")
 
@@ -137,6 +137,56 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+
+        self.restore_seconds = Histogram(
+            "dedupe_restore_seconds",
+            "Changelog restore of one assigned partition, before its first batch is decided",
+            ["topic"],
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+        )
+        self.consumer_lag = Gauge(
+            "dedupe_consumer_lag",
+            "Messages of an assigned partition after the consumer's position (the log end "
+            "offset of the last fetch minus the position); removed when the partition goes",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.store_bytes = Gauge(
+            "dedupe_store_size_bytes",
+            "Approximate bytes of the RocksDB store (SST files and memtables), updated "
+            "after persisted writes at most every few seconds",
+            registry=r,
+        )
+        self.changelog_write_seconds = Histogram(
+            "dedupe_changelog_write_seconds",
+            "Changelog transaction of one persisted write (records, source offsets, commit)",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+        )
+        self.sweep_seconds = Histogram(
+            "dedupe_expiry_sweep_seconds",
+            "One pass of the retention sweep over the store (finding expired records)",
+            registry=r,
+            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
+        )
+
+    def topic_seen(self, topic: str, on_uncertain: str) -> None:
+        """Create a topic's labelled series at zero when its partitions are assigned.
+
+        A counter child exists only once it is used: without this, a dashboard panel or
+        an alert on ``dead_lettered`` or ``conflict`` shows "no data" (not 0) until the
+        first one, and ``rate()`` misses that first increase. The label values are the
+        fixed decisions, reasons and the configured ``on_uncertain`` policy: bounded.
+        """
+        for decision in Decision:
+            self.events.labels(topic, decision.value)
+        for reason in DeadLetterReason:
+            self.dead_letters.labels(topic, reason.value)
+        self.uncertain.labels(topic, on_uncertain)
+        self.handler_retries.labels(topic)
+        self.offset_regressions.labels(topic)
+        self.duplicate_age.labels(topic)
 
     def record(self, topic: str, stats: BatchStats) -> None:
         for decision, count in stats.by_decision().items():

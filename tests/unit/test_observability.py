@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+from dedupe_consumer.models import DeadLetterReason, Decision
 from dedupe_consumer.observability import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,3 +53,83 @@ def test_retention_alert_matches_its_topic_series_with_the_retention_gauge() -> 
         f"the comparison has no on() group_left(): it never matches a topic series: {expr}"
     )
     assert not re.search(r"[0-9.]+\s*\*\s*on\(", expr), f"matching on a scalar product: {expr}"
+
+
+DASHBOARDS = sorted((REPO / "config" / "grafana").glob("*.json"))
+
+
+def dashboard_targets() -> list[tuple[str, str, str]]:
+    """(dashboard file, panel title, expr) of every panel target of every dashboard."""
+    found: list[tuple[str, str, str]] = []
+    for path in DASHBOARDS:
+        for panel in json.loads(path.read_text())["panels"]:
+            found.extend((path.name, panel["title"], t["expr"]) for t in panel["targets"])
+    return found
+
+
+def test_dashboards_name_only_real_metrics() -> None:
+    assert [p.name for p in DASHBOARDS] == ["debug.json", "on-call.json", "overview.json"]
+    exported = exported_names()
+    for dashboard, title, expr in dashboard_targets():
+        used = set(re.findall(r"\b(dedupe_[a-z_]+)\b", expr))
+        assert used, f"{dashboard} / {title}: no dedupe metric in {expr}"
+        assert used <= exported, f"{dashboard} / {title}: unknown {used - exported} in {expr}"
+
+
+def test_dashboards_are_importable() -> None:
+    """What Grafana's import needs, and what the panels rely on."""
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        assert isinstance(board["schemaVersion"], int) and board["schemaVersion"] >= 36, path
+        assert board["uid"] and board["title"], path
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource"
+        assert variables["datasource"]["query"] == "prometheus"
+        assert variables["topic"]["type"] == "query"
+        assert variables["topic"]["definition"].startswith("label_values(dedupe_")
+        ids: set[int] = set()
+        cells: set[tuple[int, int]] = set()
+        for panel in board["panels"]:
+            assert panel["id"] not in ids, (path.name, panel["title"])
+            ids.add(panel["id"])
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            grid = panel["gridPos"]
+            assert grid["x"] + grid["w"] <= 24, (path.name, panel["title"])
+            taken = {
+                (x, y)
+                for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])
+            }
+            assert not taken & cells, f"{path.name} / {panel['title']} overlaps another panel"
+            cells |= taken
+            assert panel["targets"], (path.name, panel["title"])
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == "${datasource}"
+                if "topic" in target["expr"] and "{" in target["expr"]:
+                    assert 'topic=~"$topic"' in target["expr"], target["expr"]
+
+
+def test_every_decision_and_reason_is_a_series_once_a_topic_is_assigned() -> None:
+    """Conflicts and dead letters show 0, not "no data", before the first one."""
+    metrics = Metrics()
+    metrics.topic_seen("orders", "retry")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items())))
+        for family in metrics.registry.collect()
+        for s in family.samples
+    }
+    for decision in Decision:
+        assert (
+            "dedupe_events_total",
+            (("decision", decision.value), ("topic", "orders")),
+        ) in samples
+    assert ("dedupe_events_total", (("decision", "conflict"), ("topic", "orders"))) in samples
+    for reason in DeadLetterReason:
+        assert (
+            "dedupe_dead_letters_total",
+            (("reason", reason.value), ("topic", "orders")),
+        ) in samples
+    assert (
+        "dedupe_uncertain_outcomes_total",
+        (("policy", "retry"), ("topic", "orders")),
+    ) in samples

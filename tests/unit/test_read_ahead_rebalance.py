@@ -102,6 +102,7 @@ def _source(consumer: _Consumer, batch_size: int) -> KafkaSource:
     source._recommit = False
     source._failed = None
     source._partition_logs = lambda partitions: {}  # type: ignore[method-assign]
+    source._lag_at = float("inf")  # dedupe_consumer_lag is not measured here
     return source
 
 
