@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -20,16 +21,12 @@ def test_a_topic_is_read_to_its_end_and_measured(
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
 ) -> None:
     topic = kafka_topic(partitions=3)
-    items = [
-        # 20 IDs; the first 5 come twice (same payload), a-5 a second time with another payload
-        *(
-            {"key": f"k{n}".encode(), "value": b"v", "headers": [("event-id", f"a-{n}".encode())]}
-            for n in range(20)
-        ),
-        *(
-            {"key": f"k{n}".encode(), "value": b"v", "headers": [("event-id", f"a-{n}".encode())]}
-            for n in range(5)
-        ),
+    # 20 IDs; the first 5 come twice (same payload), a-5 a second time with another payload
+    items: list[dict[str, Any]] = [
+        {"key": f"k{n}".encode(), "value": b"v", "headers": [("event-id", f"a-{n}".encode())]}
+        for n in [*range(20), *range(5)]
+    ]
+    items += [
         {"key": b"k5", "value": b"other", "headers": [("event-id", b"a-5")]},
         {"key": b"k-none", "value": b"v"},  # no event-id header
     ]
