@@ -11,7 +11,13 @@ import typer
 from rich.console import Console
 
 from dedupe_consumer.analysis import Analysis, analyze, recommend
-from dedupe_consumer.cli_support import progress_bar, reporting_errors
+from dedupe_consumer.cli_support import (
+    BootstrapServersOption,
+    load_settings,
+    progress_bar,
+    reporting_errors,
+)
+from dedupe_consumer.config import Settings
 from dedupe_consumer.models import SourceMessage
 
 err = Console(stderr=True)
@@ -24,15 +30,30 @@ def analyze_command(
     topic: Annotated[
         str | None, typer.Option("--topic", "-t", help="Read this topic from start to end.")
     ] = None,
-    bootstrap_servers: Annotated[
-        str | None, typer.Option("--bootstrap-servers", "-b", help="With --topic: host:port.")
+    bootstrap_servers: BootstrapServersOption = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="The consumer's TOML settings: its connection (SASL, TLS), dedupe.id_source "
+            "and dedupe.retention, unless the options here say otherwise.",
+        ),
     ] = None,
     id_source: Annotated[
-        str, typer.Option("--id-source", help="Where the event ID is, as dedupe.id_source.")
-    ] = "header:event-id",
+        str | None,
+        typer.Option(
+            "--id-source",
+            help="Where the event ID is, as dedupe.id_source [default: the config's, "
+            "else header:event-id].",
+        ),
+    ] = None,
     retention: Annotated[
         str | None,
-        typer.Option("--retention", help="A retention to check, e.g. '7d' (dedupe.retention)."),
+        typer.Option(
+            "--retention",
+            help="A retention to check, e.g. '7d' [default: the config's dedupe.retention].",
+        ),
     ] = None,
 ) -> None:
     """Share of duplicates, conflicts and messages without a usable ID, and how long after
@@ -43,31 +64,46 @@ def analyze_command(
 
     if (recording is None) == (topic is None):
         raise typer.BadParameter("give a recording file or --topic (one of them)")
-    if topic is not None and not bootstrap_servers:
-        raise typer.BadParameter("--topic needs --bootstrap-servers")
+    if topic is not None and not bootstrap_servers and config is None:
+        raise typer.BadParameter("--topic needs --bootstrap-servers or --config")
     with reporting_errors(usage=(ValueError,), unexpected=True):
-        extract = parse_id_source(id_source)
-        checked = None if retention is None else parse_duration(retention)
+        settings = None if config is None else load_settings(config, bootstrap_servers)
+        extract = parse_id_source(
+            id_source or (settings.dedupe.id_source if settings else "header:event-id")
+        )
+        checked: timedelta | None = settings.dedupe.retention if settings else None
+        if retention is not None:
+            checked = parse_duration(retention)
         with progress_bar(err, "reading") as update:
-            messages = _messages(recording, topic, bootstrap_servers or "", update)
-            result = analyze(messages, extract)
+            if recording is not None:
+                result = analyze(_recorded(recording), extract)
+            else:
+                assert topic is not None
+                result = analyze(_topic(topic, bootstrap_servers, settings, update), extract)
     _report(result, checked)
 
 
-def _messages(
-    recording: Path | None,
-    topic: str | None,
-    bootstrap_servers: str,
+def _recorded(recording: Path) -> Iterable[SourceMessage]:
+    from dedupe_consumer.replay.format import read_recording
+
+    return read_recording(recording).records
+
+
+def _topic(
+    topic: str,
+    bootstrap_servers: str | None,
+    settings: Settings | None,
     update: Callable[[int, int | None], None],
 ) -> Iterable[SourceMessage]:
-    if recording is not None:
-        from dedupe_consumer.replay.format import read_recording
-
-        return read_recording(recording).records
+    """Every message of ``topic`` as of now, over the config's connection when there is one
+    (its SASL and TLS properties too), else plainly to ``bootstrap_servers``."""
     from dedupe_consumer.kafka.recording import read_to_end
 
-    assert topic is not None
-    return read_to_end(bootstrap_servers, {}, topic, update)
+    if settings is None:
+        assert bootstrap_servers is not None
+        return read_to_end(bootstrap_servers, {}, topic, update)
+    connection = settings.kafka.connection()
+    return read_to_end(connection.bootstrap_servers, connection.properties, topic, update)
 
 
 def _share(part: int, whole: int) -> str:

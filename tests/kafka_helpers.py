@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from confluent_kafka.admin import AdminClient
 
 from dedupe_consumer import Settings
-from dedupe_consumer.models import header_pairs
+from dedupe_consumer.models import SourceMessage, header_pairs
 
 
 def produce_events(
@@ -141,7 +141,7 @@ def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30) -> 
         consumer.close()
 
 
-def headers_of(message: Message) -> dict[str, bytes]:
+def headers_of(message: SourceMessage) -> dict[str, bytes]:
     """Headers as a dict (last one wins), ``None`` values as empty bytes."""
     return {k: v or b"" for k, v in header_pairs(message)}
 

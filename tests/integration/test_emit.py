@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
 
 from dedupe_consumer import DedupeConsumer, Event, Handler
+from dedupe_consumer.kafka.recording import read_to_end
 from dedupe_consumer.models import BatchStats
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
@@ -46,29 +46,17 @@ class Emitting(Handler):
 
 
 def read_committed(
-    bootstrap: str, topic: str, settle_s: float = 3.0
+    bootstrap: str, topic: str
 ) -> list[tuple[bytes | None, bytes | None, dict[str, bytes]]]:
-    """Every committed message of ``topic`` (until nothing new for ``settle_s``)."""
-    reader = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"out-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        }
-    )
-    reader.subscribe([topic])
-    got: list[tuple[bytes | None, bytes | None, dict[str, bytes]]] = []
-    quiet_since = time.monotonic()
-    deadline = time.monotonic() + 60
-    while time.monotonic() - quiet_since < settle_s and time.monotonic() < deadline:
-        message = reader.poll(0.2)
-        if message is None or message.error() is not None:
-            continue
-        got.append((message.key(), message.value(), headers_of(message)))
-        quiet_since = time.monotonic()
-    reader.close()
-    return got
+    """Every committed message of ``topic``, from its start to its end as of now."""
+    return [
+        (as_bytes(message.key()), as_bytes(message.value()), headers_of(message))
+        for message in read_to_end(bootstrap, {}, topic)
+    ]
+
+
+def as_bytes(data: bytes | str | None) -> bytes | None:
+    return data.encode() if isinstance(data, str) else data
 
 
 def run_to_end(consumer: DedupeConsumer, expect: int, timeout_s: float = 90) -> None:
@@ -139,4 +127,4 @@ def test_emit_without_the_changelog_is_refused_with_the_fix(
     assert consumer.totals.dead_lettered == 2
     letters = read_all(kafka_bootstrap, settings.processing.dead_letter_topic, 2)
     assert b"store.changelog = true" in headers_of(letters[0])["dlq.error.message"]
-    assert read_committed(kafka_bootstrap, out, settle_s=1.0) == []
+    assert read_committed(kafka_bootstrap, out) == []

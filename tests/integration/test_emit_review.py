@@ -68,7 +68,7 @@ def test_an_output_of_a_type_produce_refuses_dead_letters_its_event_not_the_cons
     consumer = DedupeConsumer(EmitsThis(out, **how), settings)
     run_to_end(consumer, len(sent))  # raises TypeError today
     assert consumer.totals.dead_lettered == 2
-    assert read_committed(kafka_bootstrap, out, settle_s=1.0) == []
+    assert read_committed(kafka_bootstrap, out) == []
 
 
 def test_an_output_over_its_topics_max_message_bytes_dead_letters_its_event(

@@ -263,7 +263,7 @@ def test_outputs_per_event_are_bounded(
     letter = headers_of(read_all(kafka_bootstrap, settings.processing.dead_letter_topic, 2)[0])
     assert letter["dlq.reason"] == b"output-failed"
     assert b"max_outputs_per_event" in letter["dlq.error.message"]
-    assert read_committed(kafka_bootstrap, out, settle_s=1.0) == []  # nothing half-emitted
+    assert read_committed(kafka_bootstrap, out) == []  # nothing half-emitted
 
 
 def test_a_missing_output_topic_is_created_only_when_configured(

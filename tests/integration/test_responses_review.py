@@ -75,7 +75,7 @@ def test_a_reply_to_naming_a_kafka_internal_topic_does_not_wedge_the_partition(
     assert failure is None, f"the consumer failed: {failure!r}"
     assert handler.calls.get("bad") is None, "the handler ran for an unanswerable request"
     assert handler.calls.get("good") == 1
-    answered = [value for _, value, _ in read_committed(kafka_bootstrap, replies, settle_s=1.0)]
+    answered = [value for _, value, _ in read_committed(kafka_bootstrap, replies)]
     assert answered == [b"answer:good"]
     letter = headers_of(read_all(kafka_bootstrap, settings.processing.dead_letter_topic, 1)[0])
     assert letter["dlq.reason"] == b"output-failed"
