@@ -27,6 +27,7 @@ from dedupe_consumer.config import (
     ProcessingSettings,
     Settings,
     StoreSettings,
+    TracingSettings,
 )
 from dedupe_consumer.contracts import BatchResult, Edges, PartitionLog, Source
 from dedupe_consumer.engine import Engine
@@ -35,6 +36,7 @@ from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics, configure_logging
 from dedupe_consumer.observability.progress import ProgressLog
+from dedupe_consumer.observability.tracing import EventTracing, start_tracing
 
 log = structlog.get_logger("dedupe_consumer")
 
@@ -222,7 +224,9 @@ class DedupeConsumer:
         metrics_server = None
         started = False
         self._engine = None
+        tracing: EventTracing | None = None
         try:
+            tracing = self._start_tracing()
             engine = self._engine = Engine(
                 self.handler,
                 settings.dedupe,
@@ -236,6 +240,7 @@ class DedupeConsumer:
                 changelog=edges.changelog,
                 walk_budget_s=edges.walk_budget_s,
                 outputs=edges.outputs,
+                tracing=tracing,
             )
             if self._stop.is_set():
                 engine.request_stop()
@@ -278,6 +283,7 @@ class DedupeConsumer:
                 restore,
                 metrics_server.shutdown if metrics_server is not None else None,
                 metrics_server.server_close if metrics_server is not None else None,
+                tracing.close if tracing is not None else None,  # the last spans exported
             )
             if started:
                 log.info(
@@ -290,6 +296,14 @@ class DedupeConsumer:
                     conflicts=self.totals.conflicts,
                 )
         return self.totals
+
+    def _start_tracing(self) -> EventTracing | None:
+        """``[tracing]``: a tracer when enabled (a replay's settings have no such section)."""
+        section = getattr(self.settings, "tracing", None)
+        if not isinstance(section, TracingSettings) or not section.enabled:
+            return None
+        kafka = getattr(self.settings, "kafka", None)
+        return start_tracing(section, group_id=None if kafka is None else kafka.group_id)
 
     def _apply(
         self,
