@@ -213,20 +213,24 @@ class DedupeConsumer:
         settings = self.settings
         if not structlog.is_configured():
             configure_logging(settings.observability.log_level, settings.observability.log_format)
+        tracing = self._start_tracing()  # a configuration error before anything is opened
         edges = self._edges
         if edges is None:  # the default: built here, so closed here
             assert isinstance(settings, Settings)  # checked in __init__
             from dedupe_consumer.kafka import edges as kafka_edges
 
-            edges = kafka_edges(settings, metrics=self.metrics)
+            try:
+                edges = kafka_edges(settings, metrics=self.metrics)
+            except BaseException:
+                if tracing is not None:
+                    tracing.close()
+                raise
         source: Source | None = None
         restore: Callable[[], None] | None = None
         metrics_server = None
         started = False
         self._engine = None
-        tracing: EventTracing | None = None
         try:
-            tracing = self._start_tracing()
             engine = self._engine = Engine(
                 self.handler,
                 settings.dedupe,
