@@ -43,6 +43,7 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from bench.child import Stopwatch, emit, emit_refused
@@ -203,6 +204,8 @@ def run(
             **knobs,
         },
         observability={"log_level": "warning"},
+        # only when asked: an engine from before [tracing] refuses the key
+        **({} if args.tracing == "off" else {"tracing": _tracing(args.tracing)}),
     )
     handler = make_handler(args.handler, args.sleep_ms, output)
     clock = Stopwatch()
@@ -227,6 +230,30 @@ def run(
     return totals.consumed, handler.calls, clock.seconds, engine
 
 
+class _Sink(BaseHTTPRequestHandler):
+    """An OTLP/HTTP endpoint that reads each export and drops it."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _tracing(kind: str) -> dict[str, object]:
+    """``[tracing]`` for ``--tracing``: on without an exporter (``none``); on, exporting
+    over OTLP/HTTP to a sink in this process (``otlp``: the export's cost included)."""
+    if kind == "none":
+        return {"enabled": True, "exporter": "none"}
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{sink.server_address[1]}/v1/traces"
+    return {"enabled": True, "exporter": "otlp", "endpoint": endpoint}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bootstrap", required=True)
@@ -249,6 +276,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--ordering", choices=["key", "partition"], help="processing.ordering, ditto"
+    )
+    parser.add_argument(
+        "--tracing", choices=["off", "none", "otlp"], default="off", help="[tracing], see _tracing"
     )
     parser.add_argument("--profile", type=Path, help="write a pyinstrument profile here")
     args = parser.parse_args()
