@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from bench.child import Stopwatch, emit, emit_refused
 from bench.contenders._outputs import create_like, output_topic, read_back
@@ -186,6 +187,8 @@ def run(
     ``output``: the topic the emit handler writes to (it must exist).
     """
     knobs, engine = concurrency_settings(processing_fields(), args.concurrency, args.ordering)
+    # [tracing] only when asked: an engine from before it refuses the key
+    traced: dict[str, Any] = {} if args.tracing == "off" else {"tracing": _tracing(args.tracing)}
     settings = Settings.load(
         kafka={
             "bootstrap_servers": args.bootstrap,
@@ -204,8 +207,7 @@ def run(
             **knobs,
         },
         observability={"log_level": "warning"},
-        # only when asked: an engine from before [tracing] refuses the key
-        **({} if args.tracing == "off" else {"tracing": _tracing(args.tracing)}),
+        **traced,
     )
     handler = make_handler(args.handler, args.sleep_ms, output)
     clock = Stopwatch()
