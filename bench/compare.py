@@ -139,6 +139,13 @@ CONTENDERS: tuple[Contender, ...] = (
         profilable=True,
     ),
     Contender(
+        "plain-traced-noexport",
+        "dedupe_consumer plain, tracing on, spans not exported (tracing.exporter = none)",
+        "bench.contenders.dedupe",
+        ("--mode", "plain", "--changelog", "true", "--tracing", "none"),
+        profilable=True,
+    ),
+    Contender(
         "claim",
         "dedupe_consumer claim",
         "bench.contenders.dedupe",
