@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from dedupe_consumer import ConfigError, Event, Handler, PermanentError, RetryableError
 from dedupe_consumer.cli import app
 from dedupe_consumer.dead_letters import MemoryDeadLetters, dead_letter_headers
-from dedupe_consumer.engine import Engine
+from dedupe_consumer.engine import Engine, payload_digest
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import configure_logging
 from dedupe_consumer.observability import tracing as tracing_module
@@ -31,7 +32,7 @@ from dedupe_consumer.observability.tracing import EventTracing, for_provider, st
 from dedupe_consumer.replay import Record
 from dedupe_consumer.sidecar.handler import HttpForwardHandler
 from dedupe_consumer.sidecar.settings import SidecarSettings
-from dedupe_consumer.store import RocksStore
+from dedupe_consumer.store import IdRecord, RecordStatus, RocksStore, WriteSet
 
 from .conftest import TOPIC, Recorder, make_settings, rec
 from .test_settings import GOOD
@@ -355,3 +356,17 @@ def test_without_the_otel_extra_tracing_is_a_configuration_error_and_off_still_w
     # off: the package's tracing hooks never import OpenTelemetry
     assert tracing_module.current_trace_headers() == ()
     assert tracing_module.add_trace_ids(None, "info", {"event": "x"}) == {"event": "x"}
+
+
+def test_an_uncertain_outcome_is_its_own_decision_with_the_policy(make: Any) -> None:
+    t = make(processing={"mode": "claim", "on_uncertain": "skip", "claim_lease": "1s"})
+    message = traced(0, "a")
+    ten_s_ago = int(time.time() * 1000) - 10_000  # past the lease: no wait
+    claim = IdRecord(RecordStatus.IN_PROGRESS, 0, ten_s_ago, payload_digest(message.value()))
+    t.store.persist(WriteSet(records={TP0: [("a", claim)]}))  # a claim left by a crash
+    result = t.engine.process([message, traced(1, "b")])
+    assert (result.stats.uncertain, result.stats.handled) == (1, 2)
+    a, b = t.spans()
+    assert attrs(a)["dedupe.decision"] == "uncertain"
+    assert attrs(a)["dedupe.uncertain.policy"] == "skip"
+    assert attrs(b)["dedupe.decision"] == "handled" and "dedupe.uncertain.policy" not in attrs(b)
