@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -370,3 +371,34 @@ def test_an_uncertain_outcome_is_its_own_decision_with_the_policy(make: Any) -> 
     assert attrs(a)["dedupe.decision"] == "uncertain"
     assert attrs(a)["dedupe.uncertain.policy"] == "skip"
     assert attrs(b)["dedupe.decision"] == "handled" and "dedupe.uncertain.policy" not in attrs(b)
+
+
+def test_an_applications_global_tracer_provider_is_used_and_left_running() -> None:
+    code = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from dedupe_consumer.config import TracingSettings
+from dedupe_consumer.observability.tracing import start_tracing
+from dedupe_consumer.replay import Record
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+settings = TracingSettings.model_validate({"enabled": True, "endpoint": "http://127.0.0.1:9/x"})
+tracing = start_tracing(settings)
+tracing.end(tracing.start(Record("t", 0, 5, None, b"{}", [], 1), 5, "a"), "handled")
+tracing.close()
+with provider.get_tracer("app").start_as_current_span("after"):
+    pass
+print(sorted(s.name for s in exporter.get_finished_spans()))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    # ours went to the application's provider (no exporter made for the endpoint), and
+    # closing ours did not shut it down: the application's later span was exported too
+    assert proc.stdout.split("\n")[-2] == "['after', 'process t']"
+    assert "tracing_endpoint_unreachable" not in proc.stdout + proc.stderr
