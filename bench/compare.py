@@ -132,6 +132,20 @@ CONTENDERS: tuple[Contender, ...] = (
         profilable=True,
     ),
     Contender(
+        "plain-traced",
+        "dedupe_consumer plain, tracing on (a span per event, OTLP/HTTP export to a local sink)",
+        "bench.contenders.dedupe",
+        ("--mode", "plain", "--changelog", "true", "--tracing", "otlp"),
+        profilable=True,
+    ),
+    Contender(
+        "plain-traced-noexport",
+        "dedupe_consumer plain, tracing on, spans not exported (tracing.exporter = none)",
+        "bench.contenders.dedupe",
+        ("--mode", "plain", "--changelog", "true", "--tracing", "none"),
+        profilable=True,
+    ),
+    Contender(
         "claim",
         "dedupe_consumer claim",
         "bench.contenders.dedupe",

@@ -24,6 +24,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -478,6 +479,67 @@ class ObservabilitySettings(_Section):
         return value
 
 
+_TRACING_ENDPOINT = re.compile(
+    r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/\S*)?"
+)
+"""``http(s)://host[:port][/path]``: what the OTLP/HTTP exporter can post to."""
+
+
+def _valid_endpoint(url: str) -> bool:
+    if not _TRACING_ENDPOINT.fullmatch(url):
+        return False
+    try:
+        return (urlsplit(url).port or 1) <= 65535
+    except ValueError:  # a port over 65535
+        return False
+
+
+class TracingSettings(_Section):
+    """``[tracing]``: OpenTelemetry spans, one per decided event (the ``otel`` extra)."""
+
+    enabled: bool = Field(
+        False,
+        description="true or false (default); true needs the otel extra: "
+        "pip install 'dedupe-consumer[otel]'",
+    )
+    exporter: Literal["otlp", "console", "none"] = Field(
+        "otlp",
+        description="'otlp' (OTLP over HTTP/protobuf, the default), 'console' (spans as "
+        "JSON on stdout) or 'none' (spans made and propagated, not exported); ignored when "
+        "the process already set a global TracerProvider, which is used instead",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="the OTLP/HTTP traces URL, e.g. 'http://127.0.0.1:4318/v1/traces'; unset: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT + '/v1/traces', "
+        "else 'http://localhost:4318/v1/traces'",
+    )
+    service_name: str | None = Field(
+        None,
+        min_length=1,
+        description="the service.name resource attribute; unset: OTEL_SERVICE_NAME, else "
+        "'dedupe-consumer'",
+    )
+    sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="a number 0..1: the share of traces started here that are recorded (a "
+        "traceparent from the producer decides for its own trace)",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not _valid_endpoint(value):
+            raise ValueError(
+                f"{value!r} is not an http:// or https:// URL: set tracing.endpoint to the "
+                "collector's OTLP/HTTP traces URL, e.g. 'http://127.0.0.1:4318/v1/traces' "
+                "(the OTLP/HTTP port is 4318; 4317 is gRPC, which is not supported)"
+            )
+        return value
+
+
 class Settings(BaseSettings):
     """All settings of one consumer. Build it with :meth:`from_toml` or keyword arguments.
 
@@ -501,6 +563,9 @@ class Settings(BaseSettings):
     processing: ProcessingSettings
     observability: ObservabilitySettings = Field(
         default_factory=ObservabilitySettings  # type: ignore[arg-type]
+    )
+    tracing: TracingSettings = Field(
+        default_factory=TracingSettings  # type: ignore[arg-type]
     )
 
     # Sections this type refuses, and the command whose settings read them (for the error).

@@ -27,6 +27,7 @@ from dedupe_consumer.config import (
     ProcessingSettings,
     Settings,
     StoreSettings,
+    TracingSettings,
 )
 from dedupe_consumer.contracts import BatchResult, Edges, PartitionLog, Source
 from dedupe_consumer.engine import Engine
@@ -35,6 +36,7 @@ from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics, configure_logging
 from dedupe_consumer.observability.progress import ProgressLog
+from dedupe_consumer.observability.tracing import EventTracing, start_tracing
 
 log = structlog.get_logger("dedupe_consumer")
 
@@ -211,12 +213,18 @@ class DedupeConsumer:
         settings = self.settings
         if not structlog.is_configured():
             configure_logging(settings.observability.log_level, settings.observability.log_format)
+        tracing = self._start_tracing()  # a configuration error before anything is opened
         edges = self._edges
         if edges is None:  # the default: built here, so closed here
             assert isinstance(settings, Settings)  # checked in __init__
             from dedupe_consumer.kafka import edges as kafka_edges
 
-            edges = kafka_edges(settings, metrics=self.metrics)
+            try:
+                edges = kafka_edges(settings, metrics=self.metrics)
+            except BaseException:
+                if tracing is not None:
+                    tracing.close()
+                raise
         source: Source | None = None
         restore: Callable[[], None] | None = None
         metrics_server = None
@@ -236,6 +244,7 @@ class DedupeConsumer:
                 changelog=edges.changelog,
                 walk_budget_s=edges.walk_budget_s,
                 outputs=edges.outputs,
+                tracing=tracing,
             )
             if self._stop.is_set():
                 engine.request_stop()
@@ -278,6 +287,7 @@ class DedupeConsumer:
                 restore,
                 metrics_server.shutdown if metrics_server is not None else None,
                 metrics_server.server_close if metrics_server is not None else None,
+                tracing.close if tracing is not None else None,  # the last spans exported
             )
             if started:
                 log.info(
@@ -290,6 +300,14 @@ class DedupeConsumer:
                     conflicts=self.totals.conflicts,
                 )
         return self.totals
+
+    def _start_tracing(self) -> EventTracing | None:
+        """``[tracing]``: a tracer when enabled (a replay's settings have no such section)."""
+        section = getattr(self.settings, "tracing", None)
+        if not isinstance(section, TracingSettings) or not section.enabled:
+            return None
+        kafka = getattr(self.settings, "kafka", None)
+        return start_tracing(section, group_id=None if kafka is None else kafka.group_id)
 
     def _apply(
         self,

@@ -33,6 +33,10 @@ class DeadLetter:
     error_class: str
     error_message: str
     attempts: int
+    traceparent: str | None = None
+    """With tracing on: the W3C ``traceparent`` of the event's span. The letter carries it
+    as its ``traceparent`` header (the event's own, if any, moves to
+    ``dlq.original.traceparent``), so the letter, and a redrive of it, join the trace."""
 
 
 def dead_letter_headers(
@@ -79,6 +83,14 @@ def dead_letter_headers(
     if value_omitted is not None:
         extra["dlq.value.omitted"] = "too-large"
         extra["dlq.value.size"] = str(value_omitted)
+    if letter.traceparent is not None:
+        theirs = [v for name, v in own if name.lower() == "traceparent"]
+        if theirs:
+            extra["dlq.original.traceparent"] = (as_bytes(theirs[-1]) or b"").decode(
+                "utf-8", "replace"
+            )
+            own = [(name, v) for name, v in own if name.lower() != "traceparent"]
+        own = [*own, ("traceparent", letter.traceparent.encode())]
     original: list[tuple[str, str | bytes | None]] = [
         (MOVED_HEADER_PREFIX + name if name.lower().startswith(OUR_HEADER_PREFIX) else name, value)
         for name, value in own

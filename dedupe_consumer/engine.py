@@ -86,6 +86,7 @@ from dedupe_consumer.models import (
     timestamp_of,
 )
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.observability.tracing import EventSpan, EventTracing
 from dedupe_consumer.partitioners import placed_by_a_common_partitioner, placing_rule
 from dedupe_consumer.responses import ResponseRefused, as_response, check_reply_to, send_reply
 from dedupe_consumer.scope import split_origin
@@ -176,6 +177,10 @@ class _Item:
     """Its handler call is in progress on a worker (or about to start)."""
     carried: bool = False
     """Its lane outlived its batch (see :class:`_Lane`): decided later, written then."""
+    retries: int = 0
+    """Calls of its handler (or reconcile) that failed and were tried again."""
+    span: EventSpan | None = None
+    """With tracing on: its span while it is being decided."""
 
 
 @dataclass(eq=False)
@@ -281,11 +286,14 @@ class Engine:
         changelog: StateChangelog | None = None,
         walk_budget_s: float | None = None,
         outputs: list[Output] | None = None,
+        tracing: EventTracing | None = None,
     ) -> None:
         """``sweep_keys`` and ``revoked_state_grace`` are ``[store]``'s;
         ``max_record_bytes`` is the largest changelog record (the producer's
-        ``message.max.bytes``), which bounds a staged effect."""
+        ``message.max.bytes``), which bounds a staged effect. ``tracing``: a span per
+        decided event (:mod:`dedupe_consumer.observability.tracing`); None: off."""
         self.handler = handler
+        self._tracing = tracing
         self.walk_budget_s = walk_budget_s
         """How long one batch may start handler calls before the rest is re-read (the
         calls running then are waited for), and how long a revocation waits for its
@@ -1543,11 +1551,14 @@ class Engine:
                     item = lane.items[lane.position]
                     lane.position += 1
                     item.running = True
-                try:
-                    decision = yield from self._walk_one(tp, item, lane.staged)
-                except BaseException:
-                    item.running = False  # undecided: its claim may go
-                    raise
+                if self._tracing is not None:
+                    decision = yield from self._traced_walk(tp, item, lane.staged)
+                else:
+                    try:
+                        decision = yield from self._walk_one(tp, item, lane.staged)
+                    except BaseException:
+                        item.running = False  # undecided: its claim may go
+                        raise
                 with changed:
                     item.decision = decision
                     item.walked = True
@@ -2057,7 +2068,70 @@ class Engine:
             # before this event and stop, rather than loop on it or skip it unrecorded.
             raise _Stop from unsent
 
+    def _traced_walk(
+        self, tp: TopicPartition, item: _Item, staged: dict[bytes, bytes | None]
+    ) -> _Steps[Decision]:
+        """:meth:`_walk_one` in the event's span: current while it is decided (the handler's
+        own spans nest under it, its log lines carry its IDs), ended with the decision."""
+        tracing = self._tracing
+        assert tracing is not None
+        span = item.span = tracing.start(item.message, item.offset, item.event_id)
+        token = tracing.current(span)
+        try:
+            decision = yield from self._walk_one(tp, item, staged)
+        except BaseException:
+            item.running = False  # undecided: its claim may go
+            tracing.restore(token)
+            item.span = None
+            tracing.end(span, "undecided", retries=item.retries)  # read again later
+            raise
+        tracing.restore(token)
+        self._end_span(item, decision)
+        return decision
+
+    def _end_span(self, item: _Item, decision: Decision) -> None:
+        tracing, span = self._tracing, item.span
+        if tracing is None or span is None:
+            return
+        item.span = None
+        letter = item.letter if decision is Decision.DEAD_LETTERED else None
+        tracing.end(
+            span,
+            "uncertain"
+            if item.uncertain
+            else "dead-lettered"
+            if letter is not None
+            else str(decision),
+            retries=item.retries,
+            reason=None if letter is None else str(letter.reason),
+            error=None if letter is None else letter.error_class,
+            first_offset=item.first_offset,
+            policy=self.processing.on_uncertain if item.uncertain else None,
+        )
+
     def _walk_decided(
+        self, tp: TopicPartition, item: _Item, stats: BatchStats, outputs: list[Output]
+    ) -> None:
+        """Count an event decided in phase 1 (a replay, a duplicate, a conflict, a
+        missing ID), answering or dead-lettering it, in its span with tracing on."""
+        tracing = self._tracing
+        if tracing is None:
+            self._count_decided(tp, item, stats, outputs)
+            return
+        span = item.span = tracing.start(item.message, item.offset, item.event_id)
+        token = tracing.current(span)
+        try:
+            self._count_decided(tp, item, stats, outputs)
+        except BaseException:
+            tracing.restore(token)
+            item.span = None
+            tracing.end(span, "undecided")
+            raise
+        tracing.restore(token)
+        assert item.decision is not None
+        self._end_span(item, Decision.DEAD_LETTERED if item.letter is not None else item.decision)
+
+    def _count_decided(
         self, tp: TopicPartition, item: _Item, stats: BatchStats, outputs: list[Output]
     ) -> None:
         assert item.decision is not None
@@ -2085,6 +2159,8 @@ class Engine:
                     dead_letter_reason=reason,
                 )
             stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
+            if item.span is not None and self._tracing is not None:
+                item.letter = replace(item.letter, traceparent=self._tracing.traceparent(item.span))
             self.dead_letters.send(message, item.letter)
             # One outcome per offset: a dead-lettered conflict is a dead letter (reason
             # conflicting-duplicate), only a skipped one counts as a conflict.
@@ -2326,6 +2402,8 @@ class Engine:
         # Reads see this lane's earlier staged writes, then the store.
         effects = self._effects(tp, batch_effects)
         base = self._event(tp, item, payload, effects)
+        if item.span is not None and self._tracing is not None:  # the span current in it
+            call = self._tracing.in_span(item.span, call)
         for attempt in range(1, attempts + 1):
             effects.staged = {}  # a failed attempt's writes are dropped here
             effects.outputs = []  # and its outputs
@@ -2359,6 +2437,7 @@ class Engine:
                         )
                     )
                 self.metrics.handler_retries.labels(tp.topic).inc()
+                item.retries += 1
                 delay = processing.retry_backoff.total_seconds() * 2 ** (attempt - 1)
                 asked = failure.retry_after if isinstance(failure, RetryableError) else None
                 if isinstance(asked, int | float) and asked > delay:  # the downstream's
@@ -2474,7 +2553,16 @@ class Engine:
             error=f"{error_class}: {error_message}",
             attempts=attempts,
         )
-        item.letter = DeadLetter(reason, item.event_id, error_class, error_message, attempts)
+        item.letter = DeadLetter(
+            reason,
+            item.event_id,
+            error_class,
+            error_message,
+            attempts,
+            None
+            if item.span is None or self._tracing is None
+            else self._tracing.traceparent(item.span),
+        )
         # A step of its own: a send may wait (a full queue, a flush in progress), which
         # must never stall the event loop of async handlers.
         yield _Call(partial(self.dead_letters.send, message), item.letter)

@@ -43,7 +43,9 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from bench.child import Stopwatch, emit, emit_refused
 from bench.contenders._outputs import create_like, output_topic, read_back
@@ -185,6 +187,8 @@ def run(
     ``output``: the topic the emit handler writes to (it must exist).
     """
     knobs, engine = concurrency_settings(processing_fields(), args.concurrency, args.ordering)
+    # [tracing] only when asked: an engine from before it refuses the key
+    traced: dict[str, Any] = {} if args.tracing == "off" else {"tracing": _tracing(args.tracing)}
     settings = Settings.load(
         kafka={
             "bootstrap_servers": args.bootstrap,
@@ -203,6 +207,7 @@ def run(
             **knobs,
         },
         observability={"log_level": "warning"},
+        **traced,
     )
     handler = make_handler(args.handler, args.sleep_ms, output)
     clock = Stopwatch()
@@ -227,6 +232,30 @@ def run(
     return totals.consumed, handler.calls, clock.seconds, engine
 
 
+class _Sink(BaseHTTPRequestHandler):
+    """An OTLP/HTTP endpoint that reads each export and drops it."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _tracing(kind: str) -> dict[str, object]:
+    """``[tracing]`` for ``--tracing``: on without an exporter (``none``); on, exporting
+    over OTLP/HTTP to a sink in this process (``otlp``: the export's cost included)."""
+    if kind == "none":
+        return {"enabled": True, "exporter": "none"}
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{sink.server_address[1]}/v1/traces"
+    return {"enabled": True, "exporter": "otlp", "endpoint": endpoint}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bootstrap", required=True)
@@ -249,6 +278,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--ordering", choices=["key", "partition"], help="processing.ordering, ditto"
+    )
+    parser.add_argument(
+        "--tracing", choices=["off", "none", "otlp"], default="off", help="[tracing], see _tracing"
     )
     parser.add_argument("--profile", type=Path, help="write a pyinstrument profile here")
     args = parser.parse_args()

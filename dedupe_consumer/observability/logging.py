@@ -23,6 +23,8 @@ from typing import Any
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from dedupe_consumer.observability.tracing import add_trace_ids
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -154,6 +156,7 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            add_trace_ids,  # trace_id, span_id: with tracing on, in an event's span
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             *renderers,

@@ -50,6 +50,7 @@ from dedupe_consumer import __version__
 from dedupe_consumer.errors import PermanentError, RetryableError
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import Event
+from dedupe_consumer.observability.tracing import current_trace_headers
 from dedupe_consumer.sidecar.headers import request_headers
 from dedupe_consumer.sidecar.metrics import SidecarMetrics
 from dedupe_consumer.sidecar.settings import SidecarSettings
@@ -177,6 +178,8 @@ class HttpForwardHandler(Handler):
             (name.decode("utf-8"), value.decode("utf-8"))
             for name, value in request_headers(event, self.settings)
         ]
+        # With tracing on: the event's span as the request's parent (W3C traceparent).
+        headers += current_trace_headers()
         try:
             async with session.post(
                 self.settings.target_url,

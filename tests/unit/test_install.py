@@ -29,6 +29,11 @@ sys.meta_path.insert(0, NoAiohttp())
 """
 """Run first in a subprocess: the interpreter behaves as an install without the sidecar extra."""
 
+WITHOUT_OTEL = WITHOUT_AIOHTTP.replace('"aiohttp"', '"opentelemetry"').replace(
+    '"aiohttp."', '"opentelemetry."'
+)
+"""The same, for an install without the otel extra."""
+
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -102,3 +107,43 @@ def test_the_version_is_defined_once_and_everything_agrees() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"dedupe-consumer {dedupe_consumer.__version__}"
+
+
+def test_without_the_otel_extra_everything_runs_untraced_and_tracing_names_the_extra(
+    tmp_path: Path,
+) -> None:
+    proc = _python(
+        WITHOUT_OTEL
+        + "import dedupe_consumer, dedupe_consumer.cli, dedupe_consumer.sidecar.handler\n"
+        "from dedupe_consumer import DedupeConsumer, Handler, Settings\n"
+        "from dedupe_consumer.observability import configure_logging\n"
+        "configure_logging('info', 'json')\n"
+        "values = dict(kafka={'bootstrap_servers': 'unused:9092', 'group_id': 'g',\n"
+        "    'topics': ['t']}, processing={'dead_letter_topic': 'd'},\n"
+        f"    store={{'path': {str(tmp_path / 's')!r}}}, tracing={{'enabled': True}})\n"
+        "try:\n"
+        "    DedupeConsumer(Handler(), Settings.load(**values)).run()\n"
+        "except dedupe_consumer.ConfigError as error:\n"
+        "    print('ConfigError:', error)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if 'opentelemetry' in m}))\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("ConfigError: tracing.enabled = true needs OpenTelemetry")
+    assert "pip install 'dedupe-consumer[otel]'" in lines[0]
+    assert lines[1] == "[]"
+    assert not (tmp_path / "s").exists()  # refused before the store was opened
+
+
+def test_opentelemetry_is_only_in_the_otel_extra_which_the_test_extras_include() -> None:
+    project = _pyproject()
+    dependencies = project["dependencies"]
+    extras = project["optional-dependencies"]
+    assert isinstance(dependencies, list) and isinstance(extras, dict)
+    assert not [d for d in dependencies if d.startswith("opentelemetry")]
+    assert {d.split(">")[0] for d in extras["otel"]} == {
+        "opentelemetry-api",
+        "opentelemetry-sdk",
+        "opentelemetry-exporter-otlp-proto-http",
+    }
+    assert "dedupe-consumer[otel]" in extras["test"]  # the suite tests tracing, never skips
