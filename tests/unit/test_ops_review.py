@@ -114,13 +114,13 @@ def test_retention_alert_fires_for_a_consumer_whose_retention_is_shorter_than_an
         ("audit-svc", "audit", 30 * 86400, "3600.0"),  # ages under an hour, 30 days
     ):
         series.append(
-            f"      - series: 'dedupe_retention_seconds{{job=\"{job}\", instance=\"{job}:9\"}}'\n"
+            f'      - series: \'dedupe_retention_seconds{{job="{job}", instance="{job}:9"}}\'\n'
             f"        values: '{retention}x60'\n"
         )
         for le in ("3600.0", "43200.0", "86400.0", "+Inf"):
             filled = float(le) >= float(bucket) if le != "+Inf" else True
             series.append(
-                f"      - series: 'dedupe_duplicate_age_seconds_bucket{{job=\"{job}\", "
+                f'      - series: \'dedupe_duplicate_age_seconds_bucket{{job="{job}", '
                 f'instance="{job}:9", topic="{topic}", le="{le}"}}\'\n'
                 f"        values: '{'0+10x60' if filled else '0x60'}'\n"
             )
@@ -129,9 +129,7 @@ def test_retention_alert_fires_for_a_consumer_whose_retention_is_shorter_than_an
         "evaluation_interval: 1m\n"
         "tests:\n"
         "  - interval: 5m\n"
-        "    input_series:\n"
-        + "".join(series)
-        + "    alert_rule_test:\n"
+        "    input_series:\n" + "".join(series) + "    alert_rule_test:\n"
         "      - eval_time: 3h\n"
         "        alertname: DedupeRetentionTooShort\n"
         "        exp_alerts: []\n"  # promtool then prints what fired, whatever its labels
