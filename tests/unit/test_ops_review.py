@@ -195,3 +195,35 @@ def test_store_size_is_reported_before_the_first_write(tmp_path: Path) -> None:
         engine.close()
         store.close()
     assert exported is not None and exported > 0, exported
+
+
+# -- analyze: repeats the consumer's dedupe scope cannot catch ---------------------------------
+
+
+def test_analyze_does_not_count_a_repeat_on_another_partition_as_caught(tmp_path: Path) -> None:
+    """With ``dedupe.scope = "partition"`` (the default) each partition has its own
+    records: a copy of an ID that arrives on another partition than its first copy is
+    handled again, whatever the retention. ``analyze`` ignores partitions: it reports such
+    a copy as a duplicate the retention covers ("0 of 2 repeats would have come after
+    their ID expired"), the one number an operator reads to conclude the dedupe layer
+    catches every repeat, and recommends a retention for it. It should count the repeats
+    on another partition apart (they are missed under scope 'partition', and need scope
+    'topic' or a producer keyed by ID), not as caught."""
+    from typer.testing import CliRunner
+
+    from dedupe_consumer.cli import app
+
+    from .test_replay import line, write_recording
+
+    lines = [
+        line(0, 0, "id-1"),
+        line(0, 1, "id-1"),  # a repeat on the same partition: caught
+        line(0, 2, "id-2"),
+        line(1, 3, "id-2"),  # a repeat on another partition: handled again
+    ]
+    lines[3]["value"] = lines[2]["value"]  # the same payload: a plain duplicate
+    path = write_recording(tmp_path / "r.jsonl", lines, 2)
+    shown = CliRunner().invoke(app, ["analyze", str(path), "--retention", "1h"])
+    assert shown.exit_code == 0, shown.output
+    assert "0 of 2 repeats would have come after their ID expired" not in shown.output, shown.output
+    assert "partition" in shown.output, shown.output
