@@ -227,3 +227,51 @@ def test_analyze_does_not_count_a_repeat_on_another_partition_as_caught(tmp_path
     assert shown.exit_code == 0, shown.output
     assert "0 of 2 repeats would have come after their ID expired" not in shown.output, shown.output
     assert "partition" in shown.output, shown.output
+
+
+# -- dedupe_restore_seconds: the first restore is invisible to rate() ---------------------------
+
+
+def test_a_restore_is_visible_to_rate_because_its_series_exists_before_it_ends(
+    tmp_path: Path,
+) -> None:
+    """``dedupe_restore_seconds{topic}`` is created by its first ``observe``, at the end of
+    the first restore. Prometheus' ``rate``/``increase`` need a sample before the
+    increase: a series whose first scrape already counts the restore shows no increase,
+    so a consumer's start-up restore, however slow (the one an operator worries about: a
+    new instance, a lost disk), never reaches DedupeSlowRestore nor the on-call
+    "Restore duration" panel. ``topic_seen`` zero-initialises the topic's other series at
+    assignment, before the restore, but not this one. While a restore runs, its
+    topic's histogram must already be exported (at zero)."""
+    from .changelog_rig import RecordingChangelog
+
+    metrics = Metrics()
+    during: list[float | None] = []
+
+    class SlowRestore(RecordingChangelog):
+        def restore(self, tp: TopicPartition, store: object) -> int:
+            # what a scrape during the restore would see
+            during.append(
+                metrics.registry.get_sample_value("dedupe_restore_seconds_count", {"topic": TOPIC})
+            )
+            return 0
+
+    settings = make_settings(tmp_path / "s")
+    store = RocksStore(settings.store.path, retention_ms=10**9)
+    engine = Engine(
+        Recorder(),
+        settings.dedupe,
+        settings.processing,
+        store,
+        MemoryDeadLetters(),
+        metrics=metrics,
+        sweep_keys=settings.store.sweep_keys,
+        revoked_state_grace=settings.store.revoked_state_grace,
+        changelog=SlowRestore(),
+    )
+    try:
+        engine.assign([TopicPartition(TOPIC, 0)])
+    finally:
+        engine.close()
+        store.close()
+    assert during == [0.0], during
