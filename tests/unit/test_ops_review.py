@@ -340,3 +340,25 @@ def test_the_store_tool_reads_a_store_that_a_consumer_is_writing(tmp_path: Path)
         store.close()
     assert wrote and reads >= 20, (wrote, reads)
     assert failures == [], f"{len(failures)} of {reads} reads failed, e.g. {failures[:2]}"
+
+
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]
+)
+def test_an_otlp_grpc_protocol_variable_is_refused_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str
+) -> None:
+    """OTLP over gRPC is not exported: asked for by the standard variable, it is a
+    configuration error naming the variable, not a run whose every export fails."""
+    settings = make_settings(tmp_path, tracing={"enabled": True})
+    for name in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "grpc")
+    with pytest.raises(ConfigError) as raised:
+        start_tracing(settings.tracing)
+    assert variable in str(raised.value) and "http/protobuf" in str(raised.value)
+    assert not tracing_module.tracing_on()
+    monkeypatch.setenv(variable, "http/protobuf")
+    started = start_tracing(settings.tracing)
+    assert tracing_module.tracing_on()
+    started.close()
