@@ -227,6 +227,15 @@ def test_analyze_does_not_count_a_repeat_on_another_partition_as_caught(tmp_path
     assert shown.exit_code == 0, shown.output
     assert "0 of 2 repeats would have come after their ID expired" not in shown.output, shown.output
     assert "partition" in shown.output, shown.output
+    assert "repeats on another partition than their ID's first copy: 1 (50.00%)" in shown.output
+    assert (
+        'dedupe.scope "partition": 1 of 2 repeats would be handled again (0 after their ID '
+        "expired, 1 more on another partition" in shown.output
+    ), shown.output
+    topic_scope = CliRunner().invoke(
+        app, ["analyze", str(path), "--retention", "1h", "--scope", "topic"]
+    )
+    assert 'dedupe.scope "topic": 0 of 2 repeats would be handled again' in topic_scope.output
 
 
 # -- dedupe_restore_seconds: the first restore is invisible to rate() ---------------------------
