@@ -73,7 +73,10 @@ class OtelTracing:
             "messaging.kafka.offset": offset,
         }
         if event_id is not None:
-            attributes["messaging.message.id"] = event_id
+            # A JSON ID may hold a lone surrogate ("\ud800"): OTLP needs UTF-8, so escape it.
+            attributes["messaging.message.id"] = event_id.encode(
+                "utf-8", "backslashreplace"
+            ).decode("utf-8")
         if self._group is not None:
             attributes["messaging.consumer.group.name"] = self._group
         return cast(

@@ -371,3 +371,27 @@ def test_an_otlp_grpc_protocol_variable_is_refused_at_start_up(
     started = start_tracing(settings.tracing)
     assert tracing_module.tracing_on()
     started.close()
+
+
+def test_an_event_id_with_a_lone_surrogate_is_exported_as_valid_utf8() -> None:
+    """A JSON ID may decode to a lone surrogate ("\\ud800"); OTLP's encoder needs UTF-8 and
+    would fail on every such span. The attribute holds it escaped instead."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from dedupe_consumer.observability.tracing import for_provider
+    from dedupe_consumer.replay import Record
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = for_provider(provider)
+    message = Record(TOPIC, 0, 7, None, b"{}", [], 1_700_000_000_000)
+    span = tracing.start(message, 7, "pay-\ud800")
+    tracing.end(span, "handled", retries=0)
+    (finished,) = exporter.get_finished_spans()
+    assert finished.attributes is not None
+    assert finished.attributes["messaging.message.id"] == "pay-\\ud800"
+    encode_spans([finished]).SerializeToString()  # raised UnicodeEncodeError before
