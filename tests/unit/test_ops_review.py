@@ -389,8 +389,11 @@ def test_an_event_id_with_a_lone_surrogate_is_exported_as_valid_utf8() -> None:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = for_provider(provider)
     message = Record(TOPIC, 0, 7, None, b"{}", [], 1_700_000_000_000)
-    span = tracing.start(message, 7, "pay-\ud800")
-    tracing.end(span, "handled", retries=0)
+    try:
+        span = tracing.start(message, 7, "pay-\ud800")
+        tracing.end(span, "handled", retries=0)
+    finally:
+        tracing.close()
     (finished,) = exporter.get_finished_spans()
     assert finished.attributes is not None
     assert finished.attributes["messaging.message.id"] == "pay-\\ud800"
