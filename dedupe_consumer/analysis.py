@@ -42,6 +42,12 @@ class Analysis:
     """Repeats with another payload (``dedupe.on_conflict`` decides them)."""
     gaps_s: list[float] = field(default_factory=list)
     """Seconds from each repeated ID's first appearance to the repeat, sorted."""
+    other_partition: int = 0
+    """Repeats on another partition (or topic) than their ID's first copy: with
+    ``dedupe.scope = "partition"`` each partition keeps its own records, so these are
+    handled again whatever the retention."""
+    other_partition_gaps_s: list[float] = field(default_factory=list)
+    """The gaps of those repeats (a subset of ``gaps_s``), sorted."""
     id_bytes: int = 0
     """Total UTF-8 bytes of the unique IDs."""
     first_ms: int | None = None
@@ -60,15 +66,29 @@ class Analysis:
             return 0.0
         return max(0.0, (self.last_ms - self.first_ms) / 1000)
 
+    @property
+    def repeats(self) -> int:
+        return self.duplicates + self.conflicts
+
     def missed_by(self, retention_s: float) -> int:
         """Repeats a retention of ``retention_s`` would have let through as new."""
         return sum(1 for gap in self.gaps_s if gap > retention_s)
+
+    def handled_again(self, retention_s: float, scope: str = "partition") -> int:
+        """Repeats the consumer would take for new events: those after their ID expired
+        and, with ``scope = "partition"``, those on another partition than the first
+        copy (each counted once)."""
+        late = self.missed_by(retention_s)
+        if scope == "topic":
+            return late
+        late_elsewhere = sum(1 for gap in self.other_partition_gaps_s if gap > retention_s)
+        return late + self.other_partition - late_elsewhere
 
 
 def analyze(messages: Iterable[SourceMessage], extract: IdExtractor) -> Analysis:
     """One pass over ``messages``; memory grows with the number of unique IDs."""
     out = Analysis()
-    first: dict[str, tuple[int | None, bytes]] = {}
+    first: dict[str, tuple[int | None, bytes, tuple[str | None, int | None]]] = {}
     for message in messages:
         out.messages += 1
         kind, ms = message.timestamp()
@@ -83,8 +103,9 @@ def analyze(messages: Iterable[SourceMessage], extract: IdExtractor) -> Analysis
             continue
         digest = hashlib.blake2b(as_bytes(message.value()) or b"", digest_size=8).digest()
         seen = first.get(event_id)
+        where = (message.topic(), message.partition())
         if seen is None:
-            first[event_id] = (stamp, digest)
+            first[event_id] = (stamp, digest, where)
             out.unique_ids += 1
             out.id_bytes += len(event_id.encode())
             continue
@@ -92,9 +113,15 @@ def analyze(messages: Iterable[SourceMessage], extract: IdExtractor) -> Analysis
             out.duplicates += 1
         else:
             out.conflicts += 1
+        elsewhere = where != seen[2]
+        out.other_partition += elsewhere
         if stamp is not None and seen[0] is not None:
-            out.gaps_s.append(max(0.0, (stamp - seen[0]) / 1000))
+            gap = max(0.0, (stamp - seen[0]) / 1000)
+            out.gaps_s.append(gap)
+            if elsewhere:
+                out.other_partition_gaps_s.append(gap)
     out.gaps_s.sort()
+    out.other_partition_gaps_s.sort()
     return out
 
 

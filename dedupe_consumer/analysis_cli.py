@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -19,6 +19,8 @@ from dedupe_consumer.cli_support import (
 )
 from dedupe_consumer.config import Settings
 from dedupe_consumer.models import SourceMessage
+
+Scope = Literal["partition", "topic"]
 
 err = Console(stderr=True)
 
@@ -55,6 +57,13 @@ def analyze_command(
             help="A retention to check, e.g. '7d' [default: the config's dedupe.retention].",
         ),
     ] = None,
+    scope: Annotated[
+        Scope | None,
+        typer.Option(
+            "--scope",
+            help="dedupe.scope to judge repeats by [default: the config's, else partition].",
+        ),
+    ] = None,
 ) -> None:
     """Share of duplicates, conflicts and messages without a usable ID, and how long after
     an ID's first appearance its copies come (p50/p99/p99.9/max): then a retention that
@@ -80,7 +89,7 @@ def analyze_command(
             else:
                 assert topic is not None
                 result = analyze(_topic(topic, bootstrap_servers, settings, update), extract)
-    _report(result, checked)
+    _report(result, checked, scope or (settings.dedupe.scope if settings else "partition"))
 
 
 def _recorded(recording: Path) -> Iterable[SourceMessage]:
@@ -122,7 +131,7 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-def _report(result: Analysis, checked: timedelta | None) -> None:
+def _report(result: Analysis, checked: timedelta | None, scope: str) -> None:
     n = result.messages
     typer.echo(f"messages: {n:,} over {_duration(result.span_s)}")
     typer.echo(f"unique IDs: {result.unique_ids:,}")
@@ -136,11 +145,27 @@ def _report(result: Analysis, checked: timedelta | None) -> None:
             for name, share in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))
         )
     )
+    typer.echo(
+        "repeats on another partition than their ID's first copy: "
+        + _share(result.other_partition, result.repeats)
+        + (
+            ' (handled again under dedupe.scope = "partition": key the messages by event '
+            'ID, or use scope "topic")'
+            if result.other_partition and scope == "partition"
+            else ""
+        )
+    )
     if checked is not None:
-        missed = result.missed_by(checked.total_seconds())
+        retention_s = checked.total_seconds()
+        again = result.handled_again(retention_s, scope)
+        late = result.missed_by(retention_s)
+        why = f"{late:,} after their ID expired"
+        if scope == "partition":
+            elsewhere = again - late
+            why += f", {elsewhere:,} more on another partition than their ID's first copy"
         typer.echo(
-            f"with retention {_duration(checked.total_seconds())}: {missed:,} of "
-            f"{len(result.gaps_s):,} repeats would have come after their ID expired"
+            f'with retention {_duration(retention_s)} and dedupe.scope "{scope}": '
+            f"{again:,} of {result.repeats:,} repeats would be handled again ({why})"
         )
     advice = recommend(result)
     store = (

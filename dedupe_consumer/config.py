@@ -533,7 +533,7 @@ class TracingSettings(_Section):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not _valid_endpoint(value):
             raise ValueError(
-                f"{value!r} is not an http:// or https:// URL: set tracing.endpoint to the "
+                f"{redact(value)!r} is not an http:// or https:// URL: set tracing.endpoint to the "
                 "collector's OTLP/HTTP traces URL, e.g. 'http://127.0.0.1:4318/v1/traces' "
                 "(the OTLP/HTTP port is 4318; 4317 is gRPC, which is not supported)"
             )

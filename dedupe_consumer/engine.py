@@ -476,6 +476,7 @@ class Engine:
             partitions=[str(t) for t in tps],
             resume={str(tp): o for tp, o in starts.items()},
         )
+        self._measure_store()
         return starts
 
     def _note_partition_count(self, topic: str, count: int) -> None:
@@ -708,6 +709,7 @@ class Engine:
         """
         self._settle_all()
         self._tend_revoked(idle=True)
+        self._measure_store()
         owned = list(self._watermarks)
         if not owned or (self.changelog is not None and not self._next):
             return
@@ -2603,14 +2605,21 @@ class Engine:
         if self.changelog is None and self._kept_outputs is not None:
             for outputs in write.outputs.values():
                 self._kept_outputs.extend(outputs)
-        now = time.monotonic()
-        self.metrics.persist_seconds.observe(now - started)
-        if now - self._store_size_at >= _STORE_SIZE_EVERY_S:
-            self._store_size_at = now
-            size = getattr(self.store, "approximate_size", None)  # RocksStore's, not a test's
-            if callable(size):
-                self.metrics.store_bytes.set(size())
+        self.metrics.persist_seconds.observe(time.monotonic() - started)
+        self._measure_store()
         return committed
+
+    def _measure_store(self) -> None:
+        """Set ``dedupe_store_size_bytes`` (at most every couple of seconds: RocksDB
+        estimates it from its files). After writes, and when idle or assigned, so a
+        consumer restarted on a large store shows its size before its first write."""
+        now = time.monotonic()
+        if now - self._store_size_at < _STORE_SIZE_EVERY_S:
+            return
+        self._store_size_at = now
+        size = getattr(self.store, "approximate_size", None)  # RocksStore's, not a test's
+        if callable(size):
+            self.metrics.store_bytes.set(size())
 
     def _fence_offsets(
         self, write: WriteSet, safe: Mapping[TopicPartition, int] | None = None

@@ -219,7 +219,7 @@ def redrive(
                     letter.key,
                     letter.value,
                     letter.redrive_headers(),
-                    partition=None if to_topic else letter.original_partition,
+                    partition=_placed(letter, to_topic, targets),
                 )
                 update(n, len(letters))
             left = producer.flush(_TIMEOUT_S)
@@ -231,3 +231,16 @@ def redrive(
         )
         raise typer.Exit(1)
     typer.echo(f"redrove {len(letters)} letters to {where}")
+
+
+def _placed(letter: Letter, to_topic: str | None, partitions: dict[str, int]) -> int | None:
+    """The partition a redriven copy goes to, the same every time (partition scope
+    dedupes within a partition: two redrives of one letter must meet there). Its own
+    partition on the original topic; on ``--to-topic`` the partitioner's choice by key
+    (murmur2, as Java producers place keys), and a keyless letter by its original
+    partition, modulo the target's partition count."""
+    if to_topic is None:
+        return letter.original_partition
+    if letter.key is not None:
+        return None
+    return letter.original_partition % partitions[to_topic]

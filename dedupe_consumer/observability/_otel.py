@@ -33,6 +33,7 @@ from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.models import SourceMessage, header_pairs
 from dedupe_consumer.observability import tracing as _state
 from dedupe_consumer.observability.tracing import EventSpan
+from dedupe_consumer.redaction import redact
 
 log = structlog.get_logger("dedupe_consumer.tracing")
 
@@ -72,7 +73,10 @@ class OtelTracing:
             "messaging.kafka.offset": offset,
         }
         if event_id is not None:
-            attributes["messaging.message.id"] = event_id
+            # A JSON ID may hold a lone surrogate ("\ud800"): OTLP needs UTF-8, so escape it.
+            attributes["messaging.message.id"] = event_id.encode(
+                "utf-8", "backslashreplace"
+            ).decode("utf-8")
         if self._group is not None:
             attributes["messaging.consumer.group.name"] = self._group
         return cast(
@@ -224,7 +228,7 @@ def from_settings(settings: TracingSettings, *, group_id: str | None = None) -> 
     log.info(
         "tracing_started",
         exporter=settings.exporter,
-        endpoint=endpoint,
+        endpoint=None if endpoint is None else redact(endpoint),
         service_name=service,
         sample_ratio=settings.sample_ratio,
     )
@@ -233,7 +237,16 @@ def from_settings(settings: TracingSettings, *, group_id: str | None = None) -> 
 
 def _endpoint(settings: TracingSettings) -> tuple[str, str]:
     """The traces URL and the key (setting or variable) it came from; a malformed one
-    from the environment is a :class:`ConfigError` like one from the file."""
+    from the environment is a :class:`ConfigError` like one from the file, and so is
+    an ``OTEL_*`` variable asking for OTLP over gRPC (every export would fail)."""
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = os.environ.get(variable, "").strip().lower()
+        if protocol and protocol != "http/protobuf":
+            raise ConfigError(
+                f"{variable} = {protocol!r}: tracing exports OTLP over HTTP (protobuf) only; "
+                "unset it or set 'http/protobuf', and point tracing.endpoint at the "
+                "collector's OTLP/HTTP traces URL (port 4318)"
+            )
     if settings.endpoint is not None:
         return settings.endpoint, "tracing.endpoint"
     for variable, suffix in (
@@ -247,7 +260,8 @@ def _endpoint(settings: TracingSettings) -> tuple[str, str]:
                 TracingSettings.model_validate({"endpoint": url})
             except ValueError:
                 raise ConfigError(
-                    f"{variable} = {value!r} is not an http:// or https:// URL: set it to the "
+                    f"{variable} = {redact(value)!r} is not an http:// or https:// URL: set it "
+                    "to the "
                     "collector's OTLP/HTTP URL (e.g. 'http://127.0.0.1:4318'), or unset it and "
                     "set tracing.endpoint"
                 ) from None
@@ -266,7 +280,7 @@ def _probe(endpoint: str, key: str) -> None:
     except OSError as unreachable:
         log.warning(
             "tracing_endpoint_unreachable",
-            endpoint=endpoint,
+            endpoint=redact(endpoint),
             key=key,
             error=str(unreachable),
             consequence="spans are dropped until a collector answers there; start one, or "

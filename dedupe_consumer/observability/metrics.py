@@ -187,6 +187,7 @@ class Metrics:
         self.handler_retries.labels(topic)
         self.offset_regressions.labels(topic)
         self.duplicate_age.labels(topic)
+        self.restore_seconds.labels(topic)  # before the first restore ends: rate() sees it
 
     def record(self, topic: str, stats: BatchStats) -> None:
         for decision, count in stats.by_decision().items():

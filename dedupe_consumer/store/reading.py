@@ -1,12 +1,14 @@
 """Read a store without owning it: what ``dedupe-consumer store`` shows.
 
-The store is opened read-only (RocksDB's read-only mode takes no lock), so it can be
-read while a consumer runs on it. It shows the state as of the moment it was opened.
+The store is opened as a RocksDB secondary instance (no lock, no write; made for reading
+a database a primary keeps writing), so it can be read while a consumer runs on it. It
+shows the state as of the moment it was opened.
 """
 
 from __future__ import annotations
 
 import struct
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -81,12 +83,17 @@ class StoreReader:
                 f"{str(self.path)!r} is a RocksDB database but not a dedupe_consumer store "
                 f"(no {_META!r} column family)"
             )
+        # A secondary instance is RocksDB's way to read a database a primary keeps writing
+        # (read-only mode races its flushes and compactions: files listed in the MANIFEST
+        # are gone by the time they are opened). Its own small directory is temporary.
+        self._scratch = tempfile.TemporaryDirectory(prefix="dedupe-store-reader-")
         options = Options(raw_mode=True)
+        options.set_max_open_files(-1)  # every file open from the start: a later delete is harmless
         self._db = Rdict(
             str(self.path),
             options,
             column_families={name: Options(raw_mode=True) for name in families},
-            access_type=AccessType.read_only(),
+            access_type=AccessType.secondary(self._scratch.name),
         )
         self._families = families
         self._meta = self._db.get_column_family(_META)
@@ -190,3 +197,4 @@ class StoreReader:
     def close(self) -> None:
         del self._meta
         self._db.close()
+        self._scratch.cleanup()

@@ -51,7 +51,7 @@ def test_a_topic_is_read_to_its_end_and_measured(
     by_key = runner.invoke(app, ["analyze", "--topic", topic, "-c", str(config)])
     assert by_key.exit_code == 0, by_key.output
     assert "unique IDs: 21" in by_key.output  # k0..k19 and k-none
-    assert "with retention 2.0 h: 0 of 6 repeats" in by_key.output
+    assert 'with retention 2.0 h and dedupe.scope "partition": 0 of 6 repeats' in by_key.output
 
     missing = runner.invoke(app, ["analyze", "--topic", f"{topic}-absent", "-b", kafka_bootstrap])
     assert missing.exit_code == 1, missing.output

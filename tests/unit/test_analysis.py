@@ -83,7 +83,10 @@ def test_the_command_reports_a_recording(tmp_path: Path) -> None:
     assert shown.exit_code == 0, shown.output
     assert "messages: 6" in shown.output and "unique IDs: 3" in shown.output
     assert "duplicates (same ID, same payload): 3 (50.00%)" in shown.output
-    assert "0 of 3 repeats would have come after their ID expired" in shown.output
+    assert (
+        'with retention 60.0 min and dedupe.scope "partition": 0 of 3 repeats would be '
+        "handled again (0 after their ID expired, 0 more on another partition" in shown.output
+    )
     assert "recommended dedupe.retention: 60.0 min" in shown.output
     assert "an unknown size (the messages span under a minute" in shown.output
     wrong = CliRunner().invoke(app, ["analyze"])

@@ -45,11 +45,12 @@ def test_retention_alert_matches_its_topic_series_with_the_retention_gauge() -> 
     scalar and a vector, where Prometheus drops it silently (promql/parser checkAST:
     no matching labels, so no error, ``VectorMatching = nil``). What is left,
     ``A{topic="x"} > {}``, matches on all labels, never matches, and the alert can
-    never fire. It must be ``A > on() group_left() (0.8 * max(R))``."""
+    never fire. It must be ``A > on(job) group_left() (0.8 * max by (job) (R))``: each
+    consumer (job) against its own retention, not the longest of all the jobs scraped."""
     text = (REPO / "config" / "prometheus-alerts.yaml").read_text()
     rule = text[text.index("alert: DedupeRetentionTooShort") :]
     expr = next(line for line in rule.splitlines() if line.strip().startswith("expr:"))
-    assert re.search(r">\s*on\(\s*\)\s*group_left", expr), (
+    assert re.search(r">\s*on\(\s*job\s*\)\s*group_left", expr), (
         f"the comparison has no on() group_left(): it never matches a topic series: {expr}"
     )
     assert not re.search(r"[0-9.]+\s*\*\s*on\(", expr), f"matching on a scalar product: {expr}"

@@ -349,6 +349,8 @@ def test_without_the_otel_extra_tracing_is_a_configuration_error_and_off_still_w
 ) -> None:
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     monkeypatch.delitem(sys.modules, "dedupe_consumer.observability._otel", raising=False)
+    # ``from package import module`` takes the package's attribute first: drop it too
+    monkeypatch.delattr("dedupe_consumer.observability._otel", raising=False)
     settings = make_settings(tmp_path, tracing={"enabled": True})
     with pytest.raises(ConfigError) as raised:
         start_tracing(settings.tracing)
