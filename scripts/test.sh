@@ -18,7 +18,7 @@ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${need_apt[*]} (the local Kafka broker needs Java 17+ and Maven; the alert and dashboard tests, prometheus)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
   else
     echo "warning: ${need_apt[*]} missing; the local Kafka broker needs Java 17+ and Maven, the alert and dashboard tests promtool and prometheus (Debian's prometheus package)" >&2
   fi

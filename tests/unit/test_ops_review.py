@@ -334,8 +334,8 @@ def test_the_store_tool_reads_a_store_that_a_consumer_is_writing(tmp_path: Path)
     failures: list[str] = []
     reads = 0
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and reads < 150:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and reads < 80:
             try:
                 with StoreReader(tmp_path / "live") as reader:
                     reader.stats(int(time.time() * 1000))
