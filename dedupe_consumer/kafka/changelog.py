@@ -69,12 +69,13 @@ _RESTORE_BATCH = 10_000
 """Messages per ``consume()`` call of the restore consumer."""
 
 _RESTORE_FETCH: dict[str, str | int | float | bool] = {
-    "fetch.max.bytes": 64 * 1024 * 1024,
-    "max.partition.fetch.bytes": 16 * 1024 * 1024,
+    "fetch.max.bytes": 16 * 1024 * 1024,
+    "max.partition.fetch.bytes": 8 * 1024 * 1024,
+    "queued.max.messages.kbytes": 32 * 1024,
     "fetch.wait.max.ms": 100,
 }
-"""Larger fetches than librdkafka's 1 MB per partition: a restore reads one partition
-as fast as it can (the connection's ``consumer`` settings can still override them)."""
+"""Larger fetches than librdkafka's 1 MB per partition (a restore reads one partition as
+fast as it can) and a smaller prefetch queue than its 64 MB, which bounds the memory."""
 
 _OPEN_TRANSACTION_MARGIN_S = 30.0
 """How much longer than ``transaction.timeout.ms`` a restore waits for an open transaction."""
