@@ -176,6 +176,27 @@ class ProcessedStore(Protocol):
     def persist(self, write: WriteSet) -> None:
         """Apply ``write`` atomically with a synced WAL."""
 
+    def apply_restored(
+        self,
+        tp: TopicPartition,
+        decisions: Sequence[tuple[bytes, bytes | None]],
+        write: WriteSet,
+        *,
+        sync: bool,
+    ) -> None:
+        """Apply a chunk of a changelog restore atomically: ``decisions`` first, in order
+        (``(event ID bytes, IdRecord bytes)`` as the changelog holds them; ``None``
+        deletes), then ``write``, whose changelog position covers them.
+
+        ``sync=False`` leaves the WAL unsynced. A restore syncs only its last chunk:
+        each chunk is one atomic write that holds its records *and* the position
+        after them, so whatever a crash keeps of the unsynced ones (all of them after
+        a process crash, a prefix of them after a power loss, since the WAL recovers
+        to a consistent point in time), the stored position never runs ahead of the
+        records it covers, and the next restore reads on from there. The last, synced
+        write syncs the whole WAL before it: nothing is decided on an unsynced state.
+        """
+
     def effect(self, tp: TopicPartition, key: bytes) -> bytes | None:
         """A value a handler staged for ``tp`` (transactional effects)."""
 

@@ -31,6 +31,8 @@ _EPOCH_KEY = b"t"
 """Value: an offset epoch (``store.EPOCH``) and a flag, 1 when the watermark starts over."""
 _ADOPT, _RESET = b"\x00", b"\x01"
 _DECISION_PREFIX = b"d:"
+DECISION_PREFIX = _DECISION_PREFIX
+"""Keys of decision records start with it; the rest is the event ID as the store keys it."""
 _EFFECT_PREFIX = b"e:"
 _OFFSET = struct.Struct(">q")
 
@@ -113,6 +115,11 @@ class RestoredState:
         self.tp = tp
         self.position_key = position_key
         self.records: dict[str, IdRecord | None] = {}
+        self.decisions: list[tuple[bytes, bytes | None]] = []
+        """Decision records as read, undecoded, in changelog order: ``(key without
+        DECISION_PREFIX, value)``. The restore's fast path (millions of records): the
+        changelog value is the store's value byte for byte, and applying them in order
+        leaves the latest per ID, as ``records`` does."""
         self.effects: dict[bytes, bytes | None] = {}
         self.watermark: int | None = None
         self.epoch = epoch
@@ -121,7 +128,7 @@ class RestoredState:
         self.reset = False
 
     def __len__(self) -> int:
-        return len(self.records) + len(self.effects)
+        return len(self.records) + len(self.decisions) + len(self.effects)
 
     def add(self, key: bytes, value: bytes | None) -> None:
         """One changelog record; a ``None`` value is a tombstone."""
@@ -139,8 +146,13 @@ class RestoredState:
         elif key.startswith(_EFFECT_PREFIX):
             self.effects[key[len(_EFFECT_PREFIX) :]] = value
 
-    def apply(self, store: ProcessedStore, position: int) -> int:
-        """Write what was read, and the changelog position it reaches; then forget it."""
+    def apply(self, store: ProcessedStore, position: int, *, sync: bool = True) -> int:
+        """Write what was read, and the changelog position it reaches; then forget it.
+
+        One atomic write: the position is never stored without the records before
+        it. ``sync=False`` (a restore's intermediate chunks) leaves the WAL unsynced:
+        see :meth:`ProcessedStore.apply_restored` for why that stays correct.
+        """
         tp = self.tp
         if self.epoch_changed and self.epoch is not None:
             store.set_epoch(tp, self.epoch, reset_watermark=self.reset)
@@ -152,7 +164,7 @@ class RestoredState:
         write.records[tp] = [(i, d) for i, d in self.records.items() if d is not None]
         write.released[tp] = [i for i, d in self.records.items() if d is None]
         write.effects[tp] = list(self.effects.items())
-        store.persist(write)
+        store.apply_restored(tp, self.decisions, write, sync=sync)
         count = len(self)
-        self.records, self.effects, self.watermark = {}, {}, None
+        self.records, self.decisions, self.effects, self.watermark = {}, [], {}, None
         return count

@@ -80,6 +80,7 @@ class RocksStore:
         self._buffers = WriteBufferManager(write_buffer_mb * 1024 * 1024, False)
         self._sync = WriteOptions()
         self._sync.sync = True
+        self._unsynced = WriteOptions()  # a restore's chunks before its last (apply_restored)
         existing = Rdict.list_cf(str(self.path)) if (self.path / "CURRENT").exists() else []
         families = {name: self._options() for name in existing if name != "default"}
         families.setdefault(_META, self._options())
@@ -244,7 +245,34 @@ class RocksStore:
             raise StoreError(f"cannot write to store {str(self.path)!r}: {exc}") from exc
 
     def persist(self, write: WriteSet) -> None:
+        self._write_set(write, WriteBatch(raw_mode=True), self._sync)
+
+    def apply_restored(
+        self,
+        tp: TopicPartition,
+        decisions: Sequence[tuple[bytes, bytes | None]],
+        write: WriteSet,
+        *,
+        sync: bool,
+    ) -> None:
         batch = WriteBatch(raw_mode=True)
+        if decisions:
+            handle = self._handle(tp)
+            put, delete = batch.put, batch.delete
+            for event_id, record in decisions:  # millions: nothing decoded, no objects made
+                if record is None:
+                    delete(event_id, handle)
+                else:
+                    put(event_id, record, handle)
+            name = _cf_name(tp)
+            if self._tracks_floor(name):  # a sweep pass saw this family: older records count
+                decided = [_DECIDED_AT.unpack_from(r, 9)[0] for _, r in decisions if r is not None]
+                if decided:
+                    self._lower_floor(name, min(decided))
+        # Unsynced unless asked: see ProcessedStore.apply_restored for why that is safe.
+        self._write_set(write, batch, self._sync if sync else self._unsynced)
+
+    def _write_set(self, write: WriteSet, batch: WriteBatch, sync: WriteOptions) -> None:
         for tp, items in write.records.items():
             handle = self._handle(tp)
             for event_id, record in items:
@@ -268,7 +296,7 @@ class RocksStore:
         for tp, offset in write.changelog_positions.items():
             batch.put(_changelog_key(tp), _WATERMARK.pack(offset), meta)
         try:
-            self._db.write(batch, self._sync)
+            self._db.write(batch, sync)
         except Exception as exc:
             raise StoreError(f"cannot write to store {str(self.path)!r}: {exc}") from exc
 
@@ -379,6 +407,10 @@ class RocksStore:
                 self._pass_floor[name] = min(self._pass_floor[name], decided_at)
             if not pass_only and name in self._decided_floor:
                 self._decided_floor[name] = min(self._decided_floor[name], decided_at)
+
+    def _tracks_floor(self, name: str) -> bool:
+        with self._floor_lock:
+            return name in self._decided_floor or name in self._pass_floor
 
     def _forget_floor(self, name: str) -> None:
         with self._floor_lock:
