@@ -58,9 +58,7 @@ def test_each_worker_has_its_own_store_and_port() -> None:
     envs = worker_environments(
         settings(store={"path": "/data/state"}, observability={"metrics_port": 9100}), 3, "run"
     )
-    assert [e["DEDUPE_STORE__PATH"] for e in envs] == [
-        f"/data/state/worker-{i}" for i in range(3)
-    ]
+    assert [e["DEDUPE_STORE__PATH"] for e in envs] == [f"/data/state/worker-{i}" for i in range(3)]
     assert [e["DEDUPE_OBSERVABILITY__METRICS_PORT"] for e in envs] == ["9100", "9101", "9102"]
     unset = worker_environments(settings(), 2, "run")
     assert all("DEDUPE_OBSERVABILITY__METRICS_PORT" not in e for e in unset)
@@ -145,7 +143,9 @@ while True:
 """
     sup = Supervisor([py(crashes_twice), py(DRAINS)], [{}, {}], backoff=FAST, grace_s=10)
     with captured_logs() as logs:
-        stopper = _stop_when(sup, lambda: starts.exists() and len(starts.read_text().split()) >= 3, after_s=0.5)
+        stopper = _stop_when(
+            sup, lambda: starts.exists() and len(starts.read_text().split()) >= 3, after_s=0.5
+        )
         code = sup.run(install_signal_handlers=False)
     stopper.join()
     assert code == 0
