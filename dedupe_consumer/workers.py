@@ -30,6 +30,7 @@ thread watches its parent's pid. Either way it drains and exits as on SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -101,14 +102,32 @@ def worker_environments(settings: Settings, count: int, command: str) -> list[di
             f"{port_setting} = {port} with --workers {count}: worker i listens on port + i, "
             f"and {port + count - 1} is above 65535; choose a lower port (or 0: any free port)"
         )
+    instance = settings.kafka.consumer.get("group.instance.id")
     envs = []
     for index in range(count):
         env = {"DEDUPE_STORE__PATH": str(settings.store.path / f"worker-{index}")}
         if port is not None:
             name = "DEDUPE_" + port_setting.upper().replace(".", "__")
             env[name] = str(port + index if port else 0)
+        if instance:
+            # Static membership: one member ID per worker, or they would fence each other.
+            env[CONSUMER_ENV] = json.dumps(
+                {**_consumer_env(), "group.instance.id": f"{instance}-worker-{index}"}
+            )
         envs.append(env)
     return envs
+
+
+CONSUMER_ENV = "DEDUPE_KAFKA__CONSUMER"
+
+
+def _consumer_env() -> dict[str, Any]:
+    """Our own ``DEDUPE_KAFKA__CONSUMER`` table (already valid: the settings loaded)."""
+    for name, value in os.environ.items():
+        if name.upper() == CONSUMER_ENV:
+            table = json.loads(value)
+            return table if isinstance(table, dict) else {}
+    return {}
 
 
 def _port_of(settings: Settings, command: str) -> tuple[str, int | None]:

@@ -3,6 +3,8 @@ restarts, stops and exit codes, with small Python processes standing in for work
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -35,11 +37,10 @@ FAST = Backoff(first_s=0.05, max_s=0.2, reset_after_s=60)
 
 
 def settings(**sections: Any) -> Settings:
-    return Settings(
-        kafka={"bootstrap_servers": "127.0.0.1:1", "group_id": "g", "topics": ["t"]},
-        processing={"dead_letter_topic": "t.dlq"},
-        **sections,
+    sections.setdefault(
+        "kafka", {"bootstrap_servers": "127.0.0.1:1", "group_id": "g", "topics": ["t"]}
     )
+    return Settings(processing={"dead_letter_topic": "t.dlq"}, **sections)
 
 
 @pytest.mark.parametrize("value", ["0", "65", "-1", "two", "1.5", ""])
@@ -66,6 +67,23 @@ def test_each_worker_has_its_own_store_and_port() -> None:
     assert [e["DEDUPE_OBSERVABILITY__METRICS_PORT"] for e in anywhere] == ["0", "0"]
     with pytest.raises(ConfigError, match="65536 is above 65535"):
         worker_environments(settings(observability={"metrics_port": 65535}), 2, "run")
+
+
+def test_static_members_get_one_instance_id_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEDUPE_KAFKA__CONSUMER", '{"client.id": "c"}')
+    configured = settings(
+        kafka={
+            "bootstrap_servers": "127.0.0.1:1",
+            "group_id": "g",
+            "topics": ["t"],
+            "consumer": {"group.instance.id": "orders-0"},
+        }
+    )
+    envs = worker_environments(configured, 2, "run")
+    assert [json.loads(e["DEDUPE_KAFKA__CONSUMER"]) for e in envs] == [
+        {"client.id": "c", "group.instance.id": f"orders-0-worker-{i}"} for i in range(2)
+    ]
+    assert "DEDUPE_KAFKA__CONSUMER" not in worker_environments(settings(), 2, "run")[0]
 
 
 def test_sidecar_workers_move_the_probe_port_and_the_env_names_are_the_settings(
@@ -222,13 +240,14 @@ def test_a_worker_that_does_not_drain_in_the_grace_period_is_killed_and_the_exit
 
 def test_the_supervisor_forwards_sigterm_and_exits_0_when_all_drained(tmp_path: Path) -> None:
     """A real signal to a supervisor process; its workers write a line when they drain."""
-    drained = tmp_path / "drained"
+    drained, up = tmp_path / "drained", tmp_path / "up"
     worker = f"""
-import signal, sys, time
+import os, signal, sys, time
 def stop(*_):
     open({str(drained)!r}, "a").write("drained\\n")
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
+open({str(up)!r}, "a").write(f"{{os.getpid()}}\\n")
 while True:
     time.sleep(0.05)
 """
@@ -238,9 +257,20 @@ from dedupe_consumer.workers import Supervisor
 sys.exit(Supervisor([[sys.executable, "-c", {worker!r}]] * 2, [{{}}, {{}}]).run())
 """
     proc = subprocess.Popen(py(supervisor), cwd=REPO, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=20)
+    try:
+        # The workers are up, so the supervisor's signal handlers are installed.
+        deadline = time.monotonic() + 20
+        while not (up.exists() and len(up.read_text().split()) == 2):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in up.read_text().split() if up.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
     assert proc.returncode == 0, err
     assert drained.read_text().split() == ["drained", "drained"]
 
