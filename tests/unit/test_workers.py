@@ -40,7 +40,8 @@ def settings(**sections: Any) -> Settings:
     sections.setdefault(
         "kafka", {"bootstrap_servers": "127.0.0.1:1", "group_id": "g", "topics": ["t"]}
     )
-    return Settings(processing={"dead_letter_topic": "t.dlq"}, **sections)
+    sections.setdefault("processing", {"dead_letter_topic": "t.dlq"})
+    return Settings(**sections)
 
 
 @pytest.mark.parametrize("value", ["0", "65", "-1", "two", "1.5", ""])
@@ -301,3 +302,19 @@ def _stop_when(sup: Supervisor, ready: Any, after_s: float = 0.0) -> Any:
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def test_the_statefulset_example_config_loads_with_its_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``config/k8s/consumer-statefulset.yaml``: its consumer.toml and DEDUPE_* env are valid."""
+    text = (REPO / "config" / "k8s" / "consumer-statefulset.yaml").read_text()
+    block = text.split("consumer.toml: |\n", 1)[1].split("\n---", 1)[0]
+    config = tmp_path / "consumer.toml"
+    config.write_text(textwrap.dedent(block))
+    monkeypatch.setenv("DEDUPE_KAFKA__CONSUMER", '{"group.instance.id": "orders-consumer-2"}')
+    loaded = Settings.from_toml(config)
+    assert loaded.kafka.consumer["group.instance.id"] == "orders-consumer-2"
+    assert loaded.kafka.consumer["session.timeout.ms"] == 45000
+    assert loaded.store.path == Path("/var/lib/dedupe/state") and loaded.store.changelog
+    assert "mountPath: /var/lib/dedupe}" in text and "volumeClaimTemplates:" in text
