@@ -20,7 +20,16 @@ from typing import Annotated
 import typer
 
 from dedupe_consumer import __version__
-from dedupe_consumer.cli_support import BootstrapServersOption, load_settings, reporting_errors
+from dedupe_consumer.cli_support import (
+    BootstrapServersOption,
+    SupervisorPidOption,
+    WorkerIndexOption,
+    WorkersOption,
+    load_settings,
+    reporting_errors,
+    supervise_workers,
+    worker_count,
+)
 
 app = typer.Typer(
     help="Exactly-once effects for Kafka consumers: dedupe by event ID, commit after persist.",
@@ -53,19 +62,33 @@ def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="TOML settings file.")],
     handler: Annotated[str, typer.Option(help="Handler class, 'package.module:ClassName'.")],
     bootstrap_servers: BootstrapServersOption = None,
+    workers: WorkersOption = "1",
+    worker_index: WorkerIndexOption = None,
+    supervisor_pid: SupervisorPidOption = None,
 ) -> None:
     """Consume the configured topics and call HANDLER once per unseen event ID.
 
     SIGTERM or SIGINT finishes the current event, persists, commits and exits 0.
+    With --workers N, every worker does so and the supervisor exits 0 when all
+    have (docs/operations.md, "Scaling out").
     """
     from dedupe_consumer.consumer import DedupeConsumer
     from dedupe_consumer.loading import load_handler_class
     from dedupe_consumer.observability import configure_logging
 
     with reporting_errors():
+        count = worker_count(workers, worker_index)
         settings = load_settings(config, bootstrap_servers)
         handler_cls = load_handler_class(handler)
         configure_logging(settings.observability.log_level, settings.observability.log_format)
+        if count > 1:
+            supervise_workers(
+                ["run", "--handler", handler], config, bootstrap_servers, settings, count
+            )
+        if worker_index is not None:
+            from dedupe_consumer.workers import become_worker
+
+            become_worker(worker_index, supervisor_pid)
         DedupeConsumer(handler_cls(), settings).run()
 
 

@@ -69,6 +69,47 @@ BootstrapServersOption = Annotated[
 ]
 """``run`` and ``sidecar``: the broker address, the one setting that differs per environment."""
 
+WorkersOption = Annotated[
+    str,
+    typer.Option(
+        "--workers",
+        metavar="N",
+        help="Worker processes of the group on this machine, 1..64 (default 1: this process "
+        "consumes). N > 1: a supervisor starts N, each with the store <store.path>/worker-<i> "
+        "and port + i, restarts a crashed one with backoff, and forwards SIGTERM to all.",
+    ),
+]
+"""``run`` and ``sidecar``: ``--workers N`` (:mod:`dedupe_consumer.workers`)."""
+
+WorkerIndexOption = Annotated[int | None, typer.Option("--worker-index", hidden=True)]
+"""Set by the supervisor on each worker's command line: the worker's index."""
+
+SupervisorPidOption = Annotated[int | None, typer.Option("--supervisor-pid", hidden=True)]
+"""Set by the supervisor on each worker's command line: the pid a worker dies with."""
+
+
+def worker_count(workers: str, worker_index: int | None) -> int:
+    """``--workers``'s value checked (ConfigError, exit 2); a worker never supervises."""
+    from dedupe_consumer.workers import parse_workers
+
+    count = parse_workers(workers)
+    if count > 1 and worker_index is not None:
+        raise ConfigError("--workers and --worker-index exclude each other")
+    return count
+
+
+def supervise_workers(
+    command: list[str], config: Path, bootstrap_servers: str | None, settings: Settings, count: int
+) -> NoReturn:
+    """Run ``count`` workers of ``command`` (``run ...`` or ``sidecar``) and exit with the
+    supervisor's code."""
+    from dedupe_consumer.workers import supervise
+
+    argv = [*command, "--config", str(config)]
+    if bootstrap_servers is not None:
+        argv += ["--bootstrap-servers", bootstrap_servers]
+    raise typer.Exit(supervise(argv, settings, count, command[0]))
+
 
 @overload
 def load_settings(config: Path, bootstrap_servers: str | None) -> Settings: ...
