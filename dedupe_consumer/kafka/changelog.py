@@ -68,14 +68,15 @@ _RESTORE_CHUNK = 100_000
 _RESTORE_BATCH = 10_000
 """Messages per ``consume()`` call of the restore consumer."""
 
+_RESTORE_FETCH_BYTES = 16 * 1024 * 1024
 _RESTORE_FETCH: dict[str, str | int | float | bool] = {
-    "fetch.max.bytes": 16 * 1024 * 1024,
     "max.partition.fetch.bytes": 8 * 1024 * 1024,
     "queued.max.messages.kbytes": 32 * 1024,
     "fetch.wait.max.ms": 100,
 }
 """Larger fetches than librdkafka's 1 MB per partition (a restore reads one partition as
-fast as it can) and a smaller prefetch queue than its 64 MB, which bounds the memory."""
+fast as it can) and a smaller prefetch queue than its 64 MB, which bounds the memory.
+``fetch.max.bytes`` is set with them by :meth:`Changelog._restore_fetch`."""
 
 _OPEN_TRANSACTION_MARGIN_S = 30.0
 """How much longer than ``transaction.timeout.ms`` a restore waits for an open transaction."""
@@ -708,7 +709,7 @@ class Changelog:
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
                 "isolation.level": "read_committed",
-                **_RESTORE_FETCH,
+                **self._restore_fetch(),
             }
         )
         try:
@@ -823,6 +824,21 @@ class Changelog:
             return read
         finally:
             consumer.close()
+
+    def _restore_fetch(self) -> dict[str, str | int | float | bool]:
+        """The restore consumer's fetch settings. ``fetch.max.bytes`` must be at least the
+        connection's ``message.max.bytes`` (librdkafka refuses the consumer otherwise), and
+        ``receive.message.max.bytes`` above it, unless the user set them."""
+        given = self.connection.config("consumer")
+        message_max = int(given.get("message.max.bytes", 1_000_000))
+        fetch_max = int(given.get("fetch.max.bytes", max(_RESTORE_FETCH_BYTES, message_max)))
+        settings: dict[str, str | int | float | bool] = {
+            **_RESTORE_FETCH,
+            "fetch.max.bytes": fetch_max,
+        }
+        if "receive.message.max.bytes" not in given:
+            settings["receive.message.max.bytes"] = max(100_000_000, fetch_max + 512)
+        return settings
 
     @staticmethod
     def _restart_log(

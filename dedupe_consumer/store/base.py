@@ -92,6 +92,23 @@ class Response(NamedTuple):
         return cls(bytes(data[at + topic_size :]), topic, key)
 
 
+_STATUSES = frozenset(int(status) for status in RecordStatus)
+
+
+def unreadable_record(data: bytes) -> str | None:
+    """Why ``data`` is not an ID record this version can read, or None. Cheap (no
+    decoding): the restore stores changelog values as they are and checks each with it."""
+    if len(data) < _RECORD.size:
+        return f"{len(data)} bytes, under the {_RECORD.size} of a record"
+    if data[0] not in _STATUSES:
+        return f"status {data[0]} is unknown"
+    if len(data) > _RECORD.size and (
+        len(data) < _RECORD.size + _RESPONSE.size or data[_RECORD.size] != 1
+    ):
+        return "its response is of an unknown format"
+    return None
+
+
 class IdRecord(NamedTuple):
     """What the store remembers about one event ID: 25 bytes on disk (no payload), and
     the handler's :class:`Response` after them when it returned one.
@@ -193,8 +210,11 @@ class ProcessedStore(Protocol):
         after them, so whatever a crash keeps of the unsynced ones (all of them after
         a process crash, a prefix of them after a power loss, since the WAL recovers
         to a consistent point in time), the stored position never runs ahead of the
-        records it covers, and the next restore reads on from there. The last, synced
-        write syncs the whole WAL before it: nothing is decided on an unsynced state.
+        records it covers. (The next restore cannot tell the records past that position
+        from another owner's writes, so it rebuilds the partition from the changelog's
+        start: correct, at the cost of reading it all again.) The last, synced write
+        syncs the whole WAL before it: nothing is decided on an unsynced state. A value
+        this version cannot read (``unreadable_record``) raises ``StoreError``.
         """
 
     def effect(self, tp: TopicPartition, key: bytes) -> bytes | None:

@@ -34,7 +34,7 @@ from rocksdict import (
 
 from dedupe_consumer.errors import StoreError, StoreLockedError
 from dedupe_consumer.models import TopicPartition
-from dedupe_consumer.store.base import IdRecord, WriteSet
+from dedupe_consumer.store.base import IdRecord, WriteSet, unreadable_record
 
 log = structlog.get_logger("dedupe_consumer.store")
 
@@ -262,8 +262,16 @@ class RocksStore:
             for event_id, record in decisions:  # millions: nothing decoded, no objects made
                 if record is None:
                     delete(event_id, handle)
-                else:
-                    put(event_id, record, handle)
+                    continue
+                why = unreadable_record(record)
+                if why is not None:  # refused here, not at a lookup or a sweep much later
+                    raise StoreError(
+                        f"the changelog holds a record for ID {event_id[:200]!r} of {tp} "
+                        f"that this version cannot read ({why}): written by a newer "
+                        "version of dedupe_consumer, or not by it. No event of the partition "
+                        "is decided on this state; run the version that wrote the changelog"
+                    )
+                put(event_id, record, handle)
             name = _cf_name(tp)
             if self._tracks_floor(name):  # a sweep pass saw this family: older records count
                 decided = [_DECIDED_AT.unpack_from(r, 9)[0] for _, r in decisions if r is not None]
