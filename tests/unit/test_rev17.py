@@ -42,11 +42,13 @@ def test_restore_consumer_accepts_a_raised_message_max_bytes(
     restore before issue 17. The restore's fixed ``fetch.max.bytes`` = 16 MiB now makes
     librdkafka refuse the restore consumer ("`fetch.max.bytes` must be >= `message.max.bytes`"),
     so every assignment fails."""
-    settings = KafkaSettings(
-        bootstrap_servers="127.0.0.1:1",
-        group_id="g",
-        topics=["t"],
-        consumer={"message.max.bytes": 20_000_000},
+    settings = KafkaSettings.model_validate(
+        {
+            "bootstrap_servers": "127.0.0.1:1",
+            "group_id": "g",
+            "topics": ["t"],
+            "consumer": {"message.max.bytes": 20_000_000},
+        }
     )
     changelog = _bare_changelog(settings)
 
