@@ -46,7 +46,7 @@ class KafkaDeadLetters:
         settings: Settings,
         flush_timeout_s: float = 30.0,
         topic_timeout_s: float = 30.0,
-        stopping: Callable[[], bool] = lambda: False,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         # Sized like the source, logged; not waited for past a stop asked for meanwhile.
         ensure_dead_letter_topic(settings, topic_timeout_s, stopping=stopping)

@@ -54,7 +54,7 @@ def ensure_dead_letter_topic(
     settings: Settings,
     timeout_s: float = 30.0,
     admin: Any = None,
-    stopping: Callable[[], bool] = lambda: False,
+    stopping: Callable[[], bool] | None = None,
 ) -> None:
     """Create ``processing.dead_letter_topic`` if it is missing; raise ConfigError if we may not.
 
@@ -76,7 +76,7 @@ def ensure_dead_letter_topic(
                 )
                 break
             except KafkaException:
-                if stopping() or time.monotonic() >= deadline:
+                if (stopping is not None and stopping()) or time.monotonic() >= deadline:
                     raise
         topics = metadata.topics
     except KafkaException as exc:

@@ -32,7 +32,7 @@ def edges(
     settings: Settings,
     *,
     metrics: Metrics | None = None,
-    stopping: Callable[[], bool] = lambda: False,
+    stopping: Callable[[], bool] | None = None,
 ) -> Edges:
     """The Kafka consumer of ``kafka.topics``, ``processing.dead_letter_topic``, RocksDB
     at ``store.path`` and, with ``store.changelog``, the changelog topics. With
