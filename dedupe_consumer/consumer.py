@@ -220,7 +220,7 @@ class DedupeConsumer:
             from dedupe_consumer.kafka import edges as kafka_edges
 
             try:
-                edges = kafka_edges(settings, metrics=self.metrics)
+                edges = kafka_edges(settings, metrics=self.metrics, stopping=self._stop.is_set)
             except BaseException:
                 if tracing is not None:
                     tracing.close()
@@ -253,6 +253,8 @@ class DedupeConsumer:
             metrics_server = None if port is None else self.metrics.serve(port, host)
             engine.setup_handler()
             started = True
+            if engine.stopping:  # stopped during start-up: nothing read, no group to join
+                return self.totals
             source = edges.source(_Listener(engine, self._hooks))
             progress = ProgressLog(settings.observability.progress_interval)
             batch_size = settings.processing.batch_size

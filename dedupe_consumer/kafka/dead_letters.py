@@ -42,9 +42,14 @@ class KafkaDeadLetters:
     """
 
     def __init__(
-        self, settings: Settings, flush_timeout_s: float = 30.0, topic_timeout_s: float = 30.0
+        self,
+        settings: Settings,
+        flush_timeout_s: float = 30.0,
+        topic_timeout_s: float = 30.0,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
-        ensure_dead_letter_topic(settings, topic_timeout_s)  # sized like the source, logged
+        # Sized like the source, logged; not waited for past a stop asked for meanwhile.
+        ensure_dead_letter_topic(settings, topic_timeout_s, stopping=stopping)
         self.topic = settings.processing.dead_letter_topic
         self.flush_timeout_s = flush_timeout_s
         conf: dict[str, str | int | float | bool] = {

@@ -12,6 +12,8 @@ and the fix.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -49,19 +51,33 @@ def controller_known(metadata: Any) -> bool:
 
 
 def ensure_dead_letter_topic(
-    settings: Settings, timeout_s: float = 30.0, admin: Any = None
+    settings: Settings,
+    timeout_s: float = 30.0,
+    admin: Any = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> None:
     """Create ``processing.dead_letter_topic`` if it is missing; raise ConfigError if we may not.
 
     A broker that does not answer within ``timeout_s`` is logged and left to the
-    dead-letter producer (which reports its own errors): start-up does not wait here.
+    dead-letter producer (which reports its own errors); so is one that has not
+    answered when ``stopping()`` turns true (a stop during start-up is not held up
+    for ``timeout_s``: the brokers are asked again every second).
     """
     name = settings.processing.dead_letter_topic
     if admin is None:
         admin = AdminClient({**settings.kafka.connection().config("admin"), **kafka_log_config()})
+    deadline = time.monotonic() + timeout_s
     try:
-        # All topics, not list_topics(topic=name): asking for one can auto-create it.
-        metadata = admin.list_topics(timeout=timeout_s)
+        while True:
+            try:
+                # All topics, not list_topics(topic=name): asking for one can auto-create it.
+                metadata = admin.list_topics(
+                    timeout=max(0.1, min(1.0, deadline - time.monotonic()))
+                )
+                break
+            except KafkaException:
+                if (stopping is not None and stopping()) or time.monotonic() >= deadline:
+                    raise
         topics = metadata.topics
     except KafkaException as exc:
         log.warning(

@@ -28,7 +28,12 @@ WALK_BUDGET_SHARE = 0.6
 """The share of ``max.poll.interval.ms`` one batch may spend in handlers."""
 
 
-def edges(settings: Settings, *, metrics: Metrics | None = None) -> Edges:
+def edges(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    stopping: Callable[[], bool] | None = None,
+) -> Edges:
     """The Kafka consumer of ``kafka.topics``, ``processing.dead_letter_topic``, RocksDB
     at ``store.path`` and, with ``store.changelog``, the changelog topics. With
     ``dedupe.scope = "topic"``, the consumer reads the by-id topics, fed by the hop
@@ -37,7 +42,8 @@ def edges(settings: Settings, *, metrics: Metrics | None = None) -> Edges:
     The store, the dead-letter producer and the changelog are opened now; the
     consumer when the loop opens the source. The caller closes them with
     :meth:`Edges.close <dedupe_consumer.contracts.Edges.close>` (the consumer
-    does, for the edges it builds itself).
+    does, for the edges it builds itself). ``stopping()`` true cuts the start-up
+    checks that wait for the brokers short (a stop asked for during start-up).
     """
     metrics = metrics or Metrics()
     # Topic scope: the engine's side (its source, group and changelog) is the by-id topics'.
@@ -51,7 +57,7 @@ def edges(settings: Settings, *, metrics: Metrics | None = None) -> Edges:
             block_cache_mb=settings.store.block_cache_mb,
         )
         closers.append(store.close)
-        dead_letters = KafkaDeadLetters(settings)
+        dead_letters = KafkaDeadLetters(settings, stopping=stopping)
         closers.append(dead_letters.close)
         changelog = None
         if settings.store.changelog:
