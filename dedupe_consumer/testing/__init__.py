@@ -3,10 +3,12 @@
 The framework's guarantees are about what a real broker does with offsets,
 groups and transactions, so its tests -- and its users' tests -- run against
 one: from ``$KAFKA_BOOTSTRAP_SERVERS``, a testcontainers container, or an
-Apache Kafka started from Maven Central jars (:class:`LocalKafka`).
+Apache Kafka started from Maven Central jars (:class:`LocalKafka`; three of them
+as a :class:`LocalKafkaCluster` for broker-fault tests).
 """
 
 from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._local_cluster import LocalKafkaCluster
 from dedupe_consumer.testing._local_kafka import LocalKafka
 from dedupe_consumer.testing._maven import KAFKA_VERSION, resolve_kafka_libs
 from dedupe_consumer.testing._providers import (
@@ -23,6 +25,7 @@ __all__ = [
     "ExternalKafka",
     "KafkaBroker",
     "LocalKafka",
+    "LocalKafkaCluster",
     "resolve_kafka_libs",
     "start_broker",
 ]
