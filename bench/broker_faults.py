@@ -59,6 +59,14 @@ def main() -> int:
     parser.add_argument(
         "--modes", default=",".join(m.name for m in CLUSTER_MODES), help="comma-separated"
     )
+    parser.add_argument(
+        "--static-member",
+        action="store_true",
+        help="consumer with group.instance.id (as the kill suite runs it)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="keep each run's consumer log, config and store here"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
@@ -68,12 +76,13 @@ def main() -> int:
     failures: list[str] = []
     started = time.monotonic()
     with LocalKafkaCluster(3) as cluster, tempfile.TemporaryDirectory(prefix="faults-") as tmp:
+        where = args.workdir or Path(tmp)
         print(f"cluster up in {time.monotonic() - started:.0f} s: {cluster.bootstrap_servers}")
         for n, fault in enumerate(faults):
             for m, mode in enumerate(modes):
                 result: FaultOutcome = run_broker_fault(
                     cluster,
-                    Path(tmp) / f"{fault}-{m}",
+                    where / f"{fault}-{m}",
                     mode,
                     fault,
                     events=args.events,
@@ -82,10 +91,13 @@ def main() -> int:
                     batch=args.batch,
                     rate=args.rate,
                     timeout_s=120 + args.events / 100,
+                    static_member=args.static_member,
                 )
                 row = result.row(mode, args.batch)
                 rows.append(row)
                 print(json.dumps({**row, "killed node": result.killed_node}), flush=True)
+                for note in result.outcome.notes:
+                    print(note, file=sys.stderr)
                 if result.outcome.lost:
                     failures.append(f"{fault}/{mode.name}: lost {result.outcome.lost[:5]}")
                     failures.extend(result.outcome.notes)

@@ -118,10 +118,17 @@ def run_broker_fault(
     rate: float = 1500.0,
     fault_after: float = 0.15,
     timeout_s: float = 300.0,
+    static_member: bool = False,
 ) -> FaultOutcome:
     """Produce ``events`` (``upfront`` of them before the consumer starts, the rest at
     ``rate`` per second from a thread), fault the cluster once the consumer handled
-    ``fault_after`` of them, let it drain, check. Returns what was measured."""
+    ``fault_after`` of them, let it drain, check. Returns what was measured.
+
+    ``static_member``: the consumer joins with a ``group.instance.id`` (as in the kill
+    suite). With the suite's 6 s session, a coordinator that moves with a killed node
+    can take longer than that to answer; librdkafka then rejoins and is fenced by its
+    own instance id (``FENCED_INSTANCE_ID``, fatal: librdkafka issue 3437), and the
+    consumer exits (counted in ``consumer_exits``)."""
     bootstrap = cluster.bootstrap_servers
     workdir.mkdir(parents=True, exist_ok=True)
     slug = mode.name.replace("+", "-")
@@ -157,7 +164,7 @@ def run_broker_fault(
         batch=batch,
         mode=mode.mode,
         on_uncertain=mode.on_uncertain,
-        static_member=True,
+        static_member=static_member,
     )
     assert Settings.from_toml(config).store.changelog  # state and offsets in transactions
     effects, log = workdir / "effects", log_of(config)
@@ -227,6 +234,10 @@ def run_broker_fault(
             result.longest_pause_s = max(result.longest_pause_s, now - last_change)
             if proc.poll() is not None:  # a finding: the consumer gave up during the fault
                 result.consumer_exits.append(proc.returncode)
+                outcome.notes.append(
+                    f"consumer exited with {proc.returncode} during the fault:\n"
+                    + log_tail(config, 6000)
+                )
                 proc = start_consumer(config, effects, handler=mode.handler)
             if not faulting.is_alive() and result.fault_s == 0.0:
                 result.fault_s = now - started
