@@ -57,6 +57,7 @@ DOWN_S = 5.0
 class FaultOutcome:
     fault: str
     outcome: Outcome
+    topic: str = ""
     nodes_stopped: int = 0
     killed_node: int | None = None
     """``leader``/``controller``: the node id SIGKILLed."""
@@ -169,7 +170,7 @@ def run_broker_fault(
     assert Settings.from_toml(config).store.changelog  # state and offsets in transactions
     effects, log = workdir / "effects", log_of(config)
     outcome = Outcome(mode.name, max_batch=batch)
-    result = FaultOutcome(fault, outcome)
+    result = FaultOutcome(fault, outcome, topic)
     deadline = time.monotonic() + timeout_s
 
     def calls() -> int:
