@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -69,6 +70,8 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C: the consumer is stopped and the cluster removed.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
 
     faults = [f for f in FAULTS if f in args.faults.split(",")]
     modes = [m for m in CLUSTER_MODES if m.name in args.modes.split(",")]

@@ -188,72 +188,79 @@ def run_broker_fault(
             bootstrap, topic, PARTITIONS
         )
 
-    proc = start_consumer(config, effects, handler=mode.handler)
+    procs = [start_consumer(config, effects, handler=mode.handler)]
+    """The consumer process; a new one is appended when one exits on its own."""
     producer = threading.Thread(target=produce_rest, name="produce-rest", daemon=True)
     producer.start()
+    watching = threading.Event()
+    watch_errors: list[BaseException] = []
+
+    def watch() -> None:
+        """Measure the longest pause in handler calls, and restart a consumer that
+        exited on its own (as a supervisor would: a finding, counted)."""
+        try:
+            last_calls, last_change = calls(), time.monotonic()
+            while watching.is_set():
+                now, current = time.monotonic(), calls()
+                if current != last_calls:
+                    last_calls, last_change = current, now
+                result.longest_pause_s = max(result.longest_pause_s, now - last_change)
+                code = procs[-1].poll()
+                if code is not None:
+                    result.consumer_exits.append(code)
+                    outcome.notes.append(
+                        f"consumer exited with {code} during the run:\n{log_tail(config, 6000)}"
+                    )
+                    procs.append(start_consumer(config, effects, handler=mode.handler))
+                time.sleep(0.25)
+        except BaseException as exc:  # told to the main thread
+            watch_errors.append(exc)
+
+    watcher = threading.Thread(target=watch, name="watch-consumer", daemon=True)
     try:
         while calls() < fault_after * events:
-            if proc.poll() is not None:
+            if procs[-1].poll() is not None:
                 raise AssertionError(f"the consumer exited before the fault:\n{log_tail(config)}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"no progress before the fault:\n{log_tail(config)}")
             time.sleep(0.2)
 
-        # The fault runs on its own thread; this one watches the consumer meanwhile.
-        fault_error: list[BaseException] = []
-
-        def do_fault() -> None:
-            try:
-                if fault == "leader":
-                    result.partition = _busiest_partition(bootstrap, topic, group)
-                    result.killed_node = cluster.leader(topic, result.partition)
-                elif fault == "controller":
-                    result.killed_node = cluster.active_controller()
-                if result.killed_node is not None:
-                    node = cluster.node(result.killed_node)
-                    node.stop_process(graceful=False)
-                    result.nodes_stopped = 1
-                    time.sleep(DOWN_S)
-                    node.start_process()
-                    cluster.wait_until_registered()
-                    cluster.wait_fully_replicated()
-                else:
-                    cluster.rolling_restart(graceful=True)
-                    result.nodes_stopped = len(cluster.nodes)
-            except BaseException as exc:
-                fault_error.append(exc)
-
+        # The fault runs on this (the main) thread: a node started again from another
+        # thread would not get LocalKafka's die-with-parent signal.
+        watching.set()
+        watcher.start()
         started = time.monotonic()
-        faulting = threading.Thread(target=do_fault, name="fault", daemon=True)
-        faulting.start()
-        last_calls, last_change = calls(), time.monotonic()
-        while True:
-            now = time.monotonic()
-            current = calls()
-            if current != last_calls:
-                last_calls, last_change = current, now
-            result.longest_pause_s = max(result.longest_pause_s, now - last_change)
-            if proc.poll() is not None:  # a finding: the consumer gave up during the fault
-                result.consumer_exits.append(proc.returncode)
-                outcome.notes.append(
-                    f"consumer exited with {proc.returncode} during the fault:\n"
-                    + log_tail(config, 6000)
-                )
-                proc = start_consumer(config, effects, handler=mode.handler)
-            if not faulting.is_alive() and result.fault_s == 0.0:
-                result.fault_s = now - started
-                if fault_error:
-                    raise fault_error[0]
-            if not faulting.is_alive() and drained():
-                result.drained_s = time.monotonic() - started
-                break
-            if now > deadline:
+        if fault == "leader":
+            result.partition = _busiest_partition(bootstrap, topic, group)
+            result.killed_node = cluster.leader(topic, result.partition)
+        elif fault == "controller":
+            result.killed_node = cluster.active_controller()
+        if result.killed_node is not None:
+            node = cluster.node(result.killed_node)
+            node.stop_process(graceful=False)
+            result.nodes_stopped = 1
+            time.sleep(DOWN_S)
+            node.start_process()
+            cluster.wait_until_registered()
+            cluster.wait_fully_replicated()
+        else:
+            cluster.rolling_restart(graceful=True)
+            result.nodes_stopped = len(cluster.nodes)
+        result.fault_s = time.monotonic() - started
+        while not drained():
+            if watch_errors:
+                raise watch_errors[0]
+            if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"not drained {timeout_s:.0f} s after the start (fault done: "
-                    f"{not faulting.is_alive()}):\n{log_tail(config)}"
+                    f"not drained {timeout_s:.0f} s after the start:\n{log_tail(config)}"
                 )
             time.sleep(0.25)
+        result.drained_s = time.monotonic() - started
     finally:
+        watching.clear()
+        if watcher.is_alive():
+            watcher.join(timeout=10)
+        proc = procs[-1]
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
