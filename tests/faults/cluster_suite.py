@@ -120,10 +120,12 @@ def run_broker_fault(
     fault_after: float = 0.15,
     timeout_s: float = 300.0,
     static_member: bool = False,
+    down_s: float = DOWN_S,
 ) -> FaultOutcome:
     """Produce ``events`` (``upfront`` of them before the consumer starts, the rest at
     ``rate`` per second from a thread), fault the cluster once the consumer handled
-    ``fault_after`` of them, let it drain, check. Returns what was measured.
+    ``fault_after`` of them (a killed node stays down ``down_s``), let it drain, check.
+    Returns what was measured.
 
     ``static_member``: the consumer joins with a ``group.instance.id`` (as in the kill
     suite). With the suite's 6 s session, a coordinator that moves with a killed node
@@ -239,7 +241,7 @@ def run_broker_fault(
             node = cluster.node(result.killed_node)
             node.stop_process(graceful=False)
             result.nodes_stopped = 1
-            time.sleep(DOWN_S)
+            time.sleep(down_s)
             node.start_process()
             cluster.wait_until_registered()
             cluster.wait_fully_replicated()

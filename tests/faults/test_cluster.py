@@ -4,8 +4,8 @@
 ``kafka_cluster`` fixture's three KRaft nodes (replication factor 3,
 ``min.insync.replicas`` 2) take one SIGKILLed partition leader in plain mode, one
 SIGKILLed active controller with claim+reconcile, and one SIGKILLed leader with
-transactional effects, while a real consumer process works through a few thousand
-events. Nothing may be lost; repeated effects only in plain mode, within its bound.
+transactional effects, while a real consumer process works through 2,000 events.
+Nothing may be lost; repeated effects only in plain mode, within its bound.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from .cluster_suite import CLUSTER_MODES, Fault, run_broker_fault
 
 pytestmark = pytest.mark.kafka
 
-EVENTS = 3_000
-BATCH = 100
+EVENTS = 2_000
+BATCH = 200
 
 
 def _topics(cluster: LocalKafkaCluster) -> Any:
@@ -81,6 +81,7 @@ def test_a_broker_fault_loses_nothing_and_repeats_nothing_outside_plain_mode(
         batch=BATCH,
         rate=1000,
         timeout_s=150,
+        down_s=3,
     )
     out = result.outcome
     print(result.row(mode, BATCH))
