@@ -68,7 +68,8 @@ class FaultOutcome:
     drained_s: float = 0.0
     """From the first signal until the group committed every offset of the topic."""
     longest_pause_s: float = 0.0
-    """The longest time without a new handler call between the fault and the drain."""
+    """The longest time, between the fault and the drain, without a new handler call
+    while produced IDs were waiting for one (time with nothing to do is no pause)."""
     consumer_exits: list[int] = field(default_factory=list)
     """Exit codes of consumer processes that ended on their own (restarted each time)."""
 
@@ -142,6 +143,8 @@ def run_broker_fault(
         bootstrap, topic, first, duplicates, seed, replication=cluster.replication_factor
     )
     known = list(dict.fromkeys(sent))
+    flushed = [len(known)]
+    """Unique IDs that are in the topic (their produce call returned)."""
     lock = threading.Lock()
     producing_failed: list[BaseException] = []
 
@@ -155,6 +158,7 @@ def run_broker_fault(
                 more = produce(bootstrap, topic, n, duplicates, rng.randrange(1 << 30), ids=known)
                 with lock:
                     sent.extend(more)
+                flushed[0] = len(known)
                 left -= n
                 time.sleep(max(0.0, n / rate - (time.monotonic() - started)))
         except BaseException as exc:  # the main thread fails the run with it
@@ -198,13 +202,15 @@ def run_broker_fault(
     watch_errors: list[BaseException] = []
 
     def watch() -> None:
-        """Measure the longest pause in handler calls, and restart a consumer that
-        exited on its own (as a supervisor would: a finding, counted)."""
+        """Measure the longest pause in handler calls while IDs wait for one, and
+        restart a consumer that exited on its own (as a supervisor would: a finding,
+        counted). Each unique ID in the topic (``flushed``) takes one handler call in
+        every mode here."""
         try:
             last_calls, last_change = calls(), time.monotonic()
             while watching.is_set():
                 now, current = time.monotonic(), calls()
-                if current != last_calls:
+                if current != last_calls or current >= flushed[0]:
                     last_calls, last_change = current, now
                 result.longest_pause_s = max(result.longest_pause_s, now - last_change)
                 code = procs[-1].poll()
