@@ -117,6 +117,10 @@ _HANG_MARGIN_S = 10.0
 """How long past its own timeout a producer call may block before it counts as stuck."""
 
 
+class RestoreCancelled(Exception):
+    """A restore was stopped before its end (the partition went, or the consumer stops)."""
+
+
 class _ProducerStuck(Exception):
     """Internal: a producer call did not return long after its timeout (see _send_offsets)."""
 
@@ -683,7 +687,13 @@ class Changelog:
 
     # -- restoring -------------------------------------------------------------------------
 
-    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
+    def restore(
+        self,
+        tp: TopicPartition,
+        store: ProcessedStore,
+        *,
+        stopping: Callable[[], bool] | None = None,
+    ) -> int:
         """Apply committed changelog records of ``tp`` from the stored position to the end.
 
         Reads with ``isolation.level=read_committed``. librdkafka's partition EOF
@@ -695,6 +705,10 @@ class Changelog:
         decision is never restored without its effects and watermark. The next
         offset is stored as the partition's changelog position. Returns the
         number of committed records read (0: nobody wrote since this store's last write).
+
+        ``stopping`` is asked once a read (at most a second apart): when it turns true,
+        :class:`RestoreCancelled` is raised. What was applied stays, with its position
+        but without a watermark, so the next restore of ``tp`` starts over.
         """
         name = self.topic(tp.topic)
         key = self.position_key(tp)
@@ -744,6 +758,8 @@ class Changelog:
             stalled_after = time.monotonic() + self.timeout_s
             open_since: float | None = None
             while end is None:
+                if stopping is not None and stopping():
+                    raise RestoreCancelled(f"restore of {tp} stopped at offset {position}")
                 now = time.monotonic()
                 if open_since is None and now > stalled_after:
                     raise StoreError(

@@ -21,6 +21,8 @@ import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -41,7 +43,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 from dedupe_consumer.config import Settings
 from dedupe_consumer.contracts import AssignmentListener, PartitionLog
 from dedupe_consumer.errors import CommitError
-from dedupe_consumer.kafka.changelog import Changelog
+from dedupe_consumer.kafka.changelog import Changelog, RestoreCancelled
 from dedupe_consumer.kafka.logs import (
     kafka_error_fields,
     kafka_log_config,
@@ -58,6 +60,22 @@ READ_AHEAD_BYTES = 32 * 1024 * 1024
 :meth:`KafkaSource.keep_alive`)."""
 LAG_EVERY_S = 1.0
 """``dedupe_consumer_lag`` is refreshed at most this often (from a poll)."""
+RESTORE_THREADS = 4
+"""Partitions restored at once (each with its own changelog reader)."""
+RESTORE_STOP_WAIT_S = 30.0
+"""How long a revocation waits for a stopped restore to end (it checks every second)."""
+
+
+@dataclass
+class _Restore:
+    """A partition assigned paused while its state is restored on a worker thread."""
+
+    tp: TopicPartition
+    log: PartitionLog | None
+    future: Future[int]
+    cancelled: threading.Event
+    dropped: int | None = None
+    """The lowest offset fetched meanwhile and dropped (read again from there)."""
 
 
 def _kafka_offsets(offsets: Mapping[TopicPartition, int]) -> list[KafkaTopicPartition]:
@@ -126,6 +144,9 @@ class KafkaSource:
         self._kept_bytes = 0
         """The value bytes :attr:`_kept` holds (``len`` of a message)."""
         self._paused = False
+        self._restoring: dict[TopicPartition, _Restore] = {}
+        """Partitions assigned paused while their state is restored (:meth:`_on_assign`)."""
+        self._restorer: ThreadPoolExecutor | None = None
         self._lag_at = float("-inf")
         """When ``dedupe_consumer_lag`` was last set (:meth:`_note_lag`)."""
         strategy = str(conf.get("partition.assignment.strategy", ""))
@@ -149,30 +170,18 @@ class KafkaSource:
     # -- rebalance callbacks (run inside consume()) --------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        """Take the partitions: those whose state needs no restore resume at once; the
+        others are assigned paused while their restore runs on other threads, and
+        resume from :meth:`_take_restored` once it is done. Polling goes on meanwhile,
+        so a long restore never costs the group membership (``max.poll.interval.ms``).
+        """
         logs = self._partition_logs(partitions)
-        resume = self.listener.on_assigned(_tps(partitions), logs)
-        committed: list[KafkaTopicPartition] | None = None
-        if any(v is not None for v in resume.values()):
-            try:
-                committed = consumer.committed(partitions, timeout=30)
-            except KafkaException as exc:
-                log.warning("committed_offsets_unavailable", **kafka_error_fields(exc))
-        for i, p in enumerate(partitions):
-            tp = TopicPartition(p.topic, p.partition)
-            start = resume.get(tp)
-            done = committed[i].offset if committed is not None else OFFSET_INVALID
-            if tp in logs and done > logs[tp].high:
-                done = OFFSET_INVALID  # past the end of the log: a truncated or new topic
-            # max(committed, watermark + 1): another instance may have gone further.
-            if start is not None and (done < 0 or start > done):
-                p.offset = start
-                # Decided but not committed (a crash between persist and commit): commit
-                # it now, or an idle partition would show that lag forever.
-                self.uncommitted[TopicPartition(p.topic, p.partition)] = start
-                self._recommit = True
-            else:
-                p.offset = done if done >= 0 else OFFSET_INVALID
-        log.info("assigned", partitions=_starts(partitions, resume, committed is not None))
+        tps = _tps(partitions)
+        restoring = set(self.listener.prepare(tps))
+        ready = [p for p in partitions if TopicPartition(p.topic, p.partition) not in restoring]
+        later = [p for p in partitions if TopicPartition(p.topic, p.partition) in restoring]
+        if ready:
+            self._place(ready, self.listener.on_assigned(_tps(ready), logs, {}), logs)
         if self.cooperative:
             consumer.incremental_assign(partitions)
         else:
@@ -181,7 +190,104 @@ class KafkaSource:
         # assignment: one paused by keep_alive would never be fetched again. A batch
         # still being walked past its read-ahead bound pauses it anew at the next
         # keep_alive.
-        consumer.resume(partitions)
+        if ready:
+            consumer.resume(ready)
+        if later:
+            consumer.pause(later)  # nothing of theirs is decided before their state is
+            self._start_restores(later, logs)
+
+    def _place(
+        self,
+        partitions: list[KafkaTopicPartition],
+        resume: Mapping[TopicPartition, int | None],
+        logs: Mapping[TopicPartition, PartitionLog],
+    ) -> None:
+        """Set each partition's start: the group's commit, or the store's watermark + 1
+        when that is further (another instance may have gone further than us)."""
+        committed: list[KafkaTopicPartition] | None = None
+        if any(v is not None for v in resume.values()):
+            try:
+                committed = self._consumer.committed(partitions, timeout=30)
+            except KafkaException as exc:
+                log.warning("committed_offsets_unavailable", **kafka_error_fields(exc))
+        for i, p in enumerate(partitions):
+            tp = TopicPartition(p.topic, p.partition)
+            start = resume.get(tp)
+            done = committed[i].offset if committed is not None else OFFSET_INVALID
+            if tp in logs and done > logs[tp].high:
+                done = OFFSET_INVALID  # past the end of the log: a truncated or new topic
+            if start is not None and (done < 0 or start > done):
+                p.offset = start
+                # Decided but not committed (a crash between persist and commit): commit
+                # it now, or an idle partition would show that lag forever.
+                self.uncommitted[tp] = start
+                self._recommit = True
+            else:
+                p.offset = done if done >= 0 else OFFSET_INVALID
+        log.info("assigned", partitions=_starts(partitions, resume, committed is not None))
+
+    # -- restores (off the polling thread) -------------------------------------------------
+
+    def _start_restores(
+        self, partitions: list[KafkaTopicPartition], logs: Mapping[TopicPartition, PartitionLog]
+    ) -> None:
+        if self._restorer is None:
+            self._restorer = ThreadPoolExecutor(RESTORE_THREADS, thread_name_prefix="restore")
+        for p in partitions:
+            tp = TopicPartition(p.topic, p.partition)
+            cancelled = threading.Event()
+            future = self._restorer.submit(self.listener.restore, tp, cancelled.is_set)
+            self._restoring[tp] = _Restore(tp, logs.get(tp), future, cancelled)
+        log.info("restoring", partitions=[str(tp) for tp in self._restoring])
+
+    def _take_restored(self) -> None:
+        """Partitions whose restore is done: owned from now, read from their start."""
+        done = [r for r in self._restoring.values() if r.future.done()]
+        if not done:
+            return
+        for restore in done:
+            del self._restoring[restore.tp]
+        failed = next((r for r in done if r.future.exception() is not None), None)
+        if failed is not None:
+            # The state cannot be caught up: deciding on it could repeat effects. Stop,
+            # as a failed restore in the assignment itself did (raised from the poll).
+            self.listener.on_restore_cancelled([r.tp for r in done])
+            raise failed.future.exception()  # type: ignore[misc]
+        tps = [r.tp for r in done]
+        logs = {r.tp: r.log for r in done if r.log is not None}
+        resume = self.listener.on_assigned(tps, logs, {r.tp: r.future.result() for r in done})
+        partitions = [KafkaTopicPartition(tp.topic, tp.partition) for tp in tps]
+        self._place(partitions, resume, logs)
+        for p, restore in zip(partitions, done, strict=True):
+            if p.offset < 0 and restore.dropped is not None:
+                p.offset = restore.dropped  # read while paused and dropped: read it again
+            if p.offset >= 0:
+                self._consumer.seek(p)
+        self._consumer.resume(partitions)
+
+    def _stop_restores(self, tps: Sequence[TopicPartition]) -> list[TopicPartition]:
+        """Stop the restores of those of ``tps`` being restored; return those."""
+        stopped = [self._restoring.pop(tp) for tp in tps if tp in self._restoring]
+        for restore in stopped:
+            restore.cancelled.set()
+        for restore in stopped:
+            try:
+                restore.future.result(timeout=RESTORE_STOP_WAIT_S)
+            except (RestoreCancelled, CancelledError):
+                pass
+            except TimeoutError:
+                log.error(
+                    "restore_not_stopped",
+                    partition=str(restore.tp),
+                    waited_s=RESTORE_STOP_WAIT_S,
+                    consequence="its state is dropped later, as a revoked partition's",
+                )
+            except Exception as exc:  # the partition goes anyway: nothing to stop for
+                log.warning("restore_failed", partition=str(restore.tp), error=str(exc))
+        if stopped:
+            self.listener.on_restore_cancelled([r.tp for r in stopped])
+            log.info("restore_stopped", partitions=[str(r.tp) for r in stopped])
+        return [r.tp for r in stopped]
 
     def _partition_logs(
         self, partitions: list[KafkaTopicPartition]
@@ -255,6 +361,12 @@ class KafkaSource:
         tps = _tps(partitions)
         self._forget_kept(tps)
         self._forget_lag(tps)
+        stopped = self._stop_restores(tps)
+        if stopped:  # never owned: nothing to settle or commit
+            tps = [tp for tp in tps if tp not in stopped]
+            if not tps:
+                log.info("revoked", partitions=[str(tp) for tp in stopped])
+                return
         commits: Mapping[TopicPartition, int] = {}
         try:
             commits = self.listener.on_revoked(tps)  # what the walk in progress settled
@@ -271,6 +383,8 @@ class KafkaSource:
         tps = _tps(partitions)
         self._forget_kept(tps)
         self._forget_lag(tps)
+        stopped = self._stop_restores(tps)
+        tps = [tp for tp in tps if tp not in stopped]
         try:
             self.listener.on_lost(tps)
         finally:
@@ -319,7 +433,7 @@ class KafkaSource:
         # Paused at every call past the bound, not once: a rebalance served by the last
         # consume() resumes what it assigns (see _on_assign), which would then be read
         # ahead without bound for the rest of the walk.
-        assignment = self._consumer.assignment()
+        assignment = self._active()
         if assignment:
             self._consumer.pause(assignment)
         # Fetched before the pause, or assigned just now: kept for the next poll.
@@ -332,10 +446,20 @@ class KafkaSource:
         self._kept = [m for m in self._kept if (m.topic(), m.partition()) not in gone]
         self._kept_bytes = sum(len(m) for m in self._kept)
 
+    def _active(self) -> list[KafkaTopicPartition]:
+        """The assignment but the partitions being restored (they stay paused)."""
+        return [
+            p
+            for p in self._consumer.assignment()
+            if TopicPartition(p.topic, p.partition) not in self._restoring
+        ]
+
     def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
+        if self._restoring:
+            self._take_restored()
         if self._paused:
             self._paused = False
-            assignment = self._consumer.assignment()
+            assignment = self._active()
             if assignment:
                 self._consumer.resume(assignment)
         if self._kept:
@@ -348,6 +472,8 @@ class KafkaSource:
         # offset commit would not be fenced by.
         self._group_metadata = self._consumer.consumer_group_metadata()
         self._note_lag()
+        if self._restoring:
+            messages = self._drop_restoring(messages)
         if not any(m.error() for m in messages):
             return messages
         good: list[Message] = []
@@ -370,6 +496,20 @@ class KafkaSource:
             else:
                 log.warning("consumer_error", **kafka_error_fields(error))
         return good
+
+    def _drop_restoring(self, messages: list[Message]) -> list[Message]:
+        """Messages of a partition being restored (fetched before its pause took hold, if
+        ever): dropped, and read again from the lowest once its restore is done."""
+        kept: list[Message] = []
+        for m in messages:
+            restore = self._restoring.get(TopicPartition(m.topic() or "", m.partition() or 0))
+            if restore is None or m.error() is not None:
+                kept.append(m)
+                continue
+            offset = m.offset() or 0
+            if restore.dropped is None or offset < restore.dropped:
+                restore.dropped = offset
+        return kept
 
     def _note_lag(self) -> None:
         """Set ``dedupe_consumer_lag`` of each assigned partition, at most once a second.
@@ -474,6 +614,9 @@ class KafkaSource:
             )
 
     def close(self) -> None:
+        self._stop_restores(list(self._restoring))
+        if self._restorer is not None:
+            self._restorer.shutdown(wait=False)
         self._commit_now()
         self._consumer.close()
         if self._changelog is not None:  # it may outlive this source (edges run again)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple, Protocol
@@ -269,8 +269,15 @@ class StateChangelog(Protocol):
         what an emitted message (``event.emit``) to it may be. ``create``: a missing
         topic is created first."""
 
-    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
-        """Bring ``store``'s copy of ``tp`` up to the changelog; the number of records read."""
+    def restore(
+        self,
+        tp: TopicPartition,
+        store: ProcessedStore,
+        *,
+        stopping: Callable[[], bool] | None = None,
+    ) -> int:
+        """Bring ``store``'s copy of ``tp`` up to the changelog; the number of records read.
+        Gives up early, raising, once ``stopping()`` is true."""
 
     def position_key(self, tp: TopicPartition) -> TopicPartition:
         """The key under which ``store.changelog_position`` keeps ``tp``'s position."""
