@@ -141,13 +141,16 @@ def child(args: argparse.Namespace) -> None:
 
     marks: dict[str, float] = {}
     listener = consumer_module._Listener
-    original = listener.on_assigned
+    # The assignment's first call to the listener: prepare (the restore then runs off the
+    # polling thread), or on_assigned in versions that restored inside it.
+    first_call = "prepare" if hasattr(listener, "prepare") else "on_assigned"
+    original = getattr(listener, first_call)
 
-    def on_assigned(self: Any, *a: Any, **kw: Any) -> Any:
+    def assigned(self: Any, *a: Any, **kw: Any) -> Any:
         marks.setdefault("assigned", time.monotonic())
         return original(self, *a, **kw)
 
-    listener.on_assigned = on_assigned  # type: ignore[method-assign]
+    setattr(listener, first_call, assigned)
 
     class FirstDecision(Handler):
         def handle(self, event: Event) -> None:
