@@ -93,6 +93,10 @@ class Response(NamedTuple):
 
 
 _STATUSES = frozenset(int(status) for status in RecordStatus)
+RECORD_BYTES = _RECORD.size
+"""An ID record without a response: what nearly every changelog value is."""
+RECORD_STATUSES = _STATUSES
+"""The status bytes this version reads (a record's first byte)."""
 
 
 def unreadable_record(data: bytes) -> str | None:
