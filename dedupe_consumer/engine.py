@@ -451,6 +451,8 @@ class Engine:
         """
         if restored is None:
             restored = {tp: self.restore(tp) for tp in self.prepare(tps)}
+        else:  # restored beside the loop: a write may be in flight on the persister since
+            self._settle_all()  # the changelog producer and the store are ours alone now
         for tp, applied in restored.items():
             self._restoring.discard(tp)
             orphan = self._orphans.pop(tp, None)

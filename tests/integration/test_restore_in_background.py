@@ -59,8 +59,8 @@ def _events(topic: str, partition: int, prefix: str, count: int) -> list[dict[st
     ]
 
 
-def _open_transaction(bootstrap: str, group: str, topic: str, partition: int) -> Producer:
-    """A previous owner that began a changelog transaction on ``partition`` and hangs."""
+def _open_transaction(bootstrap: str, group: str, topic: str, *partitions: int) -> Producer:
+    """A previous owner that began a changelog transaction on ``partitions`` and hangs."""
     settings = settings_for(bootstrap, topic, Path("/nonexistent"), group=group)
     changelog = Changelog(
         settings.kafka.connection(), group, timedelta(days=1), f"setup-{uuid.uuid4()}"
@@ -72,7 +72,9 @@ def _open_transaction(bootstrap: str, group: str, topic: str, partition: int) ->
     hung = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"hung-{uuid.uuid4()}"})
     hung.init_transactions(30)
     hung.begin_transaction()
-    hung.produce(changelog_topic(group, topic), key=b"\x00junk", value=b"x", partition=partition)
+    for partition in partitions:
+        name = changelog_topic(group, topic)
+        hung.produce(name, key=b"\x00junk", value=b"x", partition=partition)
     assert hung.flush(30) == 0
     return hung
 
@@ -92,7 +94,7 @@ def test_a_waiting_restore_keeps_polling_and_the_other_partitions_decide(
 ) -> None:
     topic = kafka_topic(partitions=2)
     group = f"g-{topic}"
-    hung = _open_transaction(kafka_bootstrap, group, topic, partition=1)
+    hung = _open_transaction(kafka_bootstrap, group, topic, 1)
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     for item in _events(topic, 0, "zero", 50) + _events(topic, 1, "one", 50):
         producer.produce(**item)
@@ -133,9 +135,11 @@ def test_a_waiting_restore_keeps_polling_and_the_other_partitions_decide(
 def test_a_revocation_stops_a_waiting_restore_and_the_new_owner_decides(
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
 ) -> None:
+    """Both partitions' restores wait; a second member joins, so the first loses one of
+    them, whichever the assignor picks: that restore is stopped, not left running."""
     topic = kafka_topic(partitions=2)
     group = f"g-{topic}"
-    hung = _open_transaction(kafka_bootstrap, group, topic, partition=1)
+    hung = _open_transaction(kafka_bootstrap, group, topic, 0, 1)
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     for item in _events(topic, 0, "zero", 20) + _events(topic, 1, "one", 20):
         producer.produce(**item)
@@ -151,17 +155,20 @@ def test_a_revocation_stops_a_waiting_restore_and_the_new_owner_decides(
     with captured_logs() as logs:
         threads[0].start()
         try:
-            wait_for(lambda: len(first.ids(0)) == 20, 60, "partition 0 decided by the first")
-            threads[1].start()  # a rebalance while partition 1 is still being restored
+            wait_for(
+                lambda: sum(e["event"] == "changelog_open_transaction" for e in logs) >= 2,
+                60,
+                "both restores of the first member waiting",
+            )
+            threads[1].start()  # a rebalance while both partitions are being restored
             wait_for(
                 lambda: any(e["event"] == "restore_stopped" for e in logs),
                 60,
-                "the waiting restore stopped by the revocation",
+                "the restore of the partition that moved stopped",
             )
+            assert first.ids() == [] and second.ids() == []  # nothing before the state
             hung.abort_transaction(30)
-            wait_for(
-                lambda: len(first.ids(1)) + len(second.ids(1)) >= 20, 90, "partition 1 decided"
-            )
+            wait_for(lambda: len(first.ids()) + len(second.ids()) >= 40, 90, "all decided")
             time.sleep(2)  # nothing more arrives: a second call would show here
         finally:
             a.stop()
