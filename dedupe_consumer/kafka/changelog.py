@@ -706,9 +706,10 @@ class Changelog:
         offset is stored as the partition's changelog position. Returns the
         number of committed records read (0: nobody wrote since this store's last write).
 
-        ``stopping`` is asked once a read (at most a second apart): when it turns true,
-        :class:`RestoreCancelled` is raised. What was applied stays, with its position
-        but without a watermark, so the next restore of ``tp`` starts over.
+        ``stopping`` is asked before the first read and then at every read (at most a
+        second apart) and before every write: when it turns true,
+        :class:`RestoreCancelled` is raised. What was applied stays, each chunk with
+        its position, and the next restore reads on from it or rebuilds.
         """
         name = self.topic(tp.topic)
         key = self.position_key(tp)
@@ -730,6 +731,8 @@ class Changelog:
             ktp = KafkaTopicPartition(name, tp.partition)
             low = self._low(consumer, ktp)
             high = self._high(ktp)
+            if stopping is not None and stopping():  # the reads above may have waited
+                raise RestoreCancelled(f"restore of {tp} stopped before it read")
             if start is None and high > low and tp in store.partitions():
                 # Partial local state without a watermark (a drop cut short): start over.
                 self._restart_log(tp, name, start, high, "local state without a watermark")
@@ -823,6 +826,8 @@ class Changelog:
                 if last is not None:
                     stalled_after = time.monotonic() + self.timeout_s
                     position = (last.offset() or 0) + 1
+                if stopping is not None and stopping():
+                    raise RestoreCancelled(f"restore of {tp} stopped at offset {position}")
                 if len(pending) >= _RESTORE_CHUNK and end is None:
                     # Bounded memory: apply what was read so far, with the position after
                     # it, in one atomic but unsynced write; the last apply syncs. A crash

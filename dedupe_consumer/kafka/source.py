@@ -20,7 +20,7 @@ import contextlib
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -176,6 +176,8 @@ class KafkaSource:
         """Partitions the listener took (``on_assigned``): the ones to give back."""
         self._unplaced: dict[TopicPartition, _Unplaced] = {}
         """Restored and owned, paused until their start is known and sought."""
+        self._stale: dict[TopicPartition, Future[int]] = {}
+        """Stopped restores that did not end in time, by partition (see _start_restores)."""
         self._restorer: ThreadPoolExecutor | None = None
         self._lag_at = float("-inf")
         """When ``dedupe_consumer_lag`` was last set (:meth:`_note_lag`)."""
@@ -296,9 +298,22 @@ class KafkaSource:
         for p in partitions:
             tp = TopicPartition(p.topic, p.partition)
             cancelled = threading.Event()
-            future = self._restorer.submit(self.listener.restore, tp, cancelled.is_set)
+            # A stopped restore that has not ended yet writes the same state: this one
+            # starts once it has (two restores of one partition never run at once).
+            before = self._stale.pop(tp, None)
+            future = self._restorer.submit(self._restore, tp, cancelled.is_set, before)
             self._restoring[tp] = _Restore(tp, logs.get(tp), future, cancelled)
         log.info("restoring", partitions=[str(tp) for tp in self._restoring])
+
+    def _restore(
+        self, tp: TopicPartition, stopping: Callable[[], bool], before: Future[int] | None
+    ) -> int:
+        if before is not None:
+            with contextlib.suppress(BaseException):
+                before.result()
+        if stopping():
+            raise RestoreCancelled(f"restore of {tp} stopped before it began")
+        return self.listener.restore(tp, stopping)
 
     def _take_restored(self) -> None:
         """Partitions whose restore is done: owned from now, read from their start."""
@@ -391,17 +406,20 @@ class KafkaSource:
         stopped = [source.pop(tp) for tp in tps if tp in source]
         for restore in stopped:
             restore.cancelled.set()
+            restore.future.cancel()  # one still queued never starts
+        deadline = time.monotonic() + RESTORE_STOP_WAIT_S  # one wait for them all
         for restore in stopped:
             try:
-                restore.future.result(timeout=RESTORE_STOP_WAIT_S)
+                restore.future.result(timeout=max(0.0, deadline - time.monotonic()))
             except (RestoreCancelled, CancelledError):
                 pass
             except TimeoutError:
+                self._stale[restore.tp] = restore.future
                 log.error(
                     "restore_not_stopped",
                     partition=str(restore.tp),
                     waited_s=RESTORE_STOP_WAIT_S,
-                    consequence="its state is dropped later, as a revoked partition's",
+                    consequence="a later restore of the partition waits for it to end",
                 )
             except Exception as exc:  # the partition goes anyway: nothing to stop for
                 log.warning("restore_failed", partition=str(restore.tp), error=str(exc))
@@ -755,7 +773,8 @@ class KafkaSource:
         self._stop_restores(list(self._restoring))
         self._stop_restores(list(self._parked), parked=True)
         if self._restorer is not None:
-            self._restorer.shutdown(wait=False)
+            # Before the store closes: a restore thread must not write to a closed store.
+            self._restorer.shutdown(wait=True, cancel_futures=True)
         self._commit_now()
         self._consumer.close()
         if self._changelog is not None:  # it may outlive this source (edges run again)
