@@ -87,7 +87,8 @@ def _source(consumer: _Consumer, batch_size: int) -> KafkaSource:
     source.uncommitted = {}
     source._uncommitted_lock = threading.Lock()
     source._kept, source._kept_bytes, source._paused = [], 0, False
-    source._restoring, source._restorer = {}, None
+    source._restoring, source._restorer, source._unplaced = {}, None, {}
+    source._parked, source._owned, source._stale = {}, set(), {}
     source._consumer = consumer  # type: ignore[assignment]
     source.cooperative = False
     source._recommit = False
