@@ -117,6 +117,10 @@ _HANG_MARGIN_S = 10.0
 """How long past its own timeout a producer call may block before it counts as stuck."""
 
 
+class RestoreCancelled(Exception):
+    """A restore was stopped before its end (the partition went, or the consumer stops)."""
+
+
 class _ProducerStuck(Exception):
     """Internal: a producer call did not return long after its timeout (see _send_offsets)."""
 
@@ -683,7 +687,13 @@ class Changelog:
 
     # -- restoring -------------------------------------------------------------------------
 
-    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
+    def restore(
+        self,
+        tp: TopicPartition,
+        store: ProcessedStore,
+        *,
+        stopping: Callable[[], bool] | None = None,
+    ) -> int:
         """Apply committed changelog records of ``tp`` from the stored position to the end.
 
         Reads with ``isolation.level=read_committed``. librdkafka's partition EOF
@@ -695,6 +705,11 @@ class Changelog:
         decision is never restored without its effects and watermark. The next
         offset is stored as the partition's changelog position. Returns the
         number of committed records read (0: nobody wrote since this store's last write).
+
+        ``stopping`` is asked before the first read and then at every read (at most a
+        second apart) and before every write: when it turns true,
+        :class:`RestoreCancelled` is raised. What was applied stays, each chunk with
+        its position, and the next restore reads on from it or rebuilds.
         """
         name = self.topic(tp.topic)
         key = self.position_key(tp)
@@ -716,6 +731,8 @@ class Changelog:
             ktp = KafkaTopicPartition(name, tp.partition)
             low = self._low(consumer, ktp)
             high = self._high(ktp)
+            if stopping is not None and stopping():  # the reads above may have waited
+                raise RestoreCancelled(f"restore of {tp} stopped before it read")
             if start is None and high > low and tp in store.partitions():
                 # Partial local state without a watermark (a drop cut short): start over.
                 self._restart_log(tp, name, start, high, "local state without a watermark")
@@ -744,6 +761,8 @@ class Changelog:
             stalled_after = time.monotonic() + self.timeout_s
             open_since: float | None = None
             while end is None:
+                if stopping is not None and stopping():
+                    raise RestoreCancelled(f"restore of {tp} stopped at offset {position}")
                 now = time.monotonic()
                 if open_since is None and now > stalled_after:
                     raise StoreError(
@@ -807,6 +826,8 @@ class Changelog:
                 if last is not None:
                     stalled_after = time.monotonic() + self.timeout_s
                     position = (last.offset() or 0) + 1
+                if stopping is not None and stopping():
+                    raise RestoreCancelled(f"restore of {tp} stopped at offset {position}")
                 if len(pending) >= _RESTORE_CHUNK and end is None:
                     # Bounded memory: apply what was read so far, with the position after
                     # it, in one atomic but unsynced write; the last apply syncs. A crash
