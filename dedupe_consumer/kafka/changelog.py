@@ -48,6 +48,7 @@ from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it
 from dedupe_consumer.config import KafkaConnection
 from dedupe_consumer.errors import NotOwnerError, StoreError
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
+from dedupe_consumer.kafka.permissions import AUTHORIZATION_FAILED, transaction_refused
 from dedupe_consumer.kafka.producing import produce_waiting
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store.base import Output, ProcessedStore, WriteSet
@@ -194,6 +195,10 @@ class Changelog:
                 producer.init_transactions(self.timeout_s)
                 return producer
             except KafkaException as exc:
+                if exc.args[0].code() in AUTHORIZATION_FAILED:  # an ACL is missing: say which
+                    raise transaction_refused(
+                        exc.args[0], self.connection, self.transactional_id, self.group_id
+                    ) from None
                 if exc.args[0].fatal() or time.monotonic() > deadline:
                     raise StoreError(
                         f"cannot start the changelog producer (transactional.id "

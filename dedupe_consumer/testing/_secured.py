@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Self
@@ -42,7 +42,7 @@ from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.testing._errors import BrokerUnavailableError, output_tail
 from dedupe_consumer.testing._local_kafka import LocalKafka
 
-__all__ = ["Acl", "SecuredKafka", "ScramUser", "make_test_ca"]
+__all__ = ["Acl", "ScramUser", "SecuredKafka", "make_test_ca"]
 
 LISTENER: Final = "SASL_SSL"
 MECHANISM: Final = "SCRAM-SHA-512"
@@ -71,7 +71,7 @@ class Acl:
     pattern: ResourcePatternType = ResourcePatternType.LITERAL
 
     def binding(self, principal: str) -> AclBinding:
-        return AclBinding(  # type: ignore[no-untyped-call]
+        return AclBinding(
             self.resource_type,
             self.name,
             self.pattern,
@@ -82,7 +82,7 @@ class Acl:
         )
 
     def filter(self, principal: str) -> AclBindingFilter:
-        return AclBindingFilter(  # type: ignore[no-untyped-call]
+        return AclBindingFilter(
             self.resource_type,
             self.name,
             self.pattern,
@@ -251,11 +251,8 @@ class SecuredKafka:
         return user
 
     def _upsert(self, users: Iterable[ScramUser]) -> None:
-        info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096)  # type: ignore[no-untyped-call]
-        upserts = [
-            UserScramCredentialUpsertion(u.name, info, u.password.encode())  # type: ignore[no-untyped-call]
-            for u in users
-        ]
+        info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096)
+        upserts = [UserScramCredentialUpsertion(u.name, info, u.password.encode()) for u in users]
         for future in self._internal.alter_user_scram_credentials(upserts).values():
             future.result()
 
@@ -284,20 +281,3 @@ class SecuredKafka:
         filters = [acl.filter(user.principal) for acl in acls]
         for future in self._internal.delete_acls(filters).values():
             future.result()
-
-    def acls_of(self, user: ScramUser) -> Mapping[tuple[str, str], list[str]]:
-        """``{(resource type, name): [operations]}`` of ``user``'s ALLOW rules, for messages."""
-        found: dict[tuple[str, str], list[str]] = {}
-        everything = AclBindingFilter(  # type: ignore[no-untyped-call]
-            ResourceType.ANY,
-            None,
-            ResourcePatternType.ANY,
-            user.principal,
-            None,
-            AclOperation.ANY,
-            AclPermissionType.ANY,
-        )
-        for binding in self._internal.describe_acls(everything).result():
-            key = (binding.restype.name, binding.name)
-            found.setdefault(key, []).append(binding.operation.name)
-        return found
