@@ -102,19 +102,29 @@ class Right:
             return f"{self.resource_type}s starting with {self.name!r}"
         return f"{self.resource_type} {self.name!r}"
 
-    def acl_command(self, principal: str | None) -> str:
-        """The ``kafka-acls.sh`` command that grants it (run with an admin's credentials)."""
+    def acl_target(self) -> str:
+        """The resource as ``kafka-acls.sh`` options (``--topic NAME``...)."""
         target = _ACL_RESOURCE[self.resource_type]
         if self.resource_type != "cluster":
             target += f" {self.name}"
         if self.prefixed:
             target += " --resource-pattern-type prefixed"
-        operation = _ACL_OPERATION.get(self.operation, self.operation)
-        return (
-            "kafka-acls.sh --bootstrap-server <brokers> --command-config <admin.properties> "
-            f"--add --allow-principal {principal or 'User:<consumer>'} --operation {operation} "
-            f"{target}"
-        )
+        return target
+
+
+def acl_commands(rights: Iterable[Right], principal: str | None) -> list[str]:
+    """The ``kafka-acls.sh`` commands granting ``rights``: one per resource (run with an
+    admin's credentials)."""
+    operations: dict[str, list[str]] = {}
+    for right in rights:
+        operation = _ACL_OPERATION.get(right.operation, right.operation)
+        operations.setdefault(right.acl_target(), []).append(f"--operation {operation}")
+    return [
+        "kafka-acls.sh --bootstrap-server <brokers> --command-config <admin.properties> "
+        f"--add --allow-principal {principal or 'User:<consumer>'} "
+        f"{' '.join(dict.fromkeys(ops))} {target}"
+        for target, ops in operations.items()
+    ]
 
 
 def principal_of(properties: Mapping[str, object]) -> str | None:
@@ -136,7 +146,7 @@ def not_authorized(
         raise ValueError("not_authorized needs at least one missing right")
     who = principal or "this consumer's principal"
     lacks = "; ".join(f"{r.operation} on {r.resource()} (to {r.purpose})" for r in rights)
-    grants = "; ".join(r.acl_command(principal) for r in rights)
+    grants = "; ".join(acl_commands(rights, principal))
     first = rights[0]
     return NotAuthorizedError(
         f"{who} is not authorized: it lacks {lacks}. The broker answered {answer}. "
@@ -186,12 +196,21 @@ def required_rights(settings: Settings) -> tuple[dict[str, list[Right]], dict[st
             need(topics, Right("READ", "topic", topic, _CONSUME))
         need(groups, Right("READ", "group", kafka.group_id, "join the group (kafka.group_id)"))
     dead_letters = settings.processing.dead_letter_topic
-    need(topics, Right("WRITE", "topic", dead_letters, "write dead letters to it"))
+    need(
+        topics,
+        Right(
+            "WRITE",
+            "topic",
+            dead_letters,
+            "write dead letters to it (processing.dead_letter_topic)",
+        ),
+    )
     if settings.store.changelog:
         for topic in stage.kafka.topics:
             name = changelog_topic(stage.kafka.group_id, topic)
+            purpose = f"keep the changelog of {topic!r} (store.changelog)"
             for operation in ("READ", "WRITE", "DESCRIBE_CONFIGS"):
-                need(topics, Right(operation, "topic", name, "keep its changelog"))
+                need(topics, Right(operation, "topic", name, purpose))
     return topics, groups
 
 
@@ -311,7 +330,7 @@ def _creatable(admin: Any, topics: Mapping[str, list[Right]], answers: list[str]
     for name, answer in _answers(futures, 6.0).items():
         if isinstance(answer, KafkaError) and answer.code() in AUTHORIZATION_FAILED:
             purpose = topics[name][0].purpose
-            missing.append(Right("CREATE", "topic", name, f"{purpose} (it does not exist yet)"))
+            missing.append(Right("CREATE", "topic", name, f"{purpose}; it does not exist yet"))
             answers.append(f"{answer.name()} to a validate-only CreateTopics")
     return missing
 

@@ -163,7 +163,9 @@ def produce(secured: SecuredKafka, topic: str, ids: list[str | None]) -> None:
     keyed by the ID, so a duplicate lands on its first copy's partition (partition scope)."""
     producer = Producer({**secured.client_config(), "enable.idempotence": True})
     for event_id in ids:
-        headers = [("event-id", event_id.encode())] if event_id is not None else []
+        headers: list[tuple[str, str | bytes | None]] = (
+            [("event-id", event_id.encode())] if event_id is not None else []
+        )
         producer.produce(
             topic,
             key=(event_id or "no-id").encode(),
@@ -187,7 +189,7 @@ def committed_records(bootstrap: str, topic: str) -> int:
         }
     )
     consumer.subscribe([topic])
-    count, eof, deadline = 0, set(), time.monotonic() + 30
+    count, eof, deadline = 0, set[int](), time.monotonic() + 30
     try:
         while len(eof) < PARTITIONS and time.monotonic() < deadline:
             for m in consumer.consume(500, 0.5):
@@ -195,7 +197,7 @@ def committed_records(bootstrap: str, topic: str) -> int:
                 if error is None:
                     count += 1
                 elif error.code() == error._PARTITION_EOF:
-                    eof.add(m.partition())
+                    eof.add(m.partition() or 0)
         return count
     finally:
         consumer.close()
@@ -233,8 +235,10 @@ def test_with_every_right_events_are_handled_once_dead_lettered_and_changelogged
         assert proc.poll() is None, "the consumer stopped"
         plain = secured.broker.bootstrap_servers
         wait_for(
-            lambda: committed_offsets(plain, case.group, case.topic, PARTITIONS)
-            == end_offsets(plain, case.topic, PARTITIONS),
+            lambda: (
+                committed_offsets(plain, case.group, case.topic, PARTITIONS)
+                == end_offsets(plain, case.topic, PARTITIONS)
+            ),
             30,
             "the offsets committed",
         )
@@ -272,7 +276,9 @@ def test_a_missing_right_stops_the_start_naming_the_right_and_its_fix(
     except subprocess.TimeoutExpired:
         proc.kill()
         _, stderr = proc.communicate()
-        raise AssertionError(f"no start-up error in {START_UP_LIMIT_S} s:\n{stderr[-3000:]}")
+        raise AssertionError(
+            f"no start-up error in {START_UP_LIMIT_S} s:\n{stderr[-3000:]}"
+        ) from None
     took = time.monotonic() - started
     print(f"{without}: refused after {took:.1f} s")
     text = expected.format(
