@@ -1,6 +1,6 @@
 """A secured cluster: SASL_SSL (SCRAM-SHA-512 over TLS, a CA made for this run) and ACLs.
 
-One broker for the module (:class:`~dedupe_consumer.testing._secured.SecuredKafka`);
+One broker for the module (:class:`~dedupe_consumer.testing.SecuredKafka`);
 each case has its own topic, group and SCRAM user. With every right the consumer
 needs, ``dedupe-consumer run`` handles each event once, dead-letters a malformed
 one and writes its changelog in transactions. Without one right, it stops at
@@ -32,7 +32,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 )
 
 from dedupe_consumer.store.changelog_codec import changelog_topic
-from dedupe_consumer.testing._secured import Acl, ScramUser, SecuredKafka
+from dedupe_consumer.testing import Acl, ScramUser, SecuredKafka
 
 from ..faults.consumer_process import APPEND_HANDLER, REPO, effects_of
 from ..kafka_helpers import committed_offsets, end_offsets, read_all, wait_for
