@@ -145,7 +145,7 @@ def not_authorized(
     if not rights:
         raise ValueError("not_authorized needs at least one missing right")
     who = principal or "this consumer's principal"
-    lacks = "; ".join(f"{r.operation} on {r.resource()} (to {r.purpose})" for r in rights)
+    lacks = "; ".join(f"{r.operation} on {r.resource()}, to {r.purpose}" for r in rights)
     grants = "; ".join(acl_commands(rights, principal))
     first = rights[0]
     return NotAuthorizedError(
