@@ -19,7 +19,7 @@ with :func:`not_authorized`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Final
@@ -340,25 +340,35 @@ def _answer(error: KafkaError) -> str:
 
 
 def transaction_refused(
-    error: KafkaError, connection: KafkaConnection, transactional_id: str, group_id: str
+    error: KafkaError,
+    connection: KafkaConnection,
+    transactional_id: str,
+    group_id: str,
+    topics: Sequence[str] = (),
 ) -> NotAuthorizedError:
-    """The changelog producer's ``init_transactions`` (or a transaction) was refused.
+    """The changelog producer's ``init_transactions`` or a transaction was refused.
 
     The library's transactional ids are ``dedupe-consumer.<group>.<instance>``, one
-    per store: the right to grant is on their prefix.
+    per store: the right to grant is on their prefix. ``topics``: what the refused
+    transaction wrote to (its changelog topics and outputs), for a refused topic.
     """
     prefix = f"dedupe-consumer.{group_id}."
     prefixed = transactional_id.startswith(prefix)
     purpose = "run the changelog's transactions (store.changelog)"
     code = error.code()
     if code == KafkaError.CLUSTER_AUTHORIZATION_FAILED:
-        right = Right("IDEMPOTENT_WRITE", "cluster", "kafka-cluster", purpose)
+        rights = [Right("IDEMPOTENT_WRITE", "cluster", "kafka-cluster", purpose)]
     elif code == KafkaError.GROUP_AUTHORIZATION_FAILED:
-        right = Right("READ", "group", group_id, "commit offsets in the changelog's transactions")
+        rights = [
+            Right("READ", "group", group_id, "commit offsets in the changelog's transactions")
+        ]
+    elif code == KafkaError.TOPIC_AUTHORIZATION_FAILED and topics:
+        why = "write the batch in one transaction (one of these topics refused it)"
+        rights = [Right("WRITE", "topic", topic, why) for topic in topics]
     else:
         name = prefix if prefixed else transactional_id
-        right = Right("WRITE", "transactional id", name, purpose, prefixed=prefixed)
-    return not_authorized([right], principal_of(connection.properties), _answer(error))
+        rights = [Right("WRITE", "transactional id", name, purpose, prefixed=prefixed)]
+    return not_authorized(rights, principal_of(connection.properties), _answer(error))
 
 
 def consuming_refused(

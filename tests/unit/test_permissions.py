@@ -264,6 +264,29 @@ def test_the_transactional_id_refused_names_the_prefix(settings: Settings) -> No
     )
 
 
+def test_a_transaction_refused_while_running_names_its_topics_or_the_group(
+    settings: Settings,
+) -> None:
+    connection = settings.kafka.connection()
+    topic = transaction_refused(
+        KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED),
+        connection,
+        "dedupe-consumer.g.7f3a",
+        "g",
+        ["g.payments.1.dedupe-changelog"],
+    )
+    assert "WRITE on topic 'g.payments.1.dedupe-changelog'" in str(topic)
+    group = transaction_refused(
+        KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED), connection, "x", "g"
+    )
+    assert "READ on group 'g'" in str(group)
+    literal = transaction_refused(
+        KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED), connection, "mine", "g"
+    )
+    assert "WRITE on transactional id 'mine'" in str(literal)
+    assert "--transactional-id mine --" not in str(literal)  # not prefixed
+
+
 def test_a_fetch_refused_while_running_names_the_topic(settings: Settings) -> None:
     error = consuming_refused(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED), settings, TOPIC)
     assert f"READ on topic {TOPIC!r}" in str(error)
