@@ -14,6 +14,7 @@ never logged (a :class:`ScramUser`'s ``repr`` hides it).
 
 from __future__ import annotations
 
+import atexit
 import secrets
 import shutil
 import subprocess
@@ -159,7 +160,7 @@ class SecuredKafka:
     """
 
     def __init__(self, *, startup_timeout: float = 120.0) -> None:
-        self._tls_dir = Path(tempfile.mkdtemp(prefix="dedupe-tls-"))
+        self._tls_dir: Path | None = None
         self._startup_timeout = startup_timeout
         self._tls: TlsFiles | None = None
         self._broker: LocalKafka | None = None
@@ -184,7 +185,13 @@ class SecuredKafka:
         return self._tls.ca
 
     def start(self) -> Self:
-        self._tls = make_test_ca(self._tls_dir)
+        self._tls_dir = Path(tempfile.mkdtemp(prefix="dedupe-tls-"))
+        atexit.register(self.stop)  # the keys go with a run that never calls stop()
+        try:
+            self._tls = make_test_ca(self._tls_dir)
+        except BaseException:
+            self.stop()
+            raise
         prefix = f"listener.name.{LISTENER.lower()}"
         self._broker = LocalKafka(
             startup_timeout=self._startup_timeout,
@@ -216,10 +223,14 @@ class SecuredKafka:
         return self
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         self._internal = None
         if self._broker is not None:
-            self._broker.stop()
-        shutil.rmtree(self._tls_dir, ignore_errors=True)
+            self._broker.stop()  # its atexit hook covers a test run that never calls stop()
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
+            self._tls_dir = None
+            self._tls = None
 
     def __enter__(self) -> Self:
         return self.start()
