@@ -46,8 +46,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it without __all__
 
 from dedupe_consumer.config import KafkaConnection
-from dedupe_consumer.errors import NotOwnerError, StoreError
+from dedupe_consumer.errors import NotAuthorizedError, NotOwnerError, StoreError
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
+from dedupe_consumer.kafka.permissions import AUTHORIZATION_FAILED, transaction_refused
 from dedupe_consumer.kafka.producing import produce_waiting
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store.base import Output, ProcessedStore, WriteSet
@@ -198,6 +199,10 @@ class Changelog:
                 producer.init_transactions(self.timeout_s)
                 return producer
             except KafkaException as exc:
+                if exc.args[0].code() in AUTHORIZATION_FAILED:  # an ACL is missing: say which
+                    raise transaction_refused(
+                        exc.args[0], self.connection, self.transactional_id, self.group_id
+                    ) from None
                 if exc.args[0].fatal() or time.monotonic() > deadline:
                     raise StoreError(
                         f"cannot start the changelog producer (transactional.id "
@@ -417,7 +422,9 @@ class Changelog:
         Sets ``write.changelog_positions`` where ``store`` may advance. Returns
         the source offsets the transaction committed (empty without group
         metadata). Raises :class:`NotOwnerError` when the group fenced the
-        transaction (it is aborted), and :class:`StoreError` otherwise.
+        transaction (it is aborted), :class:`NotAuthorizedError` when the brokers
+        refused it a right (an ACL removed while running), and :class:`StoreError`
+        otherwise.
         """
         source = self.live_group_metadata if live else self.group_metadata
         metadata = source() if source is not None else None
@@ -532,8 +539,18 @@ class Changelog:
             )
         self._producer.commit_transaction(self.timeout_s)
 
-    def _failed(self, exc: KafkaException, write: WriteSet) -> StoreError:
+    def _failed(self, exc: KafkaException, write: WriteSet) -> StoreError | NotAuthorizedError:
         error: KafkaError = exc.args[0]
+        if error.code() in AUTHORIZATION_FAILED:  # a right taken away while running: say which
+            if error.fatal():
+                self._fatal = error
+            else:
+                self._abort()
+            topics = {self.topic(tp.topic) for tp in write.partitions()}
+            topics.update(o.topic for outputs in write.outputs.values() for o in outputs)
+            return transaction_refused(
+                error, self.connection, self.transactional_id, self.group_id, sorted(topics)
+            )
         if error.fatal():
             self._fatal = error
             # The producer is unusable. Only another producer with our transactional.id

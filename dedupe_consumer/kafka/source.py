@@ -51,6 +51,7 @@ from dedupe_consumer.kafka.logs import (
     kafka_log_config,
     plain_offset,
 )
+from dedupe_consumer.kafka.permissions import AUTHORIZATION_FAILED, consuming_refused
 from dedupe_consumer.kafka.topics import controller_known
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
@@ -648,6 +649,8 @@ class KafkaSource:
                     "instances, a new owner may repeat handler calls of the batch in flight",
                     fix="lower processing.batch_size or raise max.poll.interval.ms",
                 )
+            elif error.code() in AUTHORIZATION_FAILED:  # an ACL is missing (or was removed)
+                raise consuming_refused(error, self.settings, m.topic())
             elif error.fatal() or error.code() == KafkaError._FATAL:  # the message of one
                 raise KafkaException(error)  # has _FATAL, not itself flagged fatal
             else:

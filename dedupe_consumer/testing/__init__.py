@@ -3,7 +3,8 @@
 The framework's guarantees are about what a real broker does with offsets,
 groups and transactions, so its tests -- and its users' tests -- run against
 one: from ``$KAFKA_BOOTSTRAP_SERVERS``, a testcontainers container, or an
-Apache Kafka started from Maven Central jars (:class:`LocalKafka`).
+Apache Kafka started from Maven Central jars (:class:`LocalKafka`), or, for
+secured clusters, one with a SASL_SSL listener and ACLs (:class:`SecuredKafka`).
 """
 
 from dedupe_consumer.testing._errors import BrokerUnavailableError
@@ -15,14 +16,18 @@ from dedupe_consumer.testing._providers import (
     KafkaBroker,
     start_broker,
 )
+from dedupe_consumer.testing._secured import Acl, ScramUser, SecuredKafka
 
 __all__ = [
     "KAFKA_VERSION",
+    "Acl",
     "BrokerUnavailableError",
     "ContainerKafka",
     "ExternalKafka",
     "KafkaBroker",
     "LocalKafka",
+    "ScramUser",
+    "SecuredKafka",
     "resolve_kafka_libs",
     "start_broker",
 ]
