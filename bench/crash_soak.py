@@ -1,6 +1,7 @@
 """Crash soak: every mode, SIGKILLed many times, and what it cost.
 
     python -m bench.crash_soak --kills 200 --events 20000
+    python -m bench.crash_soak --kills 60 --events 5000 --concurrent   # the parallel modes
 
 Runs the kill suite of ``tests/faults/suite.py`` (real consumer processes, a
 real broker, SIGKILL at random moments and at every named fault point) with
@@ -17,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tests.faults.suite import MODES, run_mode
+from tests.faults.suite import CONCURRENT_MODES, MODES, run_mode
 
 
 def main() -> None:
@@ -27,7 +28,13 @@ def main() -> None:
     parser.add_argument("--duplicates", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="the modes with handlers in parallel (concurrency 8 or 4) instead",
+    )
     args = parser.parse_args()
+    modes = CONCURRENT_MODES if args.concurrent else MODES
 
     out = Console()
     broker = None
@@ -37,11 +44,11 @@ def main() -> None:
 
         broker = start_broker()
         bootstrap = broker.bootstrap_servers
-    per_mode = max(1, args.kills // len(MODES))
+    per_mode = max(1, args.kills // len(modes))
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="crash-soak-") as tmp:
-            for n, mode in enumerate(MODES):
+            for n, mode in enumerate(modes):
                 out.print(f"[bold]{mode.name}[/]: {per_mode} kills over {args.events:,} events")
                 result = run_mode(
                     bootstrap,
@@ -53,6 +60,8 @@ def main() -> None:
                     seed=n + 1,
                     batch=args.batch,
                     timeout_s=60 + per_mode * 6,
+                    # parallel modes gather batches into one write while one persists
+                    max_unpersisted=2 * args.batch if args.concurrent else 1,
                 )
                 rows.append(result.row())
                 out.print(result.row())

@@ -4,18 +4,20 @@
     python -m bench.restore measure --topic T --group G    # once per code version
     python -m bench.restore delete --topic T --group G     # the source and changelog topics
 
-``fill`` creates a one-partition source topic and fills its changelog with
-``--ids`` decided event IDs (and a watermark) through the package's own
+``fill`` creates a source topic of ``--partitions`` partitions (1 by default)
+and fills its changelog with ``--ids`` decided event IDs (ID ``i`` on partition
+``i % partitions``, and a watermark per partition) through the package's own
 :meth:`Changelog.write` (same records, same transactions, no copy of the
-encoding), in transactions of ``--chunk`` records. The source topic gets one
-event, at offset 0, whose ID is among them: it sits at the watermark.
+encoding), in transactions of ``--chunk`` records. Each source partition gets
+one event, at offset 0, whose ID is among its own: it sits at the watermark.
 
 ``measure`` produces one new event to the source topic, then starts a real
 :class:`DedupeConsumer` of the group on the real broker with an **empty
 store** in a child process, and reports:
 
-* assignment → first decision: from entering the assign callback (which runs
-  the restore) to the handler's call for the new event;
+* assignment → first decision: from entering the assign callback to the
+  handler's call for the new event (with several partitions: to the first
+  decision on the last partition to be restored, i.e. all of them deciding);
 * the restore alone (the ``dedupe_restore_seconds`` metric) and IDs/s;
 * peak RSS of the child (``ru_maxrss``), which only restores and decides;
 * a check that the first and the last filled IDs are in the store afterwards.
@@ -67,12 +69,16 @@ def fill(args: argparse.Namespace) -> None:
     topic = f"bench-restore-{token}"
     group = f"bench-restore-{token}"
     id_token = f"restore-{token[:15]}"
+    partitions = args.partitions
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(topic, 1, 1)]).values():
+    for future in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
         future.result()
     producer = Producer({"bootstrap.servers": bootstrap})
-    first_id = _event_id(id_token, 0)
-    producer.produce(topic, key=first_id.encode(), value=b"{}", headers=[("event-id", first_id)])
+    for p in range(partitions):
+        first_id = _event_id(id_token, p)
+        producer.produce(
+            topic, key=first_id.encode(), value=b"{}", headers=[("event-id", first_id)], partition=p
+        )
     assert producer.flush(30) == 0
     changelog = Changelog(
         KafkaConnection(bootstrap_servers=bootstrap),
@@ -82,20 +88,21 @@ def fill(args: argparse.Namespace) -> None:
         producer_config={"linger.ms": 50, "batch.size": 1_000_000, "compression.type": "lz4"},
     )
     changelog.ensure_topics([topic])
-    tp = TopicPartition(topic, 0)
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
     now_ms = int(time.time() * 1000)
     digest = b"\x01" * 8
     started = time.monotonic()
     done = 0
     while done < args.ids:
         n = min(args.chunk, args.ids - done)
-        records = [
-            (_event_id(id_token, i), IdRecord(RecordStatus.HANDLED, 0, now_ms, digest))
-            for i in range(done, done + n)
-        ]
+        records: dict[TopicPartition, list[tuple[str, IdRecord]]] = {tp: [] for tp in tps}
+        for i in range(done, done + n):
+            record = IdRecord(RecordStatus.HANDLED, 0, now_ms, digest)
+            records[tps[i % partitions]].append((_event_id(id_token, i), record))
         done += n
-        # The watermark: offset 0 of the source topic (the one event there) is decided.
-        changelog.write(WriteSet({tp: records}, watermarks={tp: 0} if done == args.ids else {}))
+        # The watermarks: offset 0 of each partition (the one event there) is decided.
+        last = done == args.ids
+        changelog.write(WriteSet(records, watermarks=dict.fromkeys(tps, 0) if last else {}))
         elapsed = time.monotonic() - started
         print(f"  filled {done:,} IDs in {elapsed:.0f}s", file=sys.stderr)
     changelog.close()
@@ -105,6 +112,7 @@ def fill(args: argparse.Namespace) -> None:
                 "topic": topic,
                 "group": group,
                 "ids": args.ids,
+                "partitions": partitions,
                 "id_token": id_token,
                 "fill_s": round(time.monotonic() - started, 1),
             }
@@ -134,25 +142,44 @@ def child(args: argparse.Namespace) -> None:
     from dedupe_consumer.store import RocksStore
 
     bootstrap = args.bootstrap
-    new_id = f"new-{uuid.uuid4()}"
+    partitions = len(
+        AdminClient({"bootstrap.servers": bootstrap})
+        .list_topics(args.topic, timeout=30)
+        .topics[args.topic]
+        .partitions
+    )
+    new_ids = {f"new-{p}-{uuid.uuid4()}": p for p in range(partitions)}  # one per partition
     producer = Producer({"bootstrap.servers": bootstrap})
-    producer.produce(args.topic, key=new_id.encode(), value=b"{}", headers=[("event-id", new_id)])
+    for new_id, p in new_ids.items():
+        producer.produce(
+            args.topic,
+            key=new_id.encode(),
+            value=b"{}",
+            headers=[("event-id", new_id)],
+            partition=p,
+        )
     assert producer.flush(30) == 0
 
     marks: dict[str, float] = {}
     listener = consumer_module._Listener
-    original = listener.on_assigned
+    # The assignment's first call to the listener: prepare (the restore then runs off the
+    # polling thread), or on_assigned in versions that restored inside it.
+    first_call = "prepare" if hasattr(listener, "prepare") else "on_assigned"
+    original = getattr(listener, first_call)
 
-    def on_assigned(self: Any, *a: Any, **kw: Any) -> Any:
+    def assigned(self: Any, *a: Any, **kw: Any) -> Any:
         marks.setdefault("assigned", time.monotonic())
         return original(self, *a, **kw)
 
-    listener.on_assigned = on_assigned  # type: ignore[method-assign]
+    setattr(listener, first_call, assigned)
 
     class FirstDecision(Handler):
         def handle(self, event: Event) -> None:
-            if event.id == new_id:
-                marks.setdefault("decided", time.monotonic())
+            if event.id in new_ids:
+                marks.setdefault(event.id, time.monotonic())
+                marks.setdefault("first", time.monotonic())
+                if all(i in marks for i in new_ids):
+                    marks.setdefault("decided", time.monotonic())
 
     settings = Settings.load(
         kafka={
@@ -175,14 +202,10 @@ def child(args: argparse.Namespace) -> None:
     # The restored state: every filled ID is in the store (spot checks at both ends).
     store = RocksStore(Path(args.store), retention_ms=7 * 86_400_000)
     try:
-        tp = TopicPartition(args.topic, 0)
-        ids = store.lookup(
-            tp,
-            [_event_id(args.id_token, 0), _event_id(args.id_token, args.ids - 1)]
-            if args.ids
-            else [],
-            int(time.time() * 1000),
-        )
+        ids = []
+        for index in (0, args.ids - 1) if args.ids else ():
+            tp = TopicPartition(args.topic, index % partitions)
+            ids += store.lookup(tp, [_event_id(args.id_token, index)], int(time.time() * 1000))
     finally:
         store.close()
     seconds = marks["decided"] - marks["assigned"]
@@ -190,7 +213,11 @@ def child(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "assign_to_first_decision_s": round(seconds, 2),
-                "restore_s": round(restore_s, 2),
+                "assign_to_first_partition_deciding_s": round(
+                    marks["first"] - marks["assigned"], 2
+                ),
+                "partitions": partitions,
+                "restore_s_sum": round(restore_s, 2),
                 "ids_per_s_restore": round(args.ids / restore_s) if restore_s else None,
                 "start_to_first_decision_s": round(marks["decided"] - started, 2),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -219,6 +246,7 @@ def main() -> None:
     p = sub.add_parser("fill")
     p.add_argument("--ids", type=int, default=1_000_000)
     p.add_argument("--chunk", type=int, default=200_000, help="records per transaction")
+    p.add_argument("--partitions", type=int, default=1, help="of the source topic")
     p.add_argument("--bootstrap")
     for name in ("measure", "_child", "delete"):
         p = sub.add_parser(name)

@@ -77,12 +77,22 @@ class _Listener:
         self.engine = engine
         self.hooks = hooks
 
+    def prepare(self, tps: Sequence[TopicPartition]) -> Sequence[TopicPartition]:
+        return self.engine.prepare(tps)
+
+    def restore(self, tp: TopicPartition, stopping: Callable[[], bool]) -> int:
+        return self.engine.restore(tp, stopping)
+
+    def on_restore_cancelled(self, tps: Sequence[TopicPartition]) -> None:
+        self.engine.cancel_restore(tps)
+
     def on_assigned(
         self,
         tps: Sequence[TopicPartition],
         logs: Mapping[TopicPartition, PartitionLog] | None = None,
+        restored: Mapping[TopicPartition, int] | None = None,
     ) -> Mapping[TopicPartition, int | None]:
-        starts = self.engine.assign(tps, logs)  # restored first: hooks see partitions ready
+        starts = self.engine.assign(tps, logs, restored)  # hooks see partitions ready
         for hook in self.hooks.assign:
             hook(tps)
         return starts

@@ -80,17 +80,35 @@ class BatchResult:
 
 
 class AssignmentListener(Protocol):
-    """The loop's side of a source: told about partitions coming and going."""
+    """The loop's side of a source: told about partitions coming and going.
+
+    A source that can keep polling while state is restored (the Kafka source) calls
+    :meth:`prepare`, then :meth:`restore` for each partition it returned (on other
+    threads), then :meth:`on_assigned` with what each restore applied. A simpler one
+    calls :meth:`on_assigned` alone, which restores in line.
+    """
+
+    def prepare(self, tps: Sequence[TopicPartition]) -> Sequence[TopicPartition]:
+        """The partitions are coming: return those whose state must be restored first."""
+
+    def restore(self, tp: TopicPartition, stopping: Callable[[], bool]) -> int:
+        """Restore one prepared partition's state (any thread); the records applied.
+        Raises once ``stopping()`` is true (the partition went meanwhile)."""
+
+    def on_restore_cancelled(self, tps: Sequence[TopicPartition]) -> None:
+        """Prepared partitions went before :meth:`on_assigned`: they were never owned."""
 
     def on_assigned(
         self,
         tps: Sequence[TopicPartition],
         logs: Mapping[TopicPartition, PartitionLog] | None = None,
+        restored: Mapping[TopicPartition, int] | None = None,
     ) -> Mapping[TopicPartition, int | None]:
         """Return the offset to resume each partition from (None: the committed offset).
 
         ``logs``, when the source can tell, describes each partition's log, so that
         a topic that was recreated or truncated is not mistaken for a replay.
+        ``restored``: the records each :meth:`restore` applied (None: restore now).
         """
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:

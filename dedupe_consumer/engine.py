@@ -330,6 +330,9 @@ class Engine:
         self._revoked: dict[TopicPartition, float] = {}
         """Partitions with local state that we do not own, and since when (clock seconds)."""
         self._revoked_listed = False
+        self._restoring: set[TopicPartition] = set()
+        """Partitions being restored (:meth:`prepare` to :meth:`assign`): not owned yet,
+        and their state is not to be dropped as a revoked partition's."""
         self._stopping = threading.Event()
         self._sweep_budget = sweep_keys
         self._revoked_grace_s = revoked_state_grace.total_seconds()
@@ -435,27 +438,28 @@ class Engine:
         self,
         tps: Sequence[TopicPartition],
         logs: Mapping[TopicPartition, PartitionLog] | None = None,
+        restored: Mapping[TopicPartition, int] | None = None,
     ) -> dict[TopicPartition, int | None]:
         """Take ownership of partitions; return where each should resume (watermark + 1).
 
         ``logs`` (from the Kafka source) lets a partition whose offsets went back below
         its watermark be caught here, before its new events are taken for replays.
+
+        ``restored``: the partitions' state was already restored (by :meth:`restore`
+        after :meth:`prepare`, off the polling thread), with that many changelog records
+        each. Without it, the restore runs here, one partition after the other.
         """
-        self._settle_all()  # the changelog producer and the store are ours alone now
+        if restored is None:
+            restored = {tp: self.restore(tp) for tp in self.prepare(tps)}
+        else:  # restored beside the loop: a write may be in flight on the persister since
+            self._settle_all()  # the changelog producer and the store are ours alone now
+        for tp, applied in restored.items():
+            self._restoring.discard(tp)
+            orphan = self._orphans.pop(tp, None)
+            if orphan is not None and applied == 0:
+                self._adopt(tp, orphan.write, live=True)
         starts: dict[TopicPartition, int | None] = {}
-        for topic in {tp.topic for tp in tps}:
-            self.metrics.topic_seen(topic, self.processing.on_uncertain)
-        if self.changelog is not None and tps:
-            self.changelog.ensure_topics({tp.topic for tp in tps})
-            for tp in tps:  # state travels with the partition: catch up before deciding
-                restore_started = time.monotonic()
-                applied = self.changelog.restore(tp, self.store)
-                self.metrics.restore_seconds.labels(tp.topic).observe(
-                    time.monotonic() - restore_started
-                )
-                orphan = self._orphans.pop(tp, None)
-                if orphan is not None and applied == 0:
-                    self._adopt(tp, orphan.write, live=True)
+
         for tp in tps:
             wm = self.store.watermark(tp)
             start = None if wm is None else wm + 1
@@ -478,6 +482,46 @@ class Engine:
         )
         self._measure_store()
         return starts
+
+    def prepare(self, tps: Sequence[TopicPartition]) -> list[TopicPartition]:
+        """Get ready to restore ``tps``; return those whose state comes from the changelog.
+
+        Until :meth:`assign` takes them, they are neither owned nor revoked: nothing of
+        this instance writes their state but their :meth:`restore`.
+        """
+        self._settle_all()  # the changelog producer and the store are ours alone now
+        for topic in {tp.topic for tp in tps}:
+            self.metrics.topic_seen(topic, self.processing.on_uncertain)
+        if self.changelog is None or not tps:
+            return []
+        self.changelog.ensure_topics({tp.topic for tp in tps})
+        for tp in tps:
+            self._revoked.pop(tp, None)  # its state is being built again, not dropped
+            self._restoring.add(tp)
+        return list(tps)
+
+    def restore(self, tp: TopicPartition, stopping: Callable[[], bool] | None = None) -> int:
+        """Catch ``tp``'s state up from the changelog (state travels with the partition).
+
+        Safe on another thread than the polling one, several partitions at once: it
+        writes only ``tp``'s state. Returns the changelog records applied; a ``stopping``
+        that turns true ends it early (:class:`RestoreCancelled`).
+        """
+        if self.changelog is None:
+            return 0
+        restore_started = time.monotonic()
+        applied = self.changelog.restore(tp, self.store, stopping=stopping)
+        self.metrics.restore_seconds.labels(tp.topic).observe(time.monotonic() - restore_started)
+        return applied
+
+    def cancel_restore(self, tps: Sequence[TopicPartition]) -> None:
+        """Restores of ``tps`` were stopped (the partitions went): their partial state is
+        dropped after the grace period, like any revoked partition's."""
+        now = self.clock()
+        for tp in tps:
+            if tp in self._restoring:
+                self._restoring.discard(tp)
+                self._revoked[tp] = now
 
     def _note_partition_count(self, topic: str, count: int) -> None:
         known = self._partition_counts.get(topic)
@@ -735,7 +779,7 @@ class Engine:
         if not self._revoked_listed:
             self._revoked_listed = True
             for tp in self.store.partitions():
-                if tp not in self._watermarks:
+                if tp not in self._watermarks and tp not in self._restoring:
                     self._revoked.setdefault(tp, now)
         if not self._revoked:
             return

@@ -22,6 +22,27 @@ class ConfigError(DedupeError):
     """Settings are unusable; raised at start-up, before anything is consumed."""
 
 
+class NotAuthorizedError(ConfigError):
+    """The brokers refuse this consumer's principal a right it needs (an ACL is missing).
+
+    Raised at start-up, by the checks that ask the brokers what the principal may
+    do, and while running when a right is taken away (the consumer stops). The
+    message names the operation, the resource and the ``kafka-acls`` command
+    that grants it; the attributes say the same for programs.
+    """
+
+    def __init__(
+        self, message: str, operation: str = "", resource_type: str = "", resource: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        """The ACL operation missing, as Kafka names it: ``READ``, ``WRITE``, ``CREATE``..."""
+        self.resource_type = resource_type
+        """``topic``, ``group``, ``transactional id`` or ``cluster``."""
+        self.resource = resource
+        """The resource's name (a prefix for a transactional id)."""
+
+
 class StoreError(DedupeError):
     """The processed-ID store cannot be opened or written."""
 

@@ -13,14 +13,15 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # the secured broker's test CA
 # promtool and prometheus: the alert rule tests and the dashboard test (a real Prometheus).
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing ${need_apt[*]} (the local Kafka broker needs Java 17+ and Maven; the alert and dashboard tests, prometheus)"
+    echo "installing ${need_apt[*]} (the local Kafka broker needs Java 17+ and Maven; the secured broker, openssl; the alert and dashboard tests, prometheus)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
   else
-    echo "warning: ${need_apt[*]} missing; the local Kafka broker needs Java 17+ and Maven, the alert and dashboard tests promtool and prometheus (Debian's prometheus package)" >&2
+    echo "warning: ${need_apt[*]} missing; the local Kafka broker needs Java 17+ and Maven, the secured broker openssl, the alert and dashboard tests promtool and prometheus (Debian's prometheus package)" >&2
   fi
 fi
 

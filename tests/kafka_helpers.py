@@ -6,14 +6,15 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from dedupe_consumer import Settings
+from dedupe_consumer import Settings, models
+from dedupe_consumer.contracts import PartitionLog
 from dedupe_consumer.models import SourceMessage, header_pairs
 
 
@@ -157,3 +158,33 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
 
 def admin(bootstrap: str) -> AdminClient:
     return AdminClient({"bootstrap.servers": bootstrap})
+
+
+class NullListener:
+    """An assignment listener that owns nothing: no state to restore, no offsets to
+    resume from, nothing to settle. Subclass it to watch one callback."""
+
+    def prepare(self, tps: Sequence[models.TopicPartition]) -> Sequence[models.TopicPartition]:
+        return []
+
+    def restore(self, tp: models.TopicPartition, stopping: Callable[[], bool]) -> int:
+        return 0
+
+    def on_restore_cancelled(self, tps: Sequence[models.TopicPartition]) -> None:
+        return None
+
+    def on_assigned(
+        self,
+        tps: Sequence[models.TopicPartition],
+        logs: Mapping[models.TopicPartition, PartitionLog] | None = None,
+        restored: Mapping[models.TopicPartition, int] | None = None,
+    ) -> Mapping[models.TopicPartition, int | None]:
+        return {}
+
+    def on_revoked(
+        self, tps: Sequence[models.TopicPartition]
+    ) -> Mapping[models.TopicPartition, int]:
+        return {}
+
+    def on_lost(self, tps: Sequence[models.TopicPartition]) -> None:
+        return None

@@ -46,8 +46,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 from confluent_kafka.cimpl import NewPartitions, NewTopic  # admin re-exports it without __all__
 
 from dedupe_consumer.config import KafkaConnection
-from dedupe_consumer.errors import NotOwnerError, StoreError
+from dedupe_consumer.errors import NotAuthorizedError, NotOwnerError, StoreError
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
+from dedupe_consumer.kafka.permissions import AUTHORIZATION_FAILED, transaction_refused
 from dedupe_consumer.kafka.producing import produce_waiting
 from dedupe_consumer.kafka.replication import replication_factor
 from dedupe_consumer.librdkafka import DURABLE_PRODUCER
@@ -117,6 +118,10 @@ def _generation(metadata: object) -> int:
 
 _HANG_MARGIN_S = 10.0
 """How long past its own timeout a producer call may block before it counts as stuck."""
+
+
+class RestoreCancelled(Exception):
+    """A restore was stopped before its end (the partition went, or the consumer stops)."""
 
 
 class _ProducerStuck(Exception):
@@ -197,6 +202,10 @@ class Changelog:
                 producer.init_transactions(self.timeout_s)
                 return producer
             except KafkaException as exc:
+                if exc.args[0].code() in AUTHORIZATION_FAILED:  # an ACL is missing: say which
+                    raise transaction_refused(
+                        exc.args[0], self.connection, self.transactional_id, self.group_id
+                    ) from None
                 if exc.args[0].fatal() or time.monotonic() > deadline:
                     raise StoreError(
                         f"cannot start the changelog producer (transactional.id "
@@ -421,7 +430,9 @@ class Changelog:
         Sets ``write.changelog_positions`` where ``store`` may advance. Returns
         the source offsets the transaction committed (empty without group
         metadata). Raises :class:`NotOwnerError` when the group fenced the
-        transaction (it is aborted), and :class:`StoreError` otherwise.
+        transaction (it is aborted), :class:`NotAuthorizedError` when the brokers
+        refused it a right (an ACL removed while running), and :class:`StoreError`
+        otherwise.
         """
         source = self.live_group_metadata if live else self.group_metadata
         metadata = source() if source is not None else None
@@ -536,8 +547,18 @@ class Changelog:
             )
         self._producer.commit_transaction(self.timeout_s)
 
-    def _failed(self, exc: KafkaException, write: WriteSet) -> StoreError:
+    def _failed(self, exc: KafkaException, write: WriteSet) -> StoreError | NotAuthorizedError:
         error: KafkaError = exc.args[0]
+        if error.code() in AUTHORIZATION_FAILED:  # a right taken away while running: say which
+            if error.fatal():
+                self._fatal = error
+            else:
+                self._abort()
+            topics = {self.topic(tp.topic) for tp in write.partitions()}
+            topics.update(o.topic for outputs in write.outputs.values() for o in outputs)
+            return transaction_refused(
+                error, self.connection, self.transactional_id, self.group_id, sorted(topics)
+            )
         if error.fatal():
             self._fatal = error
             # The producer is unusable. Only another producer with our transactional.id
@@ -695,7 +716,13 @@ class Changelog:
 
     # -- restoring -------------------------------------------------------------------------
 
-    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
+    def restore(
+        self,
+        tp: TopicPartition,
+        store: ProcessedStore,
+        *,
+        stopping: Callable[[], bool] | None = None,
+    ) -> int:
         """Apply committed changelog records of ``tp`` from the stored position to the end.
 
         Reads with ``isolation.level=read_committed``. librdkafka's partition EOF
@@ -707,6 +734,11 @@ class Changelog:
         decision is never restored without its effects and watermark. The next
         offset is stored as the partition's changelog position. Returns the
         number of committed records read (0: nobody wrote since this store's last write).
+
+        ``stopping`` is asked before the first read and then at every read (at most a
+        second apart) and before every write: when it turns true,
+        :class:`RestoreCancelled` is raised. What was applied stays, each chunk with
+        its position, and the next restore reads on from it or rebuilds.
         """
         name = self.topic(tp.topic)
         key = self.position_key(tp)
@@ -728,6 +760,8 @@ class Changelog:
             ktp = KafkaTopicPartition(name, tp.partition)
             low = self._low(consumer, ktp)
             high = self._high(ktp)
+            if stopping is not None and stopping():  # the reads above may have waited
+                raise RestoreCancelled(f"restore of {tp} stopped before it read")
             if start is None and high > low and tp in store.partitions():
                 # Partial local state without a watermark (a drop cut short): start over.
                 self._restart_log(tp, name, start, high, "local state without a watermark")
@@ -756,6 +790,8 @@ class Changelog:
             stalled_after = time.monotonic() + self.timeout_s
             open_since: float | None = None
             while end is None:
+                if stopping is not None and stopping():
+                    raise RestoreCancelled(f"restore of {tp} stopped at offset {position}")
                 now = time.monotonic()
                 if open_since is None and now > stalled_after:
                     raise StoreError(
@@ -819,6 +855,8 @@ class Changelog:
                 if last is not None:
                     stalled_after = time.monotonic() + self.timeout_s
                     position = (last.offset() or 0) + 1
+                if stopping is not None and stopping():
+                    raise RestoreCancelled(f"restore of {tp} stopped at offset {position}")
                 if len(pending) >= _RESTORE_CHUNK and end is None:
                     # Bounded memory: apply what was read so far, with the position after
                     # it, in one atomic but unsynced write; the last apply syncs. A crash

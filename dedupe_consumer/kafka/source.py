@@ -20,11 +20,15 @@ import contextlib
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
     OFFSET_INVALID,
     Consumer,
     KafkaError,
@@ -41,12 +45,13 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 from dedupe_consumer.config import Settings
 from dedupe_consumer.contracts import AssignmentListener, PartitionLog
 from dedupe_consumer.errors import CommitError
-from dedupe_consumer.kafka.changelog import Changelog
+from dedupe_consumer.kafka.changelog import Changelog, RestoreCancelled
 from dedupe_consumer.kafka.logs import (
     kafka_error_fields,
     kafka_log_config,
     plain_offset,
 )
+from dedupe_consumer.kafka.permissions import AUTHORIZATION_FAILED, consuming_refused
 from dedupe_consumer.kafka.topics import controller_known
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
@@ -58,10 +63,47 @@ READ_AHEAD_BYTES = 32 * 1024 * 1024
 :meth:`KafkaSource.keep_alive`)."""
 LAG_EVERY_S = 1.0
 """``dedupe_consumer_lag`` is refreshed at most this often (from a poll)."""
+RESTORE_THREADS = 4
+"""Partitions restored at once (each with its own changelog reader)."""
+PLACE_WAIT_S = 5.0
+"""How long a restored partition with a watermark waits for the group's commit to be
+readable before it starts after the watermark (asked at each poll, 0.5 s at most)."""
+RESTORE_STOP_WAIT_S = 30.0
+"""How long a revocation waits for a stopped restore to end (it checks every second)."""
+
+
+@dataclass
+class _Restore:
+    """A partition assigned paused while its state is restored on a worker thread."""
+
+    tp: TopicPartition
+    log: PartitionLog | None
+    future: Future[int]
+    cancelled: threading.Event
+
+
+@dataclass
+class _Unplaced:
+    """A restored partition, owned and paused until its start is known and sought."""
+
+    partition: KafkaTopicPartition
+    start: int | None
+    """The watermark + 1 (None: no watermark; the group's commit alone decides)."""
+    log: PartitionLog | None
+    since: float
+    """When its restore was taken (``time.monotonic()``)."""
+    placed: bool = False
+    """Its start is set in ``partition.offset`` (the seek may still be refused)."""
+    deferred: bool = False
+    refused: bool = False
 
 
 def _kafka_offsets(offsets: Mapping[TopicPartition, int]) -> list[KafkaTopicPartition]:
     return [KafkaTopicPartition(tp.topic, tp.partition, o) for tp, o in offsets.items()]
+
+
+def _tp(partition: KafkaTopicPartition) -> TopicPartition:
+    return TopicPartition(partition.topic, partition.partition)
 
 
 def _tps(partitions: Sequence[KafkaTopicPartition]) -> list[TopicPartition]:
@@ -126,6 +168,18 @@ class KafkaSource:
         self._kept_bytes = 0
         """The value bytes :attr:`_kept` holds (``len`` of a message)."""
         self._paused = False
+        self._restoring: dict[TopicPartition, _Restore] = {}
+        """Partitions assigned paused while their state is restored (:meth:`_on_assign`)."""
+        self._parked: dict[TopicPartition, _Restore] = {}
+        """Restores of partitions an eager rebalance revoked: kept going until the next
+        assignment says whether the partition came back."""
+        self._owned: set[TopicPartition] = set()
+        """Partitions the listener took (``on_assigned``): the ones to give back."""
+        self._unplaced: dict[TopicPartition, _Unplaced] = {}
+        """Restored and owned, paused until their start is known and sought."""
+        self._stale: dict[TopicPartition, Future[int]] = {}
+        """Stopped restores that did not end in time, by partition (see _start_restores)."""
+        self._restorer: ThreadPoolExecutor | None = None
         self._lag_at = float("-inf")
         """When ``dedupe_consumer_lag`` was last set (:meth:`_note_lag`)."""
         strategy = str(conf.get("partition.assignment.strategy", ""))
@@ -149,30 +203,34 @@ class KafkaSource:
     # -- rebalance callbacks (run inside consume()) --------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        """Take the partitions: those whose state needs no restore resume at once; the
+        others are assigned paused while their restore runs on other threads, and
+        resume from :meth:`_take_restored` once it is done. Polling goes on meanwhile,
+        so a long restore never costs the group membership (``max.poll.interval.ms``).
+        """
         logs = self._partition_logs(partitions)
-        resume = self.listener.on_assigned(_tps(partitions), logs)
-        committed: list[KafkaTopicPartition] | None = None
-        if any(v is not None for v in resume.values()):
-            try:
-                committed = consumer.committed(partitions, timeout=30)
-            except KafkaException as exc:
-                log.warning("committed_offsets_unavailable", **kafka_error_fields(exc))
-        for i, p in enumerate(partitions):
-            tp = TopicPartition(p.topic, p.partition)
-            start = resume.get(tp)
-            done = committed[i].offset if committed is not None else OFFSET_INVALID
-            if tp in logs and done > logs[tp].high:
-                done = OFFSET_INVALID  # past the end of the log: a truncated or new topic
-            # max(committed, watermark + 1): another instance may have gone further.
-            if start is not None and (done < 0 or start > done):
-                p.offset = start
-                # Decided but not committed (a crash between persist and commit): commit
-                # it now, or an idle partition would show that lag forever.
-                self.uncommitted[TopicPartition(p.topic, p.partition)] = start
-                self._recommit = True
-            else:
-                p.offset = done if done >= 0 else OFFSET_INVALID
-        log.info("assigned", partitions=_starts(partitions, resume, committed is not None))
+        tps = _tps(partitions)
+        # An eager rebalance revokes everything, then assigns: a restore parked by the
+        # revocation goes on if its partition came back, and is stopped if not.
+        kept = {tp: self._parked.pop(tp) for tp in tps if tp in self._parked}
+        self._stop_restores(list(self._parked), parked=True)
+        restoring = set(self.listener.prepare([tp for tp in tps if tp not in kept]))
+        restoring.update(kept)
+        ready = [p for p in partitions if TopicPartition(p.topic, p.partition) not in restoring]
+        later = [p for p in partitions if TopicPartition(p.topic, p.partition) in restoring]
+        if ready:
+            ready_tps = _tps(ready)
+            resume = self.listener.on_assigned(ready_tps, logs, {})
+            self._owned.update(ready_tps)
+            wanted = any(v is not None for v in resume.values())
+            self._place(ready, resume, logs, self._committed(ready, 30) if wanted else None)
+        for p in later:
+            # Assigned at a placeholder, never read (paused until sought to its start):
+            # a partition assigned without an offset is not started before librdkafka
+            # reads the group's commit, which stays unreadable while a previous owner's
+            # transaction with offsets is open, and an unstarted partition refuses seeks.
+            low = logs.get(_tp(p))
+            p.offset = low.low if low is not None else OFFSET_BEGINNING
         if self.cooperative:
             consumer.incremental_assign(partitions)
         else:
@@ -181,7 +239,195 @@ class KafkaSource:
         # assignment: one paused by keep_alive would never be fetched again. A batch
         # still being walked past its read-ahead bound pauses it anew at the next
         # keep_alive.
-        consumer.resume(partitions)
+        if ready:
+            consumer.resume(ready)
+        if later:
+            consumer.pause(later)  # nothing of theirs is decided before their state is
+            for tp, restore in kept.items():
+                restore.log = logs.get(tp, restore.log)
+                self._restoring[tp] = restore
+            self._start_restores([p for p in later if _tp(p) not in kept], logs)
+
+    def _place(
+        self,
+        partitions: list[KafkaTopicPartition],
+        resume: Mapping[TopicPartition, int | None],
+        logs: Mapping[TopicPartition, PartitionLog],
+        committed: list[KafkaTopicPartition] | None,
+    ) -> None:
+        """Set each partition's start: the group's commit (``committed``, None when not
+        known), or the store's watermark + 1 when that is further (another instance may
+        have gone further than us, or an operator moved the group's offsets on)."""
+        for i, p in enumerate(partitions):
+            tp = _tp(p)
+            start = resume.get(tp)
+            done = committed[i].offset if committed is not None else OFFSET_INVALID
+            if tp in logs and done > logs[tp].high:
+                done = OFFSET_INVALID  # past the end of the log: a truncated or new topic
+            if start is not None and (done < 0 or start > done):
+                p.offset = start
+                # Decided but not committed (a crash between persist and commit): commit
+                # it now, or an idle partition would show that lag forever.
+                self.uncommitted[tp] = start
+                self._recommit = True
+            else:
+                p.offset = done if done >= 0 else OFFSET_INVALID
+        log.info("assigned", partitions=_starts(partitions, resume, committed is not None))
+
+    def _committed(
+        self, partitions: list[KafkaTopicPartition], timeout_s: float, *, warn: bool = True
+    ) -> list[KafkaTopicPartition] | None:
+        """The group's commits of ``partitions``; None when they cannot be read in time
+        (e.g. unstable: a previous owner's transaction with offsets is still open)."""
+        try:
+            committed: list[KafkaTopicPartition] = self._consumer.committed(
+                partitions, timeout=timeout_s
+            )
+            return committed
+        except KafkaException as exc:
+            if warn:
+                log.warning("committed_offsets_unavailable", **kafka_error_fields(exc))
+            return None
+
+    # -- restores (off the polling thread) -------------------------------------------------
+
+    def _start_restores(
+        self, partitions: list[KafkaTopicPartition], logs: Mapping[TopicPartition, PartitionLog]
+    ) -> None:
+        if self._restorer is None:
+            self._restorer = ThreadPoolExecutor(RESTORE_THREADS, thread_name_prefix="restore")
+        for p in partitions:
+            tp = TopicPartition(p.topic, p.partition)
+            cancelled = threading.Event()
+            # A stopped restore that has not ended yet writes the same state: this one
+            # starts once it has (two restores of one partition never run at once).
+            before = self._stale.pop(tp, None)
+            future = self._restorer.submit(self._restore, tp, cancelled.is_set, before)
+            self._restoring[tp] = _Restore(tp, logs.get(tp), future, cancelled)
+        log.info("restoring", partitions=[str(tp) for tp in self._restoring])
+
+    def _restore(
+        self, tp: TopicPartition, stopping: Callable[[], bool], before: Future[int] | None
+    ) -> int:
+        if before is not None:
+            with contextlib.suppress(BaseException):
+                before.result()
+        if stopping():
+            raise RestoreCancelled(f"restore of {tp} stopped before it began")
+        return self.listener.restore(tp, stopping)
+
+    def _take_restored(self) -> None:
+        """Partitions whose restore is done: owned from now, read from their start."""
+        done = [r for r in self._restoring.values() if r.future.done()]
+        if not done:
+            return
+        for restore in done:
+            del self._restoring[restore.tp]
+        failed = next((r for r in done if r.future.exception() is not None), None)
+        if failed is not None:
+            # The state cannot be caught up: deciding on it could repeat effects. Stop,
+            # as a failed restore in the assignment itself did (raised from the poll).
+            self.listener.on_restore_cancelled([r.tp for r in done])
+            raise failed.future.exception()  # type: ignore[misc]
+        tps = [r.tp for r in done]
+        logs = {r.tp: r.log for r in done if r.log is not None}
+        resume = self.listener.on_assigned(tps, logs, {r.tp: r.future.result() for r in done})
+        self._owned.update(tps)
+        for restore in done:
+            partition = KafkaTopicPartition(restore.tp.topic, restore.tp.partition)
+            self._unplaced[restore.tp] = _Unplaced(
+                partition, resume.get(restore.tp), restore.log, time.monotonic()
+            )
+        self._place_unplaced()
+
+    def _place_unplaced(self) -> None:
+        """Start each restored partition: read the group's commit, seek, resume.
+
+        Nothing here blocks the loop for long. The commits are asked for with a short
+        timeout; while they cannot be read (unstable while a previous owner's
+        transaction with offsets is open), a partition with a watermark starts after it
+        once :data:`PLACE_WAIT_S` have passed (this library's commits never pass the
+        watermark + 1); one without waits for the commit. A seek librdkafka refuses
+        yet is tried again at the next poll; the partition stays paused meanwhile.
+        """
+        waiting = [u for u in self._unplaced.values() if not u.placed]
+        if waiting:
+            partitions = [u.partition for u in waiting]
+            committed = self._committed(partitions, 0.5, warn=False)
+            if committed is None:
+                now = time.monotonic()
+                for u in waiting:
+                    if not u.deferred:
+                        u.deferred = True
+                        log.info(
+                            "start_deferred",
+                            partition=str(_tp(u.partition)),
+                            reason="the group's committed offset cannot be read yet",
+                        )
+                waiting = [
+                    u for u in waiting if u.start is not None and now - u.since >= PLACE_WAIT_S
+                ]
+                if waiting:
+                    log.warning(
+                        "committed_offsets_unavailable",
+                        partitions=[str(_tp(u.partition)) for u in waiting],
+                        consequence="starting after the restored watermark",
+                    )
+            starts = {_tp(u.partition): u.start for u in waiting}
+            logs = {_tp(u.partition): u.log for u in waiting if u.log is not None}
+            self._place([u.partition for u in waiting], starts, logs, committed)
+            reset = (
+                OFFSET_BEGINNING
+                if self.settings.kafka.auto_offset_reset == "earliest"
+                else OFFSET_END
+            )
+            for u in waiting:
+                u.placed = True
+                if u.partition.offset < 0:  # no commit and no watermark
+                    u.partition.offset = reset
+        for tp, u in list(self._unplaced.items()):
+            if not u.placed:
+                continue
+            try:
+                self._consumer.seek(u.partition)
+            except KafkaException as exc:
+                if not u.refused:
+                    u.refused = True
+                    log.info("seek_deferred", partition=str(tp), **kafka_error_fields(exc))
+                continue
+            del self._unplaced[tp]
+            self._consumer.resume([u.partition])
+
+    def _stop_restores(
+        self, tps: Sequence[TopicPartition], *, parked: bool = False
+    ) -> list[TopicPartition]:
+        """Stop the restores of those of ``tps`` being restored (or ``parked``); return
+        those."""
+        source = self._parked if parked else self._restoring
+        stopped = [source.pop(tp) for tp in tps if tp in source]
+        for restore in stopped:
+            restore.cancelled.set()
+            restore.future.cancel()  # one still queued never starts
+        deadline = time.monotonic() + RESTORE_STOP_WAIT_S  # one wait for them all
+        for restore in stopped:
+            try:
+                restore.future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except (RestoreCancelled, CancelledError):
+                pass
+            except TimeoutError:
+                self._stale[restore.tp] = restore.future
+                log.error(
+                    "restore_not_stopped",
+                    partition=str(restore.tp),
+                    waited_s=RESTORE_STOP_WAIT_S,
+                    consequence="a later restore of the partition waits for it to end",
+                )
+            except Exception as exc:  # the partition goes anyway: nothing to stop for
+                log.warning("restore_failed", partition=str(restore.tp), error=str(exc))
+        if stopped:
+            self.listener.on_restore_cancelled([r.tp for r in stopped])
+            log.info("restore_stopped", partitions=[str(r.tp) for r in stopped])
+        return [r.tp for r in stopped]
 
     def _partition_logs(
         self, partitions: list[KafkaTopicPartition]
@@ -255,6 +501,20 @@ class KafkaSource:
         tps = _tps(partitions)
         self._forget_kept(tps)
         self._forget_lag(tps)
+        self._forget_unplaced(tps)
+        if self.cooperative:
+            self._stop_restores(tps)
+        else:  # eager: the next assignment may give them straight back (see _on_assign)
+            for tp in tps:
+                if tp in self._restoring:
+                    self._parked[tp] = self._restoring.pop(tp)
+        gone = [tp for tp in tps if tp not in self._owned]
+        tps = [tp for tp in tps if tp in self._owned]  # the rest was never the engine's
+        self._owned.difference_update(tps)
+        if not tps:
+            if gone:
+                log.info("revoked", partitions=[str(tp) for tp in gone])
+            return
         commits: Mapping[TopicPartition, int] = {}
         try:
             commits = self.listener.on_revoked(tps)  # what the walk in progress settled
@@ -271,6 +531,12 @@ class KafkaSource:
         tps = _tps(partitions)
         self._forget_kept(tps)
         self._forget_lag(tps)
+        self._forget_unplaced(tps)
+        stopped = self._stop_restores(tps)  # others may have written since: start over
+        tps = [tp for tp in tps if tp in self._owned]
+        self._owned.difference_update(tps)
+        if stopped and not tps:
+            return
         try:
             self.listener.on_lost(tps)
         finally:
@@ -319,7 +585,7 @@ class KafkaSource:
         # Paused at every call past the bound, not once: a rebalance served by the last
         # consume() resumes what it assigns (see _on_assign), which would then be read
         # ahead without bound for the rest of the walk.
-        assignment = self._consumer.assignment()
+        assignment = self._active()
         if assignment:
             self._consumer.pause(assignment)
         # Fetched before the pause, or assigned just now: kept for the next poll.
@@ -327,15 +593,31 @@ class KafkaSource:
         self._kept.extend(fetched)
         self._kept_bytes += sum(len(m) for m in fetched)
 
+    def _forget_unplaced(self, tps: Sequence[TopicPartition]) -> None:
+        for tp in tps:
+            self._unplaced.pop(tp, None)
+
     def _forget_kept(self, tps: Sequence[TopicPartition]) -> None:
         gone = set(tps)
         self._kept = [m for m in self._kept if (m.topic(), m.partition()) not in gone]
         self._kept_bytes = sum(len(m) for m in self._kept)
 
+    def _active(self) -> list[KafkaTopicPartition]:
+        """The assignment but the partitions being restored (they stay paused)."""
+        return [
+            p
+            for p in self._consumer.assignment()
+            if _tp(p) not in self._restoring and _tp(p) not in self._unplaced
+        ]
+
     def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
+        if self._restoring:
+            self._take_restored()
+        if self._unplaced:
+            self._place_unplaced()
         if self._paused:
             self._paused = False
-            assignment = self._consumer.assignment()
+            assignment = self._active()
             if assignment:
                 self._consumer.resume(assignment)
         if self._kept:
@@ -348,6 +630,8 @@ class KafkaSource:
         # offset commit would not be fenced by.
         self._group_metadata = self._consumer.consumer_group_metadata()
         self._note_lag()
+        if self._restoring or self._unplaced:
+            messages = self._drop_restoring(messages)
         if not any(m.error() for m in messages):
             return messages
         good: list[Message] = []
@@ -365,11 +649,26 @@ class KafkaSource:
                     "instances, a new owner may repeat handler calls of the batch in flight",
                     fix="lower processing.batch_size or raise max.poll.interval.ms",
                 )
+            elif error.code() in AUTHORIZATION_FAILED:  # an ACL is missing (or was removed)
+                raise consuming_refused(error, self.settings, m.topic())
             elif error.fatal() or error.code() == KafkaError._FATAL:  # the message of one
                 raise KafkaException(error)  # has _FATAL, not itself flagged fatal
             else:
                 log.warning("consumer_error", **kafka_error_fields(error))
         return good
+
+    def _drop_restoring(self, messages: list[Message]) -> list[Message]:
+        """Messages of a partition not started yet (fetched from its placeholder before
+        its pause took hold, if ever): dropped; the seek to its start reads them again."""
+        return [
+            m
+            for m in messages
+            if m.error() is not None
+            or (
+                (tp := TopicPartition(m.topic() or "", m.partition() or 0)) not in self._restoring
+                and tp not in self._unplaced
+            )
+        ]
 
     def _note_lag(self) -> None:
         """Set ``dedupe_consumer_lag`` of each assigned partition, at most once a second.
@@ -474,6 +773,11 @@ class KafkaSource:
             )
 
     def close(self) -> None:
+        self._stop_restores(list(self._restoring))
+        self._stop_restores(list(self._parked), parked=True)
+        if self._restorer is not None:
+            # Before the store closes: a restore thread must not write to a closed store.
+            self._restorer.shutdown(wait=True, cancel_futures=True)
         self._commit_now()
         self._consumer.close()
         if self._changelog is not None:  # it may outlive this source (edges run again)

@@ -13,6 +13,7 @@ from dedupe_consumer.config import Settings
 from dedupe_consumer.contracts import AssignmentListener, Edges, Source
 from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.kafka.dead_letters import KafkaDeadLetters
+from dedupe_consumer.kafka.permissions import check_permissions
 from dedupe_consumer.kafka.repartition import (
     HoppedSource,
     Repartitioner,
@@ -49,6 +50,8 @@ def edges(
     # Topic scope: the engine's side (its source, group and changelog) is the by-id topics'.
     by_id = settings.dedupe.scope == "topic"
     stage = stage_settings(settings) if by_id else settings
+    # On a cluster with ACLs, a missing right stops the start here, named, with its fix.
+    check_permissions(settings, stopping=stopping)
     closers: list[Callable[[], None]] = []
     try:
         store = RocksStore(

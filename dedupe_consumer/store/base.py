@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple, Protocol
@@ -93,6 +93,10 @@ class Response(NamedTuple):
 
 
 _STATUSES = frozenset(int(status) for status in RecordStatus)
+RECORD_BYTES = _RECORD.size
+"""An ID record without a response: what nearly every changelog value is."""
+RECORD_STATUSES = _STATUSES
+"""The status bytes this version reads (a record's first byte)."""
 
 
 def unreadable_record(data: bytes) -> str | None:
@@ -269,8 +273,15 @@ class StateChangelog(Protocol):
         what an emitted message (``event.emit``) to it may be. ``create``: a missing
         topic is created first."""
 
-    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
-        """Bring ``store``'s copy of ``tp`` up to the changelog; the number of records read."""
+    def restore(
+        self,
+        tp: TopicPartition,
+        store: ProcessedStore,
+        *,
+        stopping: Callable[[], bool] | None = None,
+    ) -> int:
+        """Bring ``store``'s copy of ``tp`` up to the changelog; the number of records read.
+        Gives up early, raising, once ``stopping()`` is true."""
 
     def position_key(self, tp: TopicPartition) -> TopicPartition:
         """The key under which ``store.changelog_position`` keeps ``tp``'s position."""

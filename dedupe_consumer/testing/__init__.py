@@ -4,7 +4,8 @@ The framework's guarantees are about what a real broker does with offsets,
 groups and transactions, so its tests -- and its users' tests -- run against
 one: from ``$KAFKA_BOOTSTRAP_SERVERS``, a testcontainers container, or an
 Apache Kafka started from Maven Central jars (:class:`LocalKafka`; three of them
-as a :class:`LocalKafkaCluster` for broker-fault tests).
+as a :class:`LocalKafkaCluster` for broker-fault tests), or, for secured
+clusters, one with a SASL_SSL listener and ACLs (:class:`SecuredKafka`).
 """
 
 from dedupe_consumer.testing._errors import BrokerUnavailableError
@@ -17,15 +18,19 @@ from dedupe_consumer.testing._providers import (
     KafkaBroker,
     start_broker,
 )
+from dedupe_consumer.testing._secured import Acl, ScramUser, SecuredKafka
 
 __all__ = [
     "KAFKA_VERSION",
+    "Acl",
     "BrokerUnavailableError",
     "ContainerKafka",
     "ExternalKafka",
     "KafkaBroker",
     "LocalKafka",
     "LocalKafkaCluster",
+    "ScramUser",
+    "SecuredKafka",
     "resolve_kafka_libs",
     "start_broker",
 ]

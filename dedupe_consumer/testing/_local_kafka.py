@@ -226,8 +226,13 @@ class LocalKafka:
         cache_dir: Path | str | None = None,
         heap_min: str = "256m",
         heap_max: str = "768m",
+        extra_listeners: Mapping[str, str] | None = None,
     ) -> None:
         self._extra_properties = dict(extra_properties or {})
+        self._extra_listeners = dict(extra_listeners or {})
+        """Listener name → security protocol, each on its own free port (``listener_address``);
+        their settings (SASL, TLS, ACLs) come in ``extra_properties``."""
+        self._listener_ports: dict[str, int] = {}
         self._requested_port = port
         self._startup_timeout = startup_timeout
         self._maven_artifact = maven_artifact
@@ -257,6 +262,12 @@ class LocalKafka:
         if self._port is None:
             raise RuntimeError("LocalKafka has not been started")
         return f"127.0.0.1:{self._port}"
+
+    def listener_address(self, name: str) -> str:
+        """``127.0.0.1:<port>`` of one of the ``extra_listeners``; stable across ``restart()``."""
+        if name not in self._listener_ports:
+            raise RuntimeError(f"LocalKafka has no started listener {name!r}")
+        return f"127.0.0.1:{self._listener_ports[name]}"
 
     @property
     def pid(self) -> int | None:
@@ -320,6 +331,13 @@ class LocalKafka:
         self._controller_port = self._requested_controller_port or _free_port()
         while self._controller_port == self._port:
             self._controller_port = _free_port()
+        taken = {self._port, self._controller_port}
+        for name in self._extra_listeners:
+            port = _free_port()
+            while port in taken:
+                port = _free_port()
+            taken.add(port)
+            self._listener_ports[name] = port
         self._cluster_id = self._requested_cluster_id or _new_cluster_id()
         self._write_config()
         self._format_storage(java)
@@ -407,14 +425,25 @@ class LocalKafka:
         assert self._workdir is not None
         data = self._workdir / "data"
         voters = self._voters or f"{self._node_id}@127.0.0.1:{self._controller_port}"
+        extra = {name: f"127.0.0.1:{port}" for name, port in self._listener_ports.items()}
         properties: dict[str, str] = {
             "node.id": str(self._node_id),
             "process.roles": "broker,controller",
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self._port},CONTROLLER://127.0.0.1:{self._controller_port}"
+            "listeners": ",".join(
+                [
+                    f"PLAINTEXT://127.0.0.1:{self._port}",
+                    f"CONTROLLER://127.0.0.1:{self._controller_port}",
+                    *(f"{name}://{address}" for name, address in extra.items()),
+                ]
             ),
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self._port}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "advertised.listeners": ",".join(
+                [f"PLAINTEXT://127.0.0.1:{self._port}"]
+                + [f"{name}://{address}" for name, address in extra.items()]
+            ),
+            "listener.security.protocol.map": ",".join(
+                ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+                + [f"{name}:{protocol}" for name, protocol in self._extra_listeners.items()]
+            ),
             "inter.broker.listener.name": "PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
             # Static voters: StorageTool then needs neither --standalone nor

@@ -1,9 +1,11 @@
 """Every mode, killed with SIGKILL at random moments and at each fault point.
 
-20k events with 10% duplicates per mode and 5 kills per mode (30 per run), with
+10k events with 10% duplicates per mode and 5 kills per mode (30 per run), with
 the sequential engine; then plain and claim mode again with handlers in
 parallel (concurrency 8 in key order, 4 in partition order) on a smaller topic.
-``bench/crash_soak.py`` runs the same with hundreds of kills.
+``bench/crash_soak.py`` runs the same with hundreds of kills and more events (and
+``--concurrent`` the parallel modes CI leaves out: plain and claim+retry at
+concurrency 8 without failures, which the flaky and topic-scope modes cover).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .suite import (
     EMIT_MODES,
     MODES,
     SCOPE_MODES,
+    SOAK_ONLY,
     Mode,
     Outcome,
     plain_repeat_bound,
@@ -25,7 +28,7 @@ from .suite import (
 )
 
 pytestmark = pytest.mark.kafka
-EVENTS = 20_000
+EVENTS = 10_000
 CONCURRENT_EVENTS = 5_000
 KILLS = 5
 BATCH = 100
@@ -73,7 +76,10 @@ def test_kills_lose_nothing_and_repeat_only_inside_the_documented_window(
     check(out, mode)
 
 
-@pytest.mark.parametrize("mode", CONCURRENT_MODES, ids=[m.name for m in CONCURRENT_MODES])
+CI_CONCURRENT_MODES = [m for m in CONCURRENT_MODES if m.name not in SOAK_ONLY]
+
+
+@pytest.mark.parametrize("mode", CI_CONCURRENT_MODES, ids=[m.name for m in CI_CONCURRENT_MODES])
 def test_kills_with_parallel_handlers_keep_the_same_guarantees(
     kafka_bootstrap: str, tmp_path: Path, mode: Mode
 ) -> None:

@@ -66,6 +66,10 @@ def test_a_paused_old_owner_is_fenced_and_its_batch_never_becomes_visible(
     paused = tmp_path / "paused"
 
     if stop_at == "in_handler":
+        # A's open transaction is aborted by the broker after transaction.timeout.ms: 15 s
+        # instead of librdkafka's 60 s keeps B's wait (below) short; the case is the same.
+        with config_a.open("a", encoding="utf-8") as config:
+            config.write('[kafka.producer]\n"transaction.timeout.ms" = 15000\n')
         monkeypatch.setenv("DEDUPE_TEST_PAUSE_AT", "120")
         monkeypatch.setenv("DEDUPE_TEST_PAUSED", str(paused))
         a = start_consumer(config_a, tmp_path / "a-calls", handler=HANDLER)
@@ -86,7 +90,7 @@ def test_a_paused_old_owner_is_fenced_and_its_batch_never_becomes_visible(
         # B joins; A cannot answer, so its session (6 s) times out and B gets everything.
         # Stopped in a handler call, A may hold its pipelined write's transaction open:
         # B's read_committed restore then waits until the broker aborts it
-        # (transaction.timeout.ms, 60 s by default), as any exactly-once reader would.
+        # (transaction.timeout.ms, 15 s here), as any exactly-once reader would.
         b = start_consumer(config_b, tmp_path / "b-calls", handler=HANDLER)
         wait_for(
             lambda: (

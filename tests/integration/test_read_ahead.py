@@ -10,31 +10,20 @@ past that bound; either way every message comes out once, in order.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from dedupe_consumer.kafka.source import KafkaSource
-from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
-from ..kafka_helpers import produce_events, settings_for
+from ..kafka_helpers import NullListener, produce_events, settings_for
 
 pytestmark = pytest.mark.kafka
 
 
-class _Listener:
-    def on_assigned(
-        self, tps: Sequence[TopicPartition], logs: object = None
-    ) -> Mapping[TopicPartition, int | None]:
-        return {}
-
-    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
-        return {}
-
-    def on_lost(self, tps: Sequence[TopicPartition]) -> None:
-        pass
+class _Listener(NullListener):
+    pass
 
 
 def _walk(source: KafkaSource, seconds: float) -> None:

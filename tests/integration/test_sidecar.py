@@ -544,6 +544,13 @@ def test_healthz_readyz_and_metrics_answer(
     with running(sidecar):
         port = sidecar.health.port
         wait_for(lambda: get(port, "/readyz")[0] == 200, 90, "/readyz to turn ready")
+        # Ready once a partition is deciding; each joins the list once its state is
+        # restored (the restores run beside the poll loop).
+        wait_for(
+            lambda: len(json.loads(get(port, "/readyz")[2])["partitions"]) == 2,
+            30,
+            "both partitions restored",
+        )
         ready = json.loads(get(port, "/readyz")[2])
         assert ready == {
             "ready": True,

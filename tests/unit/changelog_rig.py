@@ -35,7 +35,7 @@ class RecordingChangelog(Changelog):
     def ensure_topics(self, topics: object) -> None:
         pass
 
-    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
+    def restore(self, tp: TopicPartition, store: ProcessedStore, *, stopping: object = None) -> int:
         return 0
 
     def write(

@@ -11,7 +11,6 @@ consumer-only ones. It used to be an allow-list of prefixes that missed
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -22,15 +21,14 @@ from pydantic import ValidationError
 
 from dedupe_consumer import ConfigError, Settings
 from dedupe_consumer.config import KafkaConnection
-from dedupe_consumer.contracts import PartitionLog
 from dedupe_consumer.errors import StoreError
 from dedupe_consumer.kafka import KafkaDeadLetters
 from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.kafka.source import KafkaSource
 from dedupe_consumer.librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
-from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.sidecar.health import BrokerCheck
 
+from ..kafka_helpers import NullListener
 from ..log_capture import captured_logs
 
 GLOBAL: dict[str, Any] = {
@@ -137,21 +135,8 @@ def test_the_property_reaches_every_client(bad: dict[str, Any]) -> None:
     assert name in why
 
 
-class _NoPartitions:
+class _NoPartitions(NullListener):
     """An assignment listener for a consumer that never gets a partition."""
-
-    def on_assigned(
-        self,
-        tps: Sequence[TopicPartition],
-        logs: Mapping[TopicPartition, PartitionLog] | None = None,
-    ) -> Mapping[TopicPartition, int | None]:
-        return {}
-
-    def on_revoked(self, tps: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
-        return {}
-
-    def on_lost(self, tps: Sequence[TopicPartition]) -> None:
-        pass
 
 
 SASL_SSL: dict[str, Any] = {

@@ -13,6 +13,7 @@ from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.replay import Record, ReplaySource
 from dedupe_consumer.store import RocksStore
 
+from ..kafka_helpers import NullListener
 from .conftest import TOPIC, Recorder, make_settings, rec
 
 
@@ -86,19 +87,7 @@ def test_replay_source_seek_hands_out_the_rest_of_the_last_batch(tmp_path: Path)
         rec(i, f"q{i}", partition=1) for i in range(3)
     ]
 
-    class Listener:
-        def on_assigned(
-            self, tps: Sequence[TopicPartition], logs: object = None
-        ) -> dict[TopicPartition, int | None]:
-            return {}
-
-        def on_revoked(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-            return {}
-
-        def on_lost(self, tps: Sequence[TopicPartition]) -> None:
-            return None
-
-    source = ReplaySource(records, Listener())
+    source = ReplaySource(records, NullListener())
     first = source.poll(100, 0)
     assert len(first) == 9
     source.seek({TopicPartition(TOPIC, 0): 4})

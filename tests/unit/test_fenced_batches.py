@@ -21,7 +21,7 @@ class FencingChangelog(RecordingChangelog):
         self.fence = 0
         self.restored_records = 0
 
-    def restore(self, tp: TopicPartition, store: ProcessedStore) -> int:
+    def restore(self, tp: TopicPartition, store: ProcessedStore, *, stopping: object = None) -> int:
         return self.restored_records
 
     def before_write(self, write: WriteSet) -> None:

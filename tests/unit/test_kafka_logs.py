@@ -32,7 +32,8 @@ settings = Settings(
 )
 
 class Listener:
-    def on_assigned(self, tps): return {}
+    def prepare(self, tps): return []
+    def on_assigned(self, tps, logs=None, restored=None): return {}
     def on_revoked(self, tps): return {}
     def on_lost(self, tps): pass
 

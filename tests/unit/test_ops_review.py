@@ -258,7 +258,7 @@ def test_a_restore_is_visible_to_rate_because_its_series_exists_before_it_ends(
     during: list[float | None] = []
 
     class SlowRestore(RecordingChangelog):
-        def restore(self, tp: TopicPartition, store: object) -> int:
+        def restore(self, tp: TopicPartition, store: object, *, stopping: object = None) -> int:
             # what a scrape during the restore would see
             during.append(
                 metrics.registry.get_sample_value("dedupe_restore_seconds_count", {"topic": TOPIC})

@@ -17,8 +17,9 @@ from typing import Any
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from dedupe_consumer.kafka.source import KafkaSource
-from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.observability import Metrics
+
+from ..kafka_helpers import NullListener
 
 
 class _Message:
@@ -78,25 +79,16 @@ class _Consumer:
         return out
 
 
-class _Listener:
-    def on_assigned(self, tps: Any, logs: Any = None) -> dict[TopicPartition, int | None]:
-        return {}
-
-    def on_revoked(self, tps: Any) -> dict[TopicPartition, int]:
-        return {}
-
-    def on_lost(self, tps: Any) -> None:
-        pass
-
-
 def _source(consumer: _Consumer, batch_size: int) -> KafkaSource:
     source = object.__new__(KafkaSource)  # no broker: only what keep_alive and the
     source.settings = SimpleNamespace(processing=SimpleNamespace(batch_size=batch_size))  # type: ignore[assignment]
-    source.listener = _Listener()  # rebalance callbacks touch
+    source.listener = NullListener()  # rebalance callbacks touch
     source.metrics = Metrics()
     source.uncommitted = {}
     source._uncommitted_lock = threading.Lock()
     source._kept, source._kept_bytes, source._paused = [], 0, False
+    source._restoring, source._restorer, source._unplaced = {}, None, {}
+    source._parked, source._owned, source._stale = {}, set(), {}
     source._consumer = consumer  # type: ignore[assignment]
     source.cooperative = False
     source._recommit = False
