@@ -39,7 +39,7 @@ from dedupe_consumer._durations import ACCEPTED as DURATION_FORMS
 from dedupe_consumer._durations import Duration
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import ID_SOURCE_FORMS, parse_id_source
-from dedupe_consumer.librdkafka import CONSUMER_ONLY, PRODUCER_ONLY
+from dedupe_consumer.librdkafka import CONSUMER_ONLY, PRODUCER_ONLY, weakened_durability
 from dedupe_consumer.redaction import HIDDEN, is_secret_key, redact
 
 LibrdkafkaValue = str | int | float | bool
@@ -219,6 +219,19 @@ class KafkaSettings(_Section):
                 f"{', '.join(wrong)} cannot be set here: a producer ignores consumer "
                 "properties (set them in [kafka.consumer]) and connects to "
                 "kafka.bootstrap_servers"
+            )
+        return value
+
+    @field_validator("producer")
+    @classmethod
+    def _durable_producer(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
+        weak = weakened_durability(value)
+        if weak:
+            raise ValueError(
+                f"{', '.join(weak)} cannot be set: the dead-letter and changelog producers "
+                "write with acks=all and enable.idempotence=true (a record acknowledged by "
+                "the partition leader alone is lost if that broker dies before a follower "
+                "copied it); remove it"
             )
         return value
 

@@ -9,6 +9,9 @@ global properties this list has never heard of.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Final
+
 CONSUMER_ONLY = frozenset(
     {
         "group.id",
@@ -76,3 +79,27 @@ PRODUCER_ONLY = frozenset(
     }
 )
 """librdkafka's producer-only properties (scope ``P``): never taken from [kafka.consumer]."""
+
+
+DURABLE_PRODUCER: Final[Mapping[str, str | bool]] = {"enable.idempotence": True, "acks": "all"}
+"""Set last on every producer the library makes (dead letters, changelog, the hop): a
+record acknowledged by the partition leader alone is lost when that broker dies before
+a follower copied it, and a retry after a leader change must not write it twice."""
+
+_ALL_ACKS: Final = frozenset({"all", "-1"})
+_TRUE: Final = frozenset({"true", "1"})
+
+
+def weakened_durability(properties: Mapping[str, object]) -> list[str]:
+    """The producer properties in ``properties`` that would weaken :data:`DURABLE_PRODUCER`,
+    each as ``key = value``: ``acks`` (or its alias ``request.required.acks``) other than
+    ``all``/``-1``, ``enable.idempotence`` false."""
+    found = [
+        f"{key} = {properties[key]!r}"
+        for key in ("acks", "request.required.acks")
+        if key in properties and str(properties[key]).strip().lower() not in _ALL_ACKS
+    ]
+    idempotence = properties.get("enable.idempotence")
+    if idempotence is not None and str(idempotence).strip().lower() not in _TRUE:
+        found.append(f"enable.idempotence = {idempotence!r}")
+    return found

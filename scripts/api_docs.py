@@ -167,7 +167,14 @@ def render() -> str:
         "Installed with the package (`pip install 'dedupe-consumer[test]'` brings pytest).",
         "",
     ]
-    for name in ("kafka_broker", "kafka_bootstrap", "kafka_admin", "kafka_topic", "replay"):
+    for name in (
+        "kafka_broker",
+        "kafka_bootstrap",
+        "kafka_admin",
+        "kafka_topic",
+        "kafka_cluster",
+        "replay",
+    ):
         fixture = getattr(pytest_plugin, name)
         wrapped = getattr(fixture, "__wrapped__", None) or getattr(
             fixture, "_fixture_function", None

@@ -50,6 +50,8 @@ from dedupe_consumer.errors import NotAuthorizedError, NotOwnerError, StoreError
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
 from dedupe_consumer.kafka.permissions import AUTHORIZATION_FAILED, transaction_refused
 from dedupe_consumer.kafka.producing import produce_waiting
+from dedupe_consumer.kafka.replication import replication_factor
+from dedupe_consumer.librdkafka import DURABLE_PRODUCER
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store.base import Output, ProcessedStore, WriteSet
 from dedupe_consumer.store.changelog_codec import (
@@ -161,6 +163,7 @@ class Changelog:
         """Told the offsets that a transaction committed (so the source does not repeat them)."""
         conf = self.connection.config("producer", {"linger.ms": 1})
         conf.update(producer_config or {})
+        conf.update(DURABLE_PRODUCER)  # what a transactional producer needs anyway, said
         # One transaction per batch: a crash mid-batch leaves nothing visible. The id is
         # stable per store, so a restarted instance fences and aborts its own leftovers.
         conf["transactional.id"] = transactional_id
@@ -329,7 +332,12 @@ class Changelog:
         if missing:
             futures = admin.create_topics(
                 [
-                    NewTopic(name, n, config={"cleanup.policy": "compact"})
+                    NewTopic(
+                        name,
+                        n,
+                        replication_factor=replication_factor(metadata),
+                        config={"cleanup.policy": "compact"},
+                    )
                     for name, n in missing.items()
                 ],
                 operation_timeout=self.timeout_s,
@@ -631,8 +639,12 @@ class Changelog:
         return limit
 
     def _create_output_topic(self, topic: str) -> None:
+        try:
+            replicas = replication_factor(self._admin.list_topics(timeout=self.timeout_s))
+        except KafkaException:
+            replicas = -1  # CreateTopics will say what is wrong
         future = self._admin.create_topics(
-            [NewTopic(topic, num_partitions=-1, replication_factor=-1)],
+            [NewTopic(topic, num_partitions=-1, replication_factor=replicas)],
             request_timeout=self.timeout_s,
         )[topic]
         try:
@@ -648,7 +660,7 @@ class Changelog:
                 topic=topic,
                 setting="processing.create_output_topics",
                 partitions="broker default",
-                replication_factor="broker default",
+                replication_factor=replicas if replicas > 0 else "broker default",
             )
         # A created topic's metadata reaches every broker moments later: wait for it.
         deadline = time.monotonic() + self.timeout_s

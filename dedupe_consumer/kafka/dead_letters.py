@@ -13,6 +13,7 @@ from dedupe_consumer.dead_letters import DeadLetter, dead_letter_headers
 from dedupe_consumer.errors import DeadLetterError
 from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.kafka.topics import ensure_dead_letter_topic
+from dedupe_consumer.librdkafka import DURABLE_PRODUCER
 from dedupe_consumer.models import SourceMessage, as_bytes
 
 log = structlog.get_logger("dedupe_consumer.dead_letters")
@@ -54,11 +55,10 @@ class KafkaDeadLetters:
         self.flush_timeout_s = flush_timeout_s
         conf: dict[str, str | int | float | bool] = {
             **settings.kafka.connection().config("producer"),
-            "enable.idempotence": True,
-            "acks": "all",
             "linger.ms": 5,
         }
         conf.update(settings.kafka.producer)
+        conf.update(DURABLE_PRODUCER)  # [kafka.producer] may not weaken it (see config)
         self._producer = Producer({**conf, **kafka_log_config()})
         self._pending: dict[_Where, tuple[SourceMessage, DeadLetter, int]] = {}
         """Letters not yet delivered, with how much was left out (see ``_SHRINKS``)."""

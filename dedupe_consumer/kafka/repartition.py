@@ -32,6 +32,8 @@ from dedupe_consumer.errors import ConfigError, DedupeError
 from dedupe_consumer.ids import parse_id_source
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
 from dedupe_consumer.kafka.producing import produce_waiting
+from dedupe_consumer.kafka.replication import replication_factor
+from dedupe_consumer.librdkafka import DURABLE_PRODUCER
 from dedupe_consumer.models import SourceMessage, TopicPartition, header_pairs
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.scope import by_id_partition, by_id_topic, origin_header
@@ -66,7 +68,8 @@ def ensure_by_id_topics(settings: Settings, admin: Any = None) -> dict[str, int]
     wanted = settings.dedupe.scope_partitions
     if admin is None:
         admin = AdminClient({**kafka.connection().config("admin"), **kafka_log_config()})
-    topics = admin.list_topics(timeout=_TIMEOUT_S).topics
+    metadata = admin.list_topics(timeout=_TIMEOUT_S)
+    topics = metadata.topics
     counts: dict[str, int] = {}
     create: list[NewTopic] = []
     retention_ms = max(int(settings.dedupe.retention.total_seconds() * 1000), _MIN_RETENTION_MS)
@@ -99,7 +102,7 @@ def ensure_by_id_topics(settings: Settings, admin: Any = None) -> dict[str, int]
             NewTopic(
                 name,
                 num_partitions=count,
-                replication_factor=-1,
+                replication_factor=replication_factor(metadata),
                 config={
                     "cleanup.policy": "delete",
                     "retention.ms": str(retention_ms),
@@ -123,7 +126,12 @@ def ensure_by_id_topics(settings: Settings, admin: Any = None) -> dict[str, int]
                     f"({error.name()}: {error.str()}); create it (cleanup.policy=delete, "
                     "the source's partition count) or grant this principal CREATE on it"
                 ) from None
-            log.info("by_id_topic_created", topic=name, retention_ms=retention_ms)
+            log.info(
+                "by_id_topic_created",
+                topic=name,
+                retention_ms=retention_ms,
+                replication_factor=replication_factor(metadata),
+            )
         # Another instance may have created one first, with another count: read back.
         topics = admin.list_topics(timeout=_TIMEOUT_S).topics
         for source in kafka.topics:
@@ -207,7 +215,7 @@ class Repartitioner(threading.Thread):
         producer = kafka.connection().config("producer", {"linger.ms": 5})
         producer.update(kafka.producer)
         producer["transactional.id"] = transactional_id
-        producer["enable.idempotence"] = True
+        producer.update(DURABLE_PRODUCER)
         self._producer_conf = producer
 
     def stop(self) -> None:

@@ -4,10 +4,10 @@ Left to the broker's ``auto.create.topics.enable``, the first dead letter
 creates the topic with the broker's default partition count (often 1), and
 nobody is told. Instead, a missing ``processing.dead_letter_topic`` is created
 with as many partitions as the largest source topic (so a redrive keeps each
-letter's original partition available) and the cluster's default replication
-factor, and the creation is logged. Where this client may not create topics
-(ACLs, a create policy), start-up stops with a message that names the setting
-and the fix.
+letter's original partition available) and three replicas (fewer on a smaller
+cluster; :mod:`dedupe_consumer.kafka.replication`), and the creation is
+logged. Where this client may not create topics (ACLs, a create policy),
+start-up stops with a message that names the setting and the fix.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from confluent_kafka.cimpl import NewTopic  # admin re-exports it without __all_
 from dedupe_consumer.config import Settings
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
+from dedupe_consumer.kafka.replication import replication_factor
 
 log = structlog.get_logger("dedupe_consumer.dead_letters")
 
@@ -105,7 +106,8 @@ def ensure_dead_letter_topic(
         if t in topics and topics[t].error is None and topics[t].partitions
     }
     partitions = max(sources.values(), default=-1)  # -1: the broker's num.partitions
-    new = NewTopic(name, num_partitions=partitions, replication_factor=-1)
+    replicas = replication_factor(metadata)  # min(3, brokers), not Kafka's default of 1
+    new = NewTopic(name, num_partitions=partitions, replication_factor=replicas)
     future = admin.create_topics([new], request_timeout=timeout_s)[name]
     try:
         future.result(timeout=timeout_s + 5)
@@ -136,6 +138,6 @@ def ensure_dead_letter_topic(
         topic=name,
         setting="processing.dead_letter_topic",
         partitions=partitions if partitions > 0 else "broker default",
-        replication_factor="broker default",
+        replication_factor=replicas if replicas > 0 else "broker default",
         sized_like=sources or "no source topic exists yet",
     )

@@ -3,11 +3,13 @@
 The framework's guarantees are about what a real broker does with offsets,
 groups and transactions, so its tests -- and its users' tests -- run against
 one: from ``$KAFKA_BOOTSTRAP_SERVERS``, a testcontainers container, or an
-Apache Kafka started from Maven Central jars (:class:`LocalKafka`), or, for
-secured clusters, one with a SASL_SSL listener and ACLs (:class:`SecuredKafka`).
+Apache Kafka started from Maven Central jars (:class:`LocalKafka`; three of them
+as a :class:`LocalKafkaCluster` for broker-fault tests), or, for secured
+clusters, one with a SASL_SSL listener and ACLs (:class:`SecuredKafka`).
 """
 
 from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._local_cluster import LocalKafkaCluster
 from dedupe_consumer.testing._local_kafka import LocalKafka
 from dedupe_consumer.testing._maven import KAFKA_VERSION, resolve_kafka_libs
 from dedupe_consumer.testing._providers import (
@@ -26,6 +28,7 @@ __all__ = [
     "ExternalKafka",
     "KafkaBroker",
     "LocalKafka",
+    "LocalKafkaCluster",
     "ScramUser",
     "SecuredKafka",
     "resolve_kafka_libs",

@@ -246,6 +246,13 @@ class LocalKafka:
         self._controller_port: int | None = None
         self._cluster_id: str | None = None
         self._atexit_registered = False
+        # One node of a LocalKafkaCluster sets these (see _ClusterNode); alone, node 1
+        # is its own quorum and every internal topic has one replica.
+        self._node_id = 1
+        self._requested_controller_port: int | None = None
+        self._requested_cluster_id: str | None = None
+        self._voters: str | None = None
+        self._replicas = 1
 
     # -- properties ---------------------------------------------------------
 
@@ -290,27 +297,9 @@ class LocalKafka:
             if self._workdir is not None:
                 raise RuntimeError("LocalKafka is already started")
             started = time.monotonic()
-            self._libs = resolve_kafka_libs(self._maven_artifact, self._cache_dir)
-            java = _java_executable()
-            self._workdir = Path(tempfile.mkdtemp(prefix="dedupe-kafka-"))
-            if not self._atexit_registered:
-                atexit.register(self.stop)
-                self._atexit_registered = True
+            java = self._begin()
             try:
-                self._port = self._requested_port or _free_port()
-                self._controller_port = _free_port()
-                while self._controller_port == self._port:
-                    self._controller_port = _free_port()
-                taken = {self._port, self._controller_port}
-                for name in self._extra_listeners:
-                    port = _free_port()
-                    while port in taken:
-                        port = _free_port()
-                    taken.add(port)
-                    self._listener_ports[name] = port
-                self._cluster_id = _new_cluster_id()
-                self._write_config()
-                self._format_storage(java)
+                self._prepare(java)
                 self._launch(java)
             except BaseException:
                 self.stop()
@@ -323,6 +312,35 @@ class LocalKafka:
                 seconds=round(time.monotonic() - started, 2),
             )
             return self
+
+    def _begin(self) -> str:
+        """Resolve the jars, make the working directory, register the atexit stop;
+        returns the java executable."""
+        self._libs = resolve_kafka_libs(self._maven_artifact, self._cache_dir)
+        java = _java_executable()
+        self._workdir = Path(tempfile.mkdtemp(prefix="dedupe-kafka-"))
+        if not self._atexit_registered:
+            atexit.register(self.stop)
+            self._atexit_registered = True
+        return java
+
+    def _prepare(self, java: str) -> None:
+        """Ports, cluster ID, ``server.properties`` and formatted storage in the workdir."""
+        assert self._workdir is not None
+        self._port = self._requested_port or _free_port()
+        self._controller_port = self._requested_controller_port or _free_port()
+        while self._controller_port == self._port:
+            self._controller_port = _free_port()
+        taken = {self._port, self._controller_port}
+        for name in self._extra_listeners:
+            port = _free_port()
+            while port in taken:
+                port = _free_port()
+            taken.add(port)
+            self._listener_ports[name] = port
+        self._cluster_id = self._requested_cluster_id or _new_cluster_id()
+        self._write_config()
+        self._format_storage(java)
 
     def stop_process(self, *, graceful: bool = True, timeout: float = _STOP_GRACE_S) -> None:
         """Stop the JVM but keep data and ports, so ``start_process()`` can bring it back.
@@ -395,15 +413,21 @@ class LocalKafka:
 
     # -- internals ----------------------------------------------------------
 
-    def _write_config(self) -> None:
+    def _properties(self) -> dict[str, str]:
+        """This node's ``server.properties``: the one place a node's configuration is made.
+
+        Alone (the default) node 1 is broker, controller and the whole quorum, and
+        every internal topic has one replica. As one of a :class:`LocalKafkaCluster`'s
+        nodes it has its own id, the cluster's static voters, and the cluster's
+        replication: ``default.replication.factor`` and the internal topics at the
+        node count, ``min.insync.replicas`` one less (at least 1).
+        """
         assert self._workdir is not None
         data = self._workdir / "data"
-        logs = self._workdir / "logs"
-        data.mkdir()
-        logs.mkdir()
+        voters = self._voters or f"{self._node_id}@127.0.0.1:{self._controller_port}"
         extra = {name: f"127.0.0.1:{port}" for name, port in self._listener_ports.items()}
         properties: dict[str, str] = {
-            "node.id": "1",
+            "node.id": str(self._node_id),
             "process.roles": "broker,controller",
             "listeners": ",".join(
                 [
@@ -424,7 +448,7 @@ class LocalKafka:
             "controller.listener.names": "CONTROLLER",
             # Static voters: StorageTool then needs neither --standalone nor
             # --initial-controllers (those are for the dynamic quorum).
-            "controller.quorum.voters": f"1@127.0.0.1:{self._controller_port}",
+            "controller.quorum.voters": voters,
             "log.dirs": str(data),
             "num.partitions": "1",
             "auto.create.topics.enable": "true",
@@ -442,7 +466,28 @@ class LocalKafka:
             "broker.heartbeat.interval.ms": "500",
             "broker.session.timeout.ms": "4000",
         }
+        if self._replicas > 1:
+            replicas, min_isr = str(self._replicas), str(max(1, self._replicas - 1))
+            properties.update(
+                {
+                    "default.replication.factor": replicas,
+                    "min.insync.replicas": min_isr,
+                    "offsets.topic.replication.factor": replicas,
+                    "transaction.state.log.replication.factor": replicas,
+                    "transaction.state.log.min.isr": min_isr,
+                    "share.coordinator.state.topic.replication.factor": replicas,
+                    "share.coordinator.state.topic.min.isr": min_isr,
+                }
+            )
         properties.update(self._extra_properties)
+        return properties
+
+    def _write_config(self) -> None:
+        assert self._workdir is not None
+        logs = self._workdir / "logs"
+        (self._workdir / "data").mkdir()
+        logs.mkdir()
+        properties = self._properties()
         (self._workdir / "server.properties").write_text(
             "".join(f"{key}={value}\n" for key, value in properties.items()), encoding="utf-8"
         )
@@ -510,6 +555,11 @@ class LocalKafka:
             )
 
     def _launch(self, java: str, timeout: float | None = None) -> None:
+        self._spawn(java)
+        self._await_ready(timeout)
+
+    def _spawn(self, java: str) -> None:
+        """Start the JVM in its own process group; does not wait for it to serve."""
         assert self._workdir is not None
         heap_min, heap_max = self._heap
         command = [
@@ -532,7 +582,11 @@ class LocalKafka:
                 start_new_session=True,
                 preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509 - see the hook's docstring
             )
+
+    def _await_ready(self, timeout: float | None = None) -> None:
+        """Wait until the spawned JVM serves metadata; stop it and raise if it does not."""
         process = self._process
+        assert process is not None
 
         def alive() -> str | None:
             code = process.poll()

@@ -1,7 +1,8 @@
 """pytest fixtures for tests that need a real Kafka broker.
 
 Loaded through the ``pytest11`` entry point, so any project that installs
-``dedupe-consumer`` gets ``kafka_bootstrap`` and ``kafka_topic`` -- and
+``dedupe-consumer`` gets ``kafka_bootstrap`` and ``kafka_topic`` (and
+``kafka_cluster``, three brokers of a test module's own to kill) -- and
 ``replay``, which needs no broker at all (see its docstring). One broker
 serves the whole session (starting a JVM per test would dominate run time);
 isolation comes from every test getting fresh, uniquely named topics instead.
@@ -28,6 +29,7 @@ import pytest
 from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
 from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._local_cluster import LocalKafkaCluster
 from dedupe_consumer.testing._providers import KafkaBroker, start_broker
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ __all__ = [
     "kafka_admin",
     "kafka_bootstrap",
     "kafka_broker",
+    "kafka_cluster",
     "kafka_outputs",
     "kafka_topic",
     "replay",
@@ -124,6 +127,31 @@ def kafka_broker() -> Iterator[KafkaBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def kafka_cluster() -> Iterator[LocalKafkaCluster]:
+    """Three Kafka nodes of this module's own (:class:`LocalKafkaCluster`), to kill and restart.
+
+    Always started here from the Maven jars, never ``$KAFKA_BOOTSTRAP_SERVERS``: the
+    tests stop its nodes. Replication factor 3, ``min.insync.replicas`` 2. Started
+    only for modules that use it and stopped after their last test (three JVMs are
+    not kept for the rest of a session); fails instead of skipping under
+    ``DEDUPE_REQUIRE_REAL_KAFKA=1``.
+    """
+    cluster = LocalKafkaCluster(3)
+    try:
+        cluster.start()
+    except BrokerUnavailableError as exc:
+        if _require_real_kafka():
+            pytest.fail(
+                f"{ENV_REQUIRE_REAL_KAFKA}=1 but the cluster did not start: {exc}", pytrace=False
+            )
+        pytest.skip(f"{exc} (set {ENV_REQUIRE_REAL_KAFKA}=1 to fail instead of skipping)")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

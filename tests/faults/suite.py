@@ -171,13 +171,21 @@ def produce(
     seed: int,
     ids: list[str] | None = None,
     mixed: bool = False,
+    replication: int = 1,
 ) -> list[str]:
-    """Produce events (creating the topic on first use); ``ids`` are earlier IDs to repeat.
+    """Produce events (creating the topic on first use, with ``replication`` replicas);
+    ``ids`` are earlier IDs to repeat. A message the broker did not take fails the call.
 
     ``mixed``: every other message through a producer with Java's partitioner."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     if ids is None:
-        admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result()
+        admin.create_topics([NewTopic(topic, PARTITIONS, replication)])[topic].result()
+    failed: list[str] = []
+
+    def delivered(error: object, _message: object) -> None:
+        if error is not None:
+            failed.append(str(error))
+
     rng = random.Random(seed)
     crc32 = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     murmur2 = (
@@ -202,11 +210,13 @@ def produce(
                     key=event_id,
                     value=f'{{"id":"{event_id}"}}',
                     headers=[("event-id", event_id.encode())],
+                    on_delivery=delivered,
                 )
                 break
             except BufferError:
                 producer.poll(0.05)
     assert crc32.flush(60) == 0 and murmur2.flush(60) == 0
+    assert not failed, f"{len(failed)} events not delivered: {failed[:3]}"
     return sent
 
 
@@ -405,6 +415,23 @@ def run_mode(
         final.send_signal(signal.SIGTERM)
         outcome.exit_codes.append(final.wait(timeout=60))
 
+    measure(bootstrap, workdir, topic, mode, sent, outcome, log)
+    return outcome
+
+
+def measure(
+    bootstrap: str,
+    workdir: Path,
+    topic: str,
+    mode: Mode,
+    sent: list[str],
+    outcome: Outcome,
+    log: Path,
+) -> None:
+    """Fill ``outcome`` from what the runs left: uncertain outcomes, dead letters, lost
+    IDs, duplicate effects (and wrong replies), by the mode's way of counting effects."""
+    effects = workdir / "effects"
+    unique = set(sent)
     outcome.uncertain = _uncertain_ids(log)
     outcome.dead_lettered = _dead_lettered(bootstrap, f"{topic}.dlq")
     counts: Counter[str]
@@ -451,4 +478,3 @@ def run_mode(
             values = replies.get(event_id, [])
             if len(values) != delivered[event_id] or len(set(values)) != 1:
                 outcome.wrong_replies[event_id] = f"{delivered[event_id]} sent, replies {values}"
-    return outcome

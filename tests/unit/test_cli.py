@@ -73,4 +73,14 @@ def test_every_commands_help_is_plain_with_whole_option_names() -> None:
         assert "<bool>" not in result.output, command
         assert "…" not in result.output, command  # no option name cut short
     assert "--port" in runner.invoke(app, ["broker", "--help"]).output
+    assert "--brokers" in runner.invoke(app, ["broker", "--help"]).output
     assert "--redeliver-batches" in runner.invoke(app, ["replay", "--help"]).output
+
+
+def test_broker_refuses_a_pinned_port_for_a_cluster() -> None:
+    """``--port`` pins one broker's port; three nodes need three: a usage error, before
+    anything is started."""
+    result = runner.invoke(app, ["broker", "--brokers", "3", "--port", "9092"])
+    assert result.exit_code == 2, result.output
+    assert "--port" in result.output and "single broker" in result.output
+    assert runner.invoke(app, ["broker", "--brokers", "0"]).exit_code == 2

@@ -1,0 +1,32 @@
+"""How durable the library's own writes are: its topics' replication and its producers' acks.
+
+Every topic the library creates (the changelog, the dead-letter topic, the by-id
+topics of topic scope, output topics of ``processing.create_output_topics``) gets
+:func:`replication_factor`: three replicas, or as many as the cluster has brokers
+when it has fewer. Not the broker's ``default.replication.factor``: Kafka's own
+default for it is 1, and a changelog or dead-letter topic with one replica loses
+acknowledged records with that one broker's disk.
+
+Every producer of the library's writes with ``acks=all`` and idempotence
+(:data:`dedupe_consumer.librdkafka.DURABLE_PRODUCER`): a dead letter or a changelog
+record acknowledged by the leader alone is lost when that leader dies before a
+follower copied it, and a retry after a leader change must not write it twice.
+``KafkaSettings`` refuses a ``[kafka.producer]`` that would weaken either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+__all__ = ["MAX_REPLICATION_FACTOR", "replication_factor"]
+
+MAX_REPLICATION_FACTOR: Final = 3
+"""Replicas of a topic the library creates, on a cluster of at least this many brokers."""
+
+
+def replication_factor(metadata: Any) -> int:
+    """Replicas for a new topic on the cluster ``metadata`` describes (a confluent-kafka
+    ``ClusterMetadata``): ``min(3, brokers)``; -1 (the broker's default) when the
+    metadata names no broker."""
+    brokers = len(getattr(metadata, "brokers", None) or {})
+    return min(MAX_REPLICATION_FACTOR, brokers) if brokers else -1

@@ -1,0 +1,123 @@
+"""The library's own writes survive a broker: acks=all, idempotence, three replicas.
+
+A dead letter or a changelog record acknowledged by the partition leader alone is
+lost when that broker dies before a follower copied it (issue 17). Every producer
+of the library's writes with ``acks=all`` and ``enable.idempotence=true``, and a
+``[kafka.producer]`` that would weaken either is refused at load; every topic the
+library creates asks for ``min(3, brokers)`` replicas, not the broker default
+(Kafka's own is 1).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from dedupe_consumer import ConfigError, Settings
+from dedupe_consumer.kafka import KafkaDeadLetters
+from dedupe_consumer.kafka.changelog import Changelog
+from dedupe_consumer.kafka.replication import replication_factor
+from dedupe_consumer.librdkafka import weakened_durability
+
+from ..log_capture import captured_logs
+
+
+def _settings(producer: dict[str, Any], consumer: dict[str, Any] | None = None) -> Settings:
+    return Settings.load(
+        kafka={
+            "bootstrap_servers": "127.0.0.1:1",
+            "group_id": "g",
+            "topics": ["t"],
+            "consumer": consumer or {},
+            "producer": producer,
+        },
+        processing={"dead_letter_topic": "t.dlq"},
+    )
+
+
+@pytest.mark.parametrize(
+    "producer, named",
+    [
+        ({"acks": 1}, "acks = 1"),
+        ({"acks": "0"}, "acks = '0'"),
+        ({"request.required.acks": 1}, "request.required.acks = 1"),
+        ({"enable.idempotence": False}, "enable.idempotence = False"),
+        ({"enable.idempotence": "false"}, "enable.idempotence = 'false'"),
+    ],
+)
+def test_a_producer_setting_that_weakens_durability_is_a_config_error_naming_it(
+    producer: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        _settings(producer)
+    message = str(info.value)
+    assert "kafka.producer" in message
+    assert named in message
+    assert "acks=all and enable.idempotence=true" in message
+
+
+@pytest.mark.parametrize(
+    "producer",
+    [
+        {"acks": "all"},
+        {"acks": -1},
+        {"request.required.acks": "-1"},
+        {"enable.idempotence": True},
+        {"enable.idempotence": "true", "linger.ms": 20},
+        {},
+    ],
+)
+def test_settings_that_keep_durability_are_accepted(producer: dict[str, Any]) -> None:
+    assert _settings(producer).kafka.producer == producer
+    assert weakened_durability(producer) == []
+
+
+def _producer_configurations(logs: list[dict[str, Any]]) -> list[str]:
+    """Each producer's configuration as librdkafka logged it (``debug = conf``)."""
+    by_client: dict[str, str] = {}
+    for line in logs:
+        if line.get("event") == "librdkafka" and line.get("facility") == "CONF":
+            client = str(line["client"])
+            if "#producer-" in client:
+                by_client[client] = by_client.get(client, "") + str(line["message"]) + "\n"
+    return list(by_client.values())
+
+
+def test_dead_letter_and_changelog_producers_run_with_acks_all_and_idempotence() -> None:
+    """As librdkafka itself reports the two producers' configuration; the changelog is
+    given a producer config asking for acks=1 directly (no settings validation in the
+    way), and still writes with acks=all."""
+    settings = _settings(
+        {"linger.ms": 3},
+        # librdkafka's mock cluster stands in for a broker; each client logs its config.
+        consumer={"debug": "conf", "test.mock.num.brokers": 1},
+    )
+    with captured_logs() as logs:
+        letters = KafkaDeadLetters(settings, flush_timeout_s=5, topic_timeout_s=5)
+        letters.close()
+        changelog = Changelog(
+            settings.kafka.connection(),
+            "g",
+            timedelta(days=1),
+            "tx-durable",
+            {"acks": 1, "linger.ms": 3},
+        )
+        changelog.close()
+    producers = _producer_configurations(logs)
+    dead_letters = [c for c in producers if "transactional.id" not in c]
+    changelogs = [c for c in producers if "transactional.id = tx-durable" in c]
+    assert len(dead_letters) == 1 and len(changelogs) == 1, producers
+    for configuration in (*dead_letters, *changelogs):
+        assert "enable.idempotence = true" in configuration, configuration
+        assert "request.required.acks = -1" in configuration, configuration
+
+
+@pytest.mark.parametrize(("brokers", "replicas"), [(0, -1), (1, 1), (2, 2), (3, 3), (6, 3)])
+def test_library_topics_get_three_replicas_or_as_many_as_there_are_brokers(
+    brokers: int, replicas: int
+) -> None:
+    metadata = SimpleNamespace(brokers={n: object() for n in range(1, brokers + 1)})
+    assert replication_factor(metadata) == replicas
