@@ -913,13 +913,18 @@ class Changelog:
         while True:
             try:
                 low, _ = consumer.get_watermark_offsets(ktp, timeout=self.timeout_s)
-                return int(low)
+                if int(low) >= 0:
+                    return int(low)
+                failure: object = f"no offset (answered {low})"
             except KafkaException as exc:
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"cannot read changelog offsets of {ktp.topic}[{ktp.partition}]: {exc}"
-                    ) from exc
-                time.sleep(0.2)
+                failure = exc
+            # A leader moving (a broker fault) can answer without an offset: never taken
+            # for an empty log, which would skip the restore. Asked again until the end.
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"cannot read changelog offsets of {ktp.topic}[{ktp.partition}]: {failure}"
+                )
+            time.sleep(0.2)
 
     def _high(self, ktp: KafkaTopicPartition) -> int:
         """The high watermark, open transactions included.
@@ -936,16 +941,22 @@ class Changelog:
                 request_timeout=self.timeout_s,
             )
             try:
-                return int(next(iter(futures.values())).result().offset)
+                offset = int(next(iter(futures.values())).result().offset)
+                if offset >= 0:
+                    return offset
+                failure: object = f"no offset (answered {offset})"
             except KafkaException as exc:
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"cannot read changelog offsets of {ktp.topic}[{ktp.partition}]: {exc}"
-                    ) from exc
-                time.sleep(0.2)
-                # New partitions: the admin client's metadata cache may not know them yet.
-                with contextlib.suppress(KafkaException):
-                    self._admin.list_topics(ktp.topic, timeout=self.timeout_s)
+                failure = exc
+            # A leader moving (a broker fault) can answer -1001: never taken for an end
+            # (the restore would find its position "beyond the end" and start over).
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"cannot read changelog offsets of {ktp.topic}[{ktp.partition}]: {failure}"
+                )
+            time.sleep(0.2)
+            # New partitions: the admin client's metadata cache may not know them yet.
+            with contextlib.suppress(KafkaException):
+                self._admin.list_topics(ktp.topic, timeout=self.timeout_s)
 
     def close(self) -> None:
         if self._fatal is None:  # a fenced producer has nothing left to deliver
