@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -49,7 +50,7 @@ from dedupe_consumer.store import changelog_topic
 
 from ..kafka_helpers import committed_offsets, end_offsets
 from .consumer_process import effect_lines, log_of, start_consumer, write_config
-from .suite import Mode, _committed, _dead_lettered, _uncertain_ids, plain_repeat_bound
+from .suite import Mode, _dead_lettered, _uncertain_ids, plain_repeat_bound
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class Storm:
     """``False`` (a negative control): no state moves with a partition, so re-sent old
     IDs are handled again by their new owners and show up as graceful repeats."""
     seed: int = 1
+    ready_timeout_s: float = 20
+    """A SIGTERM restart waits (this long at most) for its target to have joined the
+    group since it started, as a rolling restart waits for readiness; SIGKILLs do not."""
     stop_timeout_s: float = 60
     drain_timeout_s: float = 180
 
@@ -214,10 +218,23 @@ class _Slot:
         self.proc: subprocess.Popen[bytes] | None = None
         self.current: Incarnation | None = None
         self.starts = 0
+        self._log_from = 0
+
+    def ready(self) -> bool:
+        """The current process has joined the group (logged an assignment since it
+        started): what a rolling restart waits for before it moves on."""
+        log = log_of(self.config)
+        if self.proc is None or not log.exists():
+            return False
+        with log.open("rb") as fh:
+            fh.seek(self._log_from)
+            return b'"event": "assigned"' in fh.read()
 
     def start(self, clock: float, log: list[Incarnation]) -> None:
         tag = f"c{self.index}.{self.starts}"
         self.starts += 1
+        path = log_of(self.config)
+        self._log_from = path.stat().st_size if path.exists() else 0
         self.proc = start_consumer(
             self.config, self.effects, handler=self.mode.handler, flaky=self.mode.flaky, tag=tag
         )
@@ -324,10 +341,34 @@ def _rebalances(assigned_at: list[float], gap_s: float = 1.5) -> int:
 def _staged_counts(bootstrap: str, changelog: str) -> Counter[str]:
     """Transactional mode's effect: the ledger's ``count:<id>`` as the changelog (read
     committed, last value per key) holds it, whichever store owns the partition now."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"storm-counts-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,  # at the last stable offset: nothing is open now
+        }
+    )
     latest: dict[bytes, bytes] = {}
-    for key, value in _committed(bootstrap, changelog):
-        if key.startswith(b"e:count:"):
-            latest[key] = value
+    try:
+        metadata = consumer.list_topics(changelog, timeout=30).topics[changelog]
+        consumer.assign([KafkaTopicPartition(changelog, p, 0) for p in metadata.partitions])
+        pending = set(metadata.partitions)
+        deadline = time.monotonic() + 120
+        while pending and time.monotonic() < deadline:
+            for m in consumer.consume(1000, 0.5):
+                error = m.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(m.partition())
+                    continue
+                key = m.key() or b""
+                if key.startswith(b"e:count:"):
+                    latest[key] = m.value() or b""
+        assert not pending, f"changelog partitions {pending} not read to their end"
+    finally:
+        consumer.close()
     return Counter({k[len(b"e:count:") :].decode(): int(v or b"0") for k, v in latest.items()})
 
 
@@ -459,6 +500,10 @@ def run_storm(
             else:
                 slot = slots[turn % len(slots)]
                 turn += 1
+                ready_by = clock() + storm.ready_timeout_s  # a rolling restart waits
+                while not slot.ready() and clock() < ready_by:
+                    reap_crashed()
+                    time.sleep(0.1)
                 out.faults.append((clock(), "term", slot.current.tag if slot.current else "?"))
                 stop(slot, "term")
                 out.terms += 1
