@@ -69,8 +69,14 @@ class Storm:
     resend_age_s: float = 30
     fault_every_s: float = 8
     """Mean gap between two faults (each gap drawn from 0.5 to 1.5 times it)."""
-    kill_share: float = 0.3
+    kill_share: float = 0.4
     """Share of the faults that are SIGKILLs; the others are SIGTERM restarts, in turn."""
+    point_share: float = 0.5
+    """Share of the SIGKILLs that land at a named crash point (``dedupe_consumer._faults``:
+    after a handler call, after a claim, after a persist or commit) instead of at a
+    random moment: the next consumer in turn is restarted with the point armed, and
+    kills itself there after a random number of hits. A random moment mostly finds an
+    idle consumer; a crash point is inside the window a kill may repeat."""
     restart_after_s: tuple[float, float] = (0.5, 3.0)
     """A SIGKILLed consumer is started again after a pause drawn from this range."""
     batch: int = 100
@@ -104,6 +110,8 @@ class Incarnation:
     SIGTERM itself: it came before the consumer installed its handler, during start-up,
     so it ended as abruptly as a kill)."""
     exit_code: int | None = None
+    armed: str | None = None
+    """The crash point it kills itself at, and after how many hits (``after_handler*37``)."""
     stop_s: float | None = None
     """SIGTERM to exit."""
 
@@ -162,6 +170,8 @@ class StormOutcome:
     """Messages that re-sent an ID first sent ``resend_age_s`` or more before."""
     terms: int = 0
     kills: int = 0
+    point_kills: int = 0
+    """Of ``kills``: at a crash point (the rest at a random moment)."""
     crashes: int = 0
     stop_timeouts: int = 0
     rebalances: int = 0
@@ -184,7 +194,8 @@ class StormOutcome:
     """Error-level log events of all consumers, by name."""
     incarnations: list[Incarnation] = field(default_factory=list)
     faults: list[tuple[float, str, str]] = field(default_factory=list)
-    """``(seconds since the start, "term" or "kill", incarnation tag)``."""
+    """``(seconds since the start, "term", "kill" or "kill@<point>", incarnation tag)``."""
+    last_fault_s: float = 0.0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -199,7 +210,7 @@ class StormOutcome:
             "produced (unique)": f"{self.produced:,} ({self.unique:,})",
             "re-sent old IDs": f"{self.resends:,}",
             "SIGTERM restarts": self.terms,
-            "SIGKILLs": self.kills,
+            "SIGKILLs (at a crash point)": f"{self.kills} ({self.point_kills})",
             "rebalances": self.rebalances,
             "lost": len(self.lost),
             "duplicate effects": len(self.duplicate_effects),
@@ -230,15 +241,25 @@ class _Slot:
             fh.seek(self._log_from)
             return b'"event": "assigned"' in fh.read()
 
-    def start(self, clock: float, log: list[Incarnation]) -> None:
+    def start(
+        self, clock: float, log: list[Incarnation], armed: tuple[str, int] | None = None
+    ) -> None:
         tag = f"c{self.index}.{self.starts}"
         self.starts += 1
         path = log_of(self.config)
         self._log_from = path.stat().st_size if path.exists() else 0
         self.proc = start_consumer(
-            self.config, self.effects, handler=self.mode.handler, flaky=self.mode.flaky, tag=tag
+            self.config,
+            self.effects,
+            handler=self.mode.handler,
+            flaky=self.mode.flaky,
+            tag=tag,
+            fault=armed[0] if armed else None,
+            after=armed[1] if armed else 1,
         )
         self.current = Incarnation(tag, self.index, self.proc.pid, clock)
+        if armed:
+            self.current.armed = f"{armed[0]}*{armed[1]}"
         log.append(self.current)
 
     def ended(self, how: str, clock: float, code: int) -> None:
@@ -258,13 +279,13 @@ def _producer(
     bootstrap: str,
     topic: str,
     storm: Storm,
-    t0: float,
     sent: list[str],
     resent: list[str],
     failure: list[BaseException],
 ) -> None:
     """Steady production for ``storm.duration_s``: new IDs, and re-sends of old ones."""
     try:
+        t0 = time.monotonic()
         rng = random.Random(storm.seed * 7919)
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
         first_times: list[float] = []
@@ -300,8 +321,9 @@ def _producer(
 
 
 def _schedule(storm: Storm, rng: random.Random) -> list[tuple[float, str]]:
-    """When each fault happens and which kind, drawn up front from the seed; a fixed
-    share of kills (at least one when ``kill_share`` > 0)."""
+    """When each fault happens and which kind (``term``, ``kill``, ``point``: a restart
+    armed with a crash point), drawn up front from the seed; a fixed share of kills (at
+    least one when ``kill_share`` > 0)."""
     times: list[float] = []
     t = storm.fault_every_s * rng.uniform(0.5, 1.0)
     while t < storm.duration_s - 1:
@@ -310,7 +332,8 @@ def _schedule(storm: Storm, rng: random.Random) -> list[tuple[float, str]]:
     kills = round(len(times) * storm.kill_share)
     if storm.kill_share > 0 and times:
         kills = max(1, kills)
-    kinds = ["kill"] * kills + ["term"] * (len(times) - kills)
+    points = round(kills * storm.point_share)
+    kinds = ["point"] * points + ["kill"] * (kills - points) + ["term"] * (len(times) - kills)
     rng.shuffle(kinds)
     return list(zip(times, kinds, strict=True))
 
@@ -465,23 +488,37 @@ def run_storm(
 
     def reap_crashed() -> None:
         for slot in slots:
-            if slot.proc is not None and slot.proc.poll() is not None:
+            if slot.proc is None or slot.proc.poll() is None:
+                continue
+            assert slot.current is not None
+            code, tag, armed = slot.proc.returncode, slot.current.tag, slot.current.armed
+            if armed is not None and code == -signal.SIGKILL:  # at its crash point
+                out.kills += 1
+                out.point_kills += 1
+                out.last_fault_s = clock()
+                out.faults.append((out.last_fault_s, f"kill@{armed}", tag))
+                slot.ended("kill", clock(), code)
+            else:
                 out.crashes += 1
-                tag = slot.current.tag if slot.current else "?"
-                out.notes.append(f"{tag} exited by itself with {slot.proc.returncode}")
-                slot.ended("crash", clock(), slot.proc.returncode)
-                slot.start(clock(), out.incarnations)
+                out.notes.append(f"{tag} exited by itself with {code}")
+                slot.ended("crash", clock(), code)
+            slot.start(clock(), out.incarnations)
 
     producer = threading.Thread(
         target=_producer,
-        args=(bootstrap, topic, storm, t0, sent, resent, failure),
+        args=(bootstrap, topic, storm, sent, resent, failure),
         name="storm-producer",
         daemon=True,
     )
-    last_fault = 0.0
     try:
         for slot in slots:
             slot.start(clock(), out.incarnations)
+        ready_by = time.monotonic() + storm.ready_timeout_s  # the group formed, then the storm
+        while not all(slot.ready() for slot in slots) and time.monotonic() < ready_by:
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        for incarnation in out.incarnations:
+            incarnation.started_s = 0.0
         producer.start()
         turn = 0
         for at, kind in _schedule(storm, rng):
@@ -493,13 +530,15 @@ def run_storm(
                 out.faults.append((clock(), "kill", slot.current.tag if slot.current else "?"))
                 stop(slot, "kill")
                 out.kills += 1
-                last_fault = clock()
+                out.last_fault_s = clock()
                 pause_until = clock() + rng.uniform(*storm.restart_after_s)
                 while clock() < pause_until:
                     time.sleep(0.05)
-            else:
-                slot = slots[turn % len(slots)]
-                turn += 1
+            else:  # a SIGTERM restart, the new process armed with a crash point or not
+                # in turn; one armed and not yet at its point is left to get there
+                order = [slots[(turn + k) % len(slots)] for k in range(len(slots))]
+                slot = next((s for s in order if not (s.current and s.current.armed)), order[0])
+                turn = slot.index + 1
                 ready_by = clock() + storm.ready_timeout_s  # a rolling restart waits
                 while not slot.ready() and clock() < ready_by:
                     reap_crashed()
@@ -507,8 +546,13 @@ def run_storm(
                 out.faults.append((clock(), "term", slot.current.tag if slot.current else "?"))
                 stop(slot, "term")
                 out.terms += 1
-                last_fault = clock()
-            slot.start(clock(), out.incarnations)
+                out.last_fault_s = clock()
+            armed = None
+            if kind == "point":
+                point = rng.choice(mode.points)
+                per_event = point in ("after_handler", "after_claim")
+                armed = (point, rng.randint(10, 150) if per_event else rng.randint(2, 20))
+            slot.start(clock(), out.incarnations, armed)
             reap_crashed()
         producer.join(timeout=storm.duration_s + 120)
         if failure:
@@ -521,7 +565,7 @@ def run_storm(
             lag = _caught_up(bootstrap, group, topic, storm.partitions)
         out.final_lag = {p: n for p, n in lag.items() if n}
         if not out.final_lag:
-            out.catch_up_s = clock() - last_fault
+            out.catch_up_s = clock() - out.last_fault_s
             out.catch_up_after_production_s = clock() - production_end
         else:
             out.notes.append(f"not caught up after {storm.drain_timeout_s:.0f} s: {out.final_lag}")
