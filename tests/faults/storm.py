@@ -73,10 +73,12 @@ class Storm:
     """Share of the faults that are SIGKILLs; the others are SIGTERM restarts, in turn."""
     point_share: float = 0.5
     """Share of the SIGKILLs that land at a named crash point (``dedupe_consumer._faults``:
-    after a handler call, after a claim, after a persist or commit) instead of at a
+    after a handler call, after a claim, before or after a persist, after a commit) instead of at a
     random moment: the next consumer in turn is restarted with the point armed, and
     kills itself there after a random number of hits. A random moment mostly finds an
     idle consumer; a crash point is inside the window a kill may repeat."""
+    crash_points: tuple[str, ...] = ()
+    """The crash points to draw from; all of the mode's when empty."""
     restart_after_s: tuple[float, float] = (0.5, 3.0)
     """A SIGKILLed consumer is started again after a pause drawn from this range."""
     batch: int = 100
@@ -216,7 +218,8 @@ class StormOutcome:
             "duplicate effects": len(self.duplicate_effects),
             "repeated calls: kill windows": self.repeats.after_kill,
             "repeated calls: graceful moves": self.repeats.graceful_calls,
-            "catch-up after last fault": seconds(self.catch_up_s),
+            "caught up: after last fault": seconds(self.catch_up_s),
+            "after production end": seconds(self.catch_up_after_production_s),
         }
 
 
@@ -525,8 +528,9 @@ def run_storm(
             while clock() < at:
                 reap_crashed()
                 time.sleep(0.1)
-            if kind == "kill":
-                slot = slots[rng.randrange(len(slots))]
+            if kind == "kill":  # at random, sparing one armed for its crash point
+                unarmed = [s for s in slots if not (s.current and s.current.armed)]
+                slot = rng.choice(unarmed or slots)
                 out.faults.append((clock(), "kill", slot.current.tag if slot.current else "?"))
                 stop(slot, "kill")
                 out.kills += 1
@@ -549,7 +553,7 @@ def run_storm(
                 out.last_fault_s = clock()
             armed = None
             if kind == "point":
-                point = rng.choice(mode.points)
+                point = rng.choice(storm.crash_points or [*mode.points, "before_persist"])
                 per_event = point in ("after_handler", "after_claim")
                 armed = (point, rng.randint(10, 150) if per_event else rng.randint(2, 20))
             slot.start(clock(), out.incarnations, armed)
