@@ -461,15 +461,17 @@ def run_storm(
     def clock() -> float:
         return time.monotonic() - t0
 
-    def stop(slot: _Slot, how: str) -> None:
+    def stop(slot: _Slot, how: str, asked: float | None = None) -> None:
+        """``asked``: when SIGTERM was sent already (the final stop signals all first)."""
         proc = slot.proc
         assert proc is not None
         if how == "kill":
             proc.send_signal(signal.SIGKILL)
             slot.ended("kill", clock(), proc.wait(timeout=30))
             return
-        asked = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        if asked is None:
+            asked = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(timeout=storm.stop_timeout_s)
         except subprocess.TimeoutExpired:
@@ -573,10 +575,14 @@ def run_storm(
             out.catch_up_after_production_s = clock() - production_end
         else:
             out.notes.append(f"not caught up after {storm.drain_timeout_s:.0f} s: {out.final_lag}")
-    finally:
-        for slot in slots:
-            if slot.proc is not None:
-                stop(slot, "final")
+    finally:  # all at once: a group that shrinks one member at a time rebalances each time
+        running = [slot for slot in slots if slot.proc is not None]
+        asked = time.monotonic()
+        for slot in running:
+            assert slot.proc is not None
+            slot.proc.send_signal(signal.SIGTERM)
+        for slot in running:
+            stop(slot, "final", asked)
 
     out.produced, out.unique, out.resends = len(sent), len(set(sent)), len(resent)
     killed = {i.tag for i in out.incarnations if i.end in ("kill", "term-timeout", "term-early")}
