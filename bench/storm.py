@@ -84,6 +84,12 @@ def main() -> None:
         "--assignment", help="partition.assignment.strategy (default: librdkafka's, eager)"
     )
     parser.add_argument(
+        "--group-protocol",
+        default=defaults.group_protocol,
+        choices=["classic", "consumer"],
+        help="consumer: KIP-848, the broker assigns",
+    )
+    parser.add_argument(
         "--no-changelog",
         action="store_true",
         help="negative control: no state moves with a partition (expect graceful repeats)",
@@ -112,6 +118,7 @@ def main() -> None:
         batch=args.batch,
         max_unpersisted=args.max_unpersisted,
         assignment=args.assignment,
+        group_protocol=args.group_protocol,
         changelog=not args.no_changelog,
         seed=args.seed,
     )

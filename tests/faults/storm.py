@@ -48,9 +48,13 @@ from confluent_kafka.cimpl import NewTopic
 
 from dedupe_consumer.store import changelog_topic
 
+from ..kafka_helpers import CLASSIC_ONLY as CLASSIC_ONLY_KEYS
 from ..kafka_helpers import committed_offsets, end_offsets
 from .consumer_process import effect_lines, log_of, start_consumer, write_config
 from .suite import Mode, _dead_lettered, _uncertain_ids, plain_repeat_bound
+
+CLASSIC_ONLY = tuple(f'"{key}"' for key in CLASSIC_ONLY_KEYS)
+"""The config lines (``write_config``'s) the consumer group protocol does not take."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class Storm:
     max_unpersisted: int = 1
     assignment: str | None = None
     """``partition.assignment.strategy``; librdkafka's default (eager) when ``None``."""
+    group_protocol: str = "classic"
+    """``"consumer"``: the consumer group protocol (KIP-848), where the broker assigns
+    and owns session timing (``session.timeout.ms``, ``heartbeat.interval.ms`` and
+    ``assignment`` do not apply)."""
     changelog: bool = True
     """``False`` (a negative control): no state moves with a partition, so re-sent old
     IDs are handled again by their new owners and show up as graceful repeats."""
@@ -447,9 +455,17 @@ def run_storm(
             log_level="info",
             assignment=storm.assignment,
         )
+        text = config.read_text()
         if not storm.changelog:
-            text = config.read_text().replace("[store]\n", "[store]\nchangelog = false\n", 1)
-            config.write_text(text)
+            text = text.replace("[store]\n", "[store]\nchangelog = false\n", 1)
+        if storm.group_protocol != "classic":
+            kept = [line for line in text.splitlines() if not line.startswith(CLASSIC_ONLY)]
+            text = "\n".join(kept).replace(
+                "[kafka.consumer]\n",
+                f'[kafka.consumer]\n"group.protocol" = "{storm.group_protocol}"\n',
+                1,
+            )
+        config.write_text(text)
         slots.append(_Slot(i, home, config, effects, mode))
     out = StormOutcome(mode.name, storm)
     out.repeat_bound = plain_repeat_bound(mode, storm.batch, storm.max_unpersisted)
