@@ -30,12 +30,17 @@ def write_config(
     max_unpersisted: int = 1,
     scope: str = "partition",
     reply_topic: str | None = None,
+    log_level: str = "warning",
+    assignment: str | None = None,
 ) -> Path:
     """A consumer config in ``workdir``; logs are JSON so tests can read them.
 
     ``max_unpersisted`` 1 (the default here): no batches gathered while a write is
     persisted, so a plain-mode kill repeats at most two batches (see
-    :func:`tests.faults.suite.plain_repeat_bound`)."""
+    :func:`tests.faults.suite.plain_repeat_bound`). ``log_level`` ``"info"`` also logs
+    each assignment, revocation and restore (the storm counts them); ``assignment``
+    sets ``partition.assignment.strategy`` (librdkafka's default otherwise)."""
+    strategy = f'"partition.assignment.strategy" = "{assignment}"\n' if assignment else ""
     member = f'"group.instance.id" = "{topic}-member"\n' if static_member else ""
     replies = f'reply_topic = "{reply_topic}"\nreply_on_duplicate = true\n' if reply_topic else ""
     path = workdir / "consumer.toml"
@@ -47,7 +52,7 @@ topics = ["{topic}"]
 [kafka.consumer]
 "session.timeout.ms" = 6000
 "heartbeat.interval.ms" = 500
-{member}
+{member}{strategy}
 [dedupe]
 scope = "{scope}"
 [store]
@@ -62,7 +67,7 @@ concurrency = {concurrency}
 ordering = "{ordering}"
 max_unpersisted = {max_unpersisted}
 {replies}[observability]
-log_level = "warning"
+log_level = "{log_level}"
 log_format = "json"
 """)
     return path
@@ -76,13 +81,18 @@ def start_consumer(
     fault: str | None = None,
     after: int = 1,
     flaky: int = 0,
+    tag: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """``python -m dedupe_consumer run``; stderr appends to ``consumer.log`` beside the config.
 
     ``flaky``: the first attempt of one event in ``flaky`` fails (see
-    ``tests.faults.handlers.fail_first_attempt``)."""
+    ``tests.faults.handlers.fail_first_attempt``). ``tag``: written after each effect's
+    ID (``tests.faults.handlers.effect_line``), to tell processes sharing one file apart."""
     env = {**os.environ, "DEDUPE_TEST_EFFECTS": str(effects), "DEDUPE_TEST_FLAKY": str(flaky)}
     env.pop("DEDUPE_FAULT_POINT", None)
+    env.pop("DEDUPE_TEST_TAG", None)
+    if tag is not None:
+        env["DEDUPE_TEST_TAG"] = tag
     if fault is not None:
         env["DEDUPE_FAULT_POINT"] = fault
         env["DEDUPE_FAULT_AFTER"] = str(after)
@@ -116,7 +126,20 @@ def log_tail(config: Path, limit: int = 3000) -> str:
 
 def effects_of(path: Path) -> Counter[str]:
     """How often each event ID took effect (one line per handler call)."""
-    return Counter(path.read_text().split()) if path.exists() else Counter()
+    return Counter(event_id for event_id, _ in effect_lines(path))
+
+
+def effect_lines(path: Path) -> list[tuple[str, str]]:
+    """Each handler call in file order: the event ID and the tag of the process that
+    made it (``""`` when it was started without one)."""
+    if not path.exists():
+        return []
+    calls = []
+    for line in path.read_text().splitlines():
+        event_id, _, tag = line.strip().partition(" ")
+        if event_id:
+            calls.append((event_id, tag))
+    return calls
 
 
 def stop_consumer(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> int:

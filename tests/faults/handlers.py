@@ -9,6 +9,14 @@ import zlib
 from dedupe_consumer import Event, Handler
 
 
+def effect_line(event_id: str) -> bytes:
+    """One line of the effects file: the event ID, then, when ``DEDUPE_TEST_TAG`` is set,
+    a space and that tag (the storm names each process incarnation with it, so a
+    repeated effect can be traced to the process that made the first one)."""
+    tag = os.environ.get("DEDUPE_TEST_TAG")
+    return f"{event_id} {tag}\n".encode() if tag else f"{event_id}\n".encode()
+
+
 def fail_first_attempt(event: Event) -> None:
     """With ``DEDUPE_TEST_FLAKY=n``, the first attempt of one event in ``n`` (by ID)
     fails before any effect: its retry waits out a backoff, so its lane is carried."""
@@ -31,7 +39,7 @@ class AppendHandler(Handler):
 
     def handle(self, event: Event) -> object:
         fail_first_attempt(event)
-        os.write(self._fd, f"{event.id}\n".encode())
+        os.write(self._fd, effect_line(event.id))
         return None
 
     def teardown(self) -> None:
@@ -55,7 +63,7 @@ class ReconcilingHandler(AppendHandler):
 
     def reconcile(self, event: Event) -> bool:
         with open(os.environ["DEDUPE_TEST_EFFECTS"]) as fh:
-            return any(line.strip() == event.id for line in fh)
+            return any(line.split()[:1] == [event.id] for line in fh)
 
 
 class LedgerHandler(Handler):
@@ -74,7 +82,7 @@ class LedgerHandler(Handler):
         fail_first_attempt(event)
         key = b"count:" + event.id.encode()
         event.stage(key, str(int(event.staged(key) or b"0") + 1))
-        os.write(self._fd, f"{event.id}\n".encode())  # calls, not effects
+        os.write(self._fd, effect_line(event.id))  # calls, not effects
 
     def teardown(self) -> None:
         os.close(self._fd)
@@ -104,7 +112,7 @@ class PausingLedger(Handler):
         key = b"count:" + event.id.encode()
         event.stage(key, str(int(event.staged(key) or b"0") + 1))
         event.stage(b"total", str(int(event.staged(b"total") or b"0") + 1))
-        os.write(self._fd, f"{event.id}\n".encode())  # calls, not effects
+        os.write(self._fd, effect_line(event.id))  # calls, not effects
 
     def teardown(self) -> None:
         os.close(self._fd)
