@@ -24,8 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not in __all__
+    AclOperation,
+    NewTopic,
+    ResourceType,
+)
 
-from dedupe_consumer.testing import SecuredKafka
+from dedupe_consumer.testing import Acl, SecuredKafka
 
 from ..faults.consumer_process import APPEND_HANDLER, REPO, effects_of
 from ..kafka_helpers import committed_offsets, wait_for
@@ -188,3 +194,64 @@ def test_read_on_the_group_taken_away_without_a_changelog_stops_the_consumer_at_
     assert proc.returncode == 2, stderr[-3000:]
     assert f"READ on group '{case.group}'" in stderr.strip().splitlines()[-1], stderr[-3000:]
     assert refused_commits <= 3, f"{refused_commits} refused commits logged before stopping"
+
+
+def test_a_consumer_protocol_group_shared_with_another_principal_is_not_refused(
+    secured: SecuredKafka, tmp_path: Path
+) -> None:
+    """KIP-848: ConsumerGroupDescribe answers TOPIC_AUTHORIZATION_FAILED when any member
+    of the group subscribes to a topic this principal may not describe. The consumer
+    has every right it needs (Read on its topic and its group) and would run; the
+    start-up check must not turn that answer into "lacks READ on group"."""
+    case = new_case(secured, tmp_path, "shared-group")
+    other_topic = f"{case.topic}-other"
+    admin = secured.admin()  # kept: its futures die with it
+    for future in admin.create_topics([NewTopic(other_topic, 1, 1)]).values():
+        future.result()
+    other = secured.add_user(f"other-{case.user.name}")
+    secured.grant(
+        other,
+        [
+            Acl(ResourceType.TOPIC, other_topic, AclOperation.READ),
+            Acl(ResourceType.GROUP, case.group, AclOperation.READ),
+        ],
+    )
+    member = Consumer(
+        {
+            **secured.client_config(other),
+            "group.id": case.group,
+            "group.protocol": "consumer",
+            "enable.auto.commit": False,
+        }
+    )
+    proc: subprocess.Popen[str] | None = None
+    try:
+        member.subscribe([other_topic])
+        wait_for(lambda: bool(member.poll(0.2) or member.assignment()), 30, "the other member")
+        config = _rewrite(
+            case,
+            ('"session.timeout.ms" = 6000\n', '"group.protocol" = "consumer"\n'),
+            ('"heartbeat.interval.ms" = 500\n', ""),
+        )
+        produce(secured, case.topic, ["evt-1", "evt-2"])
+        proc = _start(config, tmp_path)
+        effects = tmp_path / "effects"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            member.poll(0.2)  # stays in the group
+            if sum(effects_of(effects).values()) >= 2:
+                break
+        stderr = ""
+        if proc.poll() is not None:
+            _, stderr = proc.communicate()
+        assert proc.poll() is None, f"refused (exit {proc.returncode}):\n{stderr[-3000:]}"
+        assert effects_of(effects) == {"evt-1": 1, "evt-2": 1}
+    finally:
+        member.close()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
