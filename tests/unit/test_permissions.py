@@ -134,6 +134,16 @@ def test_no_read_on_the_group_names_it_and_the_acl_that_grants_it(settings: Sett
     assert "--add --allow-principal User:payments-consumer --operation Read --group g" in str(error)
 
 
+def test_a_group_with_members_on_topics_it_may_not_describe_is_not_refused(
+    settings: Settings,
+) -> None:
+    """KIP-848's ConsumerGroupDescribe answers TOPIC_AUTHORIZATION_FAILED for the group
+    when another member subscribes to a topic this principal may not describe
+    (measured on Kafka 4.1): no right of this consumer's is missing."""
+    admin = FakeAdmin(groups={"g": KafkaError.TOPIC_AUTHORIZATION_FAILED})
+    check_permissions(settings, admin=admin, timeout_s=2.0)
+
+
 def test_describe_without_read_on_the_group_is_refused_too(settings: Settings) -> None:
     error = refusal(settings, FakeAdmin(groups={"g": [AclOperation.DESCRIBE]}))
     assert "READ on group 'g'" in str(error)
