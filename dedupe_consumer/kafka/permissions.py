@@ -18,6 +18,7 @@ with :func:`not_authorized`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -30,9 +31,10 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # admin re-exports it without __all__
 
 from dedupe_consumer.config import KafkaConnection, Settings
-from dedupe_consumer.errors import NotAuthorizedError
+from dedupe_consumer.errors import ConfigError, NotAuthorizedError
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
 from dedupe_consumer.kafka.topics import controller_known
+from dedupe_consumer.redaction import HIDDEN, is_secret_key, redact
 from dedupe_consumer.scope import stage_settings
 from dedupe_consumer.store.changelog_codec import changelog_topic
 
@@ -214,6 +216,67 @@ def required_rights(settings: Settings) -> tuple[dict[str, list[Right]], dict[st
     return topics, groups
 
 
+_CONNECTION_REFUSALS: Final = {
+    KafkaError._AUTHENTICATION: (
+        "sasl.username / sasl.password / sasl.mechanism",
+        "check the user, its password and the mechanism the listener takes",
+    ),
+    KafkaError._SSL: (
+        "ssl.ca.location (or security.protocol)",
+        "point ssl.ca.location at the CA that signed the brokers' certificates, and check "
+        "that the listener speaks TLS",
+    ),
+}
+"""librdkafka's connection errors that retrying does not cure: the setting to look at."""
+
+
+def _admin_client(settings: Settings, refusals: list[KafkaError]) -> AdminClient:
+    """The check's admin client. Its error callback keeps authentication and TLS
+    failures, which librdkafka otherwise retries silently for ever. A setting
+    librdkafka refuses outright (an ``ssl.ca.location`` file that does not exist)
+    is a configuration error naming it, not a traceback."""
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() in _CONNECTION_REFUSALS:
+            refusals.append(error)
+
+    try:
+        config: dict[str, Any] = {
+            **settings.kafka.connection().config("admin"),
+            **kafka_log_config(),
+            "error_cb": on_error,
+        }
+        return AdminClient(config)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        reason = _scrub(error.str() if error is not None else str(exc), settings)
+        raise ConfigError(
+            f"kafka: librdkafka refused the connection settings: {reason}. Fix the "
+            "property it names in [kafka] (a file path that must exist, say)"
+        ) from None
+
+
+def _raise_refused_connection(refusals: list[KafkaError], settings: Settings) -> None:
+    """The brokers could not be asked because they refused the connection: say why."""
+    if not refusals:
+        return
+    error = refusals[-1]
+    setting, fix = _CONNECTION_REFUSALS[error.code()]
+    who = principal_of(settings.kafka.connection().properties)
+    raise ConfigError(
+        f"kafka: the brokers refused the connection of {who} ({error.name()}: "
+        f"{_scrub(error.str(), settings)}). Look at {setting}: {fix}"
+    )
+
+
+def _scrub(text: str, settings: Settings) -> str:
+    """``text`` (librdkafka's) with every secret of the connection's settings hidden."""
+    for name, value in settings.kafka.connection().config("admin").items():
+        if is_secret_key(str(name)) and str(value) and str(value) in text:
+            text = text.replace(str(value), HIDDEN)
+    return str(redact(text))
+
+
 def check_permissions(
     settings: Settings,
     *,
@@ -232,15 +295,19 @@ def check_permissions(
     """
     topics, groups = required_rights(settings)
     principal = principal_of(settings.kafka.connection().properties)
+    refusals: list[KafkaError] = []  # the brokers' refusals of the connection itself
     if admin is None:
-        admin = AdminClient({**settings.kafka.connection().config("admin"), **kafka_log_config()})
+        admin = _admin_client(settings, refusals)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             metadata = admin.list_topics(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
             break
         except KafkaException as exc:
+            with contextlib.suppress(AttributeError):  # a test's stand-in has no poll
+                admin.poll(0)  # serves the error callback (authentication, TLS)
             if time.monotonic() >= deadline or (stopping is not None and stopping()):
+                _raise_refused_connection(refusals, settings)
                 log.warning(
                     "permissions_unchecked",
                     **kafka_error_fields(exc),

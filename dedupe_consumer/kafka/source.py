@@ -162,6 +162,8 @@ class KafkaSource:
         self._admin: AdminClient | None = None
         self._recommit = False
         self._failed: CommitError | None = None
+        self._denied: Exception | None = None
+        """A commit the broker refused for a missing right: raised by the next commit."""
         """An asynchronous commit that failed, raised by the next :meth:`commit`."""
         self._kept: list[Message] = []
         """Messages that arrived while a batch was walked (keep_alive): the next batch."""
@@ -549,6 +551,16 @@ class KafkaSource:
             return
         self._recommit = True  # sent again with the next commit, which raises this error
         refused = [p for p in partitions if p.error is not None] or partitions
+        denied = next(
+            (
+                e
+                for e in [error, *(p.error for p in refused)]
+                if e is not None and e.code() in AUTHORIZATION_FAILED
+            ),
+            None,
+        )
+        if denied is not None:  # an ACL removed while running: retrying changes nothing
+            self._denied = consuming_refused(denied, self.settings, None)
         fields = kafka_error_fields(error)
         self._failed = CommitError(
             fields["error"],
@@ -710,6 +722,8 @@ class KafkaSource:
             self.uncommitted.update(offsets)
             if self._recommit:  # an earlier commit failed (a rebalance, say): again
                 offsets = dict(self.uncommitted)
+        if self._denied is not None:
+            raise self._denied
         failed, self._failed = self._failed, None
         if offsets:
             self._recommit = False

@@ -93,6 +93,7 @@ def _source(consumer: _Consumer, batch_size: int) -> KafkaSource:
     source.cooperative = False
     source._recommit = False
     source._failed = None
+    source._denied = None
     source._partition_logs = lambda partitions: {}  # type: ignore[method-assign]
     source._lag_at = float("inf")  # dedupe_consumer_lag is not measured here
     return source
