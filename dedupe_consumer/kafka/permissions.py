@@ -241,12 +241,13 @@ def _admin_client(settings: Settings, refusals: list[KafkaError]) -> AdminClient
             refusals.append(error)
 
     try:
-        config: dict[str, Any] = {
-            **settings.kafka.connection().config("admin"),
-            **kafka_log_config(),
-            "error_cb": on_error,
-        }
-        return AdminClient(config)
+        return AdminClient(
+            {
+                **settings.kafka.connection().config("admin"),
+                **kafka_log_config(),
+                "error_cb": on_error,  # type: ignore[dict-item]  # a callable, as librdkafka takes
+            }
+        )
     except KafkaException as exc:
         error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
         reason = _scrub(error.str() if error is not None else str(exc), settings)
