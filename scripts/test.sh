@@ -26,4 +26,25 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
-exec python3 -m pytest "$@"
+if [ $# -gt 0 ]; then
+  exec python3 -m pytest "$@"
+fi
+
+# The whole suite in two pytest processes at once: the unit tests (no broker; they
+# mostly compute) beside the broker-bound ones (they mostly wait on the broker, on
+# session timeouts and on killed processes). The unit run's output follows the other's;
+# the script fails if either does.
+unit_log=$(mktemp)
+python3 -m pytest -p no:cacheprovider tests/unit >"$unit_log" 2>&1 &
+unit_pid=$!
+status=0
+python3 -m pytest --ignore=tests/unit || status=$?
+unit_status=0
+wait "$unit_pid" || unit_status=$?
+echo "--- tests/unit (run beside the tests above) ---"
+cat "$unit_log"
+rm -f "$unit_log"
+if [ "$status" -ne 0 ]; then
+  exit "$status"
+fi
+exit "$unit_status"
