@@ -182,6 +182,8 @@ class KafkaSource:
         self._stale: dict[TopicPartition, Future[int]] = {}
         """Stopped restores that did not end in time, by partition (see _start_restores)."""
         self._restorer: ThreadPoolExecutor | None = None
+        self._closing = False
+        """close() has begun: an assignment served while leaving the group is not taken."""
         self._lag_at = float("-inf")
         """When ``dedupe_consumer_lag`` was last set (:meth:`_note_lag`)."""
         strategy = str(conf.get("partition.assignment.strategy", ""))
@@ -210,6 +212,15 @@ class KafkaSource:
         resume from :meth:`_take_restored` once it is done. Polling goes on meanwhile,
         so a long restore never costs the group membership (``max.poll.interval.ms``).
         """
+        if self._closing:
+            # close() is leaving the group and librdkafka served one more assignment on
+            # the way: taken by librdkafka only (no restore, nothing decided, nothing
+            # told to the listener), and given up with the group.
+            if self.cooperative:
+                consumer.incremental_assign(partitions)
+            else:
+                consumer.assign(partitions)
+            return
         logs = self._partition_logs(partitions)
         tps = _tps(partitions)
         # An eager rebalance revokes everything, then assigns: a restore parked by the
@@ -787,6 +798,7 @@ class KafkaSource:
             )
 
     def close(self) -> None:
+        self._closing = True
         self._stop_restores(list(self._restoring))
         self._stop_restores(list(self._parked), parked=True)
         if self._restorer is not None:

@@ -89,6 +89,7 @@ def _source(consumer: _Consumer, batch_size: int) -> KafkaSource:
     source._kept, source._kept_bytes, source._paused = [], 0, False
     source._restoring, source._restorer, source._unplaced = {}, None, {}
     source._parked, source._owned, source._stale = {}, set(), {}
+    source._closing = False
     source._consumer = consumer  # type: ignore[assignment]
     source.cooperative = False
     source._recommit = False
