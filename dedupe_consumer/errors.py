@@ -101,6 +101,12 @@ class CommitError(DedupeError):
         self.offsets = dict(offsets or {})
 
 
+class SchemaRegistryUnavailableError(DedupeError):
+    """The Schema Registry could not be reached (or kept failing) for longer than
+    ``payload.registry_retry_for``, or refused this consumer's credentials: the
+    consumer stops; nothing past the last decided event is committed."""
+
+
 class MissingEventIdError(DedupeError):
     """An event has no usable ID and ``on_missing_id = "fail"`` asks us to stop."""
 
