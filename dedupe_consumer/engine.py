@@ -1320,7 +1320,9 @@ class Engine:
                 text = f"cannot read the event ID: {type(unreadable).__name__}: {unreadable}"
                 self._on_missing_id(item, InvalidId(text))
             if item.event_id is not None:
-                item.digest = payload_digest(as_bytes(item.message.value()))
+                decoded = item.decoded
+                content = as_bytes(item.message.value()) if decoded is None else decoded.content()
+                item.digest = payload_digest(content)
                 fresh.append(item)
         if not fresh:
             return

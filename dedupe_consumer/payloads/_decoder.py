@@ -56,6 +56,17 @@ class Decoded:
         """True: the record is the raw bytes (no format decodes them)."""
         self._record: Any = self._data if self.raw or not data_is_bytes else _UNSET
 
+    def content(self) -> bytes | None:
+        """What copies of one event must agree on (a different one is a conflict): the
+        value, or a structured CloudEvent's data alone: its envelope's other attributes
+        (``time`` above all) may differ between two sends of the same event."""
+        if self.cloudevent is None or not self.cloudevent.structured:
+            return as_bytes(self._message.value())
+        data = self._data
+        if data is None or isinstance(data, bytes):
+            return data
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
     def record(self) -> Any:
         """The decoded record; raises ``InvalidPayload`` (or its ``UnknownSchema``) for a
         record that cannot be decoded, ``SchemaRegistryUnavailableError`` when the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,22 @@ def test_structured_mode_reads_the_envelope() -> None:
 def test_structured_mode_bad_envelopes(envelope: dict[str, Any] | bytes, error: type) -> None:
     with pytest.raises(error):
         opened(structured(envelope))
+
+
+def test_a_structured_resend_with_a_new_time_is_a_duplicate_not_a_conflict(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig(dedupe={"id_source": "cloudevents"})
+    base = {"specversion": "1.0", "id": "A-1", "source": "/o", "type": "t", "data": {"n": 1}}
+    stats = r.engine.process(
+        [
+            replace(structured({**base, "time": "2026-11-29T06:00:00Z"}), offset_=0),
+            replace(structured({**base, "time": "2026-11-29T06:05:00Z"}), offset_=1),
+            replace(structured({**base, "data": {"n": 2}}), offset_=2),  # other data
+        ]
+    ).stats
+    assert stats.duplicates == 1
+    assert [d.letter.reason for d in r.dead.letters] == ["conflicting-duplicate"]
 
 
 def test_a_message_that_is_no_cloudevent_is_a_missing_id() -> None:
