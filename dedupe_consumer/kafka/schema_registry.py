@@ -122,11 +122,12 @@ class RegistryDecoder:
         self.format = format
 
     def decode(self, value: bytes | None, message: SourceMessage) -> Any:
-        """The decoded record of ``value`` (a dict, or a protobuf message)."""
+        """The decoded record of ``value`` (a dict, or a protobuf message; None for a
+        tombstone)."""
         from confluent_kafka.serialization import MessageField, SerializationContext
 
         if value is None:
-            raise InvalidPayload(f"the value is absent (null): nothing to decode as {self.format}")
+            return None  # a tombstone: no record (a payload_model refuses it)
         headers: list[tuple[str, str | bytes | None]] = list(header_pairs(message))
         context = SerializationContext(message.topic() or "", MessageField.VALUE, headers)
         deadline: float | None = None

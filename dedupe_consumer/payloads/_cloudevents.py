@@ -85,6 +85,11 @@ def open_cloudevent(message: SourceMessage) -> OpenedCloudEvent:
             lower = name.lower()
             if header is not None and (lower.startswith("ce_") or lower == "content-type"):
                 headers[lower] = header  # the last of repeated headers wins
+        if not any(name.startswith("ce_") for name in headers):
+            raise MissingId(
+                "not a CloudEvent: no ce_* headers (binary mode) and no content-type "
+                f"{STRUCTURED_CONTENT_TYPE}+json (structured mode)"
+            )
         _require_identity(headers.get("ce_id"), headers.get("ce_source"), "the ce_ headers")
         # The data stays ours: an empty value asks the SDK for the attributes alone.
         raw = binding.KafkaMessage(headers=headers, key=None, value=b"")

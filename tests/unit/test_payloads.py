@@ -193,8 +193,17 @@ def test_a_structured_resend_with_a_new_time_is_a_duplicate_not_a_conflict(
     assert [d.letter.reason for d in r.dead.letters] == ["conflicting-duplicate"]
 
 
+def test_a_tombstone_has_no_record_and_no_field_id() -> None:
+    decoded = decoder("avro", registry()).open(message(None))
+    assert decoded.record() is None
+    with pytest.raises(MissingId, match="absent"):
+        parse_id_source("field:/order_id")(message(None), decoded)
+    with pytest.raises(ValidationError):  # a payload_model refuses it: invalid-payload
+        OrderHandler().validate(decoded.record())
+
+
 def test_a_message_that_is_no_cloudevent_is_a_missing_id() -> None:
-    with pytest.raises(MissingId):
+    with pytest.raises(MissingId, match="not a CloudEvent"):
         opened(message(b'{"id": 1}', [("event-id", b"1")]))
 
 
