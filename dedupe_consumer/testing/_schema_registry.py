@@ -22,6 +22,7 @@ Apicurio 2.6 runs on Java 17 (the machine's default); 3.x needs Java 21+
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -194,6 +196,8 @@ class LocalSchemaRegistry:
         cache_dir: Path | str | None = None,
         heap_max: str = "384m",
         java: str | None = None,
+        compatibility: str | None = "BACKWARD",
+        extra_properties: Mapping[str, str] | None = None,
     ) -> None:
         self._requested_port = port
         self._startup_timeout = startup_timeout
@@ -201,6 +205,8 @@ class LocalSchemaRegistry:
         self._cache_dir = cache_dir
         self._heap_max = heap_max
         self._java = java
+        self._compatibility = compatibility
+        self._extra_properties = dict(extra_properties or {})
         self._lock = threading.RLock()
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: Path | None = None
@@ -268,6 +274,8 @@ class LocalSchemaRegistry:
             try:
                 self._spawn(java, jar)
                 self._await_ready()
+                if self._compatibility is not None:
+                    self._set_global_compatibility(self._compatibility)
             except BaseException:
                 self.stop()
                 raise
@@ -335,6 +343,27 @@ class LocalSchemaRegistry:
                 self.startup_seconds = round(time.monotonic() - self._spawned_at, 2)
                 return
             time.sleep(_PROBE_INTERVAL_S)
+
+    def _set_global_compatibility(self, level: str) -> None:
+        """``PUT /config``: Apicurio's global default is NONE (no rule), Confluent's BACKWARD."""
+        request = urllib.request.Request(
+            self.url + "/config",
+            method="PUT",
+            data=json.dumps({"compatibility": level}).encode(),
+            headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10.0) as response:
+                answer = json.loads(response.read() or b"{}")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise SchemaRegistryUnavailableError(
+                f"Apicurio Registry started but PUT {self.url}/config "
+                f"(compatibility {level}) failed: {exc}.\n{self.log_tail()}"
+            ) from None
+        if answer.get("compatibility") != level:
+            raise SchemaRegistryUnavailableError(
+                f"Apicurio Registry answered PUT /config (compatibility {level}) with {answer!r}"
+            )
 
     def stop(self) -> None:
         """SIGTERM the JVM's process group (SIGKILL after a grace period), delete the

@@ -13,8 +13,11 @@ registers a schema *reference* and the server has to keep it.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ from confluent_kafka import (
     SerializingProducer,
     TopicPartition,
 )
-from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.schema_registry.json_schema import JSONDeserializer, JSONSerializer
@@ -41,13 +44,12 @@ from google.protobuf import (  # type: ignore[import-untyped]  # no stubs instal
     timestamp_pb2,
 )
 
-from dedupe_consumer.testing import (
-    LocalSchemaRegistry,
-    SchemaRegistryUnavailableError,
-)
+from dedupe_consumer.testing import LocalSchemaRegistry
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
 pytestmark = pytest.mark.kafka
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SUBJECT_NOT_FOUND = 40401
 SCHEMA_NOT_FOUND = 40403
@@ -237,6 +239,29 @@ def test_unknown_schema_id_is_the_clients_not_found_error(
     assert no_subject.value.error_code == SUBJECT_NOT_FOUND
 
 
+def test_backward_compatibility_is_enforced_as_confluents_default(
+    schema_registry: LocalSchemaRegistry, request: pytest.FixtureRequest
+) -> None:
+    """Apicurio's own default is no rule at all; the fixture sets Confluent's, BACKWARD."""
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    subject = f"{request.node.name}-value"
+    added_optional = ORDER_AVRO.replace(
+        '"default": null}', '"default": null}, {"name": "note", "type": "string", "default": ""}'
+    )
+    changed_type = ORDER_AVRO.replace(
+        '"amount_cents", "type": "long"', '"amount_cents", "type": "string"'
+    )
+    assert client.get_compatibility() == "BACKWARD"
+    first = client.register_schema(subject, Schema(ORDER_AVRO, "AVRO"))
+    second = client.register_schema(subject, Schema(added_optional, "AVRO"))
+    assert second != first
+    assert client.test_compatibility(subject, Schema(changed_type, "AVRO")) is False
+    with pytest.raises(SchemaRegistryError) as rejected:
+        client.register_schema(subject, Schema(changed_type, "AVRO"))
+    assert rejected.value.http_status_code == 409
+    assert client.get_versions(subject) == [1, 2]
+
+
 def _refused(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0):
@@ -259,11 +284,41 @@ def test_stop_kills_the_registry_and_removes_its_directory() -> None:
     assert _refused(port)
 
 
-def test_unknown_version_names_maven_and_leaves_no_cache(tmp_path: Path) -> None:
-    registry = LocalSchemaRegistry(version="0.0.0-nope", cache_dir=tmp_path)
-    with pytest.raises(SchemaRegistryUnavailableError) as caught:
-        registry.start()
-    message = str(caught.value)
-    assert "maven" in message.lower() and "0.0.0-nope" in message, message
-    assert not (tmp_path / "0.0.0-nope" / "app").exists(), "a failed fetch must not look cached"
-    assert registry.pid is None and registry.workdir is None
+def test_fixture_fails_naming_maven_when_the_registry_cannot_be_had(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Under DEDUPE_REQUIRE_REAL_KAFKA=1 a registry that cannot be fetched is a failure
+    that says why, never a skip; and a failed fetch leaves nothing that looks cached."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DEDUPE_REQUIRE_REAL_KAFKA", "1")
+    monkeypatch.setenv("DEDUPE_APICURIO_REGISTRY_VERSION", "0.0.0-nope")
+    monkeypatch.setenv("DEDUPE_SCHEMA_REGISTRY_CACHE", str(cache))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    (tmp_path / "test_inner.py").write_text(
+        "def test_needs_registry(schema_registry):\n    assert schema_registry.url\n",
+        encoding="utf-8",
+    )
+    # "-p no:dedupe_consumer" keeps the installed entry point from registering the
+    # same module a second time next to the explicit -p.
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "no:dedupe_consumer"),
+            *("-p", "dedupe_consumer.testing.pytest_plugin", "-p", "no:cacheprovider", "-rA"),
+            str(tmp_path / "test_inner.py"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "1 error" in output and "skipped" not in output, output
+    assert "DEDUPE_REQUIRE_REAL_KAFKA=1 but the schema registry did not start" in output, output
+    assert "maven" in output.lower() and "0.0.0-nope" in output, output
+    assert not (cache / "0.0.0-nope" / "app").exists(), "a failed fetch must not look cached"
+    assert list((cache / "0.0.0-nope").glob(".staging-*")) == [], "staging directory left behind"
