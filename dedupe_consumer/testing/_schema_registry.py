@@ -76,6 +76,8 @@ CCOMPAT_PATH: Final = "/apis/ccompat/v7"
 """Where Apicurio serves the Confluent Schema Registry API (v6 is the same API, older path)."""
 
 _STOP_GRACE_S: Final = 15.0
+_PORT_ATTEMPTS: Final = 3
+_PORT_IN_USE: Final = "seems to be in use by another process"  # Quarkus, on a taken port
 _PROBE_INTERVAL_S: Final = 0.25
 
 _log = structlog.get_logger(__name__)
@@ -272,8 +274,7 @@ class LocalSchemaRegistry:
                 atexit.register(self.stop)
                 self._atexit_registered = True
             try:
-                self._spawn(java, jar)
-                self._await_ready()
+                self._launch(java, jar)
                 if self._compatibility is not None:
                     self._set_global_compatibility(self._compatibility)
             except BaseException:
@@ -301,6 +302,24 @@ class LocalSchemaRegistry:
             "-jar",
             str(jar),
         ]
+
+    def _launch(self, java: str, jar: Path) -> None:
+        """Spawn and wait; a free port taken by someone else between our pick and the JVM's
+        bind (Quarkus exits saying so) is picked again, twice at most."""
+        for attempt in range(_PORT_ATTEMPTS):
+            self._spawn(java, jar)
+            try:
+                self._await_ready()
+                return
+            except SchemaRegistryUnavailableError as exc:
+                lost_port = _PORT_IN_USE in str(exc) and self._requested_port is None
+                if not lost_port or attempt == _PORT_ATTEMPTS - 1:
+                    raise
+                _log.warning("schema_registry.local.port_taken", port=self._port)
+                if self._process is not None:
+                    _signal_group(self._process.pid, signal.SIGKILL)
+                    self._process.wait(timeout=30.0)
+                    self._process = None
 
     def _spawn(self, java: str, jar: Path) -> None:
         assert self._workdir is not None and self.log_file is not None
