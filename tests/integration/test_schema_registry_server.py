@@ -284,14 +284,16 @@ def test_stop_kills_the_registry_and_removes_its_directory() -> None:
     assert _refused(port)
 
 
-def test_fixture_fails_naming_maven_when_the_registry_cannot_be_had(
+def test_fixture_fails_instead_of_skipping_when_the_registry_cannot_be_had(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Under DEDUPE_REQUIRE_REAL_KAFKA=1 a registry that cannot be fetched is a failure
-    that says why, never a skip; and a failed fetch leaves nothing that looks cached."""
+    """Under DEDUPE_REQUIRE_REAL_KAFKA=1 a registry that cannot be had is a failure that
+    says why, never a skip. (A version Maven does not know fails the same way, after a
+    few seconds of Maven; the lock-stage-rename cache is the broker's, which
+    test_broker.py checks with a broken artifact.)"""
     cache = tmp_path / "cache"
     monkeypatch.setenv("DEDUPE_REQUIRE_REAL_KAFKA", "1")
-    monkeypatch.setenv("DEDUPE_APICURIO_REGISTRY_VERSION", "0.0.0-nope")
+    monkeypatch.setenv("DEDUPE_APICURIO_REGISTRY_VERSION", "no/such version")
     monkeypatch.setenv("DEDUPE_SCHEMA_REGISTRY_CACHE", str(cache))
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -319,6 +321,5 @@ def test_fixture_fails_naming_maven_when_the_registry_cannot_be_had(
     assert result.returncode == 1, output
     assert "1 error" in output and "skipped" not in output, output
     assert "DEDUPE_REQUIRE_REAL_KAFKA=1 but the schema registry did not start" in output, output
-    assert "maven" in output.lower() and "0.0.0-nope" in output, output
-    assert not (cache / "0.0.0-nope" / "app").exists(), "a failed fetch must not look cached"
-    assert list((cache / "0.0.0-nope").glob(".staging-*")) == [], "staging directory left behind"
+    assert "Apicurio Registry version 'no/such version'" in output, output
+    assert not cache.exists(), "nothing may be fetched for a version that is not one"
