@@ -37,7 +37,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.schema_registry.json_schema import JSONDeserializer, JSONSerializer
 from confluent_kafka.schema_registry.protobuf import ProtobufDeserializer, ProtobufSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
-from google.protobuf import (  # type: ignore[import-untyped]  # no stubs installed
+from google.protobuf import (
     descriptor_pb2,
     descriptor_pool,
     message_factory,
