@@ -75,6 +75,13 @@ _ARCHIVE_TYPE: Final = "tar.gz"  # 2.x publishes zip and tar.gz, 3.x only tar.gz
 CCOMPAT_PATH: Final = "/apis/ccompat/v7"
 """Where Apicurio serves the Confluent Schema Registry API (v6 is the same API, older path)."""
 
+_CONFLUENT_LIKE_PROPERTIES: Final = {
+    # A schema registered again in another formatting (whitespace, key order) is the
+    # schema it was, with its ID, as Confluent's registry does; Apicurio's default
+    # compares the text and makes a new version with a new ID.
+    "registry.ccompat.use-canonical-hash": "true",
+}
+
 _STOP_GRACE_S: Final = 15.0
 _PORT_ATTEMPTS: Final = 3
 _PORT_IN_USE: Final = "seems to be in use by another process"  # Quarkus, on a taken port
@@ -187,6 +194,12 @@ class LocalSchemaRegistry:
     to die with its parent (``PR_SET_PDEATHSIG``) when started from the main
     thread. Failures raise :class:`SchemaRegistryUnavailableError` saying which
     step failed, with the tail of the registry's log.
+
+    Two settings make it answer as Confluent's registry would: the global
+    *compatibility* is set to ``BACKWARD`` (Apicurio's own default is none;
+    ``None`` keeps that), and ``registry.ccompat.use-canonical-hash`` is on, so a
+    schema sent again in another formatting keeps its ID. *extra_properties* are
+    more ``-Dkey=value`` settings for the JVM (they win over those two).
     """
 
     def __init__(
@@ -208,7 +221,7 @@ class LocalSchemaRegistry:
         self._heap_max = heap_max
         self._java = java
         self._compatibility = compatibility
-        self._extra_properties = dict(extra_properties or {})
+        self._extra_properties = {**_CONFLUENT_LIKE_PROPERTIES, **(extra_properties or {})}
         self._lock = threading.RLock()
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: Path | None = None
@@ -299,6 +312,7 @@ class LocalSchemaRegistry:
             "-Djava.awt.headless=true",
             "-Dquarkus.http.host=127.0.0.1",
             f"-Dquarkus.http.port={self._port}",
+            *(f"-D{key}={value}" for key, value in self._extra_properties.items()),
             "-jar",
             str(jar),
         ]

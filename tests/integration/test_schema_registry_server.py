@@ -13,6 +13,7 @@ registers a schema *reference* and the server has to keep it.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import struct
@@ -260,6 +261,22 @@ def test_backward_compatibility_is_enforced_as_confluents_default(
         client.register_schema(subject, Schema(changed_type, "AVRO"))
     assert rejected.value.http_status_code == 409
     assert client.get_versions(subject) == [1, 2]
+
+
+def test_a_schema_in_another_formatting_keeps_its_id_as_with_confluent(
+    schema_registry: LocalSchemaRegistry, request: pytest.FixtureRequest
+) -> None:
+    """Producers built apart format one schema differently; Confluent compares parsed
+    schemas, Apicurio (without the canonical-hash setting the fixture turns on) text."""
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    subject = f"{request.node.name}-value"
+    reformatted = json.dumps(json.loads(ORDER_AVRO), indent=4, sort_keys=True)
+    assert reformatted != ORDER_AVRO
+    first = client.register_schema(subject, Schema(ORDER_AVRO, "AVRO"))
+    fresh = SchemaRegistryClient({"url": schema_registry.url})  # no cached answer
+    assert fresh.register_schema(subject, Schema(reformatted, "AVRO")) == first
+    assert fresh.get_versions(subject) == [1]
+    assert fresh.lookup_schema(subject, Schema(reformatted, "AVRO")).schema_id == first
 
 
 def _refused(port: int) -> bool:
