@@ -173,6 +173,7 @@ def render() -> str:
         "kafka_admin",
         "kafka_topic",
         "kafka_cluster",
+        "schema_registry",
         "replay",
     ):
         fixture = getattr(pytest_plugin, name)

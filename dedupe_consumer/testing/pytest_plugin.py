@@ -2,7 +2,8 @@
 
 Loaded through the ``pytest11`` entry point, so any project that installs
 ``dedupe-consumer`` gets ``kafka_bootstrap`` and ``kafka_topic`` (and
-``kafka_cluster``, three brokers of a test module's own to kill) -- and
+``kafka_cluster``, three brokers of a test module's own to kill), ``schema_registry``
+(a real Confluent-compatible Schema Registry, Apicurio from Maven Central) -- and
 ``replay``, which needs no broker at all (see its docstring). One broker
 serves the whole session (starting a JVM per test would dominate run time);
 isolation comes from every test getting fresh, uniquely named topics instead.
@@ -28,9 +29,10 @@ import pytest
 
 from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
-from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._errors import BrokerUnavailableError, SchemaRegistryStartError
 from dedupe_consumer.testing._local_cluster import LocalKafkaCluster
 from dedupe_consumer.testing._providers import KafkaBroker, start_broker
+from dedupe_consumer.testing._schema_registry import LocalSchemaRegistry
 
 if TYPE_CHECKING:
     from dedupe_consumer.config import Settings
@@ -49,6 +51,7 @@ __all__ = [
     "kafka_outputs",
     "kafka_topic",
     "replay",
+    "schema_registry",
     "unique_topic_name",
 ]
 
@@ -152,6 +155,33 @@ def kafka_cluster() -> Iterator[LocalKafkaCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_registry() -> Iterator[LocalSchemaRegistry]:
+    """A real Confluent-compatible Schema Registry for the session (:class:`LocalSchemaRegistry`).
+
+    Apicurio Registry from Maven Central with in-memory storage, on a free
+    loopback port; ``schema_registry.url`` is what confluent-kafka's
+    ``SchemaRegistryClient({"url": ...})`` takes. One serves the whole session:
+    tests keep apart by subject (the default subject is ``<topic>-value``, and
+    ``kafka_topic`` names are unique). Stopped at the end of the session. Fails
+    instead of skipping when it cannot start under ``DEDUPE_REQUIRE_REAL_KAFKA=1``.
+    """
+    registry = LocalSchemaRegistry()
+    try:
+        registry.start()
+    except SchemaRegistryStartError as exc:
+        if _require_real_kafka():
+            pytest.fail(
+                f"{ENV_REQUIRE_REAL_KAFKA}=1 but the schema registry did not start: {exc}",
+                pytrace=False,
+            )
+        pytest.skip(f"{exc} (set {ENV_REQUIRE_REAL_KAFKA}=1 to fail instead of skipping)")
+    try:
+        yield registry
+    finally:
+        registry.stop()
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,8 @@ def order(n: int) -> dict[str, Any]:
 
 
 def serializer(registry_url: str) -> AvroSerializer:
-    return AvroSerializer(SchemaRegistryClient({"url": registry_url}), SCHEMA)
+    made: AvroSerializer = AvroSerializer(SchemaRegistryClient({"url": registry_url}), SCHEMA)
+    return made
 
 
 def produce_orders(producer: Producer, serialize: AvroSerializer, topic: str, count: int) -> int:
