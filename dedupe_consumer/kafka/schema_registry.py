@@ -38,6 +38,12 @@ log = structlog.get_logger("dedupe_consumer.payloads")
 _RETRYABLE_STATUSES = frozenset({408, 429})
 _FIRST_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 5.0
+_REQUEST_TIMEOUT_S = 10.0
+"""The longest one registry request may take (at most ``registry_retry_for``): without
+one, a registry that accepts the connection and never answers hangs the consumer."""
+_NOT_FOUND = range(40400, 40500)
+"""The registry's own error codes for 404 (40403: schema not found); a 404 without one
+is not a registry's answer (a wrong schema_registry_url, another service)."""
 
 
 def safe_url(url: str) -> str:
@@ -94,11 +100,16 @@ class RegistryDecoder:
             conf["basic.auth.user.info"] = basic_auth
         if ca_location is not None:
             conf["ssl.ca.location"] = ca_location
+        # One try per request, bounded: the backoff below is the only retry, so the
+        # consumer gives up after about registry_retry_for, as documented.
+        conf["timeout"] = max(0.5, min(_REQUEST_TIMEOUT_S, retry_for_s))
+        conf["max.retries"] = 0
         self.url = safe_url(url)
         self.retry_for_s = retry_for_s
         self._sleep = sleep
         if client is None:
             client = SchemaRegistryClient(conf)
+        client = _Guarded(client)
         if format == "avro":
             from confluent_kafka.schema_registry.avro import AvroDeserializer
 
@@ -166,6 +177,12 @@ class RegistryDecoder:
 
         if isinstance(failure, SchemaRegistryError):
             status = failure.http_status_code
+            if status == 404 and failure.error_code not in _NOT_FOUND:
+                return SchemaRegistryUnavailableError(
+                    f"{self.url} answered 404 without a Schema Registry error code: is "
+                    "payload.schema_registry_url the registry's API (for Apicurio: "
+                    f".../apis/ccompat/v7)? {failure}"
+                )
             if status == 404:
                 return UnknownSchema(
                     f"the Schema Registry at {self.url} does not know this record's schema "
@@ -179,6 +196,8 @@ class RegistryDecoder:
             if status >= 500 or status in _RETRYABLE_STATUSES or status < 0:
                 return None
             return InvalidPayload(f"the Schema Registry refused this record's schema: {failure}")
+        if isinstance(failure, _RegistryAnswerError):
+            return None  # an answer that is no registry's (a proxy's page): its fault
         if isinstance(failure, SerializationError):
             return InvalidPayload(f"not valid {self.format} for its schema: {failure}")
         if _is_transport_error(failure):
@@ -186,6 +205,38 @@ class RegistryDecoder:
         return InvalidPayload(
             f"cannot decode as {self.format}: {type(failure).__name__}: {failure}"
         )
+
+
+class _RegistryAnswerError(Exception):
+    """The registry client failed without an HTTP error status: no answer, or an answer
+    that is not the registry's (HTML from a proxy). Never the record's fault."""
+
+
+class _Guarded:
+    """A registry client whose failures other than ``SchemaRegistryError`` are
+    :class:`_RegistryAnswerError`: what the deserializer raises after it is the record's."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._client, name)
+        if name.startswith("_") or not callable(found):
+            return found
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+            try:
+                return found(*args, **kwargs)
+            except SchemaRegistryError:
+                raise
+            except Exception as fault:
+                raise _RegistryAnswerError(f"{type(fault).__name__}: {fault}") from fault
+
+        return call
 
 
 def _is_transport_error(failure: BaseException) -> bool:
