@@ -22,6 +22,7 @@ Schemas are cached by ID in the client, so the registry is asked once per schema
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
-from dedupe_consumer.errors import ConfigError, SchemaRegistryUnavailableError
+from dedupe_consumer.errors import (
+    ConfigError,
+    RegistryWaitStopped,
+    SchemaRegistryUnavailableError,
+)
 from dedupe_consumer.ids import InvalidPayload, UnknownSchema
 from dedupe_consumer.models import SourceMessage, header_pairs
 
@@ -90,9 +95,12 @@ class RegistryDecoder:
         retry_for_s: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
         client: Any = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         """``client``: a registry client to use instead of one made for ``url`` (tests
-        pass confluent-kafka's in-memory one, shared with their serializers)."""
+        pass confluent-kafka's in-memory one, shared with their serializers).
+        ``stopping``: set when the consumer is asked to stop; the wait for the registry
+        ends then (:class:`RegistryWaitStopped`) instead of after ``retry_for_s``."""
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
         conf: dict[str, Any] = {"url": url}
@@ -107,6 +115,7 @@ class RegistryDecoder:
         self.url = safe_url(url)
         self.retry_for_s = retry_for_s
         self._sleep = sleep
+        self._stopping = stopping
         if client is None:
             client = SchemaRegistryClient(conf)
         client = _Guarded(client)
@@ -167,7 +176,13 @@ class RegistryDecoder:
                     retry_in_s=round(backoff, 2),
                     gives_up_in_s=round(deadline - now, 1),
                 )
-                self._sleep(min(backoff, max(0.0, deadline - now)))
+                delay = min(backoff, max(0.0, deadline - now))
+                if self._stopping is None:
+                    self._sleep(delay)
+                elif self._stopping.wait(delay):
+                    raise RegistryWaitStopped(
+                        f"asked to stop while waiting for the Schema Registry at {self.url}"
+                    ) from failure
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     def _outcome(self, failure: Exception) -> Exception | None:  # noqa: PLR0911

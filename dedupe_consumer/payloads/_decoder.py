@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import threading
 import uuid
 from datetime import date, datetime
 from datetime import time as dt_time
@@ -86,7 +87,14 @@ class PayloadDecoder:
         self.cloudevents = cloudevents
 
     @classmethod
-    def from_settings(cls, payload: PayloadSettings, *, cloudevents: bool) -> PayloadDecoder:
+    def from_settings(
+        cls,
+        payload: PayloadSettings,
+        *,
+        cloudevents: bool,
+        stopping: threading.Event | None = None,
+    ) -> PayloadDecoder:
+        """``stopping``: the consumer's stop request, which ends a wait for the registry."""
         registry = None
         if payload.format != "raw":
             from dedupe_consumer.kafka.schema_registry import RegistryDecoder
@@ -100,6 +108,7 @@ class PayloadDecoder:
                 ca_location=payload.schema_registry_ca_location,
                 protobuf_message=payload.protobuf_message,
                 retry_for_s=payload.registry_retry_for.total_seconds(),
+                stopping=stopping,
             )
         return cls(registry, cloudevents=cloudevents)
 

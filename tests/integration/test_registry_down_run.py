@@ -169,22 +169,28 @@ def restart_until_all_done(path: Path, effects: Path) -> None:
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("id_source", ["field:/order_id", "header:event-id"])
 def test_sigterm_while_the_registry_hangs_stops_promptly(
     kafka_bootstrap: str,
     kafka_topic: TopicFactory,
     registry_stub: tuple[str, type[_Registry]],
     tmp_path: Path,
+    id_source: str,
 ) -> None:
+    """header: decides o-1 and o-2 first, then waits on o-3's schema; field: waits in
+    phase 1, before anything of the batch is decided."""
     url, answers = registry_stub
     answers.hang = True
     topic = kafka_topic(partitions=1)
     produce(kafka_bootstrap, topic)
-    path = config(tmp_path, kafka_bootstrap, topic, url, "header:event-id", "60s")
+    path = config(tmp_path, kafka_bootstrap, topic, url, id_source, "60s")
+    decided_first = {"o-1", "o-2"} if id_source.startswith("header:") else set()
     effects = tmp_path / "effects"
     proc = start_consumer(path, effects)
     try:
         deadline = time.monotonic() + 60
-        while not {"o-1", "o-2"} <= set(effects_of(effects)) and time.monotonic() < deadline:
+        time.sleep(3.0)  # polled, and the first schema fetched
+        while not decided_first <= set(effects_of(effects)) and time.monotonic() < deadline:
             assert proc.poll() is None, log_tail(path)
             time.sleep(0.2)
         time.sleep(1.0)  # now waiting on schema 2
@@ -197,7 +203,7 @@ def test_sigterm_while_the_registry_hangs_stops_promptly(
             proc.kill()
             proc.wait(30)
     committed = committed_offsets(kafka_bootstrap, f"{topic}-group", topic, 1)
-    print(f"SIGTERM: exit {code} after {took:.1f}s, committed {committed}")
+    print(f"SIGTERM {id_source}: exit {code} after {took:.1f}s, committed {committed}")
     assert took < 15, f"SIGTERM took {took:.1f}s to stop the consumer (exit {code})"
     assert committed.get(0, -1) <= 2, committed
     answers.hang = False
