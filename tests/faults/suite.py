@@ -262,7 +262,9 @@ def _outputs(bootstrap: str, topic: str) -> Counter[str]:
     return Counter(value.decode() for _, value in _committed(bootstrap, topic))
 
 
-def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
+def dead_lettered_ids(bootstrap: str, topic: str) -> set[str]:
+    """The event IDs (``dlq.event.id`` headers) of every message in the dead-letter
+    ``topic``; empty when the topic does not exist."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -293,7 +295,8 @@ def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
         consumer.close()
 
 
-def _uncertain_ids(log: Path) -> set[str]:
+def uncertain_ids(log: Path) -> set[str]:
+    """The event IDs of the ``uncertain_outcome`` lines of a consumer's JSON log."""
     found: set[str] = set()
     for line in log.read_text(errors="replace").splitlines():
         if '"uncertain_outcome"' in line:
@@ -364,7 +367,7 @@ def run_mode(
             return moved
         # Topic scope: the source is read (by the hop); every ID is decided too? (The
         # by-id topic's end offsets count transaction markers: no offset comparison.)
-        return set(sent) <= set(effects_of(effects)) | _dead_lettered(bootstrap, f"{topic}.dlq")
+        return set(sent) <= set(effects_of(effects)) | dead_lettered_ids(bootstrap, f"{topic}.dlq")
 
     known = list(dict.fromkeys(sent))
     for k in range(kills):
@@ -435,8 +438,8 @@ def measure(
     IDs, duplicate effects (and wrong replies), by the mode's way of counting effects."""
     effects = workdir / "effects"
     unique = set(sent)
-    outcome.uncertain = _uncertain_ids(log)
-    outcome.dead_lettered = _dead_lettered(bootstrap, f"{topic}.dlq")
+    outcome.uncertain = uncertain_ids(log)
+    outcome.dead_lettered = dead_lettered_ids(bootstrap, f"{topic}.dlq")
     counts: Counter[str]
     if mode.emits:
         counts = _outputs(bootstrap, f"{topic}.out")
