@@ -173,6 +173,7 @@ def render() -> str:
         "kafka_admin",
         "kafka_topic",
         "kafka_cluster",
+        "secured_kafka",
         "replay",
     ):
         fixture = getattr(pytest_plugin, name)
