@@ -1,8 +1,8 @@
 """A secured cluster: SASL_SSL (SCRAM-SHA-512 over TLS, a CA made for this run) and ACLs.
 
 One broker for the session (the ``secured_kafka`` fixture, a
-:class:`~dedupe_consumer.testing.SecuredKafka`, shared with
-``test_secured_review.py``); each case has its own topic, group and SCRAM user. With every right the consumer
+:class:`~dedupe_consumer.testing.SecuredKafka`, shared with ``test_secured_review.py``);
+each case has its own topic, group and SCRAM user. With every right the consumer
 needs, ``dedupe-consumer run`` handles each event once, dead-letters a malformed
 one and writes its changelog in transactions. Without one right, it stops at
 start-up with exit 2, a one-line message naming the right, the resource and the
