@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
 
 from dedupe_consumer import DedupeConsumer, Event, Handler
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
@@ -23,6 +22,7 @@ from dedupe_consumer.testing.pytest_plugin import TopicFactory
 from ..kafka_helpers import (
     ConsumerThread,
     hung_changelog_transaction,
+    produce_raw,
     running_consumer,
     settings_for,
     wait_for,
@@ -48,10 +48,11 @@ class Calls(Handler):
             return [i for _, p, i in self.calls if partition is None or p == partition]
 
 
-def _events(topic: str, partition: int, prefix: str, count: int) -> list[dict[str, Any]]:
+def events_on(partition: int, prefix: str, count: int) -> list[dict[str, Any]]:
+    """``count`` messages for ``produce_raw`` to ``partition``, IDs ``<prefix>-<n>`` (key
+    and ``event-id`` header)."""
     return [
         {
-            "topic": topic,
             "partition": partition,
             "key": f"{prefix}-{i}".encode(),
             "value": b"{}",
@@ -61,7 +62,8 @@ def _events(topic: str, partition: int, prefix: str, count: int) -> list[dict[st
     ]
 
 
-def _settings(bootstrap: str, topic: str, group: str, store: Path) -> Any:
+def consumer_settings(bootstrap: str, topic: str, group: str, store: Path) -> Any:
+    """``settings_for`` with ``max.poll.interval.ms`` at ``MAX_POLL_INTERVAL_MS``."""
     return settings_for(
         bootstrap,
         topic,
@@ -77,13 +79,12 @@ def test_a_waiting_restore_keeps_polling_and_the_other_partitions_decide(
     topic = kafka_topic(partitions=2)
     group = f"g-{topic}"
     hung = hung_changelog_transaction(kafka_bootstrap, group, topic, 1)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    for item in _events(topic, 0, "zero", 50) + _events(topic, 1, "one", 50):
-        producer.produce(**item)
-    assert producer.flush(30) == 0
+    produce_raw(kafka_bootstrap, topic, events_on(0, "zero", 50) + events_on(1, "one", 50))
 
     handler = Calls()
-    consumer = DedupeConsumer(handler, _settings(kafka_bootstrap, topic, group, tmp_path / "s"))
+    consumer = DedupeConsumer(
+        handler, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "s")
+    )
     with captured_logs() as logs, running_consumer(consumer) as runner:
         wait_for(lambda: len(handler.ids(0)) == 50, 60, "partition 0 decided")
         # Longer than max.poll.interval.ms with partition 1's restore still waiting:
@@ -114,14 +115,11 @@ def test_a_revocation_stops_a_waiting_restore_and_the_new_owner_decides(
     topic = kafka_topic(partitions=2)
     group = f"g-{topic}"
     hung = hung_changelog_transaction(kafka_bootstrap, group, topic, 0, 1)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    for item in _events(topic, 0, "zero", 20) + _events(topic, 1, "one", 20):
-        producer.produce(**item)
-    assert producer.flush(30) == 0
+    produce_raw(kafka_bootstrap, topic, events_on(0, "zero", 20) + events_on(1, "one", 20))
 
     first, second = Calls(), Calls()
-    a = DedupeConsumer(first, _settings(kafka_bootstrap, topic, group, tmp_path / "a"))
-    b = DedupeConsumer(second, _settings(kafka_bootstrap, topic, group, tmp_path / "b"))
+    a = DedupeConsumer(first, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "a"))
+    b = DedupeConsumer(second, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "b"))
     threads = [ConsumerThread(a), ConsumerThread(b)]
     with captured_logs() as logs:
         threads[0].start()

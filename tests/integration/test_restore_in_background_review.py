@@ -18,9 +18,15 @@ from confluent_kafka.cimpl import NewTopic
 from dedupe_consumer import DedupeConsumer
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
-from ..kafka_helpers import hung_changelog_transaction, running_consumer, settings_for, wait_for
+from ..kafka_helpers import (
+    hung_changelog_transaction,
+    produce_raw,
+    running_consumer,
+    settings_for,
+    wait_for,
+)
 from ..log_capture import captured_logs
-from .test_restore_in_background import Calls, _events, _settings
+from .test_restore_in_background import Calls, consumer_settings, events_on
 
 pytestmark = pytest.mark.kafka
 
@@ -30,15 +36,14 @@ def _decide_first(
 ) -> None:
     """A first owner decides ``partitions`` (partition -> event count) and stops: the
     changelog then holds their records and watermarks, and the group their commits."""
-    producer = Producer({"bootstrap.servers": bootstrap})
-    total = 0
-    for partition, count in partitions.items():
-        for item in _events(topic, partition, f"old{partition}", count):
-            producer.produce(**item)
-        total += count
-    assert producer.flush(30) == 0
+    produce_raw(
+        bootstrap,
+        topic,
+        [item for p, count in partitions.items() for item in events_on(p, f"old{p}", count)],
+    )
+    total = sum(partitions.values())
     handler = Calls()
-    first = DedupeConsumer(handler, _settings(bootstrap, topic, group, store))
+    first = DedupeConsumer(handler, consumer_settings(bootstrap, topic, group, store))
     with running_consumer(first) as runner:
         wait_for(lambda: len(handler.ids()) == total, 60, "the first owner decided")
     assert not runner.is_alive()
@@ -61,7 +66,9 @@ def test_an_eager_rebalance_that_gives_the_partition_back_keeps_its_restore(
     hung = hung_changelog_transaction(kafka_bootstrap, group, topic, 1)
 
     handler = Calls()
-    consumer = DedupeConsumer(handler, _settings(kafka_bootstrap, topic, group, tmp_path / "s"))
+    consumer = DedupeConsumer(
+        handler, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "s")
+    )
     joiner: Consumer | None = None
     with captured_logs() as logs, running_consumer(consumer) as runner:
         try:
@@ -123,10 +130,7 @@ def test_a_restored_partition_resumes_while_its_committed_offset_is_unstable(
     _decide_first(kafka_bootstrap, topic, group, tmp_path / "first", {0: 10})
     # Offsets only (the records of its transaction went to another partition).
     hung = hung_changelog_transaction(kafka_bootstrap, group, topic, offsets={0: 10})
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    for item in _events(topic, 0, "new", 10):
-        producer.produce(**item)
-    assert producer.flush(30) == 0
+    produce_raw(kafka_bootstrap, topic, events_on(0, "new", 10))
 
     handler = Calls()
     settings = settings_for(
@@ -164,13 +168,12 @@ def test_hooks_never_see_a_revocation_of_a_partition_they_were_not_given(
     topic = kafka_topic(partitions=2)
     group = f"g-{topic}"
     hung = hung_changelog_transaction(kafka_bootstrap, group, topic, 1)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    for item in _events(topic, 0, "zero", 5) + _events(topic, 1, "one", 5):
-        producer.produce(**item)
-    assert producer.flush(30) == 0
+    produce_raw(kafka_bootstrap, topic, events_on(0, "zero", 5) + events_on(1, "one", 5))
 
     handler = Calls()
-    consumer = DedupeConsumer(handler, _settings(kafka_bootstrap, topic, group, tmp_path / "s"))
+    consumer = DedupeConsumer(
+        handler, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "s")
+    )
     given: set[int] = set()
     taken: list[int] = []
     consumer.on_assign(lambda tps: given.update(tp.partition for tp in tps))
@@ -244,8 +247,8 @@ def test_an_offset_regression_found_after_a_restore_does_not_race_the_persister(
         producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 2})
         i = 0
         while not streaming.is_set():
-            for item in _events(topic, 0, f"busy{i}", 20):
-                producer.produce(**item)
+            for item in events_on(0, f"busy{i}", 20):
+                producer.produce(topic, **item)
             producer.poll(0)
             i += 1
             time.sleep(0.01)
@@ -262,10 +265,7 @@ def test_an_offset_regression_found_after_a_restore_does_not_race_the_persister(
             )
             wait_for(lambda: len(handler.ids(0)) > 200, 60, "partition 0 busy")
             hung.abort_transaction(30)
-            producer = Producer({"bootstrap.servers": kafka_bootstrap})
-            for item in _events(topic, 1, "new", 10):
-                producer.produce(**item)
-            assert producer.flush(30) == 0
+            produce_raw(kafka_bootstrap, topic, events_on(1, "new", 10))
             wait_for(lambda: len(handler.ids(1)) == 10 or not runner.is_alive(), 60, "partition 1")
         finally:
             streaming.set()
