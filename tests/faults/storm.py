@@ -51,7 +51,7 @@ from dedupe_consumer.store import changelog_topic
 from ..kafka_helpers import CLASSIC_ONLY as CLASSIC_ONLY_KEYS
 from ..kafka_helpers import committed_offsets, end_offsets
 from .consumer_process import effect_lines, log_of, start_consumer, write_config
-from .suite import Mode, _dead_lettered, _uncertain_ids, plain_repeat_bound
+from .suite import Mode, dead_lettered_ids, plain_repeat_bound, uncertain_ids
 
 CLASSIC_ONLY = tuple(f'"{key}"' for key in CLASSIC_ONLY_KEYS)
 """The config lines (``write_config``'s) the consumer group protocol does not take."""
@@ -607,10 +607,10 @@ def run_storm(
             out.notes.append(f"{incarnation.tag} exited with {incarnation.exit_code} on SIGTERM")
     calls = effect_lines(effects)
     out.repeats = attribute_repeats(calls, killed, out.repeat_bound)
-    out.dead_lettered = _dead_lettered(bootstrap, f"{topic}.dlq")
+    out.dead_lettered = dead_lettered_ids(bootstrap, f"{topic}.dlq")
     assigned_at: list[float] = []
     for slot in slots:
-        out.uncertain |= _uncertain_ids(log_of(slot.config))
+        out.uncertain |= uncertain_ids(log_of(slot.config))
         for event in _events(log_of(slot.config)):
             name = str(event.get("event"))
             if event.get("level") == "error":
