@@ -121,3 +121,17 @@ def test_library_topics_get_three_replicas_or_as_many_as_there_are_brokers(
 ) -> None:
     metadata = SimpleNamespace(brokers={n: object() for n in range(1, brokers + 1)})
     assert replication_factor(metadata) == replicas
+
+
+def test_a_broker_that_is_down_still_counts_toward_the_replicas() -> None:
+    """Metadata lists only live brokers: with one of three SIGKILLed, it names two. The
+    dead one still holds replicas of existing topics, and KRaft places a new topic's
+    third replica on it (it catches up when it returns; checked on a real cluster in
+    tests/faults/test_cluster.py). A changelog created during the outage must not be
+    left with two replicas for good."""
+    partition = SimpleNamespace(replicas=[2, 3, 1])
+    metadata = SimpleNamespace(
+        brokers={1: object(), 2: object()},
+        topics={"__consumer_offsets": SimpleNamespace(partitions={0: partition})},
+    )
+    assert replication_factor(metadata) == 3
