@@ -27,6 +27,18 @@ MAX_REPLICATION_FACTOR: Final = 3
 def replication_factor(metadata: Any) -> int:
     """Replicas for a new topic on the cluster ``metadata`` describes (a confluent-kafka
     ``ClusterMetadata``): ``min(3, brokers)``; -1 (the broker's default) when the
-    metadata names no broker."""
-    brokers = len(getattr(metadata, "brokers", None) or {})
-    return min(MAX_REPLICATION_FACTOR, brokers) if brokers else -1
+    metadata names no broker.
+
+    ``brokers`` counts the live brokers and those that hold a replica of any topic: the
+    metadata lists only live ones, so during one broker's outage a topic created with
+    the live count would keep one replica fewer for good. KRaft places a replica on a
+    fenced broker (it copies the partition when it is back).
+    """
+    live = set(getattr(metadata, "brokers", None) or {})
+    if not live:
+        return -1
+    known = set(live)
+    for topic in (getattr(metadata, "topics", None) or {}).values():
+        for partition in (getattr(topic, "partitions", None) or {}).values():
+            known.update(getattr(partition, "replicas", None) or ())
+    return min(MAX_REPLICATION_FACTOR, len(known))
