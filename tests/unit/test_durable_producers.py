@@ -135,3 +135,14 @@ def test_a_broker_that_is_down_still_counts_toward_the_replicas() -> None:
         topics={"__consumer_offsets": SimpleNamespace(partitions={0: partition})},
     )
     assert replication_factor(metadata) == 3
+
+
+def test_a_transactional_id_in_the_producer_settings_is_refused() -> None:
+    """``[kafka.producer]`` goes to the dead-letter producer as it is: a
+    ``transactional.id`` there makes it transactional, and its first dead letter, sent
+    outside a transaction, fails (``_STATE``) -- at run time, maybe days after the
+    start. The changelog and hop producers set their own id per store anyway."""
+    with pytest.raises(ConfigError) as info:
+        _settings({"transactional.id": "orders"})
+    message = str(info.value)
+    assert "kafka.producer" in message and "transactional.id" in message
