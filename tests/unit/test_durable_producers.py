@@ -146,3 +146,81 @@ def test_a_transactional_id_in_the_producer_settings_is_refused() -> None:
         _settings({"transactional.id": "orders"})
     message = str(info.value)
     assert "kafka.producer" in message and "transactional.id" in message
+
+
+class _Future:
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._value
+
+
+class _Admin:
+    """An AdminClient answering with fixed metadata; topic configs say ``compact``."""
+
+    def __init__(self, metadata: Any) -> None:
+        self._metadata = metadata
+
+    def list_topics(self, timeout: float = -1) -> Any:
+        return self._metadata
+
+    def describe_configs(self, resources: list[Any], **_: Any) -> dict[Any, _Future]:
+        return {r: _Future({"cleanup.policy": SimpleNamespace(value="compact")}) for r in resources}
+
+
+def _three_brokers_and(topics: dict[str, int]) -> Any:
+    """Metadata of a three-broker cluster with ``topics`` (name → replicas), 2 partitions."""
+    return SimpleNamespace(
+        brokers={1: object(), 2: object(), 3: object()},
+        controller_id=1,
+        topics={
+            name: SimpleNamespace(
+                error=None,
+                partitions={
+                    p: SimpleNamespace(replicas=[1, 2, 3][:replicas], leader=1) for p in (0, 1)
+                },
+            )
+            for name, replicas in topics.items()
+        },
+    )
+
+
+def _under_replicated(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e.get("event") == "library_topic_under_replicated"]
+
+
+def test_an_existing_dead_letter_topic_with_one_replica_is_named_in_a_warning() -> None:
+    """Made by an older version (the broker default: one replica) or by hand, it is used
+    as it is: say so, with the fix, instead of letting the README's "three replicas"
+    stand unchecked."""
+    from dedupe_consumer.kafka.topics import ensure_dead_letter_topic
+
+    with captured_logs() as logs:
+        ensure_dead_letter_topic(
+            _settings({}), 5, admin=_Admin(_three_brokers_and({"t": 3, "t.dlq": 1}))
+        )
+    [warning] = _under_replicated(logs)
+    assert warning["topic"] == "t.dlq" and warning["replicas"] == 1 and warning["wanted"] == 3
+    assert "kafka-reassign-partitions" in warning["fix"]
+    with captured_logs() as logs:
+        ensure_dead_letter_topic(
+            _settings({}), 5, admin=_Admin(_three_brokers_and({"t": 3, "t.dlq": 3}))
+        )
+    assert _under_replicated(logs) == []
+
+
+def test_an_existing_changelog_topic_with_one_replica_is_named_in_a_warning() -> None:
+    from dedupe_consumer.store import changelog_topic
+
+    settings = _settings({}, consumer={"test.mock.num.brokers": 1})
+    changelog = Changelog(settings.kafka.connection(), "g", timedelta(days=1), "tx-replicas")
+    try:
+        name = changelog_topic("g", "t")
+        changelog._admin = _Admin(_three_brokers_and({"t": 3, name: 1}))  # type: ignore[assignment]
+        with captured_logs() as logs:
+            changelog.ensure_topics(["t"])
+        [warning] = _under_replicated(logs)
+        assert warning["topic"] == name and warning["replicas"] == 1 and warning["wanted"] == 3
+    finally:
+        changelog.close()
