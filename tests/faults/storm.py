@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -384,7 +385,7 @@ def _staged_counts(bootstrap: str, changelog: str) -> Counter[str]:
             "enable.partition.eof": True,  # at the last stable offset: nothing is open now
         }
     )
-    latest: dict[bytes, bytes] = {}
+    records: list[tuple[bytes, bytes | None]] = []
     try:
         metadata = consumer.list_topics(changelog, timeout=30).topics[changelog]
         consumer.assign([KafkaTopicPartition(changelog, p, 0) for p in metadata.partitions])
@@ -397,12 +398,20 @@ def _staged_counts(bootstrap: str, changelog: str) -> Counter[str]:
                     if error.code() == KafkaError._PARTITION_EOF:
                         pending.discard(m.partition())
                     continue
-                key = m.key() or b""
-                if key.startswith(b"e:count:"):
-                    latest[key] = m.value() or b""
+                records.append((m.key() or b"", m.value()))
         assert not pending, f"changelog partitions {pending} not read to their end"
     finally:
         consumer.close()
+    return staged_counts(records)
+
+
+def staged_counts(records: Sequence[tuple[bytes, bytes | None]]) -> Counter[str]:
+    """Each ID's ``count:<id>`` from the changelog's committed ``(key, value)`` records,
+    in order: the last value of each key."""
+    latest: dict[bytes, bytes] = {}
+    for key, value in records:
+        if key.startswith(b"e:count:"):
+            latest[key] = value or b""
     return Counter({k[len(b"e:count:") :].decode(): int(v or b"0") for k, v in latest.items()})
 
 

