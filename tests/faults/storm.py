@@ -406,13 +406,20 @@ def _staged_counts(bootstrap: str, changelog: str) -> Counter[str]:
 
 
 def staged_counts(records: Sequence[tuple[bytes, bytes | None]]) -> Counter[str]:
-    """Each ID's ``count:<id>`` from the changelog's committed ``(key, value)`` records,
-    in order: the last value of each key."""
+    """How often each ID's effect happened, from the changelog's committed ``(key,
+    value)`` records of the ledger's ``count:<id>``, in order: its last value, or how
+    many times a value was committed if that is more. A new owner that lost an ID's
+    state (the counter with it) and handled it again commits ``1`` a second time: the
+    last value alone would say once."""
     latest: dict[bytes, bytes] = {}
+    commits: Counter[bytes] = Counter()
     for key, value in records:
         if key.startswith(b"e:count:"):
             latest[key] = value or b""
-    return Counter({k[len(b"e:count:") :].decode(): int(v or b"0") for k, v in latest.items()})
+            commits[key] += 1 if value else 0
+    return Counter(
+        {k[len(b"e:count:") :].decode(): max(int(v or b"0"), commits[k]) for k, v in latest.items()}
+    )
 
 
 def _caught_up(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
