@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from dedupe_consumer.testing import _local_cluster
-from dedupe_consumer.testing._errors import BrokerUnavailableError
-from dedupe_consumer.testing._local_cluster import LocalKafkaCluster, _ClusterNode
+from dedupe_consumer.testing import BrokerUnavailableError, LocalKafkaCluster
+
+NODE = "dedupe_consumer.testing._local_cluster._ClusterNode"
 
 
 class _Process:
@@ -26,34 +26,34 @@ def _fake_nodes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dies: int) -> l
     """Nodes that "start" at once; node ``dies`` exits just after it served metadata."""
     stopped: list[Any] = []
 
-    def begin(self: _ClusterNode) -> str:
+    def begin(self: Any) -> str:
         self._workdir = tmp_path / f"node-{self.node_id}"
         self._workdir.mkdir()
         return "java"
 
-    def prepare(self: _ClusterNode, java: str) -> None:
+    def prepare(self: Any, java: str) -> None:
         self._port = self._requested_port
         self._cluster_id = self._requested_cluster_id or "cluster"
 
-    def spawn(self: _ClusterNode, java: str) -> None:
-        self._process = _Process(1000 + self.node_id)  # type: ignore[assignment]
+    def spawn(self: Any, java: str) -> None:
+        self._process = _Process(1000 + self.node_id)
 
-    def await_ready(self: _ClusterNode, timeout: float | None = None) -> None:
+    def await_ready(self: Any, timeout: float | None = None) -> None:
         if self.node_id == dies:
             assert self._process is not None
             self._process.returncode = 1
 
-    def stop_process(self: _ClusterNode, *, graceful: bool = True, timeout: float = 0) -> None:
+    def stop_process(self: Any, *, graceful: bool = True, timeout: float = 0) -> None:
         stopped.append(self.node_id)
         self._process = None
 
-    monkeypatch.setattr(_local_cluster, "_java_executable", lambda: "java")
-    monkeypatch.setattr(_ClusterNode, "_begin", begin)
-    monkeypatch.setattr(_ClusterNode, "_prepare", prepare)
-    monkeypatch.setattr(_ClusterNode, "_spawn", spawn)
-    monkeypatch.setattr(_ClusterNode, "_await_ready", await_ready)
-    monkeypatch.setattr(_ClusterNode, "stop_process", stop_process)
-    monkeypatch.setattr(_ClusterNode, "log_tail", lambda self: f"(node {self.node_id}'s log)")
+    monkeypatch.setattr("dedupe_consumer.testing._local_cluster._java_executable", lambda: "java")
+    monkeypatch.setattr(f"{NODE}._begin", begin)
+    monkeypatch.setattr(f"{NODE}._prepare", prepare)
+    monkeypatch.setattr(f"{NODE}._spawn", spawn)
+    monkeypatch.setattr(f"{NODE}._await_ready", await_ready)
+    monkeypatch.setattr(f"{NODE}.stop_process", stop_process)
+    monkeypatch.setattr(f"{NODE}.log_tail", lambda self: f"(node {self.node_id}'s log)")
     return stopped
 
 
