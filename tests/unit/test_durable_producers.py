@@ -224,3 +224,14 @@ def test_an_existing_changelog_topic_with_one_replica_is_named_in_a_warning() ->
         assert warning["topic"] == name and warning["replicas"] == 1 and warning["wanted"] == 3
     finally:
         changelog.close()
+
+
+@pytest.mark.parametrize("key", ["acks", "request.required.acks", "enable.idempotence"])
+def test_redrive_and_replay_producers_refuse_acks_by_either_name(key: str) -> None:
+    """``dlq redrive`` and ``replay --to-topic -X`` pass their properties to the
+    recording producer, which owns ``acks``: its librdkafka alias
+    ``request.required.acks`` is refused as plainly as ``acks`` is."""
+    from dedupe_consumer.kafka.recording import RecordingProducer
+
+    with pytest.raises(ValueError, match=rf"{key} cannot be set"):
+        RecordingProducer("127.0.0.1:1", {key: "0"})
