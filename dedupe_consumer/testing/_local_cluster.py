@@ -197,6 +197,14 @@ class LocalKafkaCluster(Lifecycle):
                 for node in self._nodes:
                     node._await_ready(self._startup_timeout)
                 self.wait_until_registered(self._startup_timeout)
+                # wait_until_registered wants the running nodes only: one that served
+                # metadata and died since would leave a cluster of fewer nodes.
+                for node in self._nodes:
+                    if not node.is_running:
+                        raise BrokerUnavailableError(
+                            f"node {node.node_id} exited during the cluster's start-up.\n"
+                            f"{node.log_tail()}"
+                        )
             except BaseException:
                 self.stop()
                 raise

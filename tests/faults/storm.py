@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -384,7 +385,7 @@ def _staged_counts(bootstrap: str, changelog: str) -> Counter[str]:
             "enable.partition.eof": True,  # at the last stable offset: nothing is open now
         }
     )
-    latest: dict[bytes, bytes] = {}
+    records: list[tuple[bytes, bytes | None]] = []
     try:
         metadata = consumer.list_topics(changelog, timeout=30).topics[changelog]
         consumer.assign([KafkaTopicPartition(changelog, p, 0) for p in metadata.partitions])
@@ -397,13 +398,28 @@ def _staged_counts(bootstrap: str, changelog: str) -> Counter[str]:
                     if error.code() == KafkaError._PARTITION_EOF:
                         pending.discard(m.partition())
                     continue
-                key = m.key() or b""
-                if key.startswith(b"e:count:"):
-                    latest[key] = m.value() or b""
+                records.append((m.key() or b"", m.value()))
         assert not pending, f"changelog partitions {pending} not read to their end"
     finally:
         consumer.close()
-    return Counter({k[len(b"e:count:") :].decode(): int(v or b"0") for k, v in latest.items()})
+    return staged_counts(records)
+
+
+def staged_counts(records: Sequence[tuple[bytes, bytes | None]]) -> Counter[str]:
+    """How often each ID's effect happened, from the changelog's committed ``(key,
+    value)`` records of the ledger's ``count:<id>``, in order: its last value, or how
+    many times a value was committed if that is more. A new owner that lost an ID's
+    state (the counter with it) and handled it again commits ``1`` a second time: the
+    last value alone would say once."""
+    latest: dict[bytes, bytes] = {}
+    commits: Counter[bytes] = Counter()
+    for key, value in records:
+        if key.startswith(b"e:count:"):
+            latest[key] = value or b""
+            commits[key] += 1 if value else 0
+    return Counter(
+        {k[len(b"e:count:") :].decode(): max(int(v or b"0"), commits[k]) for k, v in latest.items()}
+    )
 
 
 def _caught_up(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
