@@ -107,7 +107,7 @@ def test_a_schema_registry_that_cannot_be_had_is_an_error_line_exit_1(
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert result.stderr.startswith(
-        "error: SchemaRegistryUnavailableError: Apicurio Registry version 'not a version'"
+        "error: SchemaRegistryStartError: Apicurio Registry version 'not a version'"
     ), result.stderr
     assert list(tmp_path.iterdir()) == []
 
