@@ -30,7 +30,8 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from dedupe_consumer import DedupeConsumer, Event, Handler, Settings
 from dedupe_consumer.errors import SchemaRegistryUnavailableError
-from dedupe_consumer.replay import record_topic, replay_recording
+from dedupe_consumer.kafka.schema_registry import RegistryDecoder
+from dedupe_consumer.replay import Record, record_topic, replay_recording
 from dedupe_consumer.testing import LocalSchemaRegistry
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
@@ -362,6 +363,19 @@ def test_registry_down_stops_without_commit_or_dead_letter_then_a_restart_handle
     assert consumer.totals.duplicates == len(sent) - len(unique)
     assert committed_offsets(kafka_bootstrap, group, topic, 1) == {0: len(sent)}
     assert no_dead_letters(kafka_bootstrap, topic)
+
+
+def test_registry_retry_for_bounds_the_wait_for_a_registry_that_is_down() -> None:
+    """``payload.registry_retry_for`` is how long a registry that is down is waited for,
+    not that plus the registry client's own retries. No broker, no registry: a closed
+    loopback port; measured ~1 s."""
+    decoder = RegistryDecoder("avro", f"http://127.0.0.1:{free_port()}", retry_for_s=1.0)
+    value = b"\x00\x00\x00\x00\x01\x02"  # the wire format, schema ID 1
+    started = time.monotonic()
+    with pytest.raises(SchemaRegistryUnavailableError, match="registry_retry_for"):
+        decoder.decode(value, Record("orders", 0, 0, value_=value))
+    took = time.monotonic() - started
+    assert 1.0 <= took < 1.8, f"gave up after {took:.1f}s, registry_retry_for is 1s"
 
 
 # -- 4. replay of a recorded Avro topic ---------------------------------------------------------
