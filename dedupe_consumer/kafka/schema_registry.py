@@ -89,7 +89,10 @@ class RegistryDecoder:
         pass confluent-kafka's in-memory one, shared with their serializers)."""
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        conf: dict[str, Any] = {"url": url}
+        # The client would retry each failed request itself (3 times, jittered backoff up
+        # to 20 s) under the loop in decode: registry_retry_for would then be exceeded by
+        # seconds. decode owns the retries, so the client makes one attempt per call.
+        conf: dict[str, Any] = {"url": url, "max.retries": 0}
         if basic_auth is not None:
             conf["basic.auth.user.info"] = basic_auth
         if ca_location is not None:
