@@ -387,7 +387,7 @@ def test_replay_of_an_avro_recording_decodes_with_the_registry_and_dedupes(
     schema_registry: LocalSchemaRegistry,
     tmp_path: Path,
 ) -> None:
-    """Record, then replay five ways; measured ~5 s (registry already up)."""
+    """Record, then replay six ways; measured ~6 s (registry already up)."""
     topic = kafka_topic(partitions=2)
     sent = produce_avro_orders(kafka_bootstrap, schema_registry.url, topic, 9)
     unique = list(dict.fromkeys(sent))
@@ -406,20 +406,23 @@ def test_replay_of_an_avro_recording_decodes_with_the_registry_and_dedupes(
 
     registry = {"format": "avro", "schema_registry_url": schema_registry.url}
 
-    # The ID from a decoded field: the registry decodes each record, once per event.
-    decoded = RecordingHandler()
-    report = replay_recording(
-        decoded,
-        recording,
-        settings=settings("field:/order_id", registry),
-        inject_duplicates=0.5,
-        redeliver_batches=True,
-        seed=3,
-    )
-    assert report.ok, report.to_json()
-    assert sorted(event_id for event_id, _ in decoded.seen) == sorted(unique)
-    assert dict(decoded.seen) == {order_id: avro_record(order_id) for order_id in unique}
-    assert report.duplicates > 0
+    # With [payload] pointing at the registry, the handler gets the decoded records,
+    # whether the ID is a decoded field or a header.
+    for id_source in ("field:/order_id", "header:event-id"):
+        decoded = RecordingHandler()
+        report = replay_recording(
+            decoded,
+            recording,
+            settings=settings(id_source, registry),
+            inject_duplicates=0.5,
+            redeliver_batches=True,
+            seed=3,
+        )
+        assert report.ok, report.to_json()
+        assert sorted(event_id for event_id, _ in decoded.seen) == sorted(unique)
+        assert dict(decoded.seen) == {order_id: avro_record(order_id) for order_id in unique}
+        assert report.duplicates > 0
+        assert report.replays > 0
 
     # The ID from a header or the key and no [payload]: no registry needed; the value
     # stays the recorded wire-format bytes (magic byte 0), nothing decodes it.
