@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -376,6 +377,35 @@ def test_registry_retry_for_bounds_the_wait_for_a_registry_that_is_down() -> Non
         decoder.decode(value, Record("orders", 0, 0, value_=value))
     took = time.monotonic() - started
     assert 1.0 <= took < 1.8, f"gave up after {took:.1f}s, registry_retry_for is 1s"
+
+
+def test_registry_retry_for_bounds_the_wait_for_a_registry_that_never_answers() -> None:
+    """A registry that accepts connections and never answers (a hung process, a load
+    balancer with no backend) stops the consumer too. No broker, no registry: a
+    loopback socket that listens and never accepts; measured ~2 s."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)  # the kernel completes the handshake; nothing ever reads
+        port = hung.getsockname()[1]
+        decoder = RegistryDecoder("avro", f"http://127.0.0.1:{port}", retry_for_s=1.0)
+        value = b"\x00\x00\x00\x00\x01\x02"
+        outcome: list[BaseException] = []
+
+        def decode() -> None:
+            try:
+                decoder.decode(value, Record("orders", 0, 0, value_=value))
+            except BaseException as failure:
+                outcome.append(failure)
+
+        started = time.monotonic()
+        thread = threading.Thread(target=decode, daemon=True)
+        thread.start()
+        thread.join(8)
+        took = time.monotonic() - started
+    # (closing the socket resets the hung connection: a thread still waiting ends)
+    assert not thread.is_alive(), "decode still waits for the registry after 8 s"
+    assert outcome and isinstance(outcome[0], SchemaRegistryUnavailableError), outcome
+    assert took < 3.5, f"gave up after {took:.1f}s, registry_retry_for is 1s"
 
 
 # -- 4. replay of a recorded Avro topic ---------------------------------------------------------
