@@ -38,6 +38,8 @@ log = structlog.get_logger("dedupe_consumer.payloads")
 _RETRYABLE_STATUSES = frozenset({408, 429})
 _FIRST_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 5.0
+_MIN_REQUEST_TIMEOUT_S = 1.0
+_MAX_REQUEST_TIMEOUT_S = 10.0
 
 
 def safe_url(url: str) -> str:
@@ -70,6 +72,11 @@ def load_message_class(spec: str) -> type[Any]:
     return found
 
 
+def request_timeout_s(retry_for_s: float) -> float:
+    """How long one registry request may take: the retry budget, within 1-10 s."""
+    return min(_MAX_REQUEST_TIMEOUT_S, max(_MIN_REQUEST_TIMEOUT_S, retry_for_s))
+
+
 class RegistryDecoder:
     """Decodes Confluent wire-format values with the registry's schemas."""
 
@@ -89,7 +96,16 @@ class RegistryDecoder:
         pass confluent-kafka's in-memory one, shared with their serializers)."""
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        conf: dict[str, Any] = {"url": url}
+        # The client would retry each failed request itself (3 times, jittered backoff up
+        # to 20 s) under the loop in decode: registry_retry_for would then be exceeded by
+        # seconds. decode owns the retries, so the client makes one attempt per call. Its
+        # requests have no timeout by default: a registry that accepts and never answers
+        # would hold decode for ever. One request waits at most the retry budget (1-10 s).
+        conf: dict[str, Any] = {
+            "url": url,
+            "max.retries": 0,
+            "timeout": request_timeout_s(retry_for_s),
+        }
         if basic_auth is not None:
             conf["basic.auth.user.info"] = basic_auth
         if ca_location is not None:
@@ -133,6 +149,7 @@ class RegistryDecoder:
         deadline: float | None = None
         backoff = _FIRST_BACKOFF_S
         while True:
+            attempted_at = time.monotonic()
             try:
                 return self._deserialize(value, context)
             except Exception as failure:
@@ -140,8 +157,8 @@ class RegistryDecoder:
                 if outcome is not None:
                     raise outcome from failure
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.retry_for_s
+                if deadline is None:  # counted from the first failed attempt's start
+                    deadline = attempted_at + self.retry_for_s
                 if now >= deadline:
                     raise SchemaRegistryUnavailableError(
                         f"the Schema Registry at {self.url} has not answered for "
