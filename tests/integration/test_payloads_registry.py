@@ -378,7 +378,9 @@ def test_registry_retry_for_bounds_the_wait_for_a_registry_that_is_down() -> Non
     with pytest.raises(SchemaRegistryUnavailableError, match="registry_retry_for"):
         decoder.decode(value, Record("orders", 0, 0, value_=value))
     took = time.monotonic() - started
-    assert 1.0 <= took < 1.8, f"gave up after {took:.1f}s, registry_retry_for is 1s"
+    # Before the fix it gave up after 8-10 s (the client retried under our loop); the
+    # margin is for a loaded machine, not a performance bound.
+    assert 1.0 <= took < 5.0, f"gave up after {took:.1f}s, registry_retry_for is 1s"
 
 
 def test_registry_retry_for_bounds_the_wait_for_a_registry_that_never_answers() -> None:
@@ -407,7 +409,7 @@ def test_registry_retry_for_bounds_the_wait_for_a_registry_that_never_answers() 
     # (closing the socket resets the hung connection: a thread still waiting ends)
     assert not thread.is_alive(), "decode still waits for the registry after 8 s"
     assert outcome and isinstance(outcome[0], SchemaRegistryUnavailableError), outcome
-    assert took < 3.5, f"gave up after {took:.1f}s, registry_retry_for is 1s"
+    assert took < 6.0, f"gave up after {took:.1f}s, registry_retry_for is 1s (margin: load)"
 
 
 # -- 4. replay of a recorded Avro topic ---------------------------------------------------------
