@@ -243,6 +243,17 @@ class KafkaSettings(_Section):
             )
         return value
 
+    @field_validator("producer")
+    @classmethod
+    def _no_transactional_id(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
+        if "transactional.id" in value:
+            raise ValueError(
+                "transactional.id cannot be set: the dead-letter producer is not transactional "
+                "(its first dead letter would fail outside a transaction) and each changelog "
+                "producer gets an id of its own per store; remove it"
+            )
+        return value
+
     @field_validator("consumer")
     @classmethod
     def _consumer_protocol(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:

@@ -229,7 +229,10 @@ def cloudevent_id(message: SourceMessage, decoded: Decoded | None = None, /) -> 
     event = decoded.cloudevent
     source = _checked(event.source, "CloudEvent source")
     event_id = _checked(event.id, "CloudEvent id")
-    return _checked(
-        json.dumps([source, event_id], ensure_ascii=False, separators=(",", ":")),
-        "CloudEvent (source, id)",
-    )
+    # json.dumps([source, event_id], ensure_ascii=False, separators=(",", ":")), faster
+    pair = f"[{_json_string(source)},{_json_string(event_id)}]"
+    return _checked(pair, "CloudEvent (source, id)")
+
+
+_json_string = json.encoder.encode_basestring
+"""A str as a JSON string literal, non-ASCII kept (C-accelerated)."""

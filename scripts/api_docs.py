@@ -174,6 +174,7 @@ def render() -> str:
         "kafka_topic",
         "kafka_cluster",
         "schema_registry",
+        "secured_kafka",
         "replay",
     ):
         fixture = getattr(pytest_plugin, name)

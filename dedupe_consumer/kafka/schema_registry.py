@@ -43,9 +43,8 @@ log = structlog.get_logger("dedupe_consumer.payloads")
 _RETRYABLE_STATUSES = frozenset({408, 429})
 _FIRST_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 5.0
-_REQUEST_TIMEOUT_S = 10.0
-"""The longest one registry request may take (at most ``registry_retry_for``): without
-one, a registry that accepts the connection and never answers hangs the consumer."""
+_MIN_REQUEST_TIMEOUT_S = 1.0
+_MAX_REQUEST_TIMEOUT_S = 10.0
 _NOT_FOUND = range(40400, 40500)
 """The registry's own error codes for 404 (40403: schema not found); a 404 without one
 is not a registry's answer (a wrong schema_registry_url, another service)."""
@@ -81,6 +80,11 @@ def load_message_class(spec: str) -> type[Any]:
     return found
 
 
+def request_timeout_s(retry_for_s: float) -> float:
+    """How long one registry request may take: the retry budget, within 1-10 s."""
+    return min(_MAX_REQUEST_TIMEOUT_S, max(_MIN_REQUEST_TIMEOUT_S, retry_for_s))
+
+
 class RegistryDecoder:
     """Decodes Confluent wire-format values with the registry's schemas."""
 
@@ -103,15 +107,20 @@ class RegistryDecoder:
         ends then (:class:`RegistryWaitStopped`) instead of after ``retry_for_s``."""
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        conf: dict[str, Any] = {"url": url}
+        # The client would retry each failed request itself (3 times, jittered backoff up
+        # to 20 s) under the loop in decode: registry_retry_for would then be exceeded by
+        # seconds. decode owns the retries, so the client makes one attempt per call. Its
+        # requests have no timeout by default: a registry that accepts and never answers
+        # would hold decode for ever. One request waits at most the retry budget (1-10 s).
+        conf: dict[str, Any] = {
+            "url": url,
+            "max.retries": 0,
+            "timeout": request_timeout_s(retry_for_s),
+        }
         if basic_auth is not None:
             conf["basic.auth.user.info"] = basic_auth
         if ca_location is not None:
             conf["ssl.ca.location"] = ca_location
-        # One try per request, bounded: the backoff below is the only retry, so the
-        # consumer gives up after about registry_retry_for, as documented.
-        conf["timeout"] = max(0.5, min(_REQUEST_TIMEOUT_S, retry_for_s))
-        conf["max.retries"] = 0
         self.url = safe_url(url)
         self.retry_for_s = retry_for_s
         self._sleep = sleep
@@ -153,6 +162,7 @@ class RegistryDecoder:
         deadline: float | None = None
         backoff = _FIRST_BACKOFF_S
         while True:
+            attempted_at = time.monotonic()
             try:
                 return self._deserialize(value, context)
             except Exception as failure:
@@ -160,8 +170,8 @@ class RegistryDecoder:
                 if outcome is not None:
                     raise outcome from failure
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.retry_for_s
+                if deadline is None:  # counted from the first failed attempt's start
+                    deadline = attempted_at + self.retry_for_s
                 if now >= deadline:
                     raise SchemaRegistryUnavailableError(
                         f"the Schema Registry at {self.url} has not answered for "

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.ids import InvalidPayload, MissingId
 from dedupe_consumer.models import SourceMessage, as_bytes, header_pairs
 
@@ -57,10 +59,26 @@ class OpenedCloudEvent:
 
 
 def is_structured(message: SourceMessage) -> bool:
-    content_type = _last_header(message, "content-type")
-    return content_type is not None and content_type.lower().startswith(
-        STRUCTURED_CONTENT_TYPE.encode()
-    )
+    """True when the message announces a structured-mode envelope (its content type)."""
+    return _structured(_headers(message))
+
+
+def _headers(message: SourceMessage) -> dict[str, bytes]:
+    """The ``ce_*`` and ``content-type`` headers, names lower-cased, the last one winning."""
+    headers: dict[str, bytes] = {}
+    for name, header in header_pairs(message):
+        lower = name.lower()
+        if header is not None and (lower.startswith("ce_") or lower == "content-type"):
+            headers[lower] = header
+    return headers
+
+
+def _structured(headers: dict[str, bytes]) -> bool:
+    content_type = headers.get("content-type")
+    return content_type is not None and content_type.lower().startswith(_STRUCTURED)
+
+
+_STRUCTURED = STRUCTURED_CONTENT_TYPE.encode()
 
 
 def open_cloudevent(message: SourceMessage) -> OpenedCloudEvent:
@@ -70,40 +88,37 @@ def open_cloudevent(message: SourceMessage) -> OpenedCloudEvent:
     event has no identity), and :class:`InvalidPayload` for anything else the spec
     forbids (no ``type``, a bad ``time``, an envelope that is not JSON).
     """
-    from cloudevents.core.bindings import kafka as binding
-    from cloudevents.core.exceptions import BaseCloudEventException
-    from cloudevents.core.formats.json import JSONFormat
-
+    binding, json_format = _sdk()
     value = as_bytes(message.value())
-    structured = is_structured(message)
+    headers = _headers(message)
+    structured = _structured(headers)
     if structured:
+        # Checked before the SDK reads it: the SDK invents an id (and a time) that an
+        # event lacks, and an invented id would make every copy of it a new event.
         envelope = _envelope(value)
         _require_identity(envelope.get("id"), envelope.get("source"), "the envelope")
         _check_base64(envelope.get("data_base64"))
+        has_time = "time" in envelope
         raw = binding.KafkaMessage(headers={}, key=None, value=value or b"")
         reader = binding.from_structured
     else:
-        headers: dict[str, bytes] = {}
-        for name, header in header_pairs(message):
-            lower = name.lower()
-            if header is not None and (lower.startswith("ce_") or lower == "content-type"):
-                headers[lower] = header  # the last of repeated headers wins
         if not any(name.startswith("ce_") for name in headers):
             raise MissingId(
                 "not a CloudEvent: no ce_* headers (binary mode) and no content-type "
                 f"{STRUCTURED_CONTENT_TYPE}+json (structured mode)"
             )
         _require_identity(headers.get("ce_id"), headers.get("ce_source"), "the ce_ headers")
+        has_time = "ce_time" in headers
         # The data stays ours: an empty value asks the SDK for the attributes alone.
         raw = binding.KafkaMessage(headers=headers, key=None, value=b"")
         reader = binding.from_binary
     try:
-        parsed = reader(raw, JSONFormat())
-    except (BaseCloudEventException, ValueError, TypeError, UnicodeDecodeError) as bad:
+        parsed = reader(raw, json_format)
+    except Exception as bad:  # whatever the SDK raises, the input is at fault
         mode = "structured" if structured else "binary"
         raise InvalidPayload(f"not a valid CloudEvent ({mode} mode): {bad}") from bad
     attributes = dict(parsed.get_attributes())
-    time = attributes.get("time")
+    time = attributes.get("time") if has_time else None  # never the SDK's "now"
     event = CloudEvent(
         id=str(attributes["id"]),
         source=str(attributes["source"]),
@@ -120,6 +135,20 @@ def open_cloudevent(message: SourceMessage) -> OpenedCloudEvent:
         return OpenedCloudEvent(event, value, True)
     data = parsed.get_data()
     return OpenedCloudEvent(event, data, isinstance(data, bytes | None))
+
+
+@functools.cache
+def _sdk() -> tuple[Any, Any]:
+    """The SDK's Kafka binding and a JSON format (an optional extra, imported on first use)."""
+    try:
+        from cloudevents.core.bindings import kafka as binding
+        from cloudevents.core.formats.json import JSONFormat
+    except ImportError as missing:
+        raise ConfigError(
+            "dedupe.id_source = 'cloudevents' needs the cloudevents SDK: "
+            "pip install 'dedupe-consumer[cloudevents]'"
+        ) from missing
+    return binding, JSONFormat()
 
 
 def _envelope(value: bytes | None) -> dict[str, Any]:
@@ -153,11 +182,3 @@ def _require_identity(event_id: object, source: object, where: str) -> None:
 
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-def _last_header(message: SourceMessage, name: str) -> bytes | None:
-    found: bytes | None = None
-    for key, header in header_pairs(message):
-        if key.lower() == name:
-            found = header
-    return found

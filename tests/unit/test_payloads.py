@@ -106,6 +106,17 @@ def test_the_pair_is_unambiguous() -> None:
     assert extract(one, opened(one)) != extract(two, opened(two))
 
 
+@pytest.mark.parametrize(
+    ("source", "event_id"),
+    [("a", 'b"c'), ("ü/ß", "日本"), ("back\\slash", "x,y"), ('["a"', '"b"]')],
+)
+def test_the_pair_is_the_json_array_of_source_and_id(source: str, event_id: str) -> None:
+    msg = message(b"", ce_headers(id=event_id, source=source))
+    got = parse_id_source("cloudevents")(msg, opened(msg))
+    assert json.loads(got) == [source, event_id]
+    assert got == json.dumps([source, event_id], ensure_ascii=False, separators=(",", ":"))
+
+
 def test_same_id_other_source_is_another_event() -> None:
     extract = parse_id_source("cloudevents")
     one = message(b"", ce_headers(id="1", source="/billing"))
@@ -136,6 +147,18 @@ def test_binary_mode_without_type_is_an_invalid_payload() -> None:
 def test_binary_mode_time_is_parsed() -> None:
     msg = message(b"", ce_headers(id="1", source="/s", time="2026-11-29T06:00:00Z"))
     assert opened(msg).cloudevent.time == datetime(2026, 11, 29, 6, 0, tzinfo=UTC)
+
+
+def test_no_attribute_is_invented() -> None:
+    """The SDK fills a missing id with a uuid4 and a missing time with now: an invented
+    id would make every copy of an event a new event."""
+    binary = message(b"", ce_headers(id="1", source="/s"))
+    assert opened(binary).cloudevent.time is None
+    envelope = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
+    assert opened(structured(envelope)).cloudevent.time is None
+    for no_id in (message(b"", ce_headers(source="/s")), structured({**envelope, "id": None})):
+        with pytest.raises(MissingId):
+            opened(no_id)
 
 
 def structured(envelope: dict[str, Any] | bytes) -> Record:
