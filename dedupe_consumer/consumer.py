@@ -228,7 +228,9 @@ class DedupeConsumer:
         if not structlog.is_configured():
             configure_logging(settings.observability.log_level, settings.observability.log_format)
         payloads = PayloadDecoder.from_settings(  # a protobuf class that cannot load: here
-            settings.payload, cloudevents=settings.dedupe.id_source == "cloudevents"
+            settings.payload,
+            cloudevents=settings.dedupe.id_source == "cloudevents",
+            stopping=self._stop,
         )
         tracing = self._start_tracing()  # a configuration error before anything is opened
         edges = self._edges

@@ -68,6 +68,7 @@ from dedupe_consumer.errors import (
     NotOwnerError,
     OffsetRegressionError,
     PermanentError,
+    RegistryWaitStopped,
     RetryableError,
 )
 from dedupe_consumer.handler import Handler
@@ -2472,6 +2473,8 @@ class Engine:
         """
         try:
             payload = self._payload(item)
+        except RegistryWaitStopped:
+            raise _Stop from None  # a stop request: decided so far is kept, no error
         except SchemaRegistryUnavailableError as down:
             raise _Stop from down  # nobody's fault yet: decided so far is kept, then stop
         except InvalidPayload as undecodable:  # not the wire format, an unknown schema

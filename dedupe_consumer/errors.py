@@ -107,6 +107,11 @@ class SchemaRegistryUnavailableError(DedupeError):
     consumer stops; nothing past the last decided event is committed."""
 
 
+class RegistryWaitStopped(SchemaRegistryUnavailableError):
+    """The consumer was asked to stop (SIGTERM) while it waited for the Schema Registry:
+    the event is left undecided, read again after the restart."""
+
+
 class MissingEventIdError(DedupeError):
     """An event has no usable ID and ``on_missing_id = "fail"`` asks us to stop."""
 

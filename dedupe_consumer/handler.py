@@ -96,7 +96,7 @@ class Handler:
         if self.payload_model is None:
             return record
         if hasattr(record, "DESCRIPTOR"):  # a protobuf message: its fields, by name
-            from google.protobuf.json_format import MessageToDict
+            from dedupe_consumer.payloads import proto_dict
 
-            record = MessageToDict(record, preserving_proto_field_name=True)
+            record = proto_dict(record)
         return self.payload_model.model_validate(record)

@@ -206,7 +206,10 @@ def _child(node: object, part: str) -> object:
     if isinstance(node, Mapping):
         return node.get(part, _ABSENT)
     if isinstance(node, Sequence) and not isinstance(node, str | bytes):
-        return node[int(part)] if part.isdigit() and int(part) < len(node) else _ABSENT
+        if not (part.isascii() and part.isdigit()):  # int() takes "²" and "٣" too
+            return _ABSENT
+        index = int(part)
+        return node[index] if index < len(node) else _ABSENT
     descriptor = getattr(node, "DESCRIPTOR", None)  # a protobuf message
     fields = getattr(descriptor, "fields_by_name", None)
     if fields is None or part not in fields:

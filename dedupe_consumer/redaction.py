@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-SECRET_WORDS = ("password", "secret", "token", "credential", "private")
+SECRET_WORDS = ("password", "secret", "token", "credential", "private", "basic_auth", "basic.auth")
 """A setting or librdkafka property whose name contains one of these holds a secret."""
 SECRET_KEYS = frozenset({"ssl.key.pem", "ssl_key", "sasl.oauthbearer.config"})
 """Secrets whose names say nothing of it (a private key, a config string with a secret)."""

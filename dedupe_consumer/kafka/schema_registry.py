@@ -22,6 +22,7 @@ Schemas are cached by ID in the client, so the registry is asked once per schema
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
-from dedupe_consumer.errors import ConfigError, SchemaRegistryUnavailableError
+from dedupe_consumer.errors import (
+    ConfigError,
+    RegistryWaitStopped,
+    SchemaRegistryUnavailableError,
+)
 from dedupe_consumer.ids import InvalidPayload, UnknownSchema
 from dedupe_consumer.models import SourceMessage, header_pairs
 
@@ -40,6 +45,9 @@ _FIRST_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 5.0
 _MIN_REQUEST_TIMEOUT_S = 1.0
 _MAX_REQUEST_TIMEOUT_S = 10.0
+_NOT_FOUND = range(40400, 40500)
+"""The registry's own error codes for 404 (40403: schema not found); a 404 without one
+is not a registry's answer (a wrong schema_registry_url, another service)."""
 
 
 def safe_url(url: str) -> str:
@@ -91,9 +99,12 @@ class RegistryDecoder:
         retry_for_s: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
         client: Any = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         """``client``: a registry client to use instead of one made for ``url`` (tests
-        pass confluent-kafka's in-memory one, shared with their serializers)."""
+        pass confluent-kafka's in-memory one, shared with their serializers).
+        ``stopping``: set when the consumer is asked to stop; the wait for the registry
+        ends then (:class:`RegistryWaitStopped`) instead of after ``retry_for_s``."""
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
         # The client would retry each failed request itself (3 times, jittered backoff up
@@ -113,8 +124,10 @@ class RegistryDecoder:
         self.url = safe_url(url)
         self.retry_for_s = retry_for_s
         self._sleep = sleep
+        self._stopping = stopping
         if client is None:
             client = SchemaRegistryClient(conf)
+        client = _Guarded(client)
         if format == "avro":
             from confluent_kafka.schema_registry.avro import AvroDeserializer
 
@@ -173,7 +186,13 @@ class RegistryDecoder:
                     retry_in_s=round(backoff, 2),
                     gives_up_in_s=round(deadline - now, 1),
                 )
-                self._sleep(min(backoff, max(0.0, deadline - now)))
+                delay = min(backoff, max(0.0, deadline - now))
+                if self._stopping is None:
+                    self._sleep(delay)
+                elif self._stopping.wait(delay):
+                    raise RegistryWaitStopped(
+                        f"asked to stop while waiting for the Schema Registry at {self.url}"
+                    ) from failure
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     def _outcome(self, failure: Exception) -> Exception | None:  # noqa: PLR0911
@@ -183,6 +202,12 @@ class RegistryDecoder:
 
         if isinstance(failure, SchemaRegistryError):
             status = failure.http_status_code
+            if status == 404 and failure.error_code not in _NOT_FOUND:
+                return SchemaRegistryUnavailableError(
+                    f"{self.url} answered 404 without a Schema Registry error code: is "
+                    "payload.schema_registry_url the registry's API (for Apicurio: "
+                    f".../apis/ccompat/v7)? {failure}"
+                )
             if status == 404:
                 return UnknownSchema(
                     f"the Schema Registry at {self.url} does not know this record's schema "
@@ -196,6 +221,8 @@ class RegistryDecoder:
             if status >= 500 or status in _RETRYABLE_STATUSES or status < 0:
                 return None
             return InvalidPayload(f"the Schema Registry refused this record's schema: {failure}")
+        if isinstance(failure, _RegistryAnswerError):
+            return None  # an answer that is no registry's (a proxy's page): its fault
         if isinstance(failure, SerializationError):
             return InvalidPayload(f"not valid {self.format} for its schema: {failure}")
         if _is_transport_error(failure):
@@ -203,6 +230,38 @@ class RegistryDecoder:
         return InvalidPayload(
             f"cannot decode as {self.format}: {type(failure).__name__}: {failure}"
         )
+
+
+class _RegistryAnswerError(Exception):
+    """The registry client failed without an HTTP error status: no answer, or an answer
+    that is not the registry's (HTML from a proxy). Never the record's fault."""
+
+
+class _Guarded:
+    """A registry client whose failures other than ``SchemaRegistryError`` are
+    :class:`_RegistryAnswerError`: what the deserializer raises after it is the record's."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._client, name)
+        if name.startswith("_") or not callable(found):
+            return found
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+            try:
+                return found(*args, **kwargs)
+            except SchemaRegistryError:
+                raise
+            except Exception as fault:
+                raise _RegistryAnswerError(f"{type(fault).__name__}: {fault}") from fault
+
+        return call
 
 
 def _is_transport_error(failure: BaseException) -> bool:

@@ -16,6 +16,7 @@ from dedupe_consumer.payloads._decoder import (
     Decoded,
     PayloadDecoder,
     id_reader,
+    proto_dict,
     record_json,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "SchemaRegistryUnavailableError",
     "UnknownSchema",
     "id_reader",
+    "proto_dict",
     "record_json",
 ]

@@ -9,6 +9,8 @@ edge and turns what it raises into this library's outcomes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
 from collections.abc import Mapping
@@ -95,6 +97,7 @@ def open_cloudevent(message: SourceMessage) -> OpenedCloudEvent:
         # event lacks, and an invented id would make every copy of it a new event.
         envelope = _envelope(value)
         _require_identity(envelope.get("id"), envelope.get("source"), "the envelope")
+        _check_base64(envelope.get("data_base64"))
         has_time = "time" in envelope
         raw = binding.KafkaMessage(headers={}, key=None, value=value or b"")
         reader = binding.from_structured
@@ -160,6 +163,15 @@ def _envelope(value: bytes | None) -> dict[str, Any]:
             f"the CloudEvent envelope is a JSON {type(envelope).__name__}, not an object"
         )
     return envelope
+
+
+def _check_base64(data: object) -> None:
+    """The SDK decodes ``data_base64`` leniently: "!!!!" would become empty data."""
+    if isinstance(data, str):
+        try:
+            base64.b64decode(data, validate=True)
+        except binascii.Error as bad:
+            raise InvalidPayload(f"the CloudEvent's data_base64 is not base64 ({bad})") from bad
 
 
 def _require_identity(event_id: object, source: object, where: str) -> None:

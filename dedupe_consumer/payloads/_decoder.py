@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import threading
 import uuid
 from datetime import date, datetime
 from datetime import time as dt_time
@@ -85,7 +87,14 @@ class PayloadDecoder:
         self.cloudevents = cloudevents
 
     @classmethod
-    def from_settings(cls, payload: PayloadSettings, *, cloudevents: bool) -> PayloadDecoder:
+    def from_settings(
+        cls,
+        payload: PayloadSettings,
+        *,
+        cloudevents: bool,
+        stopping: threading.Event | None = None,
+    ) -> PayloadDecoder:
+        """``stopping``: the consumer's stop request, which ends a wait for the registry."""
         registry = None
         if payload.format != "raw":
             from dedupe_consumer.kafka.schema_registry import RegistryDecoder
@@ -99,6 +108,7 @@ class PayloadDecoder:
                 ca_location=payload.schema_registry_ca_location,
                 protobuf_message=payload.protobuf_message,
                 retry_for_s=payload.registry_retry_for.total_seconds(),
+                stopping=stopping,
             )
         return cls(registry, cloudevents=cloudevents)
 
@@ -135,10 +145,33 @@ def record_json(record: Any) -> bytes:
     """A decoded record as JSON text: protobuf messages by field name, bytes as base64,
     decimals, dates, times and UUIDs as strings (the sidecar's body for a decoded value)."""
     if hasattr(record, "DESCRIPTOR"):
-        from google.protobuf.json_format import MessageToDict
+        record = proto_dict(record)
+    return json.dumps(
+        _finite(record), default=_json_default, separators=(",", ":"), allow_nan=False
+    ).encode()
 
-        record = MessageToDict(record, preserving_proto_field_name=True)
-    return json.dumps(record, default=_json_default, separators=(",", ":")).encode()
+
+def proto_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message's fields by name, those at their default (0, "") included:
+    proto3 does not tell an unset scalar from a zero one."""
+    from google.protobuf.json_format import MessageToDict
+
+    fields: dict[str, Any] = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return fields
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and the infinities as the strings protobuf's JSON uses: JSON
+    has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value: object) -> object:
@@ -149,7 +182,5 @@ def _json_default(value: object) -> object:
     if isinstance(value, Decimal | uuid.UUID):
         return str(value)
     if hasattr(value, "DESCRIPTOR"):
-        from google.protobuf.json_format import MessageToDict
-
-        return MessageToDict(value, preserving_proto_field_name=True)
+        return proto_dict(value)
     raise TypeError(f"a {type(value).__name__} cannot be written as JSON")
