@@ -400,8 +400,8 @@ class PayloadSettings(_Section):
             return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"{value!r} is not an http(s) URL: write it as 'http://host:8081' (or https)"
+            raise ValueError(  # the value is not repeated: it may hold a token
+                "is not an http(s) URL: write it as 'http://host:8081' (or https)"
             )
         if parts.username is not None or parts.password is not None:
             raise ValueError(

@@ -51,13 +51,11 @@ is not a registry's answer (a wrong schema_registry_url, another service)."""
 
 
 def safe_url(url: str) -> str:
-    """``url`` without a ``user:password@`` part: the URL as logs and errors show it."""
+    """``url`` as logs and errors show it: no ``user:password@``, no query string."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
 
 
 def load_message_class(spec: str) -> type[Any]:

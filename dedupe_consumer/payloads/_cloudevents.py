@@ -43,7 +43,7 @@ class CloudEvent:
     datacontenttype: str | None = None
     dataschema: str | None = None
     extensions: Mapping[str, Any] = field(default_factory=dict)
-    """Every other attribute (``partitionkey`` is the message key, per the binding)."""
+    """Every other attribute, as the event carries it (``ce_*`` headers or the envelope)."""
     structured: bool = False
     """True when the event came as a structured-mode JSON envelope."""
 

@@ -483,3 +483,24 @@ def test_the_registry_password_is_never_shown(tmp_path: Path) -> None:
         },
     )
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://tok3nSECRET@r:8081", "tok3nSECRET@r:8081", "ftp://u:tok3nSECRET@r"],
+)
+def test_a_registry_url_with_a_token_is_refused_without_showing_it(
+    tmp_path: Path, url: str
+) -> None:
+    with pytest.raises(Exception) as info:
+        make_settings(tmp_path, payload={"format": "avro", "schema_registry_url": url})
+    assert "schema_registry_url" in str(info.value)
+    assert "tok3nSECRET" not in str(info.value)
+
+
+def test_logs_show_the_registry_url_without_its_query() -> None:
+    from dedupe_consumer.kafka.schema_registry import safe_url
+
+    assert safe_url("https://r:8081/apis/ccompat/v7?api_key=tok3nSECRET") == (
+        "https://r:8081/apis/ccompat/v7"
+    )
