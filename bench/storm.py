@@ -51,6 +51,17 @@ def verdict(out: StormOutcome, mode: Mode) -> list[str]:
         broken.append(f"never caught up: lag {out.final_lag}")
     if out.crashes or out.stop_timeouts:
         broken.append(f"{out.crashes} crashes, {out.stop_timeouts} ignored SIGTERMs")
+    if out.dead_lettered:  # nothing in the storm is poison: "lost" leaves these out
+        broken.append(
+            f"{len(out.dead_lettered)} IDs dead-lettered, e.g. {sorted(out.dead_lettered)[:3]}"
+        )
+    failed_drains = [
+        f"{i.tag} exited {i.exit_code}"
+        for i in out.incarnations
+        if i.end in ("term", "final") and i.exit_code != 0
+    ]
+    if failed_drains:
+        broken.append(f"SIGTERM drains that failed: {failed_drains[:5]}")
     return broken
 
 

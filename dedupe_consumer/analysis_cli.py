@@ -69,7 +69,8 @@ def analyze_command(
     an ID's first appearance its copies come (p50/p99/p99.9/max): then a retention that
     covers them, and what the store would hold with it at the measured rate."""
     from dedupe_consumer._durations import parse_duration
-    from dedupe_consumer.ids import parse_id_source
+    from dedupe_consumer.config import PayloadSettings
+    from dedupe_consumer.payloads import id_reader
 
     if (recording is None) == (topic is None):
         raise typer.BadParameter("give a recording file or --topic (one of them)")
@@ -77,8 +78,9 @@ def analyze_command(
         raise typer.BadParameter("--topic needs --bootstrap-servers or --config")
     with reporting_errors(usage=(ValueError,), unexpected=True):
         settings = None if config is None else load_settings(config, bootstrap_servers)
-        extract = parse_id_source(
-            id_source or (settings.dedupe.id_source if settings else "header:event-id")
+        extract = id_reader(
+            id_source or (settings.dedupe.id_source if settings else "header:event-id"),
+            settings.payload if settings else PayloadSettings.model_validate({}),
         )
         checked: timedelta | None = settings.dedupe.retention if settings else None
         if retention is not None:

@@ -141,10 +141,11 @@ def _register_commands() -> None:
     from dedupe_consumer.replay.cli import record, replay
     from dedupe_consumer.sidecar.cli import sidecar
     from dedupe_consumer.store_cli import store_app
-    from dedupe_consumer.testing.cli import broker
+    from dedupe_consumer.testing.cli import broker, schema_registry
 
     for command in (broker, record, replay, sidecar):
         app.command()(command)
+    app.command("schema-registry")(schema_registry)
     app.add_typer(store_app, name="store")
     app.add_typer(dlq_app, name="dlq")
     app.command("analyze")(analyze_command)

@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -235,6 +243,17 @@ class KafkaSettings(_Section):
             )
         return value
 
+    @field_validator("producer")
+    @classmethod
+    def _no_transactional_id(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
+        if "transactional.id" in value:
+            raise ValueError(
+                "transactional.id cannot be set: the dead-letter producer is not transactional "
+                "(its first dead letter would fail outside a transaction) and each changelog "
+                "producer gets an id of its own per store; remove it"
+            )
+        return value
+
     @field_validator("consumer")
     @classmethod
     def _consumer_protocol(cls, value: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
@@ -337,6 +356,81 @@ class DedupeSettings(_Section):
             raise ValueError(
                 "dedupe.scope_partitions applies only with dedupe.scope = 'topic' (it sizes "
                 "the by-id topics): set the scope or remove scope_partitions"
+            )
+        return self
+
+
+class PayloadSettings(_Section):
+    """What the message values are: raw bytes (the handler's ``parse`` reads them), or
+    Confluent Schema Registry wire format decoded once per event."""
+
+    format: Literal["raw", "avro", "protobuf", "json-schema"] = Field(
+        "raw",
+        description="'raw', 'avro', 'protobuf' or 'json-schema': 'raw' gives the handler the "
+        "bytes (its payload_model parses JSON); the others decode Confluent's wire format "
+        "(magic byte, schema ID) with the schema from payload.schema_registry_url",
+    )
+    schema_registry_url: str | None = Field(
+        None,
+        description="the Schema Registry's URL, e.g. 'http://127.0.0.1:8081' (needed by every "
+        "format but 'raw'); credentials go in schema_registry_basic_auth, not in the URL",
+    )
+    schema_registry_basic_auth: SecretStr | None = Field(
+        None, description="'user:password' for the registry's HTTP basic auth (a secret)"
+    )
+    schema_registry_ca_location: str | None = Field(
+        None, description="a CA certificate file (PEM) to verify an https registry with"
+    )
+    protobuf_message: str | None = Field(
+        None,
+        description="format 'protobuf': the generated message class, as "
+        "'package.module:Message' (importable by the consumer)",
+    )
+    registry_retry_for: Duration = Field(
+        timedelta(seconds=30),
+        description=f"{DURATION_FORMS}; how long an unreachable registry (or its 5xx, 408, "
+        "429) is retried with backoff before the consumer stops with an error; records are "
+        "never dead-lettered because the registry blinked",
+    )
+
+    @field_validator("schema_registry_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(  # the value is not repeated: it may hold a token
+                "is not an http(s) URL: write it as 'http://host:8081' (or https)"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "must not carry credentials (user:password@): put them in "
+                "payload.schema_registry_basic_auth, which is kept secret"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _registry_for_formats(self) -> PayloadSettings:
+        if self.format != "raw" and self.schema_registry_url is None:
+            raise ValueError(
+                f"payload.format = {self.format!r} needs payload.schema_registry_url (the "
+                "registry that holds the schemas), e.g. 'http://127.0.0.1:8081'"
+            )
+        if self.format == "protobuf" and self.protobuf_message is None:
+            raise ValueError(
+                "payload.format = 'protobuf' needs payload.protobuf_message = "
+                "'package.module:Message' (the class protoc generated for the topic)"
+            )
+        if self.format != "protobuf" and self.protobuf_message is not None:
+            raise ValueError(
+                "payload.protobuf_message applies only with payload.format = 'protobuf': "
+                "set the format or remove it"
+            )
+        if self.format == "raw" and self.schema_registry_url is not None:
+            raise ValueError(
+                "payload.schema_registry_url is set but payload.format is 'raw': set "
+                "payload.format ('avro', 'protobuf' or 'json-schema') or remove the URL"
             )
         return self
 
@@ -573,6 +667,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)  # type: ignore[arg-type]
     store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
+    payload: PayloadSettings = Field(default_factory=PayloadSettings)  # type: ignore[arg-type]
     processing: ProcessingSettings
     observability: ObservabilitySettings = Field(
         default_factory=ObservabilitySettings  # type: ignore[arg-type]
@@ -597,6 +692,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "processing.dead_letter_topic must differ from every kafka.topics entry, "
                 "or dead letters would be consumed again"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _field_ids_need_records(self) -> Self:
+        spec = self.dedupe.id_source
+        if spec.startswith("field:") and self.payload.format == "raw":
+            raise ValueError(
+                f"dedupe.id_source = {spec!r} reads a field of the decoded record: set "
+                "payload.format ('avro', 'protobuf' or 'json-schema'); for a plain JSON value "
+                f"use 'json:{spec.removeprefix('field:')}'"
             )
         return self
 

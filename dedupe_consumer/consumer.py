@@ -24,6 +24,7 @@ from dedupe_consumer._faults import fault_point
 from dedupe_consumer.config import (
     DedupeSettings,
     ObservabilitySettings,
+    PayloadSettings,
     ProcessingSettings,
     Settings,
     StoreSettings,
@@ -37,6 +38,7 @@ from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics, configure_logging
 from dedupe_consumer.observability.progress import ProgressLog
 from dedupe_consumer.observability.tracing import EventTracing, start_tracing
+from dedupe_consumer.payloads import PayloadDecoder
 
 log = structlog.get_logger("dedupe_consumer")
 
@@ -56,6 +58,8 @@ class LoopSettings(Protocol):
     def processing(self) -> ProcessingSettings: ...
     @property
     def store(self) -> StoreSettings: ...
+    @property
+    def payload(self) -> PayloadSettings: ...
     @property
     def observability(self) -> ObservabilitySettings: ...
 
@@ -223,6 +227,11 @@ class DedupeConsumer:
         settings = self.settings
         if not structlog.is_configured():
             configure_logging(settings.observability.log_level, settings.observability.log_format)
+        payloads = PayloadDecoder.from_settings(  # a protobuf class that cannot load: here
+            settings.payload,
+            cloudevents=settings.dedupe.id_source == "cloudevents",
+            stopping=self._stop,
+        )
         tracing = self._start_tracing()  # a configuration error before anything is opened
         edges = self._edges
         if edges is None:  # the default: built here, so closed here
@@ -255,6 +264,7 @@ class DedupeConsumer:
                 walk_budget_s=edges.walk_budget_s,
                 outputs=edges.outputs,
                 tracing=tracing,
+                payloads=payloads,
             )
             if self._stop.is_set():
                 engine.request_stop()

@@ -68,11 +68,19 @@ from dedupe_consumer.errors import (
     NotOwnerError,
     OffsetRegressionError,
     PermanentError,
+    RegistryWaitStopped,
     RetryableError,
 )
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.handler_pool import HandlerPool
-from dedupe_consumer.ids import InvalidId, MissingId, hash_id, parse_id_source
+from dedupe_consumer.ids import (
+    InvalidId,
+    InvalidPayload,
+    MissingId,
+    hash_id,
+    parse_id_source,
+    reads_payload,
+)
 from dedupe_consumer.models import (
     BatchStats,
     DeadLetterReason,
@@ -88,6 +96,7 @@ from dedupe_consumer.models import (
 from dedupe_consumer.observability import Metrics
 from dedupe_consumer.observability.tracing import EventSpan, EventTracing
 from dedupe_consumer.partitioners import placed_by_a_common_partitioner, placing_rule
+from dedupe_consumer.payloads import Decoded, PayloadDecoder, SchemaRegistryUnavailableError
 from dedupe_consumer.responses import ResponseRefused, as_response, check_reply_to, send_reply
 from dedupe_consumer.scope import split_origin
 from dedupe_consumer.store import (
@@ -152,6 +161,8 @@ class _Item:
     decides it (handled or dead-lettered) and sets it then."""
     event_id: str | None = None
     digest: bytes = b""
+    decoded: Decoded | None = None
+    """Its payload, once opened (for the ID in phase 1, else for the handler)."""
     letter: DeadLetter | None = None
     """Its dead letter, once it is dead-lettered (or a conflict to dead-letter)."""
     fail: MissingEventIdError | None = None
@@ -287,8 +298,11 @@ class Engine:
         walk_budget_s: float | None = None,
         outputs: list[Output] | None = None,
         tracing: EventTracing | None = None,
+        payloads: PayloadDecoder | None = None,
     ) -> None:
         """``sweep_keys`` and ``revoked_state_grace`` are ``[store]``'s;
+        ``payloads`` opens each value as ``[payload]`` says (None: raw values, and
+        CloudEvents with ``id_source = "cloudevents"``);
         ``max_record_bytes`` is the largest changelog record (the producer's
         ``message.max.bytes``), which bounds a staged effect. ``tracing``: a span per
         decided event (:mod:`dedupe_consumer.observability.tracing`); None: off."""
@@ -310,6 +324,9 @@ class Engine:
         self.changelog = changelog
         self.claims = processing.mode == "claim"
         self._extract = parse_id_source(dedupe.id_source)
+        self._payloads = payloads or PayloadDecoder(cloudevents=dedupe.id_source == "cloudevents")
+        self._reads_payload = reads_payload(self._extract)
+        """The ID is read from the opened payload: it is opened in phase 1."""
         self._by_id = dedupe.scope == "topic"
         """Topic scope: the engine reads by-id topics (see :mod:`dedupe_consumer.scope`)."""
         self._staged_by_id_warned = False
@@ -1293,14 +1310,20 @@ class Engine:
                 item.decision = Decision.REPLAY
                 continue
             try:
-                item.event_id = self._extract(item.message)
+                if self._reads_payload:
+                    item.decoded = self._payloads.open(item.message)
+                item.event_id = self._extract(item.message, item.decoded)
+            except SchemaRegistryUnavailableError:
+                raise  # nobody's fault yet: stop, and read it again after a restart
             except MissingId as why:
                 self._on_missing_id(item, why)
             except Exception as unreadable:  # this message's fault, never the partition's
                 text = f"cannot read the event ID: {type(unreadable).__name__}: {unreadable}"
                 self._on_missing_id(item, InvalidId(text))
             if item.event_id is not None:
-                item.digest = payload_digest(as_bytes(item.message.value()))
+                decoded = item.decoded
+                content = as_bytes(item.message.value()) if decoded is None else decoded.content()
+                item.digest = payload_digest(content)
                 fresh.append(item)
         if not fresh:
             return
@@ -2356,6 +2379,18 @@ class Engine:
                 return Decision.HANDLED
         return (yield from self._handle(tp, item, batch_effects))
 
+    def _payload(self, item: _Item) -> object:
+        """The handler's payload: ``parse`` of the raw value, or ``validate`` of the decoded
+        record (decoded once: phase 1 may have opened it for the ID)."""
+        if item.decoded is None:
+            if self._payloads.plain:
+                return self.handler.parse(as_bytes(item.message.value()))
+            item.decoded = self._payloads.open(item.message)
+        decoded = item.decoded
+        if decoded.raw:
+            return self.handler.parse(decoded.record())
+        return self.handler.validate(decoded.record())
+
     def _event(
         self, tp: TopicPartition, item: _Item, payload: object, effects: Effects | None
     ) -> Event:
@@ -2379,6 +2414,7 @@ class Engine:
             headers=headers,
             timestamp=timestamp,
             payload=payload,
+            cloudevent=None if item.decoded is None else item.decoded.cloudevent,
             effects=effects,
         )
 
@@ -2436,7 +2472,17 @@ class Engine:
         :mod:`dedupe_consumer.responses`); one too large is dead-lettered at once.
         """
         try:
-            payload = self.handler.parse(as_bytes(item.message.value()))
+            payload = self._payload(item)
+        except RegistryWaitStopped:
+            raise _Stop from None  # a stop request: decided so far is kept, no error
+        except SchemaRegistryUnavailableError as down:
+            raise _Stop from down  # nobody's fault yet: decided so far is kept, then stop
+        except InvalidPayload as undecodable:  # not the wire format, an unknown schema
+            return (
+                yield from self._dead_letter(
+                    item, undecodable.reason, type(undecodable).__name__, str(undecodable), 0
+                )
+            )
         except Exception as invalid:  # a ValueError by contract; anything else is the same
             return (
                 yield from self._dead_letter(

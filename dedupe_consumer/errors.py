@@ -101,6 +101,17 @@ class CommitError(DedupeError):
         self.offsets = dict(offsets or {})
 
 
+class SchemaRegistryUnavailableError(DedupeError):
+    """The Schema Registry could not be reached (or kept failing) for longer than
+    ``payload.registry_retry_for``, or refused this consumer's credentials: the
+    consumer stops; nothing past the last decided event is committed."""
+
+
+class RegistryWaitStopped(SchemaRegistryUnavailableError):
+    """The consumer was asked to stop (SIGTERM) while it waited for the Schema Registry:
+    the event is left undecided, read again after the restart."""
+
+
 class MissingEventIdError(DedupeError):
     """An event has no usable ID and ``on_missing_id = "fail"`` asks us to stop."""
 

@@ -83,3 +83,20 @@ class Handler:
         if value is None:
             raise ValueError("value is absent but the handler declares a payload_model")
         return self.payload_model.model_validate_json(value)
+
+    def validate(self, record: Any) -> Any:
+        """Turn a decoded record into the payload: ``payload_model.model_validate(record)``,
+        or the record itself without a model.
+
+        Called instead of :meth:`parse` when the value was decoded for it
+        (``payload.format`` 'avro', 'protobuf' or 'json-schema', or a structured
+        CloudEvent's JSON data): a dict, or a protobuf message (validated from its
+        fields). Raising marks the value invalid, as for :meth:`parse`.
+        """
+        if self.payload_model is None:
+            return record
+        if hasattr(record, "DESCRIPTOR"):  # a protobuf message: its fields, by name
+            from dedupe_consumer.payloads import proto_dict
+
+            record = proto_dict(record)
+        return self.payload_model.model_validate(record)

@@ -10,12 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from dedupe_consumer.models import DeadLetterReason, SourceMessage, as_bytes, header_pairs
 
-ID_SOURCE_FORMS = "'header:<name>', 'key', 'json:/json/pointer' or 'hash'"
+if TYPE_CHECKING:
+    from dedupe_consumer.payloads import Decoded
+
+ID_SOURCE_FORMS = (
+    "'header:<name>', 'key', 'json:/json/pointer', 'field:/path' (a field of the decoded "
+    "record: payload.format), 'cloudevents' (source and id) or 'hash'"
+)
 MAX_ID_BYTES = 512
 """IDs are RocksDB keys, counted in UTF-8 bytes; a longer one is almost always a wrong id_source."""
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -41,7 +49,18 @@ class InvalidPayload(MissingId):
     reason = DeadLetterReason.INVALID_PAYLOAD
 
 
-IdExtractor = Callable[[SourceMessage], str]
+class UnknownSchema(InvalidPayload):
+    """``payload.format`` is a Schema Registry format and the registry does not know the
+    schema ID the record names."""
+
+    reason = DeadLetterReason.UNKNOWN_SCHEMA
+
+
+class IdExtractor(Protocol):
+    """Reads an event's ID from its message, or from its opened payload (``decoded``:
+    given by the caller when :func:`reads_payload` says the extractor needs it)."""
+
+    def __call__(self, message: SourceMessage, decoded: Decoded | None = None, /) -> str: ...
 
 
 def parse_id_source(spec: str) -> IdExtractor:
@@ -50,11 +69,20 @@ def parse_id_source(spec: str) -> IdExtractor:
         return key_id
     if spec == "hash":
         return hash_id
+    if spec == "cloudevents":
+        return cloudevent_id
     if spec.startswith("header:") and len(spec) > len("header:"):
         return HeaderId(spec.removeprefix("header:"))
     if spec.startswith("json:"):
         return JsonPointerId(parse_json_pointer(spec.removeprefix("json:")))
+    if spec.startswith("field:"):
+        return FieldId(parse_json_pointer(spec.removeprefix("field:"), form="field:/order/id"))
     raise ValueError(f"unknown id_source {spec!r}: use {ID_SOURCE_FORMS}")
+
+
+def reads_payload(extract: IdExtractor) -> bool:
+    """True when ``extract`` needs the opened payload (``field:``, ``cloudevents``)."""
+    return extract is cloudevent_id or isinstance(extract, FieldId)
 
 
 def _checked(raw: bytes | str | None, where: str) -> str:
@@ -84,11 +112,11 @@ def _checked(raw: bytes | str | None, where: str) -> str:
     return text
 
 
-def key_id(message: SourceMessage) -> str:
+def key_id(message: SourceMessage, decoded: Decoded | None = None, /) -> str:
     return _checked(message.key(), "message key")
 
 
-def hash_id(message: SourceMessage) -> str:
+def hash_id(message: SourceMessage, decoded: Decoded | None = None, /) -> str:
     """sha256 of the raw value: identical payloads are the same event."""
     value = as_bytes(message.value())
     if value is None:
@@ -100,7 +128,7 @@ def hash_id(message: SourceMessage) -> str:
 class HeaderId:
     name: str
 
-    def __call__(self, message: SourceMessage) -> str:
+    def __call__(self, message: SourceMessage, decoded: Decoded | None = None, /) -> str:
         found: bytes | None = None
         present = False
         for key, value in header_pairs(message):
@@ -109,12 +137,10 @@ class HeaderId:
         return _checked(found if present else None, f"header {self.name!r}")
 
 
-def parse_json_pointer(pointer: str) -> tuple[str, ...]:
+def parse_json_pointer(pointer: str, form: str = "json:/payment/id") -> tuple[str, ...]:
     """RFC 6901: ``/a/b~1c`` is ``("a", "b/c")``."""
     if not pointer.startswith("/"):
-        raise ValueError(
-            f"bad JSON pointer {pointer!r}: it must start with '/', e.g. 'json:/payment/id'"
-        )
+        raise ValueError(f"bad JSON pointer {pointer!r}: it must start with '/', e.g. {form!r}")
     return tuple(p.replace("~1", "/").replace("~0", "~") for p in pointer[1:].split("/"))
 
 
@@ -122,7 +148,7 @@ def parse_json_pointer(pointer: str) -> tuple[str, ...]:
 class JsonPointerId:
     path: tuple[str, ...]
 
-    def __call__(self, message: SourceMessage) -> str:
+    def __call__(self, message: SourceMessage, decoded: Decoded | None = None, /) -> str:
         where = "json:/" + "/".join(self.path)
         value = message.value()
         if value is None:
@@ -141,3 +167,72 @@ class JsonPointerId:
         if isinstance(node, bool) or not isinstance(node, str | int):
             raise MissingId(f"{where} is a {type(node).__name__}, not a string or integer")
         return _checked(str(node), where)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldId:
+    """A field of the decoded record (``payload.format``, or a CloudEvent's JSON data):
+    nested records, lists by index, protobuf messages; a null union branch is absent."""
+
+    path: tuple[str, ...]
+
+    def __call__(self, message: SourceMessage, decoded: Decoded | None = None, /) -> str:
+        where = "field:/" + "/".join(self.path)
+        if decoded is None:
+            raise TypeError(f"id_source {where!r} reads the decoded payload: pass it")
+        if decoded.raw:
+            raise InvalidPayload(
+                f"{where}: the value is not a decoded record (payload.format is 'raw' and "
+                "it is not a structured CloudEvent's JSON data)"
+            )
+        node: object = decoded.record()
+        for part in self.path:
+            node = _child(node, part)
+            if node is _ABSENT:
+                raise MissingId(f"{where} is absent")
+        if isinstance(node, uuid.UUID):
+            node = str(node)
+        if node is None:
+            raise MissingId(f"{where} is null")
+        if isinstance(node, bool) or not isinstance(node, str | int | bytes):
+            raise MissingId(f"{where} is a {type(node).__name__}, not a string or integer")
+        return _checked(node if isinstance(node, str | bytes) else str(node), where)
+
+
+_ABSENT = object()
+
+
+def _child(node: object, part: str) -> object:
+    if isinstance(node, Mapping):
+        return node.get(part, _ABSENT)
+    if isinstance(node, Sequence) and not isinstance(node, str | bytes):
+        if not (part.isascii() and part.isdigit()):  # int() takes "²" and "٣" too
+            return _ABSENT
+        index = int(part)
+        return node[index] if index < len(node) else _ABSENT
+    descriptor = getattr(node, "DESCRIPTOR", None)  # a protobuf message
+    fields = getattr(descriptor, "fields_by_name", None)
+    if fields is None or part not in fields:
+        return _ABSENT
+    field = fields[part]
+    if getattr(field, "has_presence", False) and not node.HasField(part):  # type: ignore[attr-defined]
+        return _ABSENT
+    return getattr(node, part)
+
+
+def cloudevent_id(message: SourceMessage, decoded: Decoded | None = None, /) -> str:
+    """A CloudEvent's identity: its ``source`` and ``id`` together (the spec makes the
+    pair unique), as the JSON array ``["<source>","<id>"]``: unambiguous whatever
+    either contains."""
+    if decoded is None or decoded.cloudevent is None:
+        raise MissingId("not read as a CloudEvent (id_source = 'cloudevents')")
+    event = decoded.cloudevent
+    source = _checked(event.source, "CloudEvent source")
+    event_id = _checked(event.id, "CloudEvent id")
+    # json.dumps([source, event_id], ensure_ascii=False, separators=(",", ":")), faster
+    pair = f"[{_json_string(source)},{_json_string(event_id)}]"
+    return _checked(pair, "CloudEvent (source, id)")
+
+
+_json_string = json.encoder.encode_basestring
+"""A str as a JSON string literal, non-ASCII kept (C-accelerated)."""

@@ -18,6 +18,7 @@ import structlog
 
 if TYPE_CHECKING:
     from dedupe_consumer.effects import Effects, OutputHeaders
+    from dedupe_consumer.payloads import CloudEvent
 
 _log = structlog.get_logger("dedupe_consumer")
 
@@ -84,7 +85,10 @@ class DeadLetterReason(enum.StrEnum):
     UTF-8, or control characters; also an ID extractor that raised anything else."""
     INVALID_PAYLOAD = "invalid-payload"
     """The value is not JSON while ``id_source`` is ``json:...``, or ``Handler.parse``
-    rejected it (anything it raises). Never retried."""
+    (``Handler.validate`` for a decoded record) rejected it (anything it raises); or it
+    cannot be decoded as ``payload.format`` (not the wire format, or not matching its
+    schema); or a CloudEvent the spec forbids (no ``type``, a bad ``time``, an envelope
+    that is not JSON). Never retried."""
     PERMANENT_ERROR = "permanent-error"
     """The handler raised ``PermanentError``."""
     RETRIES_EXHAUSTED = "retries-exhausted"
@@ -106,6 +110,9 @@ class DeadLetterReason(enum.StrEnum):
     RESPONSE_TOO_LARGE = "response-too-large"
     """``handle`` returned a response over ``dedupe.max_response_bytes`` (or of a type
     that cannot be stored). Not retried: the handler would answer the same."""
+    UNKNOWN_SCHEMA = "unknown-schema"
+    """``payload.format`` is a Schema Registry format and the registry does not know the
+    schema ID the record names (HTTP 404). Not retried: the record cannot be read."""
     INTERNAL_ERROR = "internal-error"
     """An unexpected error while deciding the event, not the handler's (logged with a
     traceback as ``event_failed``)."""
@@ -128,9 +135,14 @@ class Event:
     headers: tuple[tuple[str, bytes | None], ...]
     timestamp: datetime | None
     payload: Any = None
-    """The value parsed into the handler's ``payload_model``, or ``None`` without one."""
+    """The value parsed into the handler's ``payload_model``; without one, the decoded
+    record (``payload.format`` other than 'raw', or a structured CloudEvent's JSON data),
+    else ``None``."""
     attempt: int = 1
     """1 on the first call, 2 on the first retry, and so on."""
+    cloudevent: CloudEvent | None = None
+    """Its CloudEvent attributes (type, subject, time, ...) with ``dedupe.id_source =
+    "cloudevents"``; None otherwise."""
     effects: Effects | None = field(default=None, compare=False, repr=False)
     """This call's transactional effects; see :meth:`stage`."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-SECRET_WORDS = ("password", "secret", "token", "credential", "private")
+SECRET_WORDS = ("password", "secret", "token", "credential", "private", "basic_auth", "basic.auth")
 """A setting or librdkafka property whose name contains one of these holds a secret."""
 SECRET_KEYS = frozenset({"ssl.key.pem", "ssl_key", "sasl.oauthbearer.config"})
 """Secrets whose names say nothing of it (a private key, a config string with a secret)."""
@@ -45,8 +45,13 @@ _QUERY_SECRET_WORDS = ("key", "sig", "auth")
 
 
 def _mask_url_password(text: str) -> str:
-    """A URL's password and the values of its secret-looking query parameters masked."""
-    if "://" not in text or ("@" not in text and "?" not in text):
+    """A URL's password (or a user alone: a token given as the user name) and the values
+    of its secret-looking query parameters masked; ``user@host`` without a scheme too."""
+    if "://" not in text:
+        if "@" in text and " " not in text.strip():  # "token@host:8081": a URL without scheme
+            return "***@" + text.rsplit("@", 1)[1]
+        return text
+    if "@" not in text and "?" not in text:
         return text
     try:
         parts = urlsplit(text)
@@ -54,6 +59,9 @@ def _mask_url_password(text: str) -> str:
         return text
     if parts.password is not None:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    elif parts.username is not None:
+        netloc = "***@" + parts.netloc.rsplit("@", 1)[1]
         parts = parts._replace(netloc=netloc)
     if parts.query:
         pairs = parse_qsl(parts.query, keep_blank_values=True)

@@ -173,6 +173,8 @@ def render() -> str:
         "kafka_admin",
         "kafka_topic",
         "kafka_cluster",
+        "schema_registry",
+        "secured_kafka",
         "replay",
     ):
         fixture = getattr(pytest_plugin, name)

@@ -2,7 +2,8 @@
 # The whole test suite against a real Kafka broker.
 #
 # Installs the package with its test and dev extras, makes sure Java 17+ and
-# Maven are there (the local broker is Apache Kafka from Maven Central jars) and
+# Maven are there (the local broker is Apache Kafka from Maven Central jars, the
+# schema registry Apicurio Registry from Maven Central; the tests fetch both) and
 # Debian's prometheus package (promtool for the alert tests, prometheus for the
 # dashboard test), then runs pytest. The broker comes from KAFKA_BOOTSTRAP_SERVERS, else
 # testcontainers (if a Docker daemon answers), else the local jar broker.

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from dedupe_consumer import Settings, models
+from dedupe_consumer import DedupeConsumer, Settings, models
 from dedupe_consumer.contracts import PartitionLog
+from dedupe_consumer.kafka.changelog import Changelog
 from dedupe_consumer.models import SourceMessage, header_pairs
+from dedupe_consumer.store.changelog_codec import changelog_topic
 
 
 def produce_events(
@@ -158,6 +163,93 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
 
 def admin(bootstrap: str) -> AdminClient:
     return AdminClient({"bootstrap.servers": bootstrap})
+
+
+def hung_changelog_transaction(
+    bootstrap: str,
+    group: str,
+    topic: str,
+    *partitions: int,
+    offsets: Mapping[int, int] | None = None,
+) -> Producer:
+    """A previous owner of ``topic`` in ``group`` hung inside its transaction, which is
+    left open: end it with the returned producer's ``abort_transaction``.
+
+    The transaction holds a changelog record on each of ``partitions`` (the changelog
+    topic is made first, as the library makes it: compacted, as many partitions as
+    ``topic``) and ``offsets`` (partition -> source offset) sent to the group: until it
+    ends, the group's committed offsets of those partitions are unstable (KIP-447).
+    """
+    if partitions:
+        settings = settings_for(bootstrap, topic, Path("/nonexistent"), group=group)
+        changelog = Changelog(
+            settings.kafka.connection(), group, timedelta(days=1), f"setup-{uuid.uuid4()}"
+        )
+        try:
+            changelog.ensure_topics([topic])
+        finally:
+            changelog.close()
+    hung = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"hung-{uuid.uuid4()}"})
+    hung.init_transactions(30)
+    hung.begin_transaction()
+    for partition in partitions:
+        hung.produce(
+            changelog_topic(group, topic), key=b"\x00junk", value=b"x", partition=partition
+        )
+    assert hung.flush(30) == 0
+    if offsets:
+        member = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+        try:  # the group is empty: a commit without a generation is taken
+            hung.send_offsets_to_transaction(
+                [TopicPartition(topic, p, offset) for p, offset in offsets.items()],
+                member.consumer_group_metadata(),
+                30,
+            )
+        finally:
+            member.close()
+    return hung
+
+
+class ConsumerThread:
+    """``consumer.run()`` on a daemon thread, without signal handlers (``start()``).
+
+    An exception ``run`` raises is kept in :attr:`failure` (and raised on, so pytest
+    still reports the thread's exception).
+    """
+
+    def __init__(self, consumer: DedupeConsumer) -> None:
+        self.consumer = consumer
+        self.failure: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.consumer.run(install_signal_handlers=False)
+        except BaseException as exc:
+            self.failure.append(exc)
+            raise
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self, timeout_s: float = 60) -> None:
+        self.thread.join(timeout_s)
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+
+@contextlib.contextmanager
+def running_consumer(consumer: DedupeConsumer) -> Iterator[ConsumerThread]:
+    """``consumer`` running on a :class:`ConsumerThread` for the block; on leaving it,
+    ``stop()`` and up to 60 s for ``run`` to return (``is_alive()`` says whether it did)."""
+    running = ConsumerThread(consumer)
+    running.start()
+    try:
+        yield running
+    finally:
+        consumer.stop()
+        running.join(60)
 
 
 class NullListener:

@@ -50,7 +50,7 @@ from dedupe_consumer.errors import NotAuthorizedError, NotOwnerError, StoreError
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
 from dedupe_consumer.kafka.permissions import AUTHORIZATION_FAILED, transaction_refused
 from dedupe_consumer.kafka.producing import produce_waiting
-from dedupe_consumer.kafka.replication import replication_factor
+from dedupe_consumer.kafka.replication import replication_factor, warn_if_under_replicated
 from dedupe_consumer.librdkafka import DURABLE_PRODUCER
 from dedupe_consumer.models import TopicPartition
 from dedupe_consumer.store.base import Output, ProcessedStore, WriteSet
@@ -313,6 +313,7 @@ class Changelog:
                 missing[name] = len(source.partitions)
                 continue
             existing_names.append(name)
+            warn_if_under_replicated(metadata, name, "store.changelog")
             if len(existing.partitions) < len(source.partitions):
                 grow[name] = len(source.partitions)  # the source topic gained partitions
         if grow:

@@ -158,7 +158,9 @@ class TopicReader:
 class RecordingProducer:
     """An idempotent producer (``acks=all``) that keeps the first delivery failures."""
 
-    OWNED_PROPERTIES: Final = frozenset({"bootstrap.servers", "enable.idempotence", "acks"})
+    OWNED_PROPERTIES: Final = frozenset(
+        {"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"}
+    )
 
     def __init__(self, bootstrap_servers: str, properties: Mapping[str, Any] | None = None) -> None:
         clash = sorted(self.OWNED_PROPERTIES & set(properties or {}))

@@ -29,13 +29,13 @@ from confluent_kafka.cimpl import NewTopic
 from dedupe_consumer.config import Settings
 from dedupe_consumer.contracts import Source
 from dedupe_consumer.errors import ConfigError, DedupeError
-from dedupe_consumer.ids import parse_id_source
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
 from dedupe_consumer.kafka.producing import produce_waiting
 from dedupe_consumer.kafka.replication import replication_factor
 from dedupe_consumer.librdkafka import DURABLE_PRODUCER
 from dedupe_consumer.models import SourceMessage, TopicPartition, header_pairs
 from dedupe_consumer.observability import Metrics
+from dedupe_consumer.payloads import id_reader
 from dedupe_consumer.scope import by_id_partition, by_id_topic, origin_header
 
 log = structlog.get_logger("dedupe_consumer.scope")
@@ -197,7 +197,7 @@ class Repartitioner(threading.Thread):
         self.error: BaseException | None = None
         self._failed_in_a_row = 0
         self._stop_requested = threading.Event()
-        self._extract = parse_id_source(settings.dedupe.id_source)
+        self._extract = id_reader(settings.dedupe.id_source, settings.payload)
         kafka = settings.kafka
         self._targets = {t: by_id_topic(kafka.group_id, t) for t in kafka.topics}
         conf: dict[str, Any] = {

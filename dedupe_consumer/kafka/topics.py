@@ -24,7 +24,7 @@ from confluent_kafka.cimpl import NewTopic  # admin re-exports it without __all_
 from dedupe_consumer.config import Settings
 from dedupe_consumer.errors import ConfigError
 from dedupe_consumer.kafka.logs import kafka_error_fields, kafka_log_config
-from dedupe_consumer.kafka.replication import replication_factor
+from dedupe_consumer.kafka.replication import replication_factor, warn_if_under_replicated
 
 log = structlog.get_logger("dedupe_consumer.dead_letters")
 
@@ -90,6 +90,7 @@ def ensure_dead_letter_topic(
         )
         return
     if name in topics:
+        warn_if_under_replicated(metadata, name, "processing.dead_letter_topic")
         return
     if not controller_known(metadata):
         log.warning(

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 from dedupe_consumer.config import (
     DedupeSettings,
     ObservabilitySettings,
+    PayloadSettings,
     ProcessingSettings,
     Settings,
     StoreSettings,
@@ -45,8 +46,9 @@ from dedupe_consumer.consumer import DedupeConsumer, LoopSettings
 from dedupe_consumer.contracts import BatchResult
 from dedupe_consumer.errors import DedupeError
 from dedupe_consumer.handler import Handler
-from dedupe_consumer.ids import MissingId, hash_id, parse_id_source
+from dedupe_consumer.ids import MissingId, hash_id
 from dedupe_consumer.models import Event, SourceMessage, TopicPartition
+from dedupe_consumer.payloads import id_reader
 from dedupe_consumer.replay.format import read_recording
 from dedupe_consumer.replay.records import Record
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED, ReplayReport, audit
@@ -148,6 +150,7 @@ class ReplaySettings:
     processing: ProcessingSettings
     store: StoreSettings
     observability: ObservabilitySettings
+    payload: PayloadSettings = field(default_factory=PayloadSettings)  # type: ignore[arg-type]
 
 
 def replay_settings(store_path: Path, settings: Settings | None = None) -> ReplaySettings:
@@ -164,6 +167,7 @@ def replay_settings(store_path: Path, settings: Settings | None = None) -> Repla
             processing=settings.processing,
             store=settings.store.model_copy(update={"path": store_path}),
             observability=settings.observability.model_copy(update={"metrics_port": None}),
+            payload=settings.payload,
         )
     return ReplaySettings(
         dedupe=DedupeSettings.model_validate({}),
@@ -181,7 +185,7 @@ def replay_settings(store_path: Path, settings: Settings | None = None) -> Repla
 
 def event_ids(records: Sequence[SourceMessage], settings: LoopSettings) -> list[str | None]:
     """Each record's event ID as the engine will see it (None: the record has none)."""
-    extract = parse_id_source(settings.dedupe.id_source)
+    extract = id_reader(settings.dedupe.id_source, settings.payload)
     found: list[str | None] = []
     for record in records:
         try:
@@ -312,7 +316,7 @@ def through_the_hop(records: Sequence[Record], settings: Settings, partitions: i
     """``records`` as topic scope's hop writes them to the by-id topic (see
     :mod:`dedupe_consumer.scope`): each on its ID's partition, numbered anew there, with
     the origin header appended; so a replay dedupes per topic, as the consumer does."""
-    extract = parse_id_source(settings.dedupe.id_source)
+    extract = id_reader(settings.dedupe.id_source, settings.payload)
     count = settings.dedupe.scope_partitions or max(partitions, 1)
     next_offset: dict[int, int] = {}
     moved: list[Record] = []

@@ -51,6 +51,7 @@ from dedupe_consumer.errors import PermanentError, RetryableError
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import Event
 from dedupe_consumer.observability.tracing import current_trace_headers
+from dedupe_consumer.payloads import record_json
 from dedupe_consumer.sidecar.headers import request_headers
 from dedupe_consumer.sidecar.metrics import SidecarMetrics
 from dedupe_consumer.sidecar.settings import SidecarSettings
@@ -64,6 +65,8 @@ SNIPPET_CHARS = 500
 """How much of an error answer's body goes into the dead letter."""
 REPLY_TOPIC = "Kafka-Reply-Topic"
 REPLY_KEY = "Kafka-Reply-Key"
+VALUE_FORMAT = "Kafka-Value-Format"
+"""The request header naming the format a JSON body was decoded from (avro, ...)."""
 """Answer headers: the body is the event's response, sent to this topic with this key."""
 _MOST_READ = 512 * 1024 + 1
 """A response body is read up to one byte over the largest ``dedupe.max_response_bytes``
@@ -128,12 +131,18 @@ class HttpForwardHandler(Handler):
         *,
         metrics: SidecarMetrics | None = None,
         connections: int = 1,
+        decoded: str | None = None,
     ) -> None:
+        """``decoded``: the ``payload.format`` the values are decoded from ('avro',
+        'protobuf', 'json-schema'): the body is then the decoded record as JSON
+        (``Content-Type: application/json``, ``Kafka-Value-Format: <format>``), so the
+        target needs no registry. None: the value's bytes, as they are."""
         if connections < 1:
             raise ValueError(f"connections must be at least 1, not {connections}")
         self.settings = settings
         self.metrics = metrics or SidecarMetrics(CollectorRegistry())
         self.connections = connections
+        self.decoded = decoded
         self._session: aiohttp.ClientSession | None = None
 
     async def setup(self) -> None:  # type: ignore[override]
@@ -178,12 +187,17 @@ class HttpForwardHandler(Handler):
             (name.decode("utf-8"), value.decode("utf-8"))
             for name, value in request_headers(event, self.settings)
         ]
+        body = event.value or b""
+        if self.decoded is not None and event.payload is not None:
+            body = record_json(event.payload)
+            headers = [(n, v) for n, v in headers if n != "Content-Type"]
+            headers += [("Content-Type", "application/json"), (VALUE_FORMAT, self.decoded)]
         # With tracing on: the event's span as the request's parent (W3C traceparent).
         headers += current_trace_headers()
         try:
             async with session.post(
                 self.settings.target_url,
-                data=event.value or b"",
+                data=body,
                 headers=headers,
                 allow_redirects=False,
             ) as response:

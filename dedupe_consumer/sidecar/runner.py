@@ -104,6 +104,7 @@ class Sidecar:
             sidecar,
             metrics=SidecarMetrics(self.metrics.registry),
             connections=effective.processing.concurrency,
+            decoded=None if effective.payload.format == "raw" else effective.payload.format,
         )
         self.consumer = DedupeConsumer(self.handler, effective, metrics=self.metrics)
         self._lock = threading.Lock()

@@ -5,10 +5,12 @@ groups and transactions, so its tests -- and its users' tests -- run against
 one: from ``$KAFKA_BOOTSTRAP_SERVERS``, a testcontainers container, or an
 Apache Kafka started from Maven Central jars (:class:`LocalKafka`; three of them
 as a :class:`LocalKafkaCluster` for broker-fault tests), or, for secured
-clusters, one with a SASL_SSL listener and ACLs (:class:`SecuredKafka`).
+clusters, one with a SASL_SSL listener and ACLs (:class:`SecuredKafka`). Tests of
+Schema Registry payloads get a real Confluent-compatible registry, Apicurio
+Registry from Maven Central (:class:`LocalSchemaRegistry`).
 """
 
-from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._errors import BrokerUnavailableError, SchemaRegistryStartError
 from dedupe_consumer.testing._local_cluster import LocalKafkaCluster
 from dedupe_consumer.testing._local_kafka import LocalKafka
 from dedupe_consumer.testing._maven import KAFKA_VERSION, resolve_kafka_libs
@@ -18,9 +20,15 @@ from dedupe_consumer.testing._providers import (
     KafkaBroker,
     start_broker,
 )
+from dedupe_consumer.testing._schema_registry import (
+    APICURIO_REGISTRY_VERSION,
+    LocalSchemaRegistry,
+    resolve_apicurio_registry,
+)
 from dedupe_consumer.testing._secured import Acl, ScramUser, SecuredKafka
 
 __all__ = [
+    "APICURIO_REGISTRY_VERSION",
     "KAFKA_VERSION",
     "Acl",
     "BrokerUnavailableError",
@@ -29,8 +37,11 @@ __all__ = [
     "KafkaBroker",
     "LocalKafka",
     "LocalKafkaCluster",
+    "LocalSchemaRegistry",
+    "SchemaRegistryStartError",
     "ScramUser",
     "SecuredKafka",
+    "resolve_apicurio_registry",
     "resolve_kafka_libs",
     "start_broker",
 ]

@@ -17,19 +17,18 @@ election, so the leader is the one named at the highest epoch there
 
 from __future__ import annotations
 
-import atexit
 import json
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Self
 
 import structlog
 
 from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._lifecycle import Lifecycle
 from dedupe_consumer.testing._local_kafka import LocalKafka, _free_port, _java_executable
 
 __all__ = ["LocalKafkaCluster"]
@@ -77,8 +76,8 @@ class _ClusterNode(LocalKafka):
     def node_id(self) -> int:
         return self._node_id
 
-    def __repr__(self) -> str:
-        return f"LocalKafka(node {self._node_id}, 127.0.0.1:{self._port}, pid={self.pid})"
+    def _repr_details(self) -> str:
+        return f"node {self._node_id}, 127.0.0.1:{self._port}, pid={self.pid}"
 
 
 def _distinct_free_ports(count: int) -> list[int]:
@@ -90,7 +89,7 @@ def _distinct_free_ports(count: int) -> list[int]:
     return ports
 
 
-class LocalKafkaCluster:
+class LocalKafkaCluster(Lifecycle):
     """``brokers`` Apache Kafka nodes (KRaft, each broker+controller) from Maven jars.
 
     ``start()`` formats and starts every node and waits until all of them are
@@ -127,7 +126,6 @@ class LocalKafkaCluster:
         self._nodes: list[_ClusterNode] = []
         self._lock = threading.RLock()
         self._admin: Any = None
-        self._atexit_registered = False
 
     # -- properties ---------------------------------------------------------
 
@@ -171,9 +169,7 @@ class LocalKafkaCluster:
             replicas = min(3, self._count)
             # One cluster ID for all: the first node makes it (as LocalKafka does).
             cluster_id: str | None = None
-            if not self._atexit_registered:
-                atexit.register(self.stop)
-                self._atexit_registered = True
+            self._stop_at_exit()
             try:
                 for i in range(self._count):
                     node = _ClusterNode(
@@ -201,6 +197,14 @@ class LocalKafkaCluster:
                 for node in self._nodes:
                     node._await_ready(self._startup_timeout)
                 self.wait_until_registered(self._startup_timeout)
+                # wait_until_registered wants the running nodes only: one that served
+                # metadata and died since would leave a cluster of fewer nodes.
+                for node in self._nodes:
+                    if not node.is_running:
+                        raise BrokerUnavailableError(
+                            f"node {node.node_id} exited during the cluster's start-up.\n"
+                            f"{node.log_tail()}"
+                        )
             except BaseException:
                 self.stop()
                 raise
@@ -225,9 +229,7 @@ class LocalKafkaCluster:
                 node.stop()
             self._nodes = []
             self._admin = None
-            if self._atexit_registered:
-                atexit.unregister(self.stop)
-                self._atexit_registered = False
+            self._forget_stop_at_exit()
 
     def restart_node(self, node_id: int, *, graceful: bool = True) -> None:
         """Stop one node (SIGTERM, or SIGKILL with ``graceful=False``) and start it again;
@@ -245,21 +247,14 @@ class LocalKafkaCluster:
             self.restart_node(node.node_id, graceful=graceful)
         self.wait_fully_replicated(timeout)
 
-    def __enter__(self) -> Self:
-        if not self._nodes:
-            self.start()
-        return self
+    _repr_name = "LocalKafkaCluster"
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def _started(self) -> bool:
+        return bool(self._nodes)
 
-    def __repr__(self) -> str:
-        return f"LocalKafkaCluster({', '.join(map(repr, self._nodes)) or 'not started'})"
+    def _repr_details(self) -> str:
+        return ", ".join(map(repr, self._nodes)) or "not started"
 
     # -- what the cluster looks like ----------------------------------------
 

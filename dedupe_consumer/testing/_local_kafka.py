@@ -17,7 +17,6 @@ wait until it serves metadata; stop its whole process group.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import contextlib
 import ctypes
@@ -31,13 +30,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Self
 
 import structlog
 
 from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.testing._errors import TAIL_CHARS, BrokerUnavailableError, output_tail
+from dedupe_consumer.testing._lifecycle import Lifecycle
 from dedupe_consumer.testing._maven import resolve_kafka_libs
 
 __all__ = ["LocalKafka", "probe_bootstrap"]
@@ -202,7 +201,7 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
     return hook
 
 
-class LocalKafka:
+class LocalKafka(Lifecycle):
     """Single-node Apache Kafka (KRaft, combined broker+controller) from Maven jars.
 
     ``start()`` resolves the jars (cached), formats a fresh log directory in a
@@ -245,7 +244,6 @@ class LocalKafka:
         self._port: int | None = None
         self._controller_port: int | None = None
         self._cluster_id: str | None = None
-        self._atexit_registered = False
         # One node of a LocalKafkaCluster sets these (see _ClusterNode); alone, node 1
         # is its own quorum and every internal topic has one replica.
         self._node_id = 1
@@ -319,9 +317,7 @@ class LocalKafka:
         self._libs = resolve_kafka_libs(self._maven_artifact, self._cache_dir)
         java = _java_executable()
         self._workdir = Path(tempfile.mkdtemp(prefix="dedupe-kafka-"))
-        if not self._atexit_registered:
-            atexit.register(self.stop)
-            self._atexit_registered = True
+        self._stop_at_exit()
         return java
 
     def _prepare(self, java: str) -> None:
@@ -390,26 +386,17 @@ class LocalKafka:
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
                 self._workdir = None
-            if self._atexit_registered:
-                atexit.unregister(self.stop)
-                self._atexit_registered = False
+            self._forget_stop_at_exit()
 
-    def __enter__(self) -> Self:
-        if self._workdir is None:
-            self.start()
-        return self
+    _repr_name = "LocalKafka"
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def _started(self) -> bool:
+        return self._workdir is not None
 
-    def __repr__(self) -> str:
+    def _repr_details(self) -> str:
         address = f"127.0.0.1:{self._port}" if self._port else "not started"
-        return f"LocalKafka({address}, pid={self.pid})"
+        return f"{address}, pid={self.pid}"
 
     # -- internals ----------------------------------------------------------
 

@@ -1,9 +1,12 @@
-"""The Kafka broker's jars from Maven Central, resolved once into a per-version cache.
+"""Artifacts from Maven Central, resolved once into a per-version cache.
 
 The Kafka distribution is not needed: ``mvn dependency:copy-dependencies``
 resolves ``org.apache.kafka:kafka_2.13`` and its runtime dependencies, plus the
 slf4j binding the distribution ships, into ``<cache>/<version>/libs``.
 :mod:`dedupe_consumer.testing._local_kafka` runs the broker from there.
+:func:`resolve_into_cache` (lock, staging directory, ``.complete`` marker) also
+fetches the schema registry's distribution for
+:mod:`dedupe_consumer.testing._schema_registry`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -29,6 +32,7 @@ __all__ = [
     "ENV_CACHE_DIR",
     "ENV_MAVEN_ARTIFACT",
     "KAFKA_VERSION",
+    "resolve_into_cache",
     "resolve_kafka_libs",
 ]
 
@@ -105,44 +109,42 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def resolve_kafka_libs(
-    maven_artifact: str | None = None,
-    cache_dir: Path | str | None = None,
+def resolve_into_cache(
+    *,
+    coordinates: str,
+    version_dir: Path,
+    name: str,
+    pom_xml: str,
+    goal: list[str],
+    check: Callable[[Path], str | None],
+    error: Callable[[str], Exception],
+    event: str,
 ) -> Path:
-    """Return a directory holding the broker's runtime jars, resolving them once.
+    """Run one Maven *goal* once into ``<version_dir>/<name>`` and return that directory.
 
-    The jars land in ``<cache>/<version>/libs``. Maven writes into a staging
-    directory next to it, which is renamed into place only after Maven
-    succeeded, so a crashed or failed download never leaves a half-filled
-    ``libs`` that a later run would trust; a file lock serialises concurrent
-    resolvers (pytest-xdist workers, two terminals).
+    The goal writes into ``{out}`` (the placeholder in *goal*) inside a staging
+    directory next to the target, which is renamed into place only after Maven
+    succeeded and *check* (given the staged directory; it returns what is
+    wrong, or None) found what it needs there, so a crashed or failed download
+    never leaves a half-filled directory that a later run would trust; a file
+    lock serialises concurrent resolvers (pytest-xdist workers, two terminals).
+    Failures raise ``error(message)``; *event* prefixes the structlog events.
     """
-    coordinates = maven_artifact or os.environ.get(ENV_MAVEN_ARTIFACT) or DEFAULT_MAVEN_ARTIFACT
-    group, artifact, version = _parse_coordinates(coordinates)
-    default_group, default_artifact, _ = DEFAULT_MAVEN_ARTIFACT.split(":")
-    # Key by version as documented; a different group/artifact (another Scala
-    # build, a fork) gets its own directory so it cannot reuse the wrong jars.
-    key = version
-    if (group, artifact) != (default_group, default_artifact):
-        key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{group}_{artifact}_{version}")
-    version_dir = _cache_root(cache_dir) / key
-    libs = version_dir / "libs"
-    if (libs / _COMPLETE_MARKER).is_file():
-        return libs
+    target = version_dir / name
+    if (target / _COMPLETE_MARKER).is_file():
+        return target
 
     mvn = shutil.which("mvn")
     if mvn is None:
-        raise BrokerUnavailableError(
-            f"maven (mvn) is not on PATH, so the Kafka jars ({coordinates}) cannot be resolved"
-        )
+        raise error(f"maven (mvn) is not on PATH, so {coordinates} cannot be resolved")
     version_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(version_dir / ".lock"):
-        if (libs / _COMPLETE_MARKER).is_file():  # another process won the race
-            return libs
+        if (target / _COMPLETE_MARKER).is_file():  # another process won the race
+            return target
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=version_dir))
         try:
-            (staging / "pom.xml").write_text(_pom_xml(group, artifact, version), encoding="utf-8")
-            out = staging / "libs"
+            (staging / "pom.xml").write_text(pom_xml, encoding="utf-8")
+            out = staging / name
             command = [
                 mvn,
                 "-B",
@@ -150,12 +152,10 @@ def resolve_kafka_libs(
                 "-Dstyle.color=never",
                 "-f",
                 str(staging / "pom.xml"),
-                "dependency:copy-dependencies",
-                "-DincludeScope=runtime",
-                f"-DoutputDirectory={out}",
+                *(arg.replace("{out}", str(out)) for arg in goal),
             ]
             started = time.monotonic()
-            _log.info("kafka.jars.resolving", coordinates=coordinates, into=str(libs))
+            _log.info(f"{event}.resolving", coordinates=coordinates, into=str(target))
             try:
                 result = subprocess.run(
                     command,
@@ -166,29 +166,61 @@ def resolve_kafka_libs(
                     check=False,
                 )
             except subprocess.TimeoutExpired as exc:
-                raise BrokerUnavailableError(
+                raise error(
                     f"maven did not resolve {coordinates} within {_MAVEN_TIMEOUT_S:.0f} s"
                 ) from exc
             if result.returncode != 0:
-                raise BrokerUnavailableError(
-                    f"maven (mvn dependency:copy-dependencies) could not resolve {coordinates} "
+                raise error(
+                    f"maven (mvn {goal[0]}) could not resolve {coordinates} "
                     f"(exit {result.returncode}):\n{output_tail(result.stdout + result.stderr)}"
                 )
-            main_jar = out / f"{artifact}-{version}.jar"
-            if not main_jar.is_file():
-                raise BrokerUnavailableError(
-                    f"maven resolved {coordinates} but {main_jar.name} is not among the jars"
-                )
+            problem = check(out) if out.is_dir() else f"maven wrote nothing into {out}"
+            if problem is not None:
+                raise error(f"maven resolved {coordinates} but {problem}")
             (out / _COMPLETE_MARKER).write_text(coordinates + "\n", encoding="utf-8")
-            if libs.exists():  # leftover without marker, e.g. hand-edited: replace it
-                shutil.rmtree(libs)
-            os.rename(out, libs)
+            if target.exists():  # leftover without marker, e.g. hand-edited: replace it
+                shutil.rmtree(target)
+            os.rename(out, target)
             _log.info(
-                "kafka.jars.resolved",
+                f"{event}.resolved",
                 coordinates=coordinates,
-                jars=len(list(libs.glob("*.jar"))),
+                files=sum(1 for _ in target.rglob("*")),
                 seconds=round(time.monotonic() - started, 2),
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return libs
+    return target
+
+
+def resolve_kafka_libs(
+    maven_artifact: str | None = None,
+    cache_dir: Path | str | None = None,
+) -> Path:
+    """Return a directory holding the broker's runtime jars, resolving them once.
+
+    The jars land in ``<cache>/<version>/libs`` (see :func:`resolve_into_cache`
+    for how a failed or concurrent download is kept out of it).
+    """
+    coordinates = maven_artifact or os.environ.get(ENV_MAVEN_ARTIFACT) or DEFAULT_MAVEN_ARTIFACT
+    group, artifact, version = _parse_coordinates(coordinates)
+    default_group, default_artifact, _ = DEFAULT_MAVEN_ARTIFACT.split(":")
+    # Key by version as documented; a different group/artifact (another Scala
+    # build, a fork) gets its own directory so it cannot reuse the wrong jars.
+    key = version
+    if (group, artifact) != (default_group, default_artifact):
+        key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{group}_{artifact}_{version}")
+
+    def check(libs: Path) -> str | None:
+        main_jar = libs / f"{artifact}-{version}.jar"
+        return None if main_jar.is_file() else f"{main_jar.name} is not among the jars"
+
+    return resolve_into_cache(
+        coordinates=coordinates,
+        version_dir=_cache_root(cache_dir) / key,
+        name="libs",
+        pom_xml=_pom_xml(group, artifact, version),
+        goal=["dependency:copy-dependencies", "-DincludeScope=runtime", "-DoutputDirectory={out}"],
+        check=check,
+        error=BrokerUnavailableError,
+        event="kafka.jars",
+    )

@@ -1,9 +1,10 @@
-"""``dedupe-consumer broker``: run the test broker in the foreground.
+"""``dedupe-consumer broker`` and ``schema-registry``: run a test server in the foreground.
 
 For trying the sidecar or the examples by hand on a machine without Docker:
 one command gives a real Kafka on loopback (``--brokers 3``: a three-node
-cluster, for trying what a broker fault does), and Ctrl-C takes it away again
-with nothing left running.
+cluster, for trying what a broker fault does), another a Confluent-compatible
+Schema Registry (Apicurio, for the Avro/Protobuf/JSON Schema examples), and
+Ctrl-C takes it away again with nothing left running.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from rich.console import Console
 
 from dedupe_consumer.cli_support import reporting_errors
 from dedupe_consumer.signals import install_stop_handlers
-from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._errors import BrokerUnavailableError, SchemaRegistryStartError
 from dedupe_consumer.testing._local_cluster import LocalKafkaCluster
 from dedupe_consumer.testing._local_kafka import LocalKafka
 from dedupe_consumer.testing._maven import KAFKA_VERSION
+from dedupe_consumer.testing._schema_registry import (
+    APICURIO_REGISTRY_VERSION,
+    LocalSchemaRegistry,
+)
 
-__all__ = ["broker", "run_broker_foreground"]
+__all__ = ["broker", "run_broker_foreground", "run_schema_registry_foreground", "schema_registry"]
 
 
 def broker(
@@ -104,3 +109,45 @@ def run_broker_foreground(
         if restore_signals is not None:
             restore_signals()
     out.print("[green]Kafka stopped.[/]")
+
+
+def schema_registry(
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="HTTP port on 127.0.0.1 (default: a free port)."),
+    ] = None,
+) -> None:
+    """Start a local Schema Registry (Apicurio, Confluent-compatible API) until Ctrl-C."""
+    with reporting_errors(unexpected=True):
+        run_schema_registry_foreground(port=port)
+
+
+def run_schema_registry_foreground(
+    *, port: int | None = None, console: Console | None = None
+) -> None:
+    """Start a :class:`LocalSchemaRegistry`, print its URL, block until Ctrl-C or SIGTERM,
+    stop it. Raises SchemaRegistryStartError when it cannot start or dies on its own
+    (with the tail of its log, which is deleted with its directory)."""
+    out = console or Console()
+    registry = LocalSchemaRegistry(port=port)
+    stop_requested = threading.Event()
+    restore_signals: Callable[[], None] | None = None
+    try:
+        with out.status(f"Starting Apicurio Registry {APICURIO_REGISTRY_VERSION}..."):
+            registry.start()
+        restore_signals = install_stop_handlers(lambda _signal: stop_requested.set())
+        out.print(f"[bold green]Schema Registry is up[/] at [bold]{registry.url}[/]")
+        out.print(f"  schema.registry.url={registry.url}", highlight=False)
+        out.print(f"  log: {registry.log_file}", highlight=False)
+        out.print("In memory: its schemas are gone when it stops. Press Ctrl-C to stop.")
+        while not stop_requested.wait(timeout=1.0):
+            if not registry.is_running:
+                raise SchemaRegistryStartError(
+                    f"the schema registry exited on its own.\n{registry.log_tail()}"
+                )
+        out.print("Stopping the schema registry...")
+    finally:
+        registry.stop()
+        if restore_signals is not None:
+            restore_signals()
+    out.print("[green]Schema registry stopped.[/]")

@@ -2,8 +2,10 @@
 
 Loaded through the ``pytest11`` entry point, so any project that installs
 ``dedupe-consumer`` gets ``kafka_bootstrap`` and ``kafka_topic`` (and
-``kafka_cluster``, three brokers of a test module's own to kill) -- and
-``replay``, which needs no broker at all (see its docstring). One broker
+``kafka_cluster``, three brokers of a test module's own to kill, ``secured_kafka``,
+a broker with SASL_SSL and ACLs, ``schema_registry``, a real Confluent-compatible
+Schema Registry (Apicurio from Maven Central) -- and ``replay``, which needs no
+broker at all (see its docstring). One broker
 serves the whole session (starting a JVM per test would dominate run time);
 isolation comes from every test getting fresh, uniquely named topics instead.
 
@@ -20,17 +22,19 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import pytest
 
 from dedupe_consumer.kafka.logs import kafka_log_config
 from dedupe_consumer.replay.report import DEFAULT_MAX_DEAD_LETTERED
-from dedupe_consumer.testing._errors import BrokerUnavailableError
+from dedupe_consumer.testing._errors import BrokerUnavailableError, SchemaRegistryStartError
 from dedupe_consumer.testing._local_cluster import LocalKafkaCluster
 from dedupe_consumer.testing._providers import KafkaBroker, start_broker
+from dedupe_consumer.testing._schema_registry import LocalSchemaRegistry
+from dedupe_consumer.testing._secured import SecuredKafka
 
 if TYPE_CHECKING:
     from dedupe_consumer.config import Settings
@@ -49,12 +53,16 @@ __all__ = [
     "kafka_outputs",
     "kafka_topic",
     "replay",
+    "schema_registry",
+    "secured_kafka",
     "unique_topic_name",
 ]
 
 ENV_REQUIRE_REAL_KAFKA: Final = "DEDUPE_REQUIRE_REAL_KAFKA"
 _TOPIC_READY_TIMEOUT_S: Final = 30.0
 _MAX_PREFIX: Final = 120  # Kafka allows 249 characters; leave room for the suffix
+
+_Started = TypeVar("_Started")
 
 
 class TopicFactory(Protocol):
@@ -114,15 +122,21 @@ def unique_topic_name(test_name: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def _start_or_give_up(start: Callable[[], _Started], failure: str = "") -> _Started:
+    """``start()``; when it raises :class:`BrokerUnavailableError`, the test is skipped,
+    or fails (its message after ``failure``) under ``DEDUPE_REQUIRE_REAL_KAFKA=1``."""
+    try:
+        return start()
+    except BrokerUnavailableError as exc:
+        if _require_real_kafka():
+            pytest.fail(f"{ENV_REQUIRE_REAL_KAFKA}=1 but {failure}{exc}", pytrace=False)
+        pytest.skip(f"{exc} (set {ENV_REQUIRE_REAL_KAFKA}=1 to fail instead of skipping)")
+
+
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[KafkaBroker]:
     """The session's broker (see :func:`start_broker` for where it comes from)."""
-    try:
-        broker = start_broker()
-    except BrokerUnavailableError as exc:
-        if _require_real_kafka():
-            pytest.fail(f"{ENV_REQUIRE_REAL_KAFKA}=1 but {exc}", pytrace=False)
-        pytest.skip(f"{exc} (set {ENV_REQUIRE_REAL_KAFKA}=1 to fail instead of skipping)")
+    broker = _start_or_give_up(start_broker)
     try:
         yield broker
     finally:
@@ -139,19 +153,56 @@ def kafka_cluster() -> Iterator[LocalKafkaCluster]:
     not kept for the rest of a session); fails instead of skipping under
     ``DEDUPE_REQUIRE_REAL_KAFKA=1``.
     """
-    cluster = LocalKafkaCluster(3)
-    try:
-        cluster.start()
-    except BrokerUnavailableError as exc:
-        if _require_real_kafka():
-            pytest.fail(
-                f"{ENV_REQUIRE_REAL_KAFKA}=1 but the cluster did not start: {exc}", pytrace=False
-            )
-        pytest.skip(f"{exc} (set {ENV_REQUIRE_REAL_KAFKA}=1 to fail instead of skipping)")
+    cluster = _start_or_give_up(LocalKafkaCluster(3).start, "the cluster did not start: ")
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def secured_kafka() -> Iterator[SecuredKafka]:
+    """A broker of this session's own with a SASL_SSL listener and ACLs (:class:`SecuredKafka`).
+
+    SCRAM-SHA-512 over TLS, with a CA made for the run; ``add_user``, ``grant`` and
+    ``revoke`` make users and change their rights, ``client_config(user)`` is how a
+    client connects as one. Always started here from the Maven jars, never
+    ``$KAFKA_BOOTSTRAP_SERVERS``. Started for the first test that uses it and shared
+    by every later one (give each test its own users, topics and groups); fails
+    instead of skipping under ``DEDUPE_REQUIRE_REAL_KAFKA=1``.
+    """
+    secured = _start_or_give_up(SecuredKafka().start, "the secured broker did not start: ")
+    try:
+        yield secured
+    finally:
+        secured.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_registry() -> Iterator[LocalSchemaRegistry]:
+    """A real Confluent-compatible Schema Registry for the session (:class:`LocalSchemaRegistry`).
+
+    Apicurio Registry from Maven Central with in-memory storage, on a free
+    loopback port; ``schema_registry.url`` is what confluent-kafka's
+    ``SchemaRegistryClient({"url": ...})`` takes. One serves the whole session:
+    tests keep apart by subject (the default subject is ``<topic>-value``, and
+    ``kafka_topic`` names are unique). Stopped at the end of the session. Fails
+    instead of skipping when it cannot start under ``DEDUPE_REQUIRE_REAL_KAFKA=1``.
+    """
+    registry = LocalSchemaRegistry()
+    try:
+        registry.start()
+    except SchemaRegistryStartError as exc:
+        if _require_real_kafka():
+            pytest.fail(
+                f"{ENV_REQUIRE_REAL_KAFKA}=1 but the schema registry did not start: {exc}",
+                pytrace=False,
+            )
+        pytest.skip(f"{exc} (set {ENV_REQUIRE_REAL_KAFKA}=1 to fail instead of skipping)")
+    try:
+        yield registry
+    finally:
+        registry.stop()
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,6 @@ import random
 import signal
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,8 +35,8 @@ from dedupe_consumer import Settings
 from dedupe_consumer.testing import LocalKafkaCluster
 
 from ..kafka_helpers import committed_offsets, end_offsets
-from .consumer_process import log_of, log_tail, start_consumer, write_config
-from .suite import PARTITIONS, Mode, Outcome, measure, plain_repeat_bound, produce
+from .consumer_process import log_tail
+from .suite import PARTITIONS, Mode, Outcome, measure, plain_repeat_bound, produce, start_run
 
 Fault = Literal["leader", "controller", "rolling"]
 FAULTS: tuple[Fault, ...] = ("leader", "controller", "rolling")
@@ -134,14 +133,22 @@ def run_broker_fault(
     own instance id (``FENCED_INSTANCE_ID``, fatal: librdkafka issue 3437), and the
     consumer exits (counted in ``consumer_exits``)."""
     bootstrap = cluster.bootstrap_servers
-    workdir.mkdir(parents=True, exist_ok=True)
-    slug = mode.name.replace("+", "-")
-    topic = f"faults-{fault}-{slug}-{uuid.uuid4().hex[:8]}"
-    group = f"{topic}-group"
     first = max(1, int(events * upfront))
-    sent = produce(
-        bootstrap, topic, first, duplicates, seed, replication=cluster.replication_factor
+    run = start_run(
+        bootstrap,
+        workdir,
+        mode,
+        topic_prefix=f"faults-{fault}",
+        events=first,
+        duplicates=duplicates,
+        seed=seed,
+        batch=batch,
+        timeout_s=timeout_s,
+        static_member=static_member,
+        replication=cluster.replication_factor,
     )
+    topic, group, sent, config, outcome = run.topic, run.group, run.sent, run.config, run.outcome
+    assert Settings.from_toml(config).store.changelog  # state and offsets in transactions
     known = list(dict.fromkeys(sent))
     flushed = [len(known)]
     """Unique IDs that are in the topic (their produce call returned)."""
@@ -164,20 +171,9 @@ def run_broker_fault(
         except BaseException as exc:  # the main thread fails the run with it
             producing_failed.append(exc)
 
-    config = write_config(
-        workdir,
-        bootstrap,
-        topic,
-        batch=batch,
-        mode=mode.mode,
-        on_uncertain=mode.on_uncertain,
-        static_member=static_member,
-    )
-    assert Settings.from_toml(config).store.changelog  # state and offsets in transactions
-    effects, log = workdir / "effects", log_of(config)
-    outcome = Outcome(mode.name, max_batch=batch)
+    effects = run.effects
     result = FaultOutcome(fault, outcome, topic)
-    deadline = time.monotonic() + timeout_s
+    deadline = run.deadline
 
     def calls() -> int:
         """Handler calls so far: the effects file holds one 36-character ID and a newline
@@ -194,7 +190,7 @@ def run_broker_fault(
             bootstrap, topic, PARTITIONS
         )
 
-    procs = [start_consumer(config, effects, handler=mode.handler)]
+    procs = [run.start_consumer()]
     """The consumer process; a new one is appended when one exits on its own."""
     producer = threading.Thread(target=produce_rest, name="produce-rest", daemon=True)
     producer.start()
@@ -219,7 +215,7 @@ def run_broker_fault(
                     outcome.notes.append(
                         f"consumer exited with {code} during the run:\n{log_tail(config, 6000)}"
                     )
-                    procs.append(start_consumer(config, effects, handler=mode.handler))
+                    procs.append(run.start_consumer())
                 time.sleep(0.25)
         except BaseException as exc:  # told to the main thread
             watch_errors.append(exc)
@@ -283,5 +279,5 @@ def run_broker_fault(
     unique = set(sent)
     outcome.events, outcome.unique = len(sent), len(unique)
     outcome.exit_codes = [*result.consumer_exits, *outcome.exit_codes]
-    measure(bootstrap, workdir, topic, mode, sent, outcome, log)
+    measure(bootstrap, workdir, topic, mode, sent, outcome, run.log)
     return result

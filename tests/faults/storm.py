@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -51,7 +52,7 @@ from dedupe_consumer.store import changelog_topic
 from ..kafka_helpers import CLASSIC_ONLY as CLASSIC_ONLY_KEYS
 from ..kafka_helpers import committed_offsets, end_offsets
 from .consumer_process import effect_lines, log_of, start_consumer, write_config
-from .suite import Mode, _dead_lettered, _uncertain_ids, plain_repeat_bound
+from .suite import Mode, dead_lettered_ids, plain_repeat_bound, uncertain_ids
 
 CLASSIC_ONLY = tuple(f'"{key}"' for key in CLASSIC_ONLY_KEYS)
 """The config lines (``write_config``'s) the consumer group protocol does not take."""
@@ -384,7 +385,7 @@ def _staged_counts(bootstrap: str, changelog: str) -> Counter[str]:
             "enable.partition.eof": True,  # at the last stable offset: nothing is open now
         }
     )
-    latest: dict[bytes, bytes] = {}
+    records: list[tuple[bytes, bytes | None]] = []
     try:
         metadata = consumer.list_topics(changelog, timeout=30).topics[changelog]
         consumer.assign([KafkaTopicPartition(changelog, p, 0) for p in metadata.partitions])
@@ -397,13 +398,28 @@ def _staged_counts(bootstrap: str, changelog: str) -> Counter[str]:
                     if error.code() == KafkaError._PARTITION_EOF:
                         pending.discard(m.partition())
                     continue
-                key = m.key() or b""
-                if key.startswith(b"e:count:"):
-                    latest[key] = m.value() or b""
+                records.append((m.key() or b"", m.value()))
         assert not pending, f"changelog partitions {pending} not read to their end"
     finally:
         consumer.close()
-    return Counter({k[len(b"e:count:") :].decode(): int(v or b"0") for k, v in latest.items()})
+    return staged_counts(records)
+
+
+def staged_counts(records: Sequence[tuple[bytes, bytes | None]]) -> Counter[str]:
+    """How often each ID's effect happened, from the changelog's committed ``(key,
+    value)`` records of the ledger's ``count:<id>``, in order: its last value, or how
+    many times a value was committed if that is more. A new owner that lost an ID's
+    state (the counter with it) and handled it again commits ``1`` a second time: the
+    last value alone would say once."""
+    latest: dict[bytes, bytes] = {}
+    commits: Counter[bytes] = Counter()
+    for key, value in records:
+        if key.startswith(b"e:count:"):
+            latest[key] = value or b""
+            commits[key] += 1 if value else 0
+    return Counter(
+        {k[len(b"e:count:") :].decode(): max(int(v or b"0"), commits[k]) for k, v in latest.items()}
+    )
 
 
 def _caught_up(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
@@ -607,10 +623,10 @@ def run_storm(
             out.notes.append(f"{incarnation.tag} exited with {incarnation.exit_code} on SIGTERM")
     calls = effect_lines(effects)
     out.repeats = attribute_repeats(calls, killed, out.repeat_bound)
-    out.dead_lettered = _dead_lettered(bootstrap, f"{topic}.dlq")
+    out.dead_lettered = dead_lettered_ids(bootstrap, f"{topic}.dlq")
     assigned_at: list[float] = []
     for slot in slots:
-        out.uncertain |= _uncertain_ids(log_of(slot.config))
+        out.uncertain |= uncertain_ids(log_of(slot.config))
         for event in _events(log_of(slot.config)):
             name = str(event.get("event"))
             if event.get("level") == "error":

@@ -262,7 +262,9 @@ def _outputs(bootstrap: str, topic: str) -> Counter[str]:
     return Counter(value.decode() for _, value in _committed(bootstrap, topic))
 
 
-def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
+def dead_lettered_ids(bootstrap: str, topic: str) -> set[str]:
+    """The event IDs (``dlq.event.id`` headers) of every message in the dead-letter
+    ``topic``; empty when the topic does not exist."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -293,7 +295,8 @@ def _dead_lettered(bootstrap: str, topic: str) -> set[str]:
         consumer.close()
 
 
-def _uncertain_ids(log: Path) -> set[str]:
+def uncertain_ids(log: Path) -> set[str]:
+    """The event IDs of the ``uncertain_outcome`` lines of a consumer's JSON log."""
     found: set[str] = set()
     for line in log.read_text(errors="replace").splitlines():
         if '"uncertain_outcome"' in line:
@@ -302,6 +305,97 @@ def _uncertain_ids(log: Path) -> set[str]:
             except (ValueError, KeyError):
                 continue
     return found
+
+
+@dataclass
+class Run:
+    """One run of a mode, as :func:`start_run` set it up: its topic, the IDs produced
+    so far, the consumer's config, the outcome it fills, and when it must end."""
+
+    bootstrap: str
+    mode: Mode
+    topic: str
+    sent: list[str]
+    config: Path
+    outcome: Outcome
+    deadline: float
+
+    @property
+    def group(self) -> str:
+        return f"{self.topic}-group"
+
+    @property
+    def effects(self) -> Path:
+        return self.config.parent / "effects"
+
+    @property
+    def log(self) -> Path:
+        return log_of(self.config)
+
+    def start_consumer(self, fault: str | None = None, after: int = 1) -> subprocess.Popen[bytes]:
+        """The mode's consumer process (``fault``: SIGKILLed at that fault point after
+        ``after`` hits)."""
+        return start_consumer(
+            self.config,
+            self.effects,
+            handler=self.mode.handler,
+            fault=fault,
+            after=after,
+            flaky=self.mode.flaky,
+        )
+
+
+def start_run(
+    bootstrap: str,
+    workdir: Path,
+    mode: Mode,
+    *,
+    topic_prefix: str,
+    events: int,
+    duplicates: float,
+    seed: int,
+    batch: int,
+    timeout_s: float,
+    max_unpersisted: int = 1,
+    static_member: bool = True,
+    replication: int = 1,
+) -> Run:
+    """Set up a run of ``mode``: a new topic ``<topic_prefix>-<mode>-<random>`` with
+    ``replication`` replicas and ``events`` produced to it, the topics the mode's
+    handler writes to, and the consumer's config in ``workdir``; the run must end
+    ``timeout_s`` from now."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    slug = mode.name.replace("+", "-").replace("@", "-")
+    topic = f"{topic_prefix}-{slug}-{uuid.uuid4().hex[:8]}"
+    mixed = mode.scope == "topic"
+    sent = produce(bootstrap, topic, events, duplicates, seed, mixed=mixed, replication=replication)
+    if mode.emits:
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        outs = [f"{topic}.out", *([f"{topic}.replies"] if mode.replies else [])]
+        for future in admin.create_topics([NewTopic(name, 4, 1) for name in outs]).values():
+            future.result()
+    config = write_config(
+        workdir,
+        bootstrap,
+        topic,
+        batch=batch,
+        mode=mode.mode,
+        on_uncertain=mode.on_uncertain,
+        static_member=static_member,
+        concurrency=mode.concurrency,
+        ordering=mode.ordering,
+        max_unpersisted=max_unpersisted,
+        scope=mode.scope,
+        reply_topic=f"{topic}.replies" if mode.replies else None,
+    )
+    outcome = Outcome(
+        mode.name,
+        events=events,
+        unique=len(set(sent)),
+        max_batch=batch,
+        max_unpersisted=max_unpersisted,
+    )
+    return Run(bootstrap, mode, topic, sent, config, outcome, time.monotonic() + timeout_s)
 
 
 def run_mode(
@@ -319,52 +413,33 @@ def run_mode(
 ) -> Outcome:
     """Produce, kill ``kills`` times, finish, and check; returns what was measured."""
     rng = random.Random(seed)
-    workdir.mkdir(parents=True, exist_ok=True)
-    slug = mode.name.replace("+", "-").replace("@", "-")
-    topic = f"suite-{slug}-{uuid.uuid4().hex[:8]}"
-    mixed = mode.scope == "topic"
-    sent = produce(bootstrap, topic, events, duplicates, seed, mixed=mixed)
-    if mode.emits:
-        admin = AdminClient({"bootstrap.servers": bootstrap})
-        outs = [f"{topic}.out", *([f"{topic}.replies"] if mode.replies else [])]
-        for future in admin.create_topics([NewTopic(name, 4, 1) for name in outs]).values():
-            future.result()
-    unique = set(sent)
-    config = write_config(
-        workdir,
+    run = start_run(
         bootstrap,
-        topic,
-        batch=batch,
-        mode=mode.mode,
-        on_uncertain=mode.on_uncertain,
-        static_member=True,
-        concurrency=mode.concurrency,
-        ordering=mode.ordering,
-        max_unpersisted=max_unpersisted,
-        scope=mode.scope,
-        reply_topic=f"{topic}.replies" if mode.replies else None,
-    )
-    processing = Settings.from_toml(config).processing  # what the process will run with
-    assert (processing.concurrency, processing.ordering) == (mode.concurrency, mode.ordering)
-    effects, log = workdir / "effects", log_of(config)
-    outcome = Outcome(
-        mode.name,
+        workdir,
+        mode,
+        topic_prefix="suite",
         events=events,
-        unique=len(unique),
-        max_batch=batch,
+        duplicates=duplicates,
+        seed=seed,
+        batch=batch,
+        timeout_s=timeout_s,
         max_unpersisted=max_unpersisted,
     )
-    deadline = time.monotonic() + timeout_s
+    topic, sent, outcome, deadline = run.topic, run.sent, run.outcome, run.deadline
+    processing = Settings.from_toml(run.config).processing  # what the process will run with
+    assert (processing.concurrency, processing.ordering) == (mode.concurrency, mode.ordering)
 
     def done() -> bool:
-        moved = committed_offsets(bootstrap, f"{topic}-group", topic, PARTITIONS) == end_offsets(
+        moved = committed_offsets(bootstrap, run.group, topic, PARTITIONS) == end_offsets(
             bootstrap, topic, PARTITIONS
         )
         if not moved or mode.scope != "topic":
             return moved
         # Topic scope: the source is read (by the hop); every ID is decided too? (The
         # by-id topic's end offsets count transaction markers: no offset comparison.)
-        return set(sent) <= set(effects_of(effects)) | _dead_lettered(bootstrap, f"{topic}.dlq")
+        return set(sent) <= set(effects_of(run.effects)) | dead_lettered_ids(
+            bootstrap, f"{topic}.dlq"
+        )
 
     known = list(dict.fromkeys(sent))
     for k in range(kills):
@@ -378,18 +453,11 @@ def run_mode(
                 duplicates,
                 seed + k,
                 ids=known,
-                mixed=mixed,
+                mixed=mode.scope == "topic",
             )
         random_moment = k % 3 == 2
         point = None if random_moment else mode.points[k % len(mode.points)]
-        proc = start_consumer(
-            config,
-            effects,
-            handler=mode.handler,
-            fault=point,
-            after=rng.randint(1, 6),
-            flaky=mode.flaky,
-        )
+        proc = run.start_consumer(fault=point, after=rng.randint(1, 6))
         if random_moment:
             time.sleep(rng.uniform(0.5, 2.0))  # during start-up, restore or a batch
             if proc.poll() is None:
@@ -410,7 +478,7 @@ def run_mode(
     unique = set(sent)
     outcome.events, outcome.unique = len(sent), len(unique)
 
-    final = start_consumer(config, effects, handler=mode.handler, flaky=mode.flaky)
+    final = run.start_consumer()
     try:
         while not done() and time.monotonic() < deadline + 120:
             time.sleep(0.5)
@@ -418,7 +486,7 @@ def run_mode(
         final.send_signal(signal.SIGTERM)
         outcome.exit_codes.append(final.wait(timeout=60))
 
-    measure(bootstrap, workdir, topic, mode, sent, outcome, log)
+    measure(bootstrap, workdir, topic, mode, sent, outcome, run.log)
     return outcome
 
 
@@ -435,8 +503,8 @@ def measure(
     IDs, duplicate effects (and wrong replies), by the mode's way of counting effects."""
     effects = workdir / "effects"
     unique = set(sent)
-    outcome.uncertain = _uncertain_ids(log)
-    outcome.dead_lettered = _dead_lettered(bootstrap, f"{topic}.dlq")
+    outcome.uncertain = uncertain_ids(log)
+    outcome.dead_lettered = dead_lettered_ids(bootstrap, f"{topic}.dlq")
     counts: Counter[str]
     if mode.emits:
         counts = _outputs(bootstrap, f"{topic}.out")

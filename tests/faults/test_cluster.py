@@ -11,13 +11,21 @@ Nothing may be lost; repeated effects only in plain mode, within its bound.
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not in __all__
+    AdminClient,
+    ConfigResource,
+    ResourceType,
+)
 from confluent_kafka.cimpl import NewTopic
 
+from dedupe_consumer import Settings
+from dedupe_consumer.kafka.topics import ensure_dead_letter_topic
 from dedupe_consumer.store.changelog_codec import changelog_topic
 from dedupe_consumer.testing import LocalKafkaCluster
 
@@ -44,6 +52,12 @@ def test_three_nodes_replicate_and_name_their_leaders(kafka_cluster: LocalKafkaC
     partitions = _topics(kafka_cluster)["cluster-probe"].partitions
     assert {len(p.replicas) for p in partitions.values()} == {3}
     assert kafka_cluster.leader("cluster-probe", 0) == partitions[0].leader
+
+    # Acknowledged writes need two of the three copies: one node may die.
+    broker = ConfigResource(ResourceType.BROKER, "1")
+    configs = admin.describe_configs([broker])[broker].result(timeout=30)
+    assert configs["min.insync.replicas"].value == "2"
+    assert configs["transaction.state.log.min.isr"].value == "2"
 
     controller = kafka_cluster.active_controller()
     epoch, leader = kafka_cluster.quorum_states()[controller]
@@ -100,3 +114,37 @@ def test_a_broker_fault_loses_nothing_and_repeats_nothing_outside_plain_mode(
     ours = [changelog_topic(f"{result.topic}-group", result.topic), f"{result.topic}.dlq"]
     for name in ours:
         assert {len(p.replicas) for p in topics[name].partitions.values()} == {3}, name
+
+
+def test_a_topic_made_while_a_broker_is_down_still_gets_three_replicas(
+    kafka_cluster: LocalKafkaCluster,
+) -> None:
+    """The metadata of a cluster with a SIGKILLed node lists two brokers; the library's
+    topics must still get three replicas (KRaft places the third on the dead node, which
+    copies it when it returns), not two for good."""
+    source, dlq = f"rf-source-{uuid.uuid4().hex[:8]}", f"rf-dlq-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": kafka_cluster.bootstrap_servers})
+    admin.create_topics([NewTopic(source, 2)])[source].result(timeout=30)
+    kafka_cluster.wait_fully_replicated(60)
+    down = 3
+    kafka_cluster.node(down).stop_process(graceful=False)
+    try:
+        deadline = time.monotonic() + 30
+        while down in kafka_cluster.registered_brokers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert down not in kafka_cluster.registered_brokers()
+        settings = Settings.load(
+            kafka={
+                "bootstrap_servers": kafka_cluster.bootstrap_servers,
+                "group_id": f"{source}-group",
+                "topics": [source],
+            },
+            processing={"dead_letter_topic": dlq},
+        )
+        ensure_dead_letter_topic(settings, 30)
+    finally:
+        kafka_cluster.node(down).start_process()
+        kafka_cluster.wait_until_registered(120)
+    kafka_cluster.wait_fully_replicated(120)
+    partitions = _topics(kafka_cluster)[dlq].partitions
+    assert {len(p.replicas) for p in partitions.values()} == {3}, partitions

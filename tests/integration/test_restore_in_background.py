@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
 
 from dedupe_consumer import DedupeConsumer, Event, Handler
-from dedupe_consumer.kafka.changelog import Changelog
-from dedupe_consumer.store.changelog_codec import changelog_topic
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
-from ..kafka_helpers import settings_for, wait_for
+from ..kafka_helpers import (
+    ConsumerThread,
+    hung_changelog_transaction,
+    produce_raw,
+    running_consumer,
+    settings_for,
+    wait_for,
+)
 from ..log_capture import captured_logs
 
 pytestmark = pytest.mark.kafka
@@ -46,10 +48,11 @@ class Calls(Handler):
             return [i for _, p, i in self.calls if partition is None or p == partition]
 
 
-def _events(topic: str, partition: int, prefix: str, count: int) -> list[dict[str, Any]]:
+def events_on(partition: int, prefix: str, count: int) -> list[dict[str, Any]]:
+    """``count`` messages for ``produce_raw`` to ``partition``, IDs ``<prefix>-<n>`` (key
+    and ``event-id`` header)."""
     return [
         {
-            "topic": topic,
             "partition": partition,
             "key": f"{prefix}-{i}".encode(),
             "value": b"{}",
@@ -59,27 +62,8 @@ def _events(topic: str, partition: int, prefix: str, count: int) -> list[dict[st
     ]
 
 
-def _open_transaction(bootstrap: str, group: str, topic: str, *partitions: int) -> Producer:
-    """A previous owner that began a changelog transaction on ``partitions`` and hangs."""
-    settings = settings_for(bootstrap, topic, Path("/nonexistent"), group=group)
-    changelog = Changelog(
-        settings.kafka.connection(), group, timedelta(days=1), f"setup-{uuid.uuid4()}"
-    )
-    try:
-        changelog.ensure_topics([topic])  # as the library makes it: compacted, same count
-    finally:
-        changelog.close()
-    hung = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"hung-{uuid.uuid4()}"})
-    hung.init_transactions(30)
-    hung.begin_transaction()
-    for partition in partitions:
-        name = changelog_topic(group, topic)
-        hung.produce(name, key=b"\x00junk", value=b"x", partition=partition)
-    assert hung.flush(30) == 0
-    return hung
-
-
-def _settings(bootstrap: str, topic: str, group: str, store: Path) -> Any:
+def consumer_settings(bootstrap: str, topic: str, group: str, store: Path) -> Any:
+    """``settings_for`` with ``max.poll.interval.ms`` at ``MAX_POLL_INTERVAL_MS``."""
     return settings_for(
         bootstrap,
         topic,
@@ -94,32 +78,23 @@ def test_a_waiting_restore_keeps_polling_and_the_other_partitions_decide(
 ) -> None:
     topic = kafka_topic(partitions=2)
     group = f"g-{topic}"
-    hung = _open_transaction(kafka_bootstrap, group, topic, 1)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    for item in _events(topic, 0, "zero", 50) + _events(topic, 1, "one", 50):
-        producer.produce(**item)
-    assert producer.flush(30) == 0
+    hung = hung_changelog_transaction(kafka_bootstrap, group, topic, 1)
+    produce_raw(kafka_bootstrap, topic, events_on(0, "zero", 50) + events_on(1, "one", 50))
 
     handler = Calls()
-    consumer = DedupeConsumer(handler, _settings(kafka_bootstrap, topic, group, tmp_path / "s"))
-    with captured_logs() as logs:
-        runner = threading.Thread(
-            target=consumer.run, kwargs={"install_signal_handlers": False}, daemon=True
-        )
-        runner.start()
-        try:
-            wait_for(lambda: len(handler.ids(0)) == 50, 60, "partition 0 decided")
-            # Longer than max.poll.interval.ms with partition 1's restore still waiting:
-            # a restore in the assignment callback would have cost the membership.
-            time.sleep(MAX_POLL_INTERVAL_MS / 1000 + 2)
-            assert handler.ids(1) == [], "decided before its state was restored"
-            aborted_at = time.monotonic()
-            hung.abort_transaction(30)
-            wait_for(lambda: len(handler.ids(1)) == 50, 60, "partition 1 decided")
-            before_stop = len(logs)
-        finally:
-            consumer.stop()
-            runner.join(60)
+    consumer = DedupeConsumer(
+        handler, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "s")
+    )
+    with captured_logs() as logs, running_consumer(consumer) as runner:
+        wait_for(lambda: len(handler.ids(0)) == 50, 60, "partition 0 decided")
+        # Longer than max.poll.interval.ms with partition 1's restore still waiting:
+        # a restore in the assignment callback would have cost the membership.
+        time.sleep(MAX_POLL_INTERVAL_MS / 1000 + 2)
+        assert handler.ids(1) == [], "decided before its state was restored"
+        aborted_at = time.monotonic()
+        hung.abort_transaction(30)
+        wait_for(lambda: len(handler.ids(1)) == 50, 60, "partition 1 decided")
+        before_stop = len(logs)
     assert not runner.is_alive()
     assert sorted(handler.ids()) == sorted(
         [f"zero-{i}" for i in range(50)] + [f"one-{i}" for i in range(50)]
@@ -139,19 +114,13 @@ def test_a_revocation_stops_a_waiting_restore_and_the_new_owner_decides(
     them, whichever the assignor picks: that restore is stopped, not left running."""
     topic = kafka_topic(partitions=2)
     group = f"g-{topic}"
-    hung = _open_transaction(kafka_bootstrap, group, topic, 0, 1)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    for item in _events(topic, 0, "zero", 20) + _events(topic, 1, "one", 20):
-        producer.produce(**item)
-    assert producer.flush(30) == 0
+    hung = hung_changelog_transaction(kafka_bootstrap, group, topic, 0, 1)
+    produce_raw(kafka_bootstrap, topic, events_on(0, "zero", 20) + events_on(1, "one", 20))
 
     first, second = Calls(), Calls()
-    a = DedupeConsumer(first, _settings(kafka_bootstrap, topic, group, tmp_path / "a"))
-    b = DedupeConsumer(second, _settings(kafka_bootstrap, topic, group, tmp_path / "b"))
-    threads = [
-        threading.Thread(target=c.run, kwargs={"install_signal_handlers": False}, daemon=True)
-        for c in (a, b)
-    ]
+    a = DedupeConsumer(first, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "a"))
+    b = DedupeConsumer(second, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "b"))
+    threads = [ConsumerThread(a), ConsumerThread(b)]
     with captured_logs() as logs:
         threads[0].start()
         try:

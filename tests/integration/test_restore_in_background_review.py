@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer
-from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from dedupe_consumer import DedupeConsumer
-from dedupe_consumer.store.changelog_codec import changelog_topic
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
-from ..kafka_helpers import settings_for, wait_for
+from ..kafka_helpers import (
+    hung_changelog_transaction,
+    produce_raw,
+    running_consumer,
+    settings_for,
+    wait_for,
+)
 from ..log_capture import captured_logs
-from .test_restore_in_background import Calls, _events, _open_transaction, _settings
+from .test_restore_in_background import Calls, consumer_settings, events_on
 
 pytestmark = pytest.mark.kafka
 
@@ -33,57 +36,17 @@ def _decide_first(
 ) -> None:
     """A first owner decides ``partitions`` (partition -> event count) and stops: the
     changelog then holds their records and watermarks, and the group their commits."""
-    producer = Producer({"bootstrap.servers": bootstrap})
-    total = 0
-    for partition, count in partitions.items():
-        for item in _events(topic, partition, f"old{partition}", count):
-            producer.produce(**item)
-        total += count
-    assert producer.flush(30) == 0
-    handler = Calls()
-    first = DedupeConsumer(handler, _settings(bootstrap, topic, group, store))
-    runner = threading.Thread(
-        target=first.run, kwargs={"install_signal_handlers": False}, daemon=True
+    produce_raw(
+        bootstrap,
+        topic,
+        [item for p, count in partitions.items() for item in events_on(p, f"old{p}", count)],
     )
-    runner.start()
-    try:
+    total = sum(partitions.values())
+    handler = Calls()
+    first = DedupeConsumer(handler, consumer_settings(bootstrap, topic, group, store))
+    with running_consumer(first) as runner:
         wait_for(lambda: len(handler.ids()) == total, 60, "the first owner decided")
-    finally:
-        first.stop()
-        runner.join(60)
     assert not runner.is_alive()
-
-
-def _hung_owner(
-    bootstrap: str,
-    group: str,
-    topic: str,
-    partition: int,
-    *,
-    changelog: bool = True,
-    offset: int | None = None,
-) -> Producer:
-    """A previous owner hung inside its transaction: a changelog record of ``partition``
-    (``changelog``) and/or its source ``offset`` sent to the group, not committed."""
-    hung = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"hung-{uuid.uuid4()}"})
-    hung.init_transactions(30)
-    hung.begin_transaction()
-    if changelog:
-        hung.produce(
-            changelog_topic(group, topic), key=b"\x00junk", value=b"x", partition=partition
-        )
-        assert hung.flush(30) == 0
-    if offset is not None:
-        member = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-        try:  # the group is empty: a commit without a generation is taken
-            hung.send_offsets_to_transaction(
-                [KafkaTopicPartition(topic, partition, offset)],
-                member.consumer_group_metadata(),
-                30,
-            )
-        finally:
-            member.close()
-    return hung
 
 
 def test_an_eager_rebalance_that_gives_the_partition_back_keeps_its_restore(
@@ -100,16 +63,14 @@ def test_an_eager_rebalance_that_gives_the_partition_back_keeps_its_restore(
     other = kafka_topic(partitions=1)
     group = f"g-{topic}"
     _decide_first(kafka_bootstrap, topic, group, tmp_path / "first", {1: 30})
-    hung = _hung_owner(kafka_bootstrap, group, topic, partition=1)
+    hung = hung_changelog_transaction(kafka_bootstrap, group, topic, 1)
 
     handler = Calls()
-    consumer = DedupeConsumer(handler, _settings(kafka_bootstrap, topic, group, tmp_path / "s"))
+    consumer = DedupeConsumer(
+        handler, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "s")
+    )
     joiner: Consumer | None = None
-    with captured_logs() as logs:
-        runner = threading.Thread(
-            target=consumer.run, kwargs={"install_signal_handlers": False}, daemon=True
-        )
-        runner.start()
+    with captured_logs() as logs, running_consumer(consumer) as runner:
         try:
             wait_for(
                 lambda: any(e["event"] == "changelog_open_transaction" for e in logs),
@@ -139,8 +100,6 @@ def test_an_eager_rebalance_that_gives_the_partition_back_keeps_its_restore(
         finally:
             if joiner is not None:
                 joiner.close()
-            consumer.stop()
-            runner.join(60)
     assert not runner.is_alive()
     stopped = [e for e in logs[:served] if e["event"] == "restore_stopped"]
     restarted = [
@@ -170,11 +129,8 @@ def test_a_restored_partition_resumes_while_its_committed_offset_is_unstable(
     group = f"g-{topic}"
     _decide_first(kafka_bootstrap, topic, group, tmp_path / "first", {0: 10})
     # Offsets only (the records of its transaction went to another partition).
-    hung = _hung_owner(kafka_bootstrap, group, topic, 0, changelog=False, offset=10)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    for item in _events(topic, 0, "new", 10):
-        producer.produce(**item)
-    assert producer.flush(30) == 0
+    hung = hung_changelog_transaction(kafka_bootstrap, group, topic, offsets={0: 10})
+    produce_raw(kafka_bootstrap, topic, events_on(0, "new", 10))
 
     handler = Calls()
     settings = settings_for(
@@ -187,32 +143,16 @@ def test_a_restored_partition_resumes_while_its_committed_offset_is_unstable(
         kafka={"consumer": {"max.poll.interval.ms": 60000}},
     )
     consumer = DedupeConsumer(handler, settings)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            consumer.run(install_signal_handlers=False)
-        except BaseException as exc:  # the defect: poll raised
-            failure.append(exc)
-
-    with captured_logs() as logs:
-        runner = threading.Thread(target=run, daemon=True)
-        runner.start()
-        try:
-            wait_for(
-                lambda: any(e["event"] == "committed_offsets_unavailable" for e in logs),
-                60,
-                "the committed-offset query of the restored partition given up",
-            )
-            time.sleep(0.5)
-            hung.abort_transaction(30)  # the committed offset is stable again
-            wait_for(
-                lambda: len(handler.ids()) == 10 or not runner.is_alive(), 60, "the new events"
-            )
-        finally:
-            consumer.stop()
-            runner.join(60)
-    assert not failure, f"the consumer died: {failure[0]!r}"
+    with captured_logs() as logs, running_consumer(consumer) as runner:
+        wait_for(
+            lambda: any(e["event"] == "committed_offsets_unavailable" for e in logs),
+            60,
+            "the committed-offset query of the restored partition given up",
+        )
+        time.sleep(0.5)
+        hung.abort_transaction(30)  # the committed offset is stable again
+        wait_for(lambda: len(handler.ids()) == 10 or not runner.is_alive(), 60, "the new events")
+    assert not runner.failure, f"the consumer died: {runner.failure[0]!r}"  # poll raised
     assert sorted(handler.ids()) == sorted(f"new-{i}" for i in range(10))
 
 
@@ -227,33 +167,27 @@ def test_hooks_never_see_a_revocation_of_a_partition_they_were_not_given(
     closed twice, or a KeyError in the user's hook)."""
     topic = kafka_topic(partitions=2)
     group = f"g-{topic}"
-    hung = _open_transaction(kafka_bootstrap, group, topic, 1)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    for item in _events(topic, 0, "zero", 5) + _events(topic, 1, "one", 5):
-        producer.produce(**item)
-    assert producer.flush(30) == 0
+    hung = hung_changelog_transaction(kafka_bootstrap, group, topic, 1)
+    produce_raw(kafka_bootstrap, topic, events_on(0, "zero", 5) + events_on(1, "one", 5))
 
     handler = Calls()
-    consumer = DedupeConsumer(handler, _settings(kafka_bootstrap, topic, group, tmp_path / "s"))
+    consumer = DedupeConsumer(
+        handler, consumer_settings(kafka_bootstrap, topic, group, tmp_path / "s")
+    )
     given: set[int] = set()
     taken: list[int] = []
     consumer.on_assign(lambda tps: given.update(tp.partition for tp in tps))
     consumer.on_revoke(lambda tps: taken.extend(tp.partition for tp in tps))
     with captured_logs() as logs:
-        runner = threading.Thread(
-            target=consumer.run, kwargs={"install_signal_handlers": False}, daemon=True
-        )
-        runner.start()
         try:
-            wait_for(lambda: len(handler.ids(0)) == 5, 60, "partition 0 decided")
-            wait_for(
-                lambda: any(e["event"] == "changelog_open_transaction" for e in logs),
-                60,
-                "the restore of partition 1 waiting",
-            )
+            with running_consumer(consumer) as runner:
+                wait_for(lambda: len(handler.ids(0)) == 5, 60, "partition 0 decided")
+                wait_for(
+                    lambda: any(e["event"] == "changelog_open_transaction" for e in logs),
+                    60,
+                    "the restore of partition 1 waiting",
+                )
         finally:
-            consumer.stop()
-            runner.join(60)
             hung.abort_transaction(30)
     assert not runner.is_alive()
     assert given == {0}
@@ -295,7 +229,7 @@ def test_an_offset_regression_found_after_a_restore_does_not_race_the_persister(
     group = f"g-{topic}"
     _decide_first(kafka_bootstrap, topic, group, tmp_path / "first", {0: 10, 1: 10})
     _recreate(kafka_bootstrap, topic, 2)  # offsets start over, below the watermarks
-    hung = _hung_owner(kafka_bootstrap, group, topic, partition=1)
+    hung = hung_changelog_transaction(kafka_bootstrap, group, topic, 1)
 
     handler = Calls()
     settings = settings_for(
@@ -307,31 +241,21 @@ def test_an_offset_regression_found_after_a_restore_does_not_race_the_persister(
         processing={"on_offset_regression": "reset", "batch_size": 20},
     )
     consumer = DedupeConsumer(handler, settings)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            consumer.run(install_signal_handlers=False)
-        except BaseException as exc:
-            failure.append(exc)
-
     streaming = threading.Event()
 
     def stream() -> None:  # partition 0 busy: a batch on the persister at every poll
         producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 2})
         i = 0
         while not streaming.is_set():
-            for item in _events(topic, 0, f"busy{i}", 20):
-                producer.produce(**item)
+            for item in events_on(0, f"busy{i}", 20):
+                producer.produce(topic, **item)
             producer.poll(0)
             i += 1
             time.sleep(0.01)
         producer.flush(30)
 
-    with captured_logs() as logs:
-        runner = threading.Thread(target=run, daemon=True)
+    with captured_logs() as logs, running_consumer(consumer) as runner:
         streamer = threading.Thread(target=stream, daemon=True)
-        runner.start()
         streamer.start()
         try:
             wait_for(
@@ -341,16 +265,11 @@ def test_an_offset_regression_found_after_a_restore_does_not_race_the_persister(
             )
             wait_for(lambda: len(handler.ids(0)) > 200, 60, "partition 0 busy")
             hung.abort_transaction(30)
-            producer = Producer({"bootstrap.servers": kafka_bootstrap})
-            for item in _events(topic, 1, "new", 10):
-                producer.produce(**item)
-            assert producer.flush(30) == 0
+            produce_raw(kafka_bootstrap, topic, events_on(1, "new", 10))
             wait_for(lambda: len(handler.ids(1)) == 10 or not runner.is_alive(), 60, "partition 1")
         finally:
             streaming.set()
             streamer.join(30)
-            consumer.stop()
-            runner.join(60)
-    assert not failure, f"the consumer died: {failure[0]!r}"
+    assert not runner.failure, f"the consumer died: {runner.failure[0]!r}"
     assert sorted(handler.ids(1)) == sorted(f"new-{i}" for i in range(10))
     assert [e for e in logs if e["event"] == "offset_regression_reset"]

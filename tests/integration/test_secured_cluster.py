@@ -1,6 +1,7 @@
 """A secured cluster: SASL_SSL (SCRAM-SHA-512 over TLS, a CA made for this run) and ACLs.
 
-One broker for the module (:class:`~dedupe_consumer.testing.SecuredKafka`);
+One broker for the session (the ``secured_kafka`` fixture, a
+:class:`~dedupe_consumer.testing.SecuredKafka`, shared with ``test_secured_review.py``);
 each case has its own topic, group and SCRAM user. With every right the consumer
 needs, ``dedupe-consumer run`` handles each event once, dead-letters a malformed
 one and writes its changelog in transactions. Without one right, it stops at
@@ -18,7 +19,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,15 +42,6 @@ pytestmark = pytest.mark.kafka
 PARTITIONS = 2
 START_UP_LIMIT_S = 30.0
 """A start-up refused for a missing right must end well within this (measured: ~3 s)."""
-
-
-@pytest.fixture(scope="module")
-def secured() -> Iterator[SecuredKafka]:
-    broker = SecuredKafka().start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @dataclass
@@ -218,12 +209,12 @@ def assert_clean_refusal(stderr: str, code: int | None, case: Case, *expected: s
 
 
 def test_with_every_right_events_are_handled_once_dead_lettered_and_changelogged(
-    secured: SecuredKafka, tmp_path: Path
+    secured_kafka: SecuredKafka, tmp_path: Path
 ) -> None:
-    case = new_case(secured, tmp_path, "full")
+    case = new_case(secured_kafka, tmp_path, "full")
     ids: list[str | None] = [f"evt-{i}" for i in range(12)]
     ids += ["evt-3", "evt-7", None]  # two duplicates and one without an ID (dead-lettered)
-    produce(secured, case.topic, ids)
+    produce(secured_kafka, case.topic, ids)
     proc = case.start()
     effects = tmp_path / "effects"
     try:
@@ -233,7 +224,7 @@ def test_with_every_right_events_are_handled_once_dead_lettered_and_changelogged
             "every event handled",
         )
         assert proc.poll() is None, "the consumer stopped"
-        plain = secured.broker.bootstrap_servers
+        plain = secured_kafka.broker.bootstrap_servers
         wait_for(
             lambda: (
                 committed_offsets(plain, case.group, case.topic, PARTITIONS)
@@ -252,7 +243,7 @@ def test_with_every_right_events_are_handled_once_dead_lettered_and_changelogged
     assert [m.key() for m in letters] == [b"no-id"]
     assert committed_records(plain, case.changelog) >= 12  # a decision record per event
     assert case.user.password not in stderr
-    assert secured.admin_user.password not in stderr
+    assert secured_kafka.admin_user.password not in stderr
 
 
 @pytest.mark.parametrize(
@@ -265,10 +256,10 @@ def test_with_every_right_events_are_handled_once_dead_lettered_and_changelogged
     ],
 )
 def test_a_missing_right_stops_the_start_naming_the_right_and_its_fix(
-    secured: SecuredKafka, tmp_path: Path, without: str, expected: str
+    secured_kafka: SecuredKafka, tmp_path: Path, without: str, expected: str
 ) -> None:
-    case = new_case(secured, tmp_path, without.replace(" ", "-"), without=without)
-    produce(secured, case.topic, ["evt-1"])
+    case = new_case(secured_kafka, tmp_path, without.replace(" ", "-"), without=without)
+    produce(secured_kafka, case.topic, ["evt-1"])
     started = time.monotonic()
     proc = case.start()
     try:
@@ -299,10 +290,10 @@ def test_a_missing_right_stops_the_start_naming_the_right_and_its_fix(
     ],
 )
 def test_a_right_taken_away_while_running_stops_the_consumer(
-    secured: SecuredKafka, tmp_path: Path, taken: str, expected: str
+    secured_kafka: SecuredKafka, tmp_path: Path, taken: str, expected: str
 ) -> None:
-    case = new_case(secured, tmp_path, "taken-" + taken.replace(" ", "-"))
-    produce(secured, case.topic, ["evt-1", "evt-2"])
+    case = new_case(secured_kafka, tmp_path, "taken-" + taken.replace(" ", "-"))
+    produce(secured_kafka, case.topic, ["evt-1", "evt-2"])
     proc = case.start()
     effects = tmp_path / "effects"
     try:
@@ -312,9 +303,9 @@ def test_a_right_taken_away_while_running_stops_the_consumer(
             "the first events handled",
         )
         assert proc.poll() is None, "the consumer stopped before the right was taken away"
-        secured.revoke(case.user, [case.rights()[taken]])
+        secured_kafka.revoke(case.user, [case.rights()[taken]])
         revoked = time.monotonic()
-        produce(secured, case.topic, ["evt-3"])  # something to fetch and to write
+        produce(secured_kafka, case.topic, ["evt-3"])  # something to fetch and to write
         _, stderr = proc.communicate(timeout=START_UP_LIMIT_S)
     finally:
         if proc.poll() is None:
@@ -328,6 +319,6 @@ def test_a_right_taken_away_while_running_stops_the_consumer(
     # evt-3's batch was refused: handled at most once, maybe (its write failed after the
     # call, the plain-mode crash window), never committed.
     assert calls["evt-3"] <= (1 if taken == "write changelog" else 0)
-    plain = secured.broker.bootstrap_servers
+    plain = secured_kafka.broker.bootstrap_servers
     committed = committed_offsets(plain, case.group, case.topic, PARTITIONS)
     assert sum(o for o in committed.values() if o > 0) == 2, committed

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,15 +40,6 @@ pytestmark = pytest.mark.kafka
 
 BAD_CREDENTIALS_LIMIT_S = 30.0
 """A start with a wrong password must end within this (the brokers answer in ms)."""
-
-
-@pytest.fixture(scope="module")
-def secured() -> Iterator[SecuredKafka]:
-    broker = SecuredKafka().start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def _start(config: Path, workdir: Path) -> subprocess.Popen[str]:
@@ -92,9 +82,9 @@ def _finish(proc: subprocess.Popen[str], limit_s: float) -> tuple[str, bool]:
 
 
 def test_a_wrong_password_stops_the_start_naming_the_authentication_failure(
-    secured: SecuredKafka, tmp_path: Path
+    secured_kafka: SecuredKafka, tmp_path: Path
 ) -> None:
-    case = new_case(secured, tmp_path, "wrong-password")
+    case = new_case(secured_kafka, tmp_path, "wrong-password")
     wrong = "not-the-password-" + case.user.password[:4] + "x"
     config = _rewrite(
         case, (f'"sasl.password" = "{case.user.password}"', f'"sasl.password" = "{wrong}"')
@@ -148,9 +138,9 @@ dead_letter_topic = "missing-ca.dlq"
 
 
 def test_read_on_the_group_taken_away_without_a_changelog_stops_the_consumer_at_once(
-    secured: SecuredKafka, tmp_path: Path
+    secured_kafka: SecuredKafka, tmp_path: Path
 ) -> None:
-    case = new_case(secured, tmp_path, "taken-group-nolog")
+    case = new_case(secured_kafka, tmp_path, "taken-group-nolog")
     # The default session timeout (45 s), as users run it; no changelog: the consumer
     # commits the offsets itself, and its commit is what the broker refuses first.
     config = _rewrite(
@@ -159,7 +149,7 @@ def test_read_on_the_group_taken_away_without_a_changelog_stops_the_consumer_at_
         ('"heartbeat.interval.ms" = 500\n', ""),
         ("changelog = true", "changelog = false"),
     )
-    produce(secured, case.topic, ["evt-1", "evt-2"])
+    produce(secured_kafka, case.topic, ["evt-1", "evt-2"])
     proc = _start(config, tmp_path)
     effects = tmp_path / "effects"
     try:
@@ -169,7 +159,7 @@ def test_read_on_the_group_taken_away_without_a_changelog_stops_the_consumer_at_
             "the first events handled",
         )
         assert proc.poll() is None, "the consumer stopped before the right was taken away"
-        plain = secured.broker.bootstrap_servers
+        plain = secured_kafka.broker.bootstrap_servers
         wait_for(
             lambda: (
                 sum(committed_offsets(plain, case.group, case.topic, PARTITIONS).values()) > -2000
@@ -177,9 +167,9 @@ def test_read_on_the_group_taken_away_without_a_changelog_stops_the_consumer_at_
             30,
             "the first commit",
         )
-        secured.revoke(case.user, [case.rights()["read group"]])
+        secured_kafka.revoke(case.user, [case.rights()["read group"]])
         revoked = time.monotonic()
-        produce(secured, case.topic, ["evt-3"])
+        produce(secured_kafka, case.topic, ["evt-3"])
         stderr, ended = _finish(proc, 15)
     finally:
         if proc.poll() is None:
@@ -197,19 +187,19 @@ def test_read_on_the_group_taken_away_without_a_changelog_stops_the_consumer_at_
 
 
 def test_a_consumer_protocol_group_shared_with_another_principal_is_not_refused(
-    secured: SecuredKafka, tmp_path: Path
+    secured_kafka: SecuredKafka, tmp_path: Path
 ) -> None:
     """KIP-848: ConsumerGroupDescribe answers TOPIC_AUTHORIZATION_FAILED when any member
     of the group subscribes to a topic this principal may not describe. The consumer
     has every right it needs (Read on its topic and its group) and would run; the
     start-up check must not turn that answer into "lacks READ on group"."""
-    case = new_case(secured, tmp_path, "shared-group")
+    case = new_case(secured_kafka, tmp_path, "shared-group")
     other_topic = f"{case.topic}-other"
-    admin = secured.admin()  # kept: its futures die with it
+    admin = secured_kafka.admin()  # kept: its futures die with it
     for future in admin.create_topics([NewTopic(other_topic, 1, 1)]).values():
         future.result()
-    other = secured.add_user(f"other-{case.user.name}")
-    secured.grant(
+    other = secured_kafka.add_user(f"other-{case.user.name}")
+    secured_kafka.grant(
         other,
         [
             Acl(ResourceType.TOPIC, other_topic, AclOperation.READ),
@@ -218,7 +208,7 @@ def test_a_consumer_protocol_group_shared_with_another_principal_is_not_refused(
     )
     member = Consumer(
         {
-            **secured.client_config(other),
+            **secured_kafka.client_config(other),
             "group.id": case.group,
             "group.protocol": "consumer",
             "enable.auto.commit": False,
@@ -233,7 +223,7 @@ def test_a_consumer_protocol_group_shared_with_another_principal_is_not_refused(
             ('"session.timeout.ms" = 6000\n', '"group.protocol" = "consumer"\n'),
             ('"heartbeat.interval.ms" = 500\n', ""),
         )
-        produce(secured, case.topic, ["evt-1", "evt-2"])
+        produce(secured_kafka, case.topic, ["evt-1", "evt-2"])
         proc = _start(config, tmp_path)
         effects = tmp_path / "effects"
         deadline = time.monotonic() + 60

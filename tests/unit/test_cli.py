@@ -66,7 +66,7 @@ def test_offline_demo_checks_handled_equals_unique() -> None:
 
 
 def test_every_commands_help_is_plain_with_whole_option_names() -> None:
-    commands = ["run", "demo", "broker", "record", "replay", "sidecar"]
+    commands = ["run", "demo", "broker", "schema-registry", "record", "replay", "sidecar"]
     for command in commands:
         result = runner.invoke(app, [command, "--help"], terminal_width=80)
         assert result.exit_code == 0, result.output
@@ -74,6 +74,7 @@ def test_every_commands_help_is_plain_with_whole_option_names() -> None:
         assert "…" not in result.output, command  # no option name cut short
     assert "--port" in runner.invoke(app, ["broker", "--help"]).output
     assert "--brokers" in runner.invoke(app, ["broker", "--help"]).output
+    assert "--port" in runner.invoke(app, ["schema-registry", "--help"]).output
     assert "--redeliver-batches" in runner.invoke(app, ["replay", "--help"]).output
 
 

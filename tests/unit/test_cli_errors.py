@@ -98,6 +98,20 @@ def test_a_broker_that_cannot_be_had_is_an_error_line_exit_1(
     assert "must look like group:artifact:version" in result.stderr
 
 
+def test_a_schema_registry_that_cannot_be_had_is_an_error_line_exit_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DEDUPE_APICURIO_REGISTRY_VERSION", "not a version")
+    monkeypatch.setenv("DEDUPE_SCHEMA_REGISTRY_CACHE", str(tmp_path))
+    result = runner.invoke(app, ["schema-registry"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith(
+        "error: SchemaRegistryStartError: Apicurio Registry version 'not a version'"
+    ), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def _raising(error: Exception, **options: object) -> typer.Typer:
     """A one-command app that raises *error* inside ``reporting_errors(**options)``."""
     one = typer.Typer()

@@ -27,6 +27,7 @@ PUBLISHED_REASONS = {
     "internal-error",
     "output-failed",
     "response-too-large",
+    "unknown-schema",
 }
 """The ``dlq.reason`` values users' DLQ consumers, dashboards and alerts match on."""
 

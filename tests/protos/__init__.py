@@ -1,0 +1,1 @@
+"""Protobuf messages for the tests (built from descriptors: no protoc needed)."""
