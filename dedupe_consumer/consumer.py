@@ -32,7 +32,7 @@ from dedupe_consumer.config import (
 )
 from dedupe_consumer.contracts import BatchResult, Edges, PartitionLog, Source
 from dedupe_consumer.engine import Engine
-from dedupe_consumer.errors import CommitError, ConfigError
+from dedupe_consumer.errors import CommitError, ConfigError, RegistryWaitStopped
 from dedupe_consumer.handler import Handler
 from dedupe_consumer.models import BatchStats, TopicPartition
 from dedupe_consumer.observability import Metrics, configure_logging
@@ -280,21 +280,30 @@ class DedupeConsumer:
             batch_size = settings.processing.batch_size
             timeout_s = settings.processing.poll_timeout.total_seconds()
             done = False
-            while not done and not engine.stopping:
-                progress.tick(self.totals)
-                messages = source.poll(batch_size, timeout_s)
-                if not messages:
-                    # Nothing new: the batch being persisted is waited for, so an idle
-                    # consumer has everything durable and committed.
-                    self._apply(source, engine.drain(), on_batch)
-                    engine.idle()
+            try:
+                while not done and not engine.stopping:
+                    progress.tick(self.totals)
+                    messages = source.poll(batch_size, timeout_s)
+                    if not messages:
+                        # Nothing new: the batch being persisted is waited for, so an idle
+                        # consumer has everything durable and committed.
+                        self._apply(source, engine.drain(), on_batch)
+                        engine.idle()
+                        done = until is not None and until(self.totals)
+                        continue
+                    # Decides this batch while the one before becomes durable, and returns
+                    # what is durable now (invariant 1: commit after persist).
+                    self._apply(source, engine.pipeline(messages, source.keep_alive), on_batch)
                     done = until is not None and until(self.totals)
-                    continue
-                # Decides this batch while the one before becomes durable, and returns
-                # what is durable now (invariant 1: commit after persist).
-                self._apply(source, engine.pipeline(messages, source.keep_alive), on_batch)
-                done = until is not None and until(self.totals)
-            self._apply(source, engine.drain(final=True), on_batch)
+                self._apply(source, engine.drain(final=True), on_batch)
+            except RegistryWaitStopped:
+                # A stop request ended a wait for the Schema Registry while a batch's IDs
+                # were read (phase 1): nothing of that batch was decided. It is a stop, not
+                # a failure: the cleanup below drains what was decided before it and
+                # commits what is durable, as it does after any error.
+                if not self._stop.is_set():
+                    raise
+                log.info("stopped_while_waiting_for_the_schema_registry")
         finally:
             # Each step runs even if one before it failed: a RocksDB lock left held would
             # stop the next start. The first failure is raised after the last step.

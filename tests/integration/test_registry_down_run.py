@@ -199,6 +199,7 @@ def test_sigterm_while_the_registry_is_down_stops_promptly(
     print(f"SIGTERM {id_source}: exit {code} after {took:.1f}s, committed {committed}")
     # registry_retry_for is 60 s: before the fix the stop waited it out, then exited 1
     assert took < 10, f"SIGTERM took {took:.1f}s to stop the consumer (exit {code})"
+    assert code == 0, f"a SIGTERM is a stop, not a failure: exit {code}\n{log_tail(path)}"
     assert committed.get(0, -1) <= 2, committed
     answers.down = False
     restart_until_all_done(path, effects)
