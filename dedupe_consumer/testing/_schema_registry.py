@@ -21,7 +21,6 @@ Apicurio 2.6 runs on Java 17 (the machine's default); 3.x needs Java 21+
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
@@ -35,7 +34,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Final, Self
 
 import structlog
@@ -44,6 +42,7 @@ from dedupe_consumer.testing._errors import (
     BrokerUnavailableError,
     SchemaRegistryStartError,
 )
+from dedupe_consumer.testing._lifecycle import Lifecycle
 from dedupe_consumer.testing._local_kafka import (
     _die_with_parent_hook,
     _free_port,
@@ -182,7 +181,7 @@ def _http_status(url: str, timeout: float) -> int | str:
         return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
 
 
-class LocalSchemaRegistry:
+class LocalSchemaRegistry(Lifecycle):
     """Apicurio Registry (in-memory storage) on a free ``127.0.0.1`` port, for tests.
 
     ``start()`` resolves the distribution (cached), starts the JVM in its own
@@ -226,7 +225,6 @@ class LocalSchemaRegistry:
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: Path | None = None
         self._port: int | None = None
-        self._atexit_registered = False
         self._spawned_at = 0.0
         self.launch_command: list[str] | None = None
         """The ``java`` command line of the last start (None before one)."""
@@ -283,9 +281,7 @@ class LocalSchemaRegistry:
             except BrokerUnavailableError as exc:
                 raise SchemaRegistryStartError(str(exc)) from None
             self._workdir = Path(tempfile.mkdtemp(prefix="dedupe-schema-registry-"))
-            if not self._atexit_registered:
-                atexit.register(self.stop)
-                self._atexit_registered = True
+            self._stop_at_exit()
             try:
                 self._launch(java, jar)
                 if self._compatibility is not None:
@@ -419,26 +415,17 @@ class LocalSchemaRegistry:
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
                 self._workdir = None
-            if self._atexit_registered:
-                atexit.unregister(self.stop)
-                self._atexit_registered = False
+            self._forget_stop_at_exit()
 
-    def __enter__(self) -> Self:
-        if self._workdir is None:
-            self.start()
-        return self
+    _repr_name = "LocalSchemaRegistry"
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def _started(self) -> bool:
+        return self._workdir is not None
 
-    def __repr__(self) -> str:
+    def _repr_details(self) -> str:
         where = self.url if self._port is not None else "not started"
-        return f"LocalSchemaRegistry({where}, pid={self.pid})"
+        return f"{where}, pid={self.pid}"
 
     def log_tail(self) -> str:
         """The last few KB of the registry's log, for error messages."""

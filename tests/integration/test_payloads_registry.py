@@ -38,7 +38,14 @@ from dedupe_consumer.replay import Record, record_topic, replay_recording
 from dedupe_consumer.testing import LocalSchemaRegistry
 from dedupe_consumer.testing.pytest_plugin import TopicFactory
 
-from ..faults.consumer_process import APPEND_HANDLER, REPO, effects_of
+from ..faults.consumer_process import (
+    APPEND_HANDLER,
+    REPO,
+    effects_of,
+    log_tail,
+    start_consumer,
+    stop_consumer,
+)
 from ..kafka_helpers import (
     admin,
     committed_offsets,
@@ -205,25 +212,7 @@ dead_letter_topic = "{topic}.dlq"
 log_level = "warning"
 """)
     effects = tmp_path / "effects"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
-    env["DEDUPE_TEST_EFFECTS"] = str(effects)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dedupe_consumer",
-            "run",
-            "-c",
-            str(config),
-            "--handler",
-            APPEND_HANDLER,
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_consumer(config, effects)  # tests.faults' own: stderr to consumer.log
     group, ends = f"{topic}-group", end_offsets(kafka_bootstrap, topic, 2)
     try:
         wait_for(
@@ -234,12 +223,12 @@ log_level = "warning"
             60,
             "every message decided and committed",
         )
-        assert proc.poll() is None, "the consumer died (see its log below)"
+        assert proc.poll() is None, "the consumer died: " + log_tail(config)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr[-3000:]
+        code = proc.poll()
+        if code is None:
+            code = stop_consumer(proc)
+    assert code == 0, log_tail(config)
     assert effects_of(effects) == dict.fromkeys(orders, 1)
     assert dead_letter_reasons(kafka_bootstrap, topic, 2) == ["invalid-payload", "unknown-schema"]
 
